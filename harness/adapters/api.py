@@ -1,0 +1,223 @@
+"""Build, load, export and count adapters: the functions the rest of the harness calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.adapters.spec import AdapterSpec, parse_spec
+from harness.errors import UserError
+
+CONFIG_FILE = "adapter_config.json"
+
+
+def resolve_spec(spec: str | AdapterSpec, **common) -> AdapterSpec:
+    """A parsed spec; ``common`` holds the run's r, alpha, dropout and targets (the spec overrides them)."""
+    if isinstance(spec, AdapterSpec):
+        return spec
+    return parse_spec(spec, **{k: v for k, v in common.items() if v is not None})
+
+
+def peft_config_for(spec: AdapterSpec, base_model_name: str | None = None):
+    """The peft config for a spec: peft's own LoraConfig for ``lora``, :class:`HarnessLoraConfig` otherwise."""
+    from peft import LoraConfig
+
+    from harness.adapters.peft_layer import HarnessLoraConfig
+
+    common = dict(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name,
+    )
+    if spec.method == "lora":
+        return LoraConfig(**common)
+    return HarnessLoraConfig(
+        **common,
+        harness_method=spec.method,
+        harness_spec=spec.canonical(),
+        middle_product=spec.middle_product,
+        chain_widths=list(spec.chain_widths) if spec.chain_widths else None,
+        middle_init=spec.init,
+    )
+
+
+def get_adapter_model(model: nn.Module, spec: str | AdapterSpec, *, adapter_name: str = "default", **common):
+    """Wrap ``model`` (modified in place, as peft does) in a trainable PeftModel for the method ``spec``.
+
+    ``common`` may give ``r``, ``alpha``, ``dropout`` and ``targets``; options in the spec win.
+    Every check that can fail on user input runs before peft touches the model.
+    """
+    from peft import get_peft_model
+
+    spec = resolve_spec(spec, **common)
+    validate_against_model(model, spec)
+    config = peft_config_for(spec, getattr(getattr(model, "config", None), "name_or_path", None))
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default",
+                       is_trainable: bool = False):
+    """Load a saved adapter onto ``base_model``, restoring its method and options from adapter_config.json.
+
+    peft alone would read our checkpoints as plain LoRA (the config says ``peft_type: LORA``) and silently
+    give wrong logits; this passes the right config class.
+    """
+    from peft import PeftModel
+
+    from harness.adapters.peft_layer import HarnessLoraConfig
+
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise UserError(f"no saved adapter at {path}: {CONFIG_FILE} is missing")
+    saved = json.loads(config_file.read_text())
+    config = HarnessLoraConfig.from_saved(path) if "harness_method" in saved else None
+    return PeftModel.from_pretrained(base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable,
+                                     config=config)
+
+
+def export_lora(peft_model, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write a plain peft LoRA adapter of rank r that is exactly equivalent to ``peft_model``'s adapter.
+
+    Every method's update is B' A' (A' = T A for middle methods, the generated factors for CondLoRA), so
+    the export stores A' and B' under peft's own key names with the same r and alpha. The result loads
+    with plain ``PeftModel.from_pretrained`` in a process that never imports this package.
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import save_file
+
+    adapter = adapter_name or peft_model.active_adapter
+    config = peft_model.peft_config[adapter]
+    state = {}
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                state[f"{name}.lora_A.weight"] = module.lora_A[adapter].weight.detach().cpu().contiguous().clone()
+                state[f"{name}.lora_B.weight"] = module.lora_B[adapter].weight.detach().cpu().contiguous().clone()
+    if not state:
+        raise UserError(f"adapter {adapter!r} has no LoRA layers to export")
+    plain = LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=sorted(config.target_modules) if config.target_modules else None,
+        use_rslora=config.use_rslora,
+        bias="none",
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+    )
+    return _write_atomically(Path(path), lambda folder: (plain.save_pretrained(str(folder)),
+                                                         save_file(state, str(folder / "adapter_model.safetensors"))))
+
+
+def save_adapter(peft_model, path: str | os.PathLike) -> Path:
+    """``save_pretrained`` into a temporary folder renamed into place, so no half-written adapter is left behind."""
+    return _write_atomically(Path(path), lambda folder: peft_model.save_pretrained(str(folder)))
+
+
+def _write_atomically(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        write(staging)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def trainable_parameters(peft_model: nn.Module) -> int:
+    """Trainable parameters, each tensor counted once (CondLoRA's shared maps too)."""
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def target_layers(model: nn.Module, targets) -> dict[str, list[tuple[str, nn.Module]]]:
+    """For each target name, the modules whose name ends in it (peft's matching rule)."""
+    found: dict[str, list[tuple[str, nn.Module]]] = {t: [] for t in targets}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in found:
+            found[leaf].append((name, module))
+    return found
+
+
+def validate_against_model(model: nn.Module, spec: AdapterSpec) -> None:
+    """Check the spec against the model's layers; one-line :class:`UserError` on any mismatch."""
+    from peft.tuners.lora import LoraLayer
+
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise UserError("the model already carries a LoRA adapter: pass a fresh base model")
+    found = target_layers(model, spec.targets)
+    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    for target, layers in found.items():
+        if not layers:
+            raise UserError(f"target module {target!r} not found in the model; its linear layers are: "
+                            f"{', '.join(linear_names)}")
+        for name, module in layers:
+            if not isinstance(module, nn.Linear):
+                raise UserError(f"target {target!r} matches {name}, a {type(module).__name__}; only linear layers "
+                                f"can be adapted: {', '.join(linear_names)}")
+            d_out, d_in = module.weight.shape
+            if spec.r > min(d_in, d_out):
+                raise UserError(f"r={spec.r} is larger than target layer {name} allows "
+                                f"(min(d_in, d_out) = {min(d_in, d_out)} for shape {d_out}x{d_in})")
+        if spec.method == "condlora":
+            shapes = {tuple(m.weight.shape) for _, m in layers}
+            if len(shapes) > 1:
+                raise UserError(f"CondLoRA shares one map per module type, but the {target} layers have different "
+                                f"shapes {sorted(shapes)}; target only module types whose layers all match")
+
+
+def expected_parameters(model_or_config, spec: str | AdapterSpec, **common) -> int:
+    """Trainable parameters from the method's formula (methods.md), from layer shapes alone.
+
+    The shapes come from a Llama-style model config (hidden, intermediate, heads, KV heads, layers) when
+    the model has one, so the count is independent of the module tree peft builds; other architectures
+    fall back to the base model's linear-layer shapes.
+
+    Per adapted layer of shape d_out x d_in: LoRA (d_in + d_out) r; the middle methods add their middle
+    matrices (MoSLoRA r^2, LinChain sum h_i h_{i-1}, MTLoRA r^2 or 2 r^2); CondLoRA has
+    r (d_in + d_out) per module TYPE.
+    """
+    spec = resolve_spec(spec, **common)
+    shapes = _llama_shapes(getattr(model_or_config, "config", model_or_config), spec.targets)
+    if shapes is None:
+        found = target_layers(model_or_config, spec.targets)
+        shapes = {t: [tuple(m.weight.shape) for _, m in layers] for t, layers in found.items()}
+    r = spec.r
+    if spec.method == "condlora":
+        return sum(r * (d_in + d_out) for per_type in shapes.values() for (d_out, d_in) in set(per_type))
+    middle = sum(a * b for a, b in spec.middle_shapes)
+    return sum((d_in + d_out) * r + middle for per_type in shapes.values() for (d_out, d_in) in per_type)
+
+
+def _llama_shapes(config, targets) -> dict[str, list[tuple[int, int]]] | None:
+    """Shapes (d_out, d_in) of each targeted projection in a Llama-style decoder, from its config alone."""
+    needed = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+    if config is None or not all(hasattr(config, k) for k in needed):
+        return None
+    if getattr(config, "model_type", "llama") not in ("llama", "mistral", "qwen2", "smollm3"):
+        return None
+    h, inter, heads, layers = (getattr(config, k) for k in needed)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    per_layer = {
+        "q_proj": (heads * head_dim, h), "k_proj": (kv * head_dim, h), "v_proj": (kv * head_dim, h),
+        "o_proj": (h, heads * head_dim), "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter),
+    }
+    if any(t not in per_layer for t in targets):
+        return None
+    return {t: [per_layer[t]] * layers for t in targets}

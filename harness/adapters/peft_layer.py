@@ -1,0 +1,130 @@
+"""The peft side: a LoraConfig that records our methods, and a LoRA Linear layer that builds them.
+
+Everything here plugs into peft from outside, with no fork: peft's
+``LoraConfig._register_custom_module({nn.Linear: HarnessLinear})`` makes peft build
+:class:`HarnessLinear` for every targeted linear layer. ``HarnessLinear`` lets peft
+create plain LoRA factors (so A is initialised exactly as in plain LoRA) and then
+swaps in the method's factor modules:
+
+- middle methods (MoSLoRA, LinChain, MTLoRA): ``lora_A`` becomes a
+  :class:`~harness.adapters.chain.MiddleFactor` (weight = T A);
+- CondLoRA: ``lora_A`` and ``lora_B`` become
+  :class:`~harness.adapters.condlora.GeneratedFactor` modules reading shared maps.
+
+peft's forward, merge, unmerge and delta-weight code then run unchanged, because
+they only ever use ``lora_A.weight``, ``lora_B.weight`` and the modules' forward.
+
+The saved adapter_config.json says ``peft_type: "LORA"`` plus our fields; plain
+``PeftModel.from_pretrained`` would load it as plain LoRA, which is why
+:func:`harness.adapters.load_adapter_model` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+from harness.adapters.chain import MiddleFactor
+from harness.adapters.condlora import GeneratedFactor, new_condlora_maps
+
+
+@dataclass
+class HarnessLoraConfig(LoraConfig):
+    """peft's LoraConfig plus the fields that define a harness method; saved in adapter_config.json."""
+
+    harness_method: str = field(default="lora", metadata={"help": "lora, moslora, linchain, mtlora or condlora"})
+    harness_spec: str = field(default="", metadata={"help": "the canonical spec string this adapter was built from"})
+    middle_product: Optional[str] = field(
+        default=None, metadata={"help": "how the middle matrices form T: chain, gram (C C^T) or sum (C + D)"}
+    )
+    chain_widths: Optional[list[int]] = field(
+        default=None, metadata={"help": "chain widths r -> h_1 -> ... -> r (chain product only)"}
+    )
+    middle_init: str = field(default="kaiming", metadata={"help": "kaiming, orthogonal or identity"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._register_custom_module({nn.Linear: HarnessLinear})
+
+    @classmethod
+    def from_saved(cls, path: str) -> "HarnessLoraConfig":
+        """Read adapter_config.json into this class (peft's own from_pretrained would return a LoraConfig)."""
+        saved = json.loads((Path(path) / "adapter_config.json").read_text())
+        names = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+    def middle_shapes(self, r: int) -> list[tuple[int, int]]:
+        if self.middle_product == "chain":
+            w = self.chain_widths
+            return [(w[i + 1], w[i]) for i in range(len(w) - 1)]
+        if self.middle_product == "gram":
+            return [(r, r)]
+        if self.middle_product == "sum":
+            return [(r, r), (r, r)]
+        return []
+
+
+def _init_generator(target_name: str, adapter_name: str) -> torch.Generator:
+    """A generator for the method's own matrices, derived from the global seed and the layer's name.
+
+    Drawing them from the global RNG would shift every later layer's A; with a private generator every
+    method given the same seed starts from exactly the same A as plain LoRA.
+    """
+    key = zlib.crc32(f"{adapter_name}/{target_name}".encode())
+    return torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + key) % (2**63))
+
+
+class HarnessLinear(LoraLinear):
+    """peft's LoRA Linear, with the method's factor modules swapped in after peft builds plain A and B."""
+
+    adapter_layer_names = LoraLinear.adapter_layer_names + ("lora_cond",)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha, config, **kwargs) -> None:
+        if "lora_cond" not in self._modules:  # peft's update_layer already iterates adapter_layer_names
+            self.lora_cond = nn.ModuleDict()
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        method = getattr(config, "harness_method", "lora")
+        target_name = kwargs.get("target_name", "")
+        generator = _init_generator(target_name, adapter_name)
+        if getattr(config, "middle_product", None):
+            plain_a = self.lora_A[adapter_name].weight
+            self.lora_A[adapter_name] = MiddleFactor(
+                plain_a, config.middle_shapes(r), config.middle_product, config.middle_init, generator
+            )
+        elif method == "condlora":
+            maps = self._shared_condlora_maps(config, adapter_name, target_name, r, generator)
+            base = self.get_base_layer()
+            self.lora_A[adapter_name] = GeneratedFactor("A", base, maps)
+            self.lora_B[adapter_name] = GeneratedFactor("B", base, maps)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _shared_condlora_maps(self, config, adapter_name: str, target_name: str, r: int, generator):
+        """The (Theta_A, Theta_B) pair for this layer's module type; registered here if this layer is its owner."""
+        registry = config.__dict__.setdefault("_condlora_owners", {})
+        module_type = target_name.rsplit(".", 1)[-1]
+        base = self.get_base_layer()
+        d_out, d_in = base.weight.shape
+        entry = registry.get((adapter_name, module_type))
+        # Construction visits layers in module order, so the owner is always the first of its type; meeting the
+        # owner's name again means a new model is being built from this config: start afresh.
+        if entry is None or entry["owner"] == target_name:
+            dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+            maps = new_condlora_maps(r, d_in, d_out, dtype, base.weight.device, generator)
+            registry[(adapter_name, module_type)] = {"owner": target_name, "maps": maps, "shape": (d_out, d_in)}
+            self.lora_cond[adapter_name] = maps
+            return maps
+        if entry["shape"] != (d_out, d_in):
+            raise ValueError(
+                f"CondLoRA shares one map per module type, but {module_type} layers have shapes "
+                f"{entry['shape']} ({entry['owner']}) and {(d_out, d_in)} ({target_name})"
+            )
+        return entry["maps"]
