@@ -61,7 +61,7 @@ def get_adapter_model(model: nn.Module, spec: str | AdapterSpec, *, adapter_name
 
     spec = resolve_spec(spec, **common)
     validate_against_model(model, spec)
-    config = peft_config_for(spec, getattr(getattr(model, "config", None), "name_or_path", None))
+    config = peft_config_for(spec, getattr(getattr(model, "config", None), "name_or_path", None) or None)
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
