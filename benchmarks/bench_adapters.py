@@ -1,0 +1,166 @@
+"""Step time and memory of every adapter method against peft's own LoRA, in one process.
+
+    python benchmarks/bench_adapters.py                 # embedded SmolLM2-135M, batch 16 x 64, 8 rounds
+    python benchmarks/bench_adapters.py --model tiny-random --rounds 3   # a quick check of the script
+
+Each round runs one training step (forward, backward, AdamW) of every method on the
+same batch, in a rotated order, so that machine noise hits all methods alike; a
+method's ratio is the median over rounds of its step time divided by LoRA's step
+time in the same round. Memory: on CUDA the peak allocated during a step; on CPU
+(no allocator statistics) an exact account of what differs between methods:
+trainable parameters, their gradients and AdamW's two moments, plus the bytes of
+every tensor autograd saves for backward during the forward pass.
+
+Merged inference: a trained-looking LinChain adapter is merged into the base
+weights, and its forward time is compared with the untouched base model's
+(interleaved, median of paired ratios). Targets (issue 2): MoSLoRA and MTLoRA <= 1.02,
+LinChain-3 <= 1.03, merged inference <= 1.01.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.adapters import get_adapter_model, trainable_parameters  # noqa: E402
+from harness.models import DEFAULT_MODEL, load_model  # noqa: E402
+
+METHODS = ["lora", "moslora", "linchain", "mtlora:structure=shim", "mtlora:structure=icfm",
+           "mtlora:structure=ctcm", "mtlora:structure=dtsm", "condlora"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def saved_activation_bytes(model, batch) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one forward pass."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), t.device)
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for (ptr, _), n in seen.items() if ptr not in params)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--methods", default=",".join(METHODS), help="';'-separated specs (lora is always added)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    methods = [m for m in args.methods.replace(";", "|").split("|")] if ";" in args.methods else args.methods.split(",")
+    methods = ["lora"] + [m for m in methods if m != "lora"]
+    base, _ = load_model(args.model)
+    base.to(device)
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    models, optims, memory = {}, {}, {}
+    for spec in methods:
+        torch.manual_seed(0)
+        model = get_adapter_model(copy.deepcopy(base), spec, r=args.rank, alpha=args.alpha, dropout=0.0,
+                                  targets=TARGETS).to(device)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        models[spec], optims[spec] = model, torch.optim.AdamW(params, lr=1e-4)
+        state_bytes = 4 * sum(p.numel() * p.element_size() for p in params)  # param, grad, exp_avg, exp_avg_sq
+        memory[spec] = {"trainable": trainable_parameters(model), "adapter_state_mb": state_bytes / 2**20,
+                        "activations_mb": saved_activation_bytes(model, batch) / 2**20}
+
+    def step(spec):
+        model, opt = models[spec], optims[spec]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if device.type == "cuda":
+            memory[spec]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return time.perf_counter() - t0
+
+    print(f"model {args.model} on {device}, batch {args.batch_size} x {args.seq_len}, r {args.rank}, "
+          f"alpha {args.alpha:g}, targets {'+'.join(TARGETS)}, {args.rounds} rounds", flush=True)
+    for spec in methods:  # warm-up
+        step(spec)
+    times = {spec: [] for spec in methods}
+    for k in range(args.rounds):
+        order = methods[k % len(methods):] + methods[: k % len(methods)]
+        for spec in order:
+            times[spec].append(step(spec))
+        print(f"round {k + 1}/{args.rounds}: " + ", ".join(f"{s.split(':')[-1]} {times[s][-1]:.2f}s" for s in methods),
+              flush=True)
+
+    ratios = {s: statistics.median(t / l for t, l in zip(times[s], times["lora"])) for s in methods}
+    print()
+    header = f"{'method':28s} {'trainable':>10s} {'median step s':>13s} {'ratio to LoRA':>13s} "
+    header += "{:>12s}".format("peak MB" if device.type == "cuda" else "state MB") + f" {'saved act MB':>12s}"
+    print(header)
+    for s in methods:
+        mem = memory[s]
+        col = mem.get("peak_mb", mem["adapter_state_mb"])
+        print(f"{s:28s} {mem['trainable']:>10,d} {statistics.median(times[s]):>13.3f} {ratios[s]:>13.3f} "
+              f"{col:>12.1f} {mem['activations_mb']:>12.1f}")
+
+    # Merged inference against the base model.
+    merged_src = models.get("linchain") or models[methods[-1]]
+    with torch.no_grad():
+        for p in merged_src.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 1e-3)
+    merged = copy.deepcopy(merged_src).merge_and_unload().eval()
+    base.eval()
+    del models, optims
+    infer = {"base": [], "merged": []}
+    with torch.no_grad():
+        for _ in range(2):
+            base(ids), merged(ids)
+        for k in range(max(args.rounds * 2, 6)):
+            for name, m in (("base", base), ("merged", merged)) if k % 2 == 0 else (("merged", merged), ("base", base)):
+                sync(device)
+                t0 = time.perf_counter()
+                m(ids)
+                sync(device)
+                infer[name].append(time.perf_counter() - t0)
+    merged_ratio = statistics.median(m / b for m, b in zip(infer["merged"], infer["base"]))
+    print(f"\nmerged inference: base {statistics.median(infer['base']):.3f}s, merged "
+          f"{statistics.median(infer['merged']):.3f}s per forward of {args.batch_size} x {args.seq_len}")
+    short = {s: s.split("structure=")[-1] if "mtlora" in s else s for s in methods}
+    print("RATIOS " + " ".join(f"{short[s]}={ratios[s]:.3f}" for s in methods if s != "lora")
+          + f" merged_inference={merged_ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

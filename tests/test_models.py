@@ -1,0 +1,71 @@
+"""Base models: tiny-random is a real GQA Llama; the embedded model's cache is written atomically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness import models
+from harness.errors import UserError
+
+
+def test_tiny_random_is_a_gqa_llama_with_a_working_tokenizer():
+    model, tokenizer = models.load_model(models.TINY_MODEL)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.shape != attn.q_proj.weight.shape  # grouped-query attention: k, v not square
+    text = "Question: 12 + 35 = ? é"
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert max(ids) < model.config.vocab_size
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>assistant\n")
+    assert tokenizer.eos_token_id == model.config.eos_token_id and tokenizer.pad_token_id is not None
+
+
+def test_tiny_random_is_reproducible():
+    a, b = models.tiny_random_model(seed=3), models.tiny_random_model(seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_interrupted_conversion_leaves_nothing_a_later_load_trusts(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(models, "gguf_path", lambda: tmp_path / "fake.gguf")
+    (tmp_path / "fake.gguf").write_bytes(b"x")
+
+    def interrupted(source, folder):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_convert_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        models.embedded_model_folder()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.gguf"]  # no target, no staging folder left
+
+    calls = []
+
+    def complete(source, folder):
+        calls.append(folder)
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", complete)
+    folder = models.embedded_model_folder()
+    assert json.loads((folder / "complete.json").read_text())["source"].endswith("fake.gguf")
+    assert models.embedded_model_folder() == folder and len(calls) == 1  # converted once, then read from cache
+
+
+def test_missing_local_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        models.load_model(str(tmp_path / "no-such-model"))
+
+
+@pytest.mark.integration
+def test_embedded_model_loads_offline_and_generates(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = models.load_model(models.EMBEDDED_MODEL)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0][ids["input_ids"].shape[1]:])
