@@ -1,0 +1,387 @@
+"""MLflow tracking: one parent run per invocation, one nested run per method and seed.
+
+A thin layer over ``mlflow.MlflowClient`` (explicit run ids, no global "active run"),
+so the run loop reads as::
+
+    uri = check_tracking_uri(cfg.tracking_uri)          # fails fast, before any training
+    tracker = Tracker(uri, cfg.experiment)
+    with tracker.run(run_name, tags={"kind": "benchmark"}) as parent:
+        parent.log_params(run_params(config_to_dict(cfg), data_checksums))
+        with tracker.run(f"lora-seed0", parent=parent) as child:
+            steps = child.step_logger()
+            train(..., on_step=lambda s, loss, lr: steps.log(s, train_loss=loss, lr=lr))
+            steps.flush()
+            child.log_metrics(eval_metrics)
+            child.log_artifacts(adapter_dir, "adapter")
+
+A run that leaves its ``with`` block normally ends FINISHED; one left by an exception
+ends FAILED (the exception propagates, so the loop can go on with the next method);
+one left by Ctrl-C (``KeyboardInterrupt``) or ``SystemExit`` ends KILLED.
+
+The default store is ``sqlite:///mlflow.db`` in the working directory, with artifacts
+in ``mlruns/`` beside it. Creating MLflow's SQLite schema from several processes at
+once fails, so :func:`check_tracking_uri` creates it once, in the calling process,
+before workers start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from harness.errors import UserError
+
+DEFAULT_TRACKING_DB = "mlflow.db"
+# MLflow's limits (mlflow.utils.validation): a param value is at most 6000 characters, a key at most
+# 250; a log_batch call takes at most 100 params and 1000 metrics.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_KEY_LENGTH = 250
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+LIBRARIES = ("torch", "transformers", "peft", "lm_eval", "mlflow", "optuna", "datasets")
+_DISTRIBUTIONS = {"lm_eval": "lm-eval"}  # import name -> distribution name where they differ
+
+
+def _mlflow():
+    """Import mlflow lazily with telemetry off (importing this module must not touch the network)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    return mlflow
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The store
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """``None`` -> ``sqlite:///<cwd>/mlflow.db`` (absolute, so a later chdir does not move the store)."""
+    if uri is None or not str(uri).strip():
+        return "sqlite:///" + str(Path.cwd().resolve() / DEFAULT_TRACKING_DB)
+    return str(uri).strip()
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URI (None for ``:memory:`` or a non-sqlite URI)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    path = urllib.parse.urlparse(uri).path
+    # sqlite:///relative.db -> path "/relative.db"; sqlite:////abs.db -> "//abs.db" (SQLAlchemy's convention).
+    path = path[1:] if path.startswith("/") else path
+    if path in ("", ":memory:"):
+        return None
+    return Path(path)
+
+
+def check_tracking_uri(uri: str | None, timeout_s: float = 5.0) -> str:
+    """Resolve ``uri`` and make sure the store answers, or raise a one-line :class:`UserError`.
+
+    Call it before any training: a typo in ``--tracking-uri`` should cost seconds, not a run.
+    For a SQLite store this also creates the schema (once, here, not from several workers).
+    Returns the resolved URI.
+    """
+    uri = resolve_tracking_uri(uri)
+    scheme = urllib.parse.urlparse(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        _check_http(uri, timeout_s)
+    db = _sqlite_path(uri)
+    if db is not None:
+        folder = db.parent.resolve() if str(db.parent) else Path.cwd()
+        if not folder.is_dir():
+            raise UserError(f"tracking store {uri!r}: folder {str(folder)!r} does not exist; create it or pass "
+                            "another --tracking-uri")
+        if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise UserError(f"tracking store {uri!r} is not writable; pass another --tracking-uri")
+    if scheme in ("", "file") and db is None:
+        raise UserError(f"tracking URI {uri!r}: use sqlite:///path/mlflow.db or http://host:port "
+                        "(MLflow's file store is deprecated)")
+    try:
+        _mlflow().MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # MLflow raises many types here; the user needs one line either way.
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"tracking store {uri!r} is unreachable: {first_line}") from err
+    return uri
+
+
+def _check_http(uri: str, timeout_s: float) -> None:
+    """Ping an MLflow server's /health quickly (MLflow's own client retries for minutes)."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (user-given URI)
+            if response.status >= 400:
+                raise UserError(f"tracking server {uri!r} answered HTTP {response.status}; is it an MLflow server?")
+    except urllib.error.HTTPError as err:
+        raise UserError(f"tracking server {uri!r} answered HTTP {err.code}; is it an MLflow server?") from err
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(f"tracking server {uri!r} is unreachable ({reason}); start it "
+                        "(mlflow server --port PORT) or pass another --tracking-uri") from err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Names and values
+
+
+_BAD_NAME_CHARS = re.compile(r"[^\w.\- /]")
+
+
+def sanitize_name(name: str) -> str:
+    """A metric or param key MLflow accepts: ``acc,none`` -> ``acc_none``, ``a:b`` -> ``a_b``.
+
+    MLflow allows letters, digits, ``_ - . /`` and spaces (colons only off Windows, so they go
+    too); the key must also be a normalised relative path (no ``//``, no leading ``/``, no ``..``).
+    """
+    clean = _BAD_NAME_CHARS.sub("_", str(name))
+    clean = re.sub(r"/+", "/", clean).strip("/ ")
+    clean = "/".join("_" if part in (".", "..") else part for part in clean.split("/"))
+    return (clean or "_")[:MAX_KEY_LENGTH]
+
+
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested mappings into ``a.b`` keys with string values MLflow accepts.
+
+    Lists become comma-separated strings (a method spec keeps its own commas, joined with ``;``
+    so it stays readable), ``None`` becomes ``"None"``, and values longer than MLflow's limit
+    are cut with a marker saying so.
+    """
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+            continue
+        if isinstance(value, (list, tuple)):
+            sep = ";" if any("," in str(v) for v in value) else ","
+            text = sep.join(str(v) for v in value)
+        else:
+            text = str(value)
+        if len(text) > MAX_PARAM_VALUE_LENGTH:
+            marker = f"...[{len(text)} chars, cut]"
+            text = text[: MAX_PARAM_VALUE_LENGTH - len(marker)] + marker
+        flat[sanitize_name(name)] = text
+    return flat
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a result depends on (``"not installed"`` if absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(_DISTRIBUTIONS.get(name, name))
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def git_commit(folder: str | os.PathLike | None = None) -> str | None:
+    """The current commit of the repository holding ``folder`` (default: this package), ``+dirty`` if modified."""
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit or None
+
+
+def run_params(config: Mapping[str, Any], data_checksums: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The params of a parent run: the resolved config, library versions, git commit and data checksums."""
+    params: dict[str, Any] = dict(config)
+    params["versions"] = library_versions()
+    params["git_commit"] = git_commit() or "unknown"
+    if data_checksums:
+        params["data_checksum"] = dict(data_checksums)
+    return flatten_params(params)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class RunHandle:
+    """One MLflow run: log params, metrics and artifacts to it by id."""
+
+    client: Any
+    run_id: str
+    name: str
+    _status: str | None = field(default=None, repr=False)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (flattened and cut to MLflow's limits), 100 per request."""
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log several metrics at one step in one request; names are sanitised, non-numbers skipped."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(sanitize_name(k), float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags (values cut to MLflow's tag limit)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(sanitize_name(k), str(v)[:5000]) for k, v in tags.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=items[start:start + MAX_PARAMS_PER_BATCH])
+
+    def step_logger(self, flush_every: int = 500, flush_seconds: float = 15.0) -> "StepMetricLogger":
+        """A buffered per-step logger for training curves (see :class:`StepMetricLogger`)."""
+        return StepMetricLogger(self.client, self.run_id, flush_every=flush_every, flush_seconds=flush_seconds)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy one file into the run's artifacts (under ``artifact_path`` if given)."""
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy a folder's contents into the run's artifacts (under ``artifact_path`` if given)."""
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def fail(self, message: str) -> None:
+        """Mark the run FAILED with a reason (e.g. a NaN loss) when the caller handles the error itself."""
+        self.set_tags({"error": message})
+        self._status = "FAILED"
+
+
+def _is_number(value: Any) -> bool:
+    """True for ints, floats and numeric scalars such as numpy's (not for strings or None)."""
+    if isinstance(value, (str, bytes)) or value is None:
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class Tracker:
+    """An experiment in one tracking store; opens parent and nested runs as context managers."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str) -> None:
+        mlflow = _mlflow()
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        self.experiment_id = self._experiment_id(experiment)
+
+    def _experiment_id(self, name: str) -> str:
+        """Get or create the experiment; a SQLite store keeps artifacts in ``mlruns/`` beside the database."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        db = _sqlite_path(self.tracking_uri)
+        # MLflow's default artifact root for a SQLite store is ./mlruns of whatever the cwd is; tie it to the db.
+        location = (db.resolve().parent / "mlruns").as_uri() if db is not None else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            found = self.client.get_experiment_by_name(name)  # another process created it meanwhile
+            if found is None:
+                raise
+            return found.experiment_id
+
+    @contextmanager
+    def run(self, name: str, parent: RunHandle | None = None,
+            tags: Mapping[str, Any] | None = None) -> Iterator[RunHandle]:
+        """Open a run (nested under ``parent`` if given) and end it FINISHED, FAILED or KILLED.
+
+        An exception marks the run FAILED, with its message in the ``error`` tag, and propagates;
+        ``KeyboardInterrupt`` and ``SystemExit`` mark it KILLED and propagate.
+        """
+        all_tags = {"mlflow.runName": name, **{k: str(v) for k, v in (tags or {}).items()}}
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent.run_id
+        created = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        handle = RunHandle(self.client, created.info.run_id, name)
+        try:
+            yield handle
+        except Exception as err:
+            _end(handle, "FAILED", f"{type(err).__name__}: {err}")
+            raise
+        except BaseException:  # KeyboardInterrupt, SystemExit: the user stopped it
+            _end(handle, "KILLED", "interrupted")
+            raise
+        else:
+            _end(handle, handle._status or "FINISHED", None)
+
+
+def _end(handle: RunHandle, status: str, error: str | None) -> None:
+    """Set the final status; a store error here must not hide the run's own exception."""
+    try:
+        if error is not None:
+            handle.set_tags({"error": (error.splitlines() or [""])[0]})
+        handle.client.set_terminated(handle.run_id, status=status)
+    except Exception as err:  # noqa: BLE001 (best effort while already failing)
+        if error is None:
+            raise
+        print(f"warning: could not mark MLflow run {handle.name!r} {status}: {err}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-step metrics
+
+
+class StepMetricLogger:
+    """Buffer per-step metrics and write them with ``log_batch``.
+
+    One ``log_metric`` costs ~8 ms on SQLite (1.6 s over 200 steps x 1 metric); ``log_batch`` writes
+    1,000 points in ~0.4 s. The buffer is flushed every ``flush_every`` points or ``flush_seconds``,
+    and on :meth:`flush` / :meth:`close` (call them in a ``finally`` so a failing run keeps its curve).
+    """
+
+    def __init__(self, client: Any, run_id: str, flush_every: int = 500, flush_seconds: float = 15.0) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.flush_every = min(flush_every, MAX_METRICS_PER_BATCH)
+        self.flush_seconds = flush_seconds
+        self._buffer: list[Any] = []
+        self._last_flush = time.monotonic()
+
+    def log(self, step: int, **metrics: float) -> None:
+        """Record ``name=value`` pairs at ``step`` (NaN and inf are kept: they show a diverging run)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for name, value in metrics.items():
+            self._buffer.append(Metric(sanitize_name(name), float(value), now, int(step)))
+        if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything buffered."""
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:MAX_METRICS_PER_BATCH], self._buffer[MAX_METRICS_PER_BATCH:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush; the logger may still be used afterwards."""
+        self.flush()
+
+    def __enter__(self) -> "StepMetricLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+

@@ -1,0 +1,149 @@
+"""Tests for harness.tracking: runs written to a temporary SQLite store and read back with mlflow.search_runs."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from harness.errors import UserError  # noqa: E402
+from harness.tracking import (  # noqa: E402
+    MAX_PARAM_VALUE_LENGTH,
+    Tracker,
+    check_tracking_uri,
+    flatten_params,
+    library_versions,
+    resolve_tracking_uri,
+    run_params,
+    sanitize_name,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module: creating MLflow's schema is the slow part (and must happen once)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = check_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    return uri, folder
+
+
+def _runs(uri: str, experiment: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_parent_and_nested_runs_read_back(store, tmp_path):
+    uri, folder = store
+    tracker = Tracker(uri, "exp-readback")
+    artifact = tmp_path / "samples.jsonl"
+    artifact.write_text('{"doc_id": 0, "correct": 1}\n')
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+
+    with tracker.run("bench", tags={"kind": "benchmark"}) as parent:
+        parent.log_params(run_params({"methods": ["lora", "linchain:r=8,widths=8-16-8"], "rank": 16},
+                                     {"arithmetic": "abc123"}))
+        with tracker.run("lora-seed0", parent=parent) as child:
+            child.log_params({"method": "lora", "seed": 0})
+            with child.step_logger(flush_every=7) as steps:
+                for step in range(1, 21):
+                    steps.log(step, train_loss=1.0 / step, lr=1e-3)
+            child.log_metrics({"arithmetic/exact_match,none": 0.5, "average_accuracy": 0.5, "note": "x"})
+            child.log_artifact(artifact, "samples")
+            child.log_artifacts(adapter, "adapter")
+        with pytest.raises(RuntimeError):
+            with tracker.run("linchain-seed0", parent=parent):
+                raise RuntimeError("loss is NaN at step 3")
+        with tracker.run("moslora-seed0", parent=parent) as handled:
+            handled.fail("loss is inf at step 2")
+
+    runs = _runs(uri, "exp-readback").set_index("tags.mlflow.runName")
+    assert set(runs.index) == {"bench", "lora-seed0", "linchain-seed0", "moslora-seed0"}
+    parent_id = runs.loc["bench", "run_id"]
+    assert runs.loc["bench", "status"] == "FINISHED"
+    assert runs.loc["bench", "params.methods"] == "lora;linchain:r=8,widths=8-16-8"
+    assert runs.loc["bench", "params.data_checksum.arithmetic"] == "abc123"
+    assert runs.loc["bench", "params.versions.mlflow"] == library_versions()["mlflow"]
+    assert runs.loc["bench", "params.git_commit"]
+    for name in ("lora-seed0", "linchain-seed0", "moslora-seed0"):
+        assert runs.loc[name, "tags.mlflow.parentRunId"] == parent_id
+    assert runs.loc["lora-seed0", "status"] == "FINISHED"
+    assert runs.loc["lora-seed0", "metrics.arithmetic/exact_match_none"] == 0.5
+    assert runs.loc["linchain-seed0", "status"] == "FAILED"
+    assert "NaN" in runs.loc["linchain-seed0", "tags.error"]
+    assert runs.loc["moslora-seed0", "status"] == "FAILED"
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    child_id = runs.loc["lora-seed0", "run_id"]
+    history = client.get_metric_history(child_id, "train_loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, 21))
+    assert {a.path for a in client.list_artifacts(child_id)} == {"samples", "adapter"}
+    # Artifacts live beside the database, not in whatever the working directory is.
+    assert (folder / "mlruns").is_dir()
+
+
+def test_ctrl_c_marks_runs_killed(store):
+    uri, _ = store
+    tracker = Tracker(uri, "exp-killed")
+    with pytest.raises(KeyboardInterrupt):
+        with tracker.run("bench"):
+            with tracker.run("lora-seed0"):
+                raise KeyboardInterrupt
+    runs = _runs(uri, "exp-killed")
+    assert set(runs["status"]) == {"KILLED"}
+
+
+def test_unreachable_stores_fail_fast_in_one_line(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(UserError, match="unreachable") as err:
+        check_tracking_uri("http://127.0.0.1:9", timeout_s=2)
+    assert "\n" not in str(err.value) and time.monotonic() - start < 10
+    with pytest.raises(UserError, match="does not exist"):
+        check_tracking_uri(f"sqlite:///{tmp_path / 'no' / 'such' / 'mlflow.db'}")
+    with pytest.raises(UserError, match="sqlite"):
+        check_tracking_uri(str(tmp_path / "mlruns"))
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_folder_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match="not writable"):
+            check_tracking_uri(f"sqlite:///{locked / 'mlflow.db'}")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_default_uri_is_mlflow_db_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert resolve_tracking_uri("http://h:5000") == "http://h:5000"
+
+
+def test_names_are_sanitised_for_mlflow():
+    from mlflow.utils.validation import _validate_metric_name
+
+    for raw in ["acc,none", "exact_match,strict-match", "a:b", "/x//y/", "..", "a/../b", "", "score (%)"]:
+        clean = sanitize_name(raw)
+        _validate_metric_name(clean)  # raises if MLflow would reject it
+        assert "," not in clean
+    assert sanitize_name("arithmetic/acc,none") == "arithmetic/acc_none"
+
+
+def test_params_are_flattened_and_cut_to_the_limit():
+    flat = flatten_params({"a": {"b": 1, "c": None}, "l": [1, 2], "long": "x" * 10_000})
+    assert flat["a.b"] == "1" and flat["a.c"] == "None" and flat["l"] == "1,2"
+    assert len(flat["long"]) == MAX_PARAM_VALUE_LENGTH and flat["long"].endswith("cut]")
