@@ -99,6 +99,9 @@ class RunConfig:
         "'chat' (the model's chat template)", "alpaca", choices=PROMPT_FORMATS)
     cutoff_len: int = _opt("truncate training sequences to this many tokens (LLM-Adapters uses 256)",
                            256, metavar="TOKENS")
+    train_on_inputs: bool = _opt(
+        "put the loss on the prompt too, as upstream LLM-Adapters does ('true'); the default 'false' "
+        "trains on the response only", False, metavar="BOOL")
     # Adapter defaults (a method spec can override each).
     rank: int = _opt("adapter rank r", 16, metavar="R")
     alpha: float = _opt("LoRA scaling alpha (the update is scaled by alpha/r)", 32.0)

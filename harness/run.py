@@ -1,0 +1,264 @@
+"""``python -m harness.run``: train every method on the same base model and data, evaluate, track, report.
+
+The story of a run, top to bottom:
+
+1. resolve the configuration (defaults < ``--config`` YAML < command line) and check
+   everything a user can get wrong before any training: method specs, tasks, data,
+   the tracking store, the output folder;
+2. evaluate the base model once (the ``base`` row);
+3. for each seed and method: a fresh copy of the base model, the adapter, training,
+   evaluation on every task, the adapter saved; one nested MLflow run each. A failure
+   (a NaN loss, a crash) marks that run FAILED and the others go on;
+4. write results/<run name>/ (summary.md, summary.csv, plots, config.yaml) and log it.
+
+Ctrl-C marks the MLflow runs KILLED and removes the unfinished results folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from harness.config import RunConfig, config_from_args, config_to_dict
+from harness.errors import UserError, cli_entry
+
+
+@dataclass
+class RunOutcome:
+    """What a finished run produced: its folder, the base row, one result per method and seed."""
+
+    run_dir: Path
+    base: object
+    results: list = field(default_factory=list)
+    parent_run_id: str | None = None
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.results if not r.ok]
+
+
+@dataclass
+class MethodPlan:
+    """One method of the run: its resolved spec and the label that names it in tables, plots and MLflow."""
+
+    spec: object
+    label: str
+
+
+def plan_methods(cfg: RunConfig) -> list[MethodPlan]:
+    """Parse every method spec with the run's common options; unique labels for the report."""
+    from harness.adapters import resolve_spec
+
+    specs = [resolve_spec(text, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
+             for text in cfg.methods]
+    labels = [s.name + ("" if s.init == "kaiming" or s.middle_product is None else f"-{s.init}") for s in specs]
+    if len(set(labels)) < len(labels):  # e.g. the same method at two learning rates: fall back to the spec text
+        labels = [s.text if labels.count(lbl) > 1 else lbl for s, lbl in zip(specs, labels)]
+    if len(set(labels)) < len(labels):
+        raise UserError(f"--methods lists the same method twice: {', '.join(cfg.methods)}")
+    return [MethodPlan(spec, label) for spec, label in zip(specs, labels)]
+
+
+def records_checksum(records: Sequence[dict]) -> str:
+    """SHA-256 of the training records' content (files and generated data alike)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True, progress: bool = True,
+        log=print) -> RunOutcome:
+    """Run the whole pipeline for ``cfg``; ``parent``/``tracker`` nest it under an existing MLflow run (ablations)."""
+    import torch
+
+    from harness import data as hdata
+    from harness import evaluate as hevaluate
+    from harness.adapters import validate_against_model
+    from harness.models import load_model
+    from harness.report import SystemResult, default_run_name, header_from_config, unique_run_dir, write_report
+    from harness.tracking import Tracker, check_tracking_uri, run_params
+
+    # 1. Everything a user can get wrong, before any training.
+    plans = plan_methods(cfg)
+    data_dir = hdata.resolve_data_dir(cfg.data_dir)
+    hevaluate.check_tasks(cfg.tasks, data_dir)
+    if tracker is None:
+        check_tracking_uri(cfg.tracking_uri)
+    records = hdata.load_records(cfg.train_data, data_dir, seed=cfg.seeds[0])
+    model, tokenizer = load_model(cfg.model)
+    for plan in plans:
+        validate_against_model(model, plan.spec)
+    examples = hdata.build_train_dataset(records, tokenizer, prompt_format=cfg.prompt_format,
+                                         train_on_inputs=cfg.train_on_inputs, cutoff_len=cfg.cutoff_len)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    collate = _collate_for(hdata, tokenizer)
+    checksums = {"train_data": records_checksum(records), **hevaluate.task_data_checksums(cfg.tasks, data_dir)}
+
+    run_name = cfg.run_name or default_run_name()
+    run_dir = unique_run_dir(cfg.output_dir, run_name) if write_results else Path(tempfile.mkdtemp(prefix="run-"))
+    tracker = tracker or Tracker(cfg.tracking_uri, cfg.experiment)
+    outcome = RunOutcome(run_dir=run_dir, base=None)
+    log(f"run {run_dir.name}: {len(plans)} method(s) x {len(cfg.seeds)} seed(s) on {cfg.model} ({device}), "
+        f"{len(examples)} training examples, tasks {', '.join(cfg.tasks)}; results in {run_dir}")
+    eval_kwargs = dict(tasks=cfg.tasks, data_dir=data_dir, limit=cfg.limit, batch_size=cfg.eval_batch_size,
+                       num_beams=cfg.num_beams, prompt_format=cfg.prompt_format)
+    finished = False
+    try:
+        with tracker.run(run_dir.name, parent=parent, tags={"kind": "benchmark"}) as top:
+            outcome.parent_run_id = top.run_id
+            top.log_params(run_params(config_to_dict(cfg), checksums))
+
+            # 2. The base model, once.
+            with tracker.run("base", parent=top, tags={"method": "base"}) as handle:
+                log("evaluating the base model ...")
+                evaluation = hevaluate.evaluate(model, tokenizer, **eval_kwargs)
+                outcome.base = SystemResult(method="base", scores=evaluation.scores, correct=evaluation.correct)
+                _log_evaluation(handle, evaluation, run_dir / "samples" / "base.jsonl")
+            log("base: " + _score_line(evaluation.scores))
+
+            # 3. Every method and seed, each from a fresh copy of the base model.
+            for seed in cfg.seeds:
+                for plan in plans:
+                    result = _run_method(cfg, plan, seed, model, tokenizer, examples, collate, eval_kwargs,
+                                         tracker, top, run_dir, progress, log)
+                    outcome.results.append(result)
+
+            # 4. The report.
+            if write_results:
+                written = write_report(run_dir, outcome.base, outcome.results, config=cfg,
+                                       header=header_from_config(cfg))
+                for path in written.values():
+                    top.log_artifact(path, "results")
+                log(f"\n{(run_dir / 'summary.md').read_text()}")
+                log(f"results written to {run_dir} ({', '.join(sorted(written))})")
+            if outcome.failed:
+                top.set_tags({"failed_runs": ", ".join(f"{r.method}/seed{r.seed}" for r in outcome.failed)})
+        finished = True
+    finally:
+        if not finished and write_results:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written stays in results/
+        if not write_results:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return outcome
+
+
+def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_kwargs, tracker, top, run_dir,
+                progress, log):
+    """Train and evaluate one method with one seed in its own nested MLflow run; a failure is recorded, not raised."""
+    import torch
+
+    from harness import evaluate as hevaluate
+    from harness.adapters import get_adapter_model, save_adapter, trainable_parameters
+    from harness.report import SystemResult
+    from harness.train import NonFiniteLoss, TrainSettings, train
+
+    name = f"{plan.label}-seed{seed}"
+    spec = plan.spec
+    settings = TrainSettings(lr=spec.lr or cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                             max_steps=cfg.max_steps, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
+                             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed)
+    result = SystemResult(method=plan.label, seed=seed)
+    peft_model = None
+    try:
+        with tracker.run(name, parent=top, tags={"method": spec.method, "label": plan.label, "seed": seed}) as h:
+            h.log_params({"spec": spec.canonical(), "method": spec.method, "label": plan.label, "seed": seed,
+                          "lr": settings.lr, "r": spec.r, "alpha": spec.alpha, "init": spec.init,
+                          "structure": spec.structure or "", "chain_widths": "-".join(map(str, spec.chain_widths or ()))})
+            torch.manual_seed(seed)  # the same seed gives every method the same initial A
+            peft_model = get_adapter_model(copy.deepcopy(base_model), spec)
+            result.trainable_params = trainable_parameters(peft_model)
+            h.log_metrics({"trainable_params": result.trainable_params})
+            with h.step_logger() as steps:
+                trained = train(peft_model, examples, collate, settings, progress=progress, description=name,
+                                on_step=lambda s, loss, lr: steps.log(s, train_loss=loss, lr=lr))
+            result.loss_curve = trained.losses
+            result.train_seconds = trained.train_seconds
+            result.seconds_per_step = trained.seconds_per_step
+            result.tokens_per_second = trained.tokens_per_second
+            result.peak_memory_mb = trained.peak_memory_mb
+            h.log_metrics({"train_seconds": trained.train_seconds, "seconds_per_step": trained.seconds_per_step,
+                           "tokens_per_second": trained.tokens_per_second, "peak_memory_mb": trained.peak_memory_mb,
+                           "final_train_loss": trained.final_loss})
+            log(f"{name}: evaluating ...")
+            evaluation = hevaluate.evaluate(peft_model, tokenizer, **eval_kwargs)
+            result.scores, result.correct = evaluation.scores, evaluation.correct
+            _log_evaluation(h, evaluation, run_dir / "samples" / f"{name}.jsonl")
+            adapter_dir = save_adapter(peft_model, run_dir / "adapters" / name)
+            h.log_artifacts(adapter_dir, "adapter")
+        log(f"{name}: " + _score_line(result.scores) + f" ({result.train_seconds:.0f} s training)")
+    except NonFiniteLoss as err:
+        result.error = str(err)
+        log(f"{name}: FAILED: {err}")
+    except (KeyboardInterrupt, UserError):
+        raise
+    except Exception as err:  # noqa: BLE001 (a crash in one method must not lose the others)
+        result.error = f"{type(err).__name__}: {err}"
+        traceback.print_exc()
+        log(f"{name}: FAILED: {result.error}; going on with the other methods")
+    finally:
+        del peft_model
+        gc.collect()
+    return result
+
+
+def _log_evaluation(handle, evaluation, samples_path: Path) -> None:
+    """Task metrics, the average, and lm-eval's per-item samples as an artifact."""
+    metrics = dict(evaluation.metrics)
+    if evaluation.scores:
+        metrics["average_accuracy"] = sum(evaluation.scores.values()) / len(evaluation.scores)
+    handle.log_metrics(metrics)
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(samples_path, "w") as f:
+        for row in evaluation.samples:
+            f.write(json.dumps(row, default=str) + "\n")
+    handle.log_artifact(samples_path, "samples")
+
+
+def _score_line(scores: dict) -> str:
+    if not scores:
+        return "no scores"
+    avg = sum(scores.values()) / len(scores)
+    return ", ".join(f"{t} {100 * s:.1f}%" for t, s in scores.items()) + f" (average {100 * avg:.1f}%)"
+
+
+def _collate_for(hdata, tokenizer):
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return lambda batch: hdata.collate(batch, pad)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = config_from_args(argv)
+    started = time.perf_counter()
+    try:
+        outcome = run(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted: MLflow runs marked KILLED; nothing was written to results/", file=sys.stderr)
+        return 130
+    print(f"done in {time.perf_counter() - started:.0f} s; open the MLflow UI with: "
+          f"mlflow ui --backend-store-uri {cfg.tracking_uri or 'sqlite:///mlflow.db'}")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} run(s) failed: "
+              + ", ".join(f"{r.method} seed {r.seed} ({r.error})" for r in outcome.failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
