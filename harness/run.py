@@ -78,9 +78,20 @@ def records_checksum(records: Sequence[dict]) -> str:
     return digest.hexdigest()
 
 
+class Pruned(Exception):
+    """Raised by an ``on_intermediate`` callback to stop a run early (an ablation study pruning a trial)."""
+
+
 def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True, progress: bool = True,
+        evaluate_base: bool = True, intermediate_every: int | None = None, on_intermediate=None,
         log=print) -> RunOutcome:
-    """Run the whole pipeline for ``cfg``; ``parent``/``tracker`` nest it under an existing MLflow run (ablations)."""
+    """Run the whole pipeline for ``cfg``.
+
+    Ablation studies use the keyword arguments: ``parent``/``tracker`` nest the run under an existing
+    MLflow run, ``write_results=False`` skips results/, ``evaluate_base=False`` skips the base row, and
+    ``on_intermediate(label, seed, step, average_score)`` is called every ``intermediate_every`` training
+    steps after a quick evaluation (with ``cfg.limit`` items); raising :class:`Pruned` there stops the run.
+    """
     import torch
 
     from harness import data as hdata
@@ -122,18 +133,19 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
             top.log_params(run_params(config_to_dict(cfg), checksums))
 
             # 2. The base model, once.
-            with tracker.run("base", parent=top, tags={"method": "base"}) as handle:
-                log("evaluating the base model ...")
-                evaluation = hevaluate.evaluate(model, tokenizer, **eval_kwargs)
-                outcome.base = SystemResult(method="base", scores=evaluation.scores, correct=evaluation.correct)
-                _log_evaluation(handle, evaluation, run_dir / "samples" / "base.jsonl")
-            log("base: " + _score_line(evaluation.scores))
+            if evaluate_base:
+                with tracker.run("base", parent=top, tags={"method": "base"}) as handle:
+                    log("evaluating the base model ...")
+                    evaluation = hevaluate.evaluate(model, tokenizer, **eval_kwargs)
+                    outcome.base = SystemResult(method="base", scores=evaluation.scores, correct=evaluation.correct)
+                    _log_evaluation(handle, evaluation, run_dir / "samples" / "base.jsonl")
+                log("base: " + _score_line(evaluation.scores))
 
             # 3. Every method and seed, each from a fresh copy of the base model.
             for seed in cfg.seeds:
                 for plan in plans:
                     result = _run_method(cfg, plan, seed, model, tokenizer, examples, collate, eval_kwargs,
-                                         tracker, top, run_dir, progress, log)
+                                         tracker, top, run_dir, progress, log, intermediate_every, on_intermediate)
                     outcome.results.append(result)
 
             # 4. The report.
@@ -156,7 +168,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
 
 
 def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_kwargs, tracker, top, run_dir,
-                progress, log):
+                progress, log, intermediate_every=None, on_intermediate=None):
     """Train and evaluate one method with one seed in its own nested MLflow run; a failure is recorded, not raised."""
     import torch
 
@@ -181,9 +193,17 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
             peft_model = get_adapter_model(copy.deepcopy(base_model), spec)
             result.trainable_params = trainable_parameters(peft_model)
             h.log_metrics({"trainable_params": result.trainable_params})
+            def checkpoint(step: int) -> None:
+                quick = hevaluate.evaluate(peft_model, tokenizer, **{**eval_kwargs, "log_samples": False})
+                average = sum(quick.scores.values()) / max(len(quick.scores), 1)
+                h.log_metrics({"intermediate_average_accuracy": average}, step=step)
+                on_intermediate(plan.label, seed, step, average)
+
             with h.step_logger() as steps:
                 trained = train(peft_model, examples, collate, settings, progress=progress, description=name,
-                                on_step=lambda s, loss, lr: steps.log(s, train_loss=loss, lr=lr))
+                                on_step=lambda s, loss, lr: steps.log(s, train_loss=loss, lr=lr),
+                                checkpoint_every=intermediate_every if on_intermediate else None,
+                                on_checkpoint=checkpoint if on_intermediate else None)
             result.loss_curve = trained.losses
             result.train_seconds = trained.train_seconds
             result.seconds_per_step = trained.seconds_per_step
@@ -202,7 +222,7 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
     except NonFiniteLoss as err:
         result.error = str(err)
         log(f"{name}: FAILED: {err}")
-    except (KeyboardInterrupt, UserError):
+    except (KeyboardInterrupt, UserError, Pruned):
         raise
     except Exception as err:  # noqa: BLE001 (a crash in one method must not lose the others)
         result.error = f"{type(err).__name__}: {err}"

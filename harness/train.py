@@ -87,10 +87,17 @@ def train(
     settings: TrainSettings,
     *,
     on_step: Callable[[int, float, float], None] | None = None,
+    checkpoint_every: int | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
     progress: bool = True,
     description: str = "train",
 ) -> TrainResult:
-    """Train ``model``'s trainable parameters on ``examples``; ``on_step(step, loss, lr)`` after each optimizer step."""
+    """Train ``model``'s trainable parameters on ``examples``.
+
+    ``on_step(step, loss, lr)`` runs after each optimizer step; ``on_checkpoint(step)`` every
+    ``checkpoint_every`` steps before the last (intermediate evaluation, e.g. for pruning: an exception
+    it raises ends training and propagates).
+    """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -140,6 +147,10 @@ def train(
             result.learning_rates.append((step, lr))
             if on_step is not None:
                 on_step(step, step_loss, lr)
+            if on_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                model.eval()
+                on_checkpoint(step)
+                model.train()
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{result.tokens / elapsed:.0f}", refresh=False)
             bar.update(1)
