@@ -1,0 +1,149 @@
+"""Training and test records in the LLM-Adapters schema: ``{"instruction", "input", "output", "answer"}``.
+
+``load_records(source)`` reads a named set, a local JSON/JSONL file, a URL, or the arithmetic
+generator's train split (``arithmetic`` or ``arithmetic:<options>``). MAWPS' raw schema
+(``original_text``, ``equation``, ``ans``) is converted on the way in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import urllib.error
+from pathlib import Path
+
+from harness.data import arithmetic
+from harness.data.files import data_file, download_file, resolve_data_dir
+from harness.errors import UserError
+
+DEFAULT_TRAIN_DATA = "arithmetic"
+
+# Named training sets: upstream paths inside the data directory.
+TRAIN_SETS = {
+    "math_data": "ft-training_set/math_data.json",
+    "math_10k": "ft-training_set/math_10k.json",
+    "commonsense_170k": "ft-training_set/commonsense_170k.json",
+    "arc_challenge": "dataset/ARC-Challenge/train.json",
+    "arc_easy": "dataset/ARC-Easy/train.json",
+    "boolq": "dataset/boolq/train.json",
+    "openbookqa": "dataset/openbookqa/train.json",
+    "mawps": "dataset/mawps/trainset.json",
+}
+
+# The evaluation files the lm-eval tasks read.
+TEST_SETS = {
+    "gsm8k": "dataset/gsm8k/test.json",
+    "svamp": "dataset/SVAMP/test.json",
+    "addsub": "dataset/AddSub/test.json",
+    "multiarith": "dataset/MultiArith/test.json",
+    "singleeq": "dataset/SingleEq/test.json",
+    "mawps": "dataset/mawps/test.json",
+    "aqua": "dataset/AQuA/test.json",
+    "boolq": "dataset/boolq/test.json",
+    "piqa": "dataset/piqa/test.json",
+    "social_i_qa": "dataset/social_i_qa/test.json",
+    "arc_easy": "dataset/ARC-Easy/test.json",
+    "arc_challenge": "dataset/ARC-Challenge/test.json",
+    "openbookqa": "dataset/openbookqa/test.json",
+    "winogrande": "dataset/winogrande/test.json",
+    "hellaswag": "dataset/hellaswag/test.json",
+}
+
+TRAIN_KEYS = ("instruction", "output")
+TEST_KEYS = ("instruction", "answer")
+
+
+def load_records(source: str, data_dir: Path | str | None = None, limit: int | None = None, seed: int = 0,
+                 sample: bool = True) -> list[dict]:
+    """Records for training from a named set, a local path, a URL or ``arithmetic[:options]``.
+
+    ``limit`` keeps a tiny subset for smoke runs: a seeded sample of ``limit`` records in their
+    original order (``sample=False``: the first ``limit``). Bad input raises UserError.
+    """
+    if limit is not None and limit < 1:
+        raise UserError(f"limit={limit} must be a positive number of records")
+    if source == "arithmetic" or source.startswith("arithmetic:"):
+        spec = arithmetic.parse_spec(source)
+        if limit is not None and limit < spec.n:
+            spec = arithmetic.ArithmeticSpec(**{**spec.__dict__, "n": limit})
+        return arithmetic.generate(spec, split="train", seed=seed)
+    records = read_records(_locate(source, data_dir), TRAIN_KEYS)
+    return subset(records, limit, seed) if sample else records[:limit]
+
+
+def load_test_records(name: str, data_dir: Path | str | None = None) -> list[dict]:
+    """The evaluation records of a named test set (``gsm8k``, ``boolq`` ...)."""
+    if name not in TEST_SETS:
+        raise UserError(f"unknown test set {name!r} (known: {', '.join(TEST_SETS)})")
+    return read_records(data_file(TEST_SETS[name], resolve_data_dir(data_dir)), TEST_KEYS)
+
+
+def subset(records: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    """A seeded sample of ``limit`` records, kept in their original order."""
+    if limit is None or limit >= len(records):
+        return records
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in keep]
+
+
+def read_records(path: Path, required: tuple[str, ...] = TRAIN_KEYS) -> list[dict]:
+    """Read a JSON list or JSONL file into checked records (MAWPS' raw schema converted)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot read data file {path}: {err.strerror or err}") from err
+    try:
+        if path.suffix == ".jsonl":
+            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from err
+    if not isinstance(raw, list):
+        raise UserError(f"{path} must hold a JSON list of records, not a {type(raw).__name__}")
+    if not raw:
+        raise UserError(f"{path} holds no records")
+    records = []
+    for index, item in enumerate(raw):
+        if isinstance(item, dict) and "original_text" in item and "ans" in item:
+            item = _from_mawps(item)
+        if not isinstance(item, dict):
+            raise UserError(f"{path}: record {index} is a {type(item).__name__}, not an object")
+        missing = [key for key in required if not isinstance(item.get(key), str)]
+        if missing:
+            raise UserError(f"{path}: record {index} lacks {', '.join(missing)} "
+                            f"(LLM-Adapters records have instruction, input, output, answer)")
+        records.append({"instruction": item["instruction"], "input": item.get("input") or "",
+                        "output": item.get("output") or "", "answer": str(item.get("answer") or "")})
+    return records
+
+
+def _from_mawps(item: dict) -> dict:
+    """MAWPS' raw schema -> LLM-Adapters schema; the equation is the worked answer."""
+    answer = float(item["ans"])
+    answer_text = str(int(answer)) if answer.is_integer() else str(answer)
+    equation = re.sub(r"^\s*[xX]\s*=\s*", "", str(item.get("equation", "")))
+    return {"instruction": item["original_text"].strip(), "input": "",
+            "output": f"{equation} = {answer_text}. The answer is {answer_text}.", "answer": answer_text}
+
+
+def _locate(source: str, data_dir: Path | str | None) -> Path:
+    if source in TRAIN_SETS:
+        return data_file(TRAIN_SETS[source], resolve_data_dir(data_dir))
+    if source.startswith(("http://", "https://")):
+        name = source.rstrip("/").rsplit("/", 1)[-1] or "data.json"
+        target = resolve_data_dir(data_dir) / "downloads" / f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}"
+        if not target.is_file():
+            try:
+                download_file(source, target)
+            except (urllib.error.URLError, OSError, TimeoutError) as err:
+                raise UserError(f"cannot download {source} ({getattr(err, 'reason', err)}): "
+                                "download it yourself and pass the local path") from err
+        return target
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    raise UserError(f"training data {source!r} is not a named set ({', '.join(['arithmetic', *TRAIN_SETS])}), "
+                    "an existing file or a URL")
