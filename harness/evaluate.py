@@ -1,0 +1,158 @@
+"""Score a model on the lm-eval tasks in tasks/ (arithmetic, llm_adapters_math, llm_adapters_commonsense ...).
+
+``evaluate(model, tokenizer, tasks, ...)`` runs lm-eval's ``simple_evaluate`` on the model object in
+memory (a PeftModel too), offline, without touching the global random seeds, and returns an
+``EvalResult``: per-task metrics under MLflow-safe names (``arithmetic_add_sub/exact_match``), one
+primary score per task in [0, 1], and per-item samples for paired bootstraps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.data.files import resolve_data_dir
+from harness.data.prompts import PROMPT_FORMATS
+from harness.data.records import TEST_SETS
+from harness.errors import UserError
+
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+PRIMARY_FILTER = "answer"  # the filter every generation task scores with; multiple choice has "none"
+PRIMARY_METRICS = ("exact_match", "acc")
+DEFAULT_TASKS = ["arithmetic"]
+
+
+@dataclass
+class Sample:
+    """One scored test item: enough to pair two runs item by item."""
+
+    doc_id: int
+    target: str
+    response: str  # the filtered response (extracted answer) or the chosen choice index
+    correct: int
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation produced.
+
+    ``metrics[task]`` maps MLflow-safe names (``task/metric`` or ``task/metric_filter``) to floats;
+    ``scores[task]`` is the primary score in [0, 1] of each task and group; ``samples[task]`` the
+    scored items of each task (not groups); ``raw`` is lm-eval's own results dict.
+    """
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def flat_metrics(self) -> dict[str, float]:
+        """All metrics of all tasks in one dict, ready for ``mlflow.log_metrics``."""
+        return {name: value for task_metrics in self.metrics.values() for name, value in task_metrics.items()}
+
+
+def task_manager(data_dir: Path | str | None = None, prompt_format: str = "alpaca"):
+    """lm-eval's TaskManager over tasks/ only, passing the data directory and prompt format to the loaders."""
+    from lm_eval.tasks import TaskManager
+
+    metadata = {"data_dir": str(resolve_data_dir(data_dir)), "prompt_format": prompt_format}
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+
+
+def expand_tasks(tasks: list[str], manager, data_dir: Path | str | None = None) -> list[str]:
+    """Check task names (UserError listing the known ones) and add HellaSwag to commonsense groups when its file exists."""
+    known = set(manager.all_tasks)
+    unknown = [name for name in tasks if name not in known]
+    if unknown:
+        visible = sorted(n for n in known if not n.startswith("_"))
+        raise UserError(f"unknown task {', '.join(unknown)} (known: {', '.join(visible)})")
+    expanded = list(tasks)
+    hellaswag = resolve_data_dir(data_dir) / TEST_SETS["hellaswag"]
+    for group, extra in (("llm_adapters_commonsense", "llm_adapters_hellaswag"),
+                         ("llm_adapters_commonsense_mc", "llm_adapters_hellaswag_mc")):
+        if group in tasks and extra not in tasks and hellaswag.is_file():
+            expanded.append(extra)
+    return expanded
+
+
+def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | str | None = None,
+             limit: int | None = None, batch_size: int | str = 1, num_beams: int = 1,
+             prompt_format: str = "alpaca", log_samples: bool = True, max_batch_size: int = 64) -> EvalResult:
+    """Run lm-eval on an in-memory model.
+
+    ``limit`` takes the first N items of each task; ``batch_size`` is a number or ``"auto"``;
+    ``num_beams=4`` is the papers' decoding (greedy, 1, is the default: faster). ``prompt_format``
+    must be the one used in training: ``alpaca`` or ``chat`` (the tokenizer's chat template).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if prompt_format not in PROMPT_FORMATS:
+        raise UserError(f"unknown prompt format {prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")
+    if num_beams < 1:
+        raise UserError(f"num_beams={num_beams} must be at least 1")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit={limit} must be a positive number of items")
+    import logging
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    # lm-eval warns once per custom-loaded task that metadata can be passed; we pass it.
+    logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
+
+    manager = task_manager(data_dir, prompt_format)
+    names = expand_tasks(list(tasks or DEFAULT_TASKS), manager, data_dir)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size)
+    was_training = model.training
+    try:
+        output = simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples,
+            gen_kwargs={"num_beams": num_beams, "do_sample": False} if num_beams > 1 else None,
+            apply_chat_template=prompt_format == "chat",
+            random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
+            bootstrap_iters=0, verbosity="WARNING",
+        )
+    finally:
+        model.train(was_training)
+    return _to_result(output)
+
+
+def mlflow_name(task: str, key: str) -> str | None:
+    """``("gsm8k", "exact_match,answer")`` -> ``"gsm8k/exact_match"``; other filters become a suffix."""
+    metric, _, filter_name = key.partition(",")
+    if metric == "alias" or not filter_name:
+        return None
+    suffix = "" if filter_name in (PRIMARY_FILTER, "none") else f"_{filter_name}"
+    return f"{task}/{metric}{suffix}".replace(",", "_").replace(" ", "_")
+
+
+def _to_result(output: dict) -> EvalResult:
+    result = EvalResult(raw=output)
+    for task, values in {**output.get("results", {}), **output.get("groups", {})}.items():
+        metrics = {}
+        for key, value in values.items():
+            name = mlflow_name(task, key)
+            if name is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[name] = float(value)
+        result.metrics[task] = metrics
+        primary = next((metrics[f"{task}/{m}"] for m in PRIMARY_METRICS if f"{task}/{m}" in metrics), None)
+        if primary is not None:
+            result.scores[task] = primary
+    for task, samples in (output.get("samples") or {}).items():
+        # one sample per (item, filter): keep the primary filter's, so each item appears once
+        result.samples[task] = [_sample(s) for s in samples if s.get("filter", "none") in (PRIMARY_FILTER, "none")]
+    return result
+
+
+def _sample(sample: dict) -> Sample:
+    metric = "exact_match" if "exact_match" in sample else "acc"
+    filtered = sample.get("filtered_resps")
+    if metric == "acc" and filtered:
+        # multiple choice: filtered_resps are (loglikelihood, is_greedy) per choice; report the argmax
+        loglikelihoods = [float(item[0]) for item in filtered]
+        response = str(max(range(len(loglikelihoods)), key=loglikelihoods.__getitem__))
+    else:
+        response = filtered[0] if isinstance(filtered, list) and filtered else str(filtered)
+    return Sample(doc_id=int(sample["doc_id"]), target=str(sample["target"]), response=str(response),
+                  correct=int(round(float(sample[metric]))))
