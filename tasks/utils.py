@@ -24,7 +24,8 @@ except ImportError:  # lm_eval run from a checkout without the package installed
 
 from harness.data import arithmetic, prompts
 from harness.data.files import resolve_data_dir
-from harness.data.records import load_test_records
+from harness.data.files import data_file
+from harness.data.records import TEST_KEYS, load_test_records, read_records
 
 INVALID = "[invalid]"
 TOLERANCE = 0.001  # upstream's MAX_INT: a numeric answer is right when |pred - answer| <= 0.001
@@ -33,11 +34,20 @@ _ANSWER_FORMAT = re.compile(r"Answer format:\s*([\w/]+)\s*$")
 
 
 # ----------------------------------------------------------------------------- loaders
-def load_llm_adapters(dataset: str, data_dir: str | None = None, prompt_format: str = "alpaca", **_metadata):
-    """The test split of an LLM-Adapters file, each document with its ``prompt`` and answer ``choices``."""
+def load_llm_adapters(dataset: str | None = None, file: str | None = None, data_dir: str | None = None,
+                      prompt_format: str = "alpaca", **_metadata):
+    """An LLM-Adapters test file, each document with its ``prompt`` and answer ``choices``.
+
+    ``dataset`` names a known test set (``gsm8k``); ``file`` is any file in that format, absolute
+    or relative to the data directory (how a new dataset is added with YAML only).
+    """
     import datasets
 
-    records = load_test_records(dataset, resolve_data_dir(data_dir))
+    root = resolve_data_dir(data_dir)
+    if file is not None:
+        records = read_records(data_file(file, root) if not Path(file).is_absolute() else Path(file), TEST_KEYS)
+    else:
+        records = load_test_records(dataset, root)
     return {"test": datasets.Dataset.from_list([_document(r, prompt_format) for r in records])}
 
 

@@ -17,6 +17,7 @@ problem of any test set. Subtraction never goes below zero.
 from __future__ import annotations
 
 import hashlib
+import operator
 import random
 from dataclasses import dataclass, fields
 
@@ -155,7 +156,7 @@ def _draw(rng: random.Random, spec: ArithmeticSpec) -> tuple[list[int], list[str
 
 
 def _apply(a: int, op: str, b: int) -> int:
-    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    return {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}[op](a, b)
 
 
 def _canonical(operands: list[int], ops: list[str]) -> str:

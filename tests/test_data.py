@@ -1,0 +1,203 @@
+"""harness.data: the data directory, record loading, the arithmetic generator, prompts and tokenisation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import pytest
+
+from harness.data import (
+    DEFAULT_TRAIN_DATA,
+    IGNORE_INDEX,
+    build_train_dataset,
+    collate,
+    format_prompt,
+    generate,
+    load_records,
+    parse_spec,
+    resolve_data_dir,
+)
+from harness.data.files import data_file, download_file
+from harness.errors import UserError
+
+
+# ----------------------------------------------------------------------------- data directory
+def test_data_dir_order_argument_then_env_then_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(tmp_path / "env"))
+    assert resolve_data_dir(str(tmp_path / "arg")) == tmp_path / "arg"
+    assert resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("HARNESS_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert resolve_data_dir(None) == tmp_path / "cache" / "lora-harness" / "data"
+
+
+def test_missing_file_offline_says_which_where_and_how(tmp_path):
+    with pytest.raises(UserError) as err:
+        data_file("dataset/gsm8k/test.json", tmp_path)
+    message = str(err.value)
+    assert "dataset/gsm8k/test.json" in message and str(tmp_path) in message and "--data-dir" in message
+    assert "\n" not in message
+
+
+def test_download_is_atomic_and_verified(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    source = tmp_path / "upstream.json"
+    source.write_text('[{"instruction": "q", "input": "", "output": "a", "answer": "1"}]')
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    target = tmp_path / "data" / "dataset" / "x" / "test.json"
+    with pytest.raises(UserError, match="SHA256"):
+        download_file(source.as_uri(), target, "0" * 64)
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no partial file left behind
+    download_file(source.as_uri(), target, digest)
+    assert target.read_bytes() == source.read_bytes()
+
+
+# ----------------------------------------------------------------------------- records
+def test_named_sets_load_in_the_llm_adapters_schema(data_dir):
+    records = load_records("math_data", data_dir)
+    assert len(records) == 3260
+    assert set(records[0]) == {"instruction", "input", "output", "answer"}
+    boolq = load_records("boolq", data_dir, limit=5)
+    assert len(boolq) == 5 and all(r["answer"] in ("true", "false") for r in boolq)
+
+
+def test_mawps_raw_schema_is_converted(data_dir):
+    record = load_records("mawps", data_dir, limit=1, sample=False)[0]
+    assert record["instruction"].startswith("A waiter had 22 customers")
+    assert record["answer"] == "2" and record["output"].endswith("The answer is 2.")
+
+
+def test_tiny_subset_is_seeded(data_dir):
+    first = load_records("arc_easy", data_dir, limit=10, seed=1)
+    assert first == load_records("arc_easy", data_dir, limit=10, seed=1)
+    assert first != load_records("arc_easy", data_dir, limit=10, seed=2)
+    assert load_records("arc_easy", data_dir, limit=3, sample=False) == load_records("arc_easy", data_dir)[:3]
+
+
+def test_local_json_and_jsonl(tmp_path):
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}", "answer": str(i)} for i in range(3)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert load_records(str(tmp_path / "d.json")) == load_records(str(tmp_path / "d.jsonl")) == rows
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('[{"instruction": "q", "output": "a"}, {"instruction": "q"}]', r"record 1 lacks output"),
+    ("[]", "holds no records"),
+    ('{"instruction": "q"}', "JSON list"),
+    ("[{", "not valid JSON"),
+])
+def test_bad_files_name_the_file_and_record(tmp_path, content, expected):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=expected) as err:
+        load_records(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_unknown_source_lists_named_sets():
+    with pytest.raises(UserError, match="math_10k.*commonsense_170k"):
+        load_records("no_such_set")
+
+
+def test_missing_large_set_explains_how_to_supply(tmp_path):
+    with pytest.raises(UserError, match="ft-training_set/math_10k.json"):
+        load_records("math_10k", tmp_path)
+
+
+# ----------------------------------------------------------------------------- arithmetic generator
+def test_generator_is_reproducible_and_seeded():
+    assert generate("n=50", seed=3) == generate("n=50", seed=3)
+    assert generate("n=50", seed=3) != generate("n=50", seed=4)
+    assert load_records("arithmetic:n=20", seed=3) == generate("n=20", "train", seed=3)
+
+
+def test_train_and_test_are_disjoint():
+    def problems(records):
+        # the arithmetic itself, whatever the form (expression or word problem)
+        return {tuple(re.findall(r"\d+|[-+*/]", r["output"])) for r in records}
+
+    for spec, n_train, n_test in (("ops=+-", 3000, 1000), ("ops=+-*/,steps=2,form=word", 1000, 500),
+                                  ("ops=+-,digits=1", 100, 20)):
+        train, test = generate(f"{spec},n={n_train}", "train", seed=0), generate(f"{spec},n={n_test}", "test", seed=0)
+        assert not problems(train) & problems(test)
+        assert len({r["instruction"] for r in train}) == len(train)  # no duplicates inside a split
+
+
+@pytest.mark.parametrize("spec", ["ops=+-*/,digits=2,steps=3,n=300", "ops=/,digits=1,n=15", "ops=-,digits=3,n=100"])
+def test_answers_are_right(spec):
+    for record in generate(spec, "test", seed=0):
+        value = None
+        for left, op, right, result in re.findall(r"(\d+) ([-+*/]) (\d+) = (-?\d+)", record["output"]):
+            left, right, result = int(left), int(right), int(result)
+            assert value is None or left == value
+            expected = {"+": left + right, "-": left - right, "*": left * right, "/": left // right}[op]
+            assert result == expected and result >= 0
+            if op == "/":
+                assert left % right == 0
+            value = result
+        assert str(value) == record["answer"]
+
+
+def test_word_form_and_default():
+    word = generate("form=word,n=5", seed=0)
+    assert all("How many" in r["instruction"] for r in word)
+    assert DEFAULT_TRAIN_DATA == "arithmetic"
+    assert str(parse_spec(DEFAULT_TRAIN_DATA)) == "ops=+-,digits=2,steps=1,form=mixed,n=2000"
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("arithmetic:digits=9", "digits=9 is out of range"),
+    ("arithmetic:steps=0", "steps=0 is out of range"),
+    ("arithmetic:ops=+^", "ops="),
+    ("arithmetic:form=poem", "form='poem' is unknown"),
+    ("arithmetic:n=0", "n=0 is out of range"),
+    ("arithmetic:colour=red", "options: ops, digits"),
+    ("arithmetic:digits=two", "not an integer"),
+    ("arithmetic:ops=+,digits=1,n=500", "distinct train problems"),
+])
+def test_generator_options_out_of_range(spec, expected):
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_records(spec)
+
+
+# ----------------------------------------------------------------------------- prompts and tokenisation
+RECORD = {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5", "answer": "5"}
+
+
+def test_alpaca_prompt():
+    assert format_prompt(RECORD) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nWhat is 2 + 3?\n\n### Response:\n")
+    assert "### Input:\nctx" in format_prompt({**RECORD, "input": "ctx"})
+
+
+@pytest.mark.parametrize("prompt_format", ["alpaca", "chat"])
+def test_train_example_is_prompt_response_eos(tiny_tokenizer, prompt_format):
+    tok = tiny_tokenizer
+    prompt_ids = tok(format_prompt(RECORD, prompt_format, tok))["input_ids"]
+    whole = build_train_dataset([RECORD], tok, prompt_format, train_on_inputs=True, cutoff_len=512)[0]
+    masked = build_train_dataset([RECORD], tok, prompt_format, train_on_inputs=False, cutoff_len=512)[0]
+    # the prompt's ids are exactly what lm-eval feeds at evaluation
+    assert whole["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert tok.decode(whole["input_ids"][len(prompt_ids):]) == RECORD["output"] + tok.eos_token
+    assert whole["labels"] == whole["input_ids"]
+    assert masked["labels"][: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert masked["labels"][len(prompt_ids):] == whole["input_ids"][len(prompt_ids):]
+    if prompt_format == "chat":
+        assert tok.decode(prompt_ids).startswith("<|im_start|>user\nWhat is 2 + 3?")
+
+
+def test_cutoff_and_collate(tiny_tokenizer):
+    examples = build_train_dataset([RECORD, {**RECORD, "output": "5"}], tiny_tokenizer, cutoff_len=20)
+    assert [len(e["input_ids"]) for e in examples] == [20, 20]
+    long, short = build_train_dataset([RECORD, {**RECORD, "instruction": "1+1?"}], tiny_tokenizer, cutoff_len=512)
+    batch = collate([long, short], pad_token_id=tiny_tokenizer.pad_token_id)
+    width = len(long["input_ids"])
+    assert batch["input_ids"].shape == (2, width)
+    pad = width - len(short["input_ids"])
+    assert batch["attention_mask"][1].tolist() == [1] * len(short["input_ids"]) + [0] * pad
+    assert batch["labels"][1, -pad:].tolist() == [IGNORE_INDEX] * pad
+    assert batch["input_ids"][1, -pad:].tolist() == [tiny_tokenizer.pad_token_id] * pad
