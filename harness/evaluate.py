@@ -105,6 +105,9 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
     names = expand_tasks(list(tasks or DEFAULT_TASKS), manager, data_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size)
     was_training = model.training
+    # lm-eval is told not to reseed, but it still draws from the global generators; restore them so
+    # an evaluation in the middle of training leaves the training's random stream as it was.
+    rng_state = _rng_state()
     try:
         output = simple_evaluate(
             model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples,
@@ -115,7 +118,28 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
         )
     finally:
         model.train(was_training)
+        _set_rng_state(rng_state)
     return _to_result(output)
+
+
+def _rng_state():
+    import random
+
+    import numpy as np
+    import torch
+
+    return random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+
+
+def _set_rng_state(state) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.random.set_rng_state(state[2])
 
 
 def mlflow_name(task: str, key: str) -> str | None:
