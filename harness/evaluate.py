@@ -52,6 +52,12 @@ class EvalResult:
         return {name: value for task_metrics in self.metrics.values() for name, value in task_metrics.items()}
 
 
+def default_batch_size(model) -> int | str:
+    """The batch size the harness picks: 16 on CPU (measured in benchmarks/bench_eval.py); lm-eval's "auto" on a GPU."""
+    device = next(model.parameters()).device
+    return "auto" if device.type == "cuda" else 16
+
+
 def task_manager(data_dir: Path | str | None = None, prompt_format: str = "alpaca"):
     """lm-eval's TaskManager over tasks/ only, passing the data directory and prompt format to the loaders."""
     from lm_eval.tasks import TaskManager
