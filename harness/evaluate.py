@@ -15,7 +15,7 @@ from pathlib import Path
 from harness.data.files import resolve_data_dir
 from harness.data.prompts import PROMPT_FORMATS
 from harness.data.records import TEST_SETS
-from harness.errors import UserError
+from harness.errors import UserError, cli_entry
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 PRIMARY_FILTER = "answer"  # the filter every generation task scores with; multiple choice has "none"
@@ -186,3 +186,36 @@ def _sample(sample: dict) -> Sample:
         response = filtered[0] if isinstance(filtered, list) and filtered else str(filtered)
     return Sample(doc_id=int(sample["doc_id"]), target=str(sample["target"]), response=str(response),
                   correct=int(round(float(sample[metric]))))
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.evaluate --model tiny-random --tasks arithmetic --limit 5``: print scores as JSON."""
+    import argparse
+    import json
+
+    from harness.models import DEFAULT_MODEL, load_model
+
+    parser = argparse.ArgumentParser(prog="python -m harness.evaluate", description="Score a model on tasks/.")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks or groups")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--batch-size", default=None, help="a number or auto (default: the harness's pick)")
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--prompt-format", default="alpaca", choices=PROMPT_FORMATS)
+    args = parser.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    model, tokenizer = load_model(args.model)
+    batch_size = args.batch_size or default_batch_size(model)
+    batch_size = int(batch_size) if str(batch_size).isdigit() else batch_size
+    result = evaluate(model, tokenizer, tasks, args.data_dir, args.limit, batch_size, args.num_beams,
+                      args.prompt_format, log_samples=False)
+    print(json.dumps({"scores": result.scores, "metrics": result.flat_metrics()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

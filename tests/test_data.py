@@ -201,3 +201,26 @@ def test_cutoff_and_collate(tiny_tokenizer):
     assert batch["attention_mask"][1].tolist() == [1] * len(short["input_ids"]) + [0] * pad
     assert batch["labels"][1, -pad:].tolist() == [IGNORE_INDEX] * pad
     assert batch["input_ids"][1, -pad:].tolist() == [tiny_tokenizer.pad_token_id] * pad
+
+
+# ----------------------------------------------------------------------------- command line
+@pytest.mark.parametrize("argv, expected", [
+    (["no_such_set"], "is not a named set"),
+    (["arithmetic:digits=0"], "digits=0 is out of range"),
+    (["math_10k", "--data-dir", "/nonexistent/data"], "ft-training_set/math_10k.json"),
+    (["arithmetic", "--limit", "0"], "limit=0"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, expected):
+    from harness.data.__main__ import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_preview(capsys):
+    from harness.data.__main__ import main
+
+    assert main(["arithmetic:n=5", "--show", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "5 records from arithmetic:n=5" and json.loads(out[1])["answer"]

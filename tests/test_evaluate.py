@@ -99,3 +99,11 @@ def test_tasks_run_under_lm_eval_command_line(tiny_model, data_dir, tmp_path):
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
     assert {"arithmetic_add_sub", "arithmetic_add_sub_word"} <= set(results)
     assert "exact_match,answer" in results["arithmetic_add_sub"]
+
+
+def test_cli_unknown_task_exits_2(capsys, data_dir):
+    from harness.evaluate import main
+
+    assert main(["--model", "tiny-random", "--tasks", "nope", "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown task nope") and err.count("\n") == 1
