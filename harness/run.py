@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -104,7 +104,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     # 1. Everything a user can get wrong, before any training.
     plans = plan_methods(cfg)
     data_dir = hdata.resolve_data_dir(cfg.data_dir)
-    hevaluate.check_tasks(cfg.tasks, data_dir)
+    eval_checksums = task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format)  # also rejects unknown tasks
     if tracker is None:
         check_tracking_uri(cfg.tracking_uri)
     records = hdata.load_records(cfg.train_data, data_dir, seed=cfg.seeds[0])
@@ -116,7 +116,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     collate = _collate_for(hdata, tokenizer)
-    checksums = {"train_data": records_checksum(records), **hevaluate.task_data_checksums(cfg.tasks, data_dir)}
+    checksums = {"train_data": records_checksum(records), **eval_checksums}
 
     run_name = cfg.run_name or default_run_name()
     run_dir = unique_run_dir(cfg.output_dir, run_name) if write_results else Path(tempfile.mkdtemp(prefix="run-"))
@@ -137,9 +137,10 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                 with tracker.run("base", parent=top, tags={"method": "base"}) as handle:
                     log("evaluating the base model ...")
                     evaluation = hevaluate.evaluate(model, tokenizer, **eval_kwargs)
-                    outcome.base = SystemResult(method="base", scores=evaluation.scores, correct=evaluation.correct)
+                    outcome.base = SystemResult(method="base", scores=_leaf_scores(evaluation),
+                                                correct=_correctness(evaluation))
                     _log_evaluation(handle, evaluation, run_dir / "samples" / "base.jsonl")
-                log("base: " + _score_line(evaluation.scores))
+                log("base: " + _score_line(outcome.base.scores))
 
             # 3. Every method and seed, each from a fresh copy of the base model.
             for seed in cfg.seeds:
@@ -214,7 +215,7 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
                            "final_train_loss": trained.final_loss})
             log(f"{name}: evaluating ...")
             evaluation = hevaluate.evaluate(peft_model, tokenizer, **eval_kwargs)
-            result.scores, result.correct = evaluation.scores, evaluation.correct
+            result.scores, result.correct = _leaf_scores(evaluation), _correctness(evaluation)
             _log_evaluation(h, evaluation, run_dir / "samples" / f"{name}.jsonl")
             adapter_dir = save_adapter(peft_model, run_dir / "adapters" / name)
             h.log_artifacts(adapter_dir, "adapter")
@@ -234,16 +235,64 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
     return result
 
 
+def task_data_checksums(tasks: Sequence[str], data_dir: Path, prompt_format: str) -> dict[str, str]:
+    """SHA-256 of each evaluated task's documents: its data file, or the generated test split.
+
+    Also checks the task names: an unknown task is a one-line UserError listing the known ones.
+    """
+    from harness import evaluate as hevaluate
+    from harness.data import TEST_SETS, generate
+
+    manager = hevaluate.task_manager(data_dir, prompt_format)
+    checksums: dict[str, str] = {}
+
+    def visit(name: str) -> None:
+        entry = manager.task_index.get(name)
+        if entry is None:
+            return
+        cfg = entry.cfg
+        if "group" in cfg:
+            for sub in cfg.get("task", []):
+                visit(sub if isinstance(sub, str) else sub.get("task", ""))
+            return
+        meta = cfg.get("metadata") or {}
+        if meta.get("generator"):
+            records = generate(meta["generator"], split="test", seed=int(meta.get("seed", 1234)))
+            checksums[name] = records_checksum(records)
+        elif meta.get("dataset") in TEST_SETS or meta.get("file"):
+            path = Path(meta.get("file") or TEST_SETS[meta["dataset"]])
+            path = path if path.is_absolute() else data_dir / path
+            if path.is_file():
+                checksums[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    for name in hevaluate.expand_tasks(list(tasks), manager, data_dir):
+        visit(name)
+    return checksums
+
+
+def _leaf_scores(evaluation) -> dict[str, float]:
+    """Primary scores of the evaluated tasks themselves; group aggregates stay in MLflow only, so the
+    average over tasks does not count a group's items twice."""
+    return {task: score for task, score in evaluation.scores.items() if task in evaluation.samples}
+
+
+def _correctness(evaluation) -> dict[str, dict[int, float]]:
+    """Per task, each test item's 0/1 verdict keyed by document id (for the paired bootstrap)."""
+    return {task: {s.doc_id: float(s.correct) for s in samples} for task, samples in evaluation.samples.items()}
+
+
 def _log_evaluation(handle, evaluation, samples_path: Path) -> None:
     """Task metrics, the average, and lm-eval's per-item samples as an artifact."""
-    metrics = dict(evaluation.metrics)
-    if evaluation.scores:
-        metrics["average_accuracy"] = sum(evaluation.scores.values()) / len(evaluation.scores)
+    metrics = evaluation.flat_metrics()
+    leaf = _leaf_scores(evaluation)
+    if leaf:
+        metrics["average_accuracy"] = sum(leaf.values()) / len(leaf)
     handle.log_metrics(metrics)
     samples_path.parent.mkdir(parents=True, exist_ok=True)
     with open(samples_path, "w") as f:
-        for row in evaluation.samples:
-            f.write(json.dumps(row, default=str) + "\n")
+        for task, samples in evaluation.samples.items():
+            for sample in samples:
+                f.write(json.dumps({"task": task, **asdict(sample)}, default=str) + "\n")
     handle.log_artifact(samples_path, "samples")
 
 

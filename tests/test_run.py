@@ -1,0 +1,157 @@
+"""The main job end to end on tiny-random: train, lm-eval, MLflow, results; and its failure modes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.config import config_from_args
+from harness.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--model", "tiny-random", "--max-steps", "3", "--limit", "4", "--batch-size", "4",
+         "--eval-batch-size", "8", "--tasks", "arithmetic_add_sub"]
+
+
+def smoke_args(tmp_path, *extra):
+    return [*SMOKE, "--output-dir", str(tmp_path / "results"), "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+
+
+def runs_of(tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        return mlflow.search_runs(search_all_experiments=True)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One whole run of three methods, as a user would start it, in a separate process."""
+    tmp_path = tmp_path_factory.mktemp("smoke")
+    done = subprocess.run([sys.executable, "-m", "harness.run", "--methods", "lora,moslora,linchain:n=2",
+                           "--run-name", "smoke", *smoke_args(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return tmp_path, done
+
+
+def test_smoke_run_completes_and_writes_results(smoke_run):
+    tmp_path, done = smoke_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "results" / "smoke"
+    for name in ["summary.md", "summary.csv", "loss_curves.png", "scores.png", "config.yaml"]:
+        assert (run_dir / name).is_file(), name
+    import pandas as pd
+
+    table = pd.read_csv(run_dir / "summary.csv")
+    assert list(table["method"]) == ["base", "lora", "moslora", "linchain-2"]
+    assert (table.loc[1:, "trainable_params"] > 0).all()
+    # config.yaml repeats the run exactly
+    again = config_from_args(["--config", str(run_dir / "config.yaml")])
+    assert again.methods == ["lora", "moslora", "linchain:n=2"] and again.max_steps == 3 and again.limit == 4
+
+
+def test_smoke_run_is_readable_from_mlflow(smoke_run):
+    tmp_path, done = smoke_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = runs_of(tmp_path)
+    parent = runs[runs["tags.mlflow.runName"] == "smoke"]
+    assert len(parent) == 1 and parent["status"].iloc[0] == "FINISHED"
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
+    assert sorted(children["tags.mlflow.runName"]) == ["base", "linchain-2-seed0", "lora-seed0", "moslora-seed0"]
+    assert (children["status"] == "FINISHED").all()
+    lora = children[children["tags.mlflow.runName"] == "lora-seed0"].iloc[0]
+    assert lora["metrics.trainable_params"] > 0 and lora["metrics.seconds_per_step"] > 0
+    assert 0 <= lora["metrics.average_accuracy"] <= 1
+    assert "params.versions.peft" in parent and parent["params.versions.peft"].iloc[0]
+    assert parent["params.data_checksum.train_data"].iloc[0]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(lora["run_id"], "train_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    artifacts = {a.path for a in client.list_artifacts(lora["run_id"])}
+    assert {"adapter", "samples"} <= artifacts
+
+
+def test_same_seed_reproduces_the_same_numbers(tmp_path):
+    from harness.run import run
+
+    outcomes = []
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+        cfg = config_from_args(smoke_args(tmp_path / str(i), "--methods", "moslora"))
+        outcomes.append(run(cfg, progress=False, log=lambda *a: None))
+    a, b = (o.results[0] for o in outcomes)
+    assert a.loss_curve == b.loss_curve and a.scores == b.scores and a.correct == b.correct
+
+
+def test_a_failing_method_does_not_lose_the_others(tmp_path):
+    from harness.run import run
+
+    cfg = config_from_args(smoke_args(tmp_path, "--methods", "lora,linchain:lr=1e30", "--max-grad-norm", "0"))
+    outcome = run(cfg, progress=False, log=lambda *a: None)
+    lora, broken = outcome.results
+    assert lora.ok and lora.scores
+    assert not broken.ok and "loss became" in broken.error
+    assert (outcome.run_dir / "summary.md").is_file()
+    runs = runs_of(tmp_path).set_index("tags.mlflow.runName")
+    assert runs.loc["linchain-3-seed0", "status"] == "FAILED" and runs.loc["lora-seed0", "status"] == "FINISHED"
+
+
+def test_ctrl_c_marks_runs_killed_and_leaves_no_results(tmp_path, monkeypatch):
+    import harness.train
+    from harness.run import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.train, "train", interrupted)
+    cfg = config_from_args(smoke_args(tmp_path, "--methods", "lora", "--run-name", "stopped"))
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "results" / "stopped").exists()
+    runs = runs_of(tmp_path).set_index("tags.mlflow.runName")
+    assert runs.loc["stopped", "status"] == "KILLED" and runs.loc["lora-seed0", "status"] == "KILLED"
+
+
+def test_an_existing_run_folder_is_never_overwritten(tmp_path):
+    from harness.run import run
+
+    (tmp_path / "results" / "taken").mkdir(parents=True)
+    (tmp_path / "results" / "taken" / "summary.md").write_text("an earlier run")
+    cfg = config_from_args(smoke_args(tmp_path, "--methods", "lora", "--run-name", "taken"))
+    outcome = run(cfg, progress=False, log=lambda *a: None)
+    assert outcome.run_dir.name == "taken-2"
+    assert (tmp_path / "results" / "taken" / "summary.md").read_text() == "an earlier run"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "lora,bogus"], "unknown adapter method 'bogus'"),
+    (["--methods", "linchain:n=0"], "chain length n must be an integer >= 1"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "127.0.0.1:9"),
+    (["--tasks", "no_such_task"], "no_such_task"),
+    (["--train-data", "no_such_set"], "no_such_set"),
+    (["--rank", "0"], "--rank"),
+    (["--targets", "nope_proj"], "target module 'nope_proj' not found"),
+])
+def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, args, message):
+    done = subprocess.run([sys.executable, "-m", "harness.run", *smoke_args(tmp_path), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_unknown_yaml_option_is_rejected(tmp_path):
+    (tmp_path / "run.yaml").write_text("max_stepz: 3\n")
+    with pytest.raises(UserError, match="max_stepz"):
+        config_from_args(["--config", str(tmp_path / "run.yaml")])
