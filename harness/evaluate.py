@@ -120,7 +120,7 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
             gen_kwargs={"num_beams": num_beams, "do_sample": False} if num_beams > 1 else None,
             apply_chat_template=prompt_format == "chat",
             random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
-            bootstrap_iters=0, verbosity="WARNING",
+            bootstrap_iters=0, verbosity="ERROR",
         )
     finally:
         model.train(was_training)
