@@ -1,0 +1,392 @@
+"""results/ablations/<study>/: trials.csv, summary.md and the study's plots, read back from the storage.
+
+The report is a snapshot of the storage, so it can be written at any time (``--report-only``),
+by any machine, while workers are still running; each file is written atomically.
+
+- ``trials.csv``: one row per Optuna trial (every state), with its configuration, seed(s),
+  score(s), trainable parameters, timings and, for failed trials, the reason;
+- ``summary.md``: the study's question and setup, then per configuration the mean and std over
+  seeds (grids), the best learning rate per method (tuning), or the Pareto front;
+- ``score_vs_<axis>.png``: the score against the study's axis (chain length, rank: lines; init,
+  structure: bars) with error bars over seeds, reference methods as dashed lines;
+- ``param_importances.png``: Optuna's fANOVA importances of the trial parameters;
+- ``pareto_front.png`` (pareto studies): average accuracy against trainable parameters, the front marked;
+- ``lr_search.png`` (tuning studies): the score of every trial against its learning rate, per method.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.report import atomic_path, write_text_atomic
+
+
+def report_dir(plan) -> Path:
+    return Path(plan.config["output_dir"]) / "ablations" / plan.name
+
+
+def trials_frame(plan, storage) -> pd.DataFrame:
+    """Every trial of every Optuna study of the plan, one row each."""
+    import optuna
+
+    rows = []
+    for name in plan.optuna_names():
+        study = optuna.load_study(study_name=name, storage=storage)
+        for t in study.get_trials(deepcopy=False):
+            values = t.values or []
+            row: dict[str, Any] = {
+                "study": name, "trial": t.number, "state": t.state.name, "spec": t.user_attrs.get("spec"),
+                "grid_index": t.user_attrs.get("grid_index"),
+                "seed": t.user_attrs.get("seed", ",".join(map(str, plan.seeds))),
+                "average_accuracy": values[0] if values else math.nan,
+                "trainable_params": t.user_attrs.get("trainable_params"),
+                "lr": t.params.get("lr", plan.config["lr"]),
+            }
+            row.update({f"param_{k}": v for k, v in t.params.items() if k not in ("lr", "seed")})
+            row.update({f"score_{task}": v for task, v in (t.user_attrs.get("scores") or {}).items()})
+            row.update({
+                "trial_seconds": t.user_attrs.get("trial_seconds"), "run_seconds": t.user_attrs.get("run_seconds"),
+                "train_seconds": t.user_attrs.get("train_seconds"),
+                "fail_reason": t.user_attrs.get("fail_reason", ""), "retry_of": t.user_attrs.get("retry_of"),
+                "started": t.datetime_start, "finished": t.datetime_complete,
+            })
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def point_table(plan, trials: pd.DataFrame) -> pd.DataFrame:
+    """Grid and pareto studies: per configuration, the score's mean and std over the seeds that finished."""
+    from ablations.studyfile import spec_of
+
+    rows = []
+    for k, point in enumerate(plan.points):
+        spec = spec_of(point)
+        mine = trials[trials["spec"] == spec] if len(trials) else trials
+        done = mine[mine["state"] == "COMPLETE"] if len(mine) else mine
+        scores = list(done["average_accuracy"]) if len(done) else []
+        params = [p for p in (done["trainable_params"] if len(done) else []) if p == p and p is not None]
+        rows.append({"spec": spec, **{f"axis_{a}": v for a, v in point.items()}, "seeds_done": len(scores),
+                     "seeds_failed": int(((mine["state"] == "FAIL") & ~_retried(mine)).sum()) if len(mine) else 0,
+                     "mean": _mean(scores), "std": _std(scores),
+                     "trainable_params": int(params[0]) if params else None, "point": k})
+    return pd.DataFrame(rows)
+
+
+def _retried(trials: pd.DataFrame) -> pd.Series:
+    """FAILED trials whose configuration was queued again (killed workers): not failures of the configuration."""
+    retried = set(trials["retry_of"].dropna().astype(int))
+    return trials["trial"].isin(retried)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def _std(values) -> float:
+    values = list(values)
+    if len(values) < 2:
+        return math.nan
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def write_report(plan, storage) -> Path:
+    """Write every file of the study's folder; log them to the study's MLflow run; return the folder."""
+    folder = report_dir(plan)
+    folder.mkdir(parents=True, exist_ok=True)
+    trials = trials_frame(plan, storage)
+    with atomic_path(folder / "trials.csv") as tmp:
+        trials.to_csv(tmp, index=False)
+    written = [folder / "trials.csv"]
+    points = point_table(plan, trials) if plan.kind != "tpe" else None
+    plots = []
+    for draw in (_plot_axis, _plot_pareto, _plot_lr, _plot_importances):
+        try:
+            path = draw(plan, storage, trials, points, folder)
+        except Exception as err:  # noqa: BLE001 (a plot that cannot be drawn must not lose the tables)
+            path = None
+            print(f"warning: {draw.__name__[1:]} not drawn: {type(err).__name__}: {err}")
+        if path is not None:
+            plots.append(path)
+    write_text_atomic(folder / "summary.md", summary_markdown(plan, trials, points, plots))
+    written += [folder / "summary.md", *plots]
+    finish_parent_run(plan, storage, artifacts=written)
+    return folder
+
+
+def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, plots: list[Path]) -> str:
+    cfg = plan.config
+    states = trials["state"].value_counts().to_dict() if len(trials) else {}
+    lines = [f"# Study: {plan.name}", "", plan.description or "", "",
+             f"- **kind**: {plan.kind}" + (f" ({plan.n_trials} trials per method, lr in "
+                                           f"[{plan.lr['low']:g}, {plan.lr['high']:g}])" if plan.kind == "tpe" else ""),
+             f"- **model**: {cfg['model']}; **training data**: {cfg['train_data']}; **tasks**: "
+             f"{', '.join(cfg['tasks'])}" + (f" (at most {cfg['limit']} items each)" if cfg.get("limit") else ""),
+             f"- **training**: {cfg['max_steps'] or str(cfg['epochs']) + ' epoch(s)'} steps, batch {cfg['batch_size']}, "
+             f"lr {cfg['lr']:g}, rank {cfg['rank']}, alpha {cfg['alpha']:g}",
+             f"- **seeds**: {', '.join(map(str, plan.seeds))}",
+             f"- **trials**: " + (", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none"), ""]
+    if points is not None:
+        lines += ["Average accuracy (%) over the tasks, mean ± std over seeds.", "",
+                  "| configuration | seeds | failed | trainable params | average accuracy |",
+                  "|---|---:|---:|---:|---:|"]
+        for _, row in points.iterrows():
+            lines.append(f"| `{row['spec']}` | {row['seeds_done']} | {row['seeds_failed']} | "
+                         f"{_fmt_int(row['trainable_params'])} | {_pct(row['mean'], row['std'])} |")
+        if plan.kind == "pareto":
+            front = pareto_front(points)
+            lines += ["", "Pareto front (no other configuration is both more accurate and smaller): "
+                      + (", ".join(f"`{s}`" for s in front["spec"]) if len(front) else "none yet")]
+    else:
+        lines += ["Best learning rate per method (completed trials; pruned trials stopped early).", "",
+                  "| method | trials done | pruned | failed | best lr | best average accuracy |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name in plan.optuna_names():
+            mine = trials[trials["study"] == name] if len(trials) else trials
+            done = mine[mine["state"] == "COMPLETE"] if len(mine) else mine
+            best = done.loc[done["average_accuracy"].idxmax()] if len(done) else None
+            lines.append(f"| `{name.split('/', 1)[1]}` | {len(done)} | {int((mine['state'] == 'PRUNED').sum()) if len(mine) else 0} | "
+                         f"{int((mine['state'] == 'FAIL').sum()) if len(mine) else 0} | "
+                         f"{best['lr']:.3g} | {_pct(best['average_accuracy'])} |" if best is not None else
+                         f"| `{name.split('/', 1)[1]}` | 0 | – | – | – | – |")
+    failed = trials[trials["state"] == "FAIL"] if len(trials) else trials
+    if len(failed):
+        lines += ["", "Failed trials:", ""] + [f"- trial {r['trial']} (`{r['spec']}`, seed {r['seed']}): {r['fail_reason']}"
+                                              for _, r in failed.iterrows()]
+    lines += ["", "Files: trials.csv (every trial)" + "".join(f", {p.name}" for p in plots) + ". "
+              "Each trial is a nested MLflow run under the study's run `study-" + plan.name + "`.", ""]
+    return "\n".join(lines)
+
+
+def _pct(value: float, std: float | None = None) -> str:
+    if value is None or value != value:
+        return "–"
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None and std == std else "")
+
+
+def _fmt_int(value) -> str:
+    return "–" if value is None or value != value else f"{int(value):,}"
+
+
+def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
+    """Configurations no other beats on both objectives (higher accuracy, fewer parameters)."""
+    done = points.dropna(subset=["mean", "trainable_params"])
+    keep = []
+    for i, a in done.iterrows():
+        dominated = any((b["mean"] >= a["mean"] and b["trainable_params"] <= a["trainable_params"]
+                         and (b["mean"] > a["mean"] or b["trainable_params"] < a["trainable_params"]))
+                        for j, b in done.iterrows() if j != i)
+        if not dominated:
+            keep.append(i)
+    return done.loc[keep].sort_values("trainable_params")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_axis(plan) -> str:
+    """The axis on the x axis: the study file's plot.x, else the first option that varies (else the method)."""
+    if plan.plot_x:
+        return plan.plot_x
+    for key in dict.fromkeys(k for p in plan.points for k in p):
+        if key != "method" and len({str(p.get(key)) for p in plan.points if key in p}) > 1:
+            return key
+    return "method"
+
+
+def _plot_axis(plan, storage, trials, points, folder: Path) -> Path | None:
+    """Score against the study's axis, one series per configuration of the other options, error bars = std over seeds."""
+    if points is None or plan.kind == "pareto":
+        return None
+    from ablations.studyfile import spec_of
+
+    plt = _pyplot()
+    x_key = plot_axis(plan)
+    series: dict[str, list[tuple[Any, float, float]]] = {}
+    references = []
+    for _, row in points.iterrows():
+        point = plan.points[row["point"]]
+        if x_key not in point:
+            references.append((row["spec"], row["mean"], row["std"]))
+            continue
+        rest = {k: v for k, v in point.items() if k != x_key}
+        series.setdefault(spec_of(rest) if rest else "", []).append((point[x_key], row["mean"], row["std"]))
+    numeric = all(isinstance(x, (int, float)) for pts in series.values() for x, _, _ in pts)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = plt.get_cmap("tab10")
+    if numeric:
+        for i, (label, pts) in enumerate(series.items()):
+            pts.sort(key=lambda p: p[0])
+            ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * _nz(p[2]) for p in pts],
+                        marker="o", capsize=3, color=colours(i % 10), label=label or x_key)
+        xs = sorted({p[0] for pts in series.values() for p in pts})
+        ax.set_xticks(xs)
+        if x_key == "r" and len(xs) > 2:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+    else:
+        cats = list(dict.fromkeys(x for pts in series.values() for x, _, _ in pts))
+        width = 0.8 / max(len(series), 1)
+        for i, (label, pts) in enumerate(series.items()):
+            at = {x: (m, s) for x, m, s in pts}
+            xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(cats)) if cats[c] in at]
+            ys = [100 * at[c][0] for c in cats if c in at]
+            errs = [100 * _nz(at[c][1]) for c in cats if c in at]
+            ax.bar(xs, [0 if y != y else y for y in ys], width, yerr=errs, capsize=3, color=colours(i % 10),
+                   label=label or x_key)
+        ax.set_xticks(range(len(cats)), [str(c) for c in cats])
+    for j, (label, mean, std) in enumerate(references):
+        if mean == mean:
+            colour = colours((len(series) + j) % 10)
+            ax.axhline(100 * mean, linestyle="--", color=colour, label=f"{label} (reference)")
+            if std == std:
+                ax.axhspan(100 * (mean - std), 100 * (mean + std), color=colour, alpha=0.1)
+    ax.set_xlabel({"n": "chain length n", "r": "rank r", "init": "initialisation of the middle matrices",
+                   "structure": "MTLoRA structure"}.get(x_key, x_key))
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(f"{plan.name}: mean ± std over {len(plan.seeds)} seed(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / f"score_vs_{x_key}.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def _nz(value: float) -> float:
+    return 0.0 if value is None or value != value else value
+
+
+def _plot_pareto(plan, storage, trials, points, folder: Path) -> Path | None:
+    if plan.kind != "pareto":
+        return None
+    plt = _pyplot()
+    done = points.dropna(subset=["mean", "trainable_params"])
+    if not len(done):
+        return None
+    front = pareto_front(points)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.errorbar(done["trainable_params"], 100 * done["mean"], yerr=100 * done["std"].fillna(0), fmt="o",
+                color="0.6", capsize=3, label="configuration (mean ± std over seeds)")
+    ax.plot(front["trainable_params"], 100 * front["mean"], "-o", color="C3", label="Pareto front")
+    for _, row in done.iterrows():
+        ax.annotate(row["spec"], (row["trainable_params"], 100 * row["mean"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(f"{plan.name}: accuracy against trainable parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / "pareto_front.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def _plot_lr(plan, storage, trials, points, folder: Path) -> Path | None:
+    if plan.kind != "tpe" or not len(trials):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, name in enumerate(plan.optuna_names()):
+        mine = trials[(trials["study"] == name) & trials["state"].isin(["COMPLETE", "PRUNED"])]
+        done = mine[mine["state"] == "COMPLETE"]
+        ax.scatter(done["lr"], 100 * done["average_accuracy"], color=f"C{i % 10}", label=name.split("/", 1)[1])
+        pruned = mine[mine["state"] == "PRUNED"]
+        ax.scatter(pruned["lr"], [0] * len(pruned), color=f"C{i % 10}", marker="x")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (x: pruned)")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(f"{plan.name}: TPE search per method")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / "lr_search.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def _plot_importances(plan, storage, trials, points, folder: Path) -> Path | None:
+    """fANOVA importances over the parameters every completed trial has (Optuna's own evaluator, no plotly)."""
+    import optuna
+
+    importances: dict[str, dict[str, float]] = {}
+    for name in plan.optuna_names():
+        study = optuna.load_study(study_name=name, storage=storage)
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        if len(complete) < 2:
+            continue
+        target = (lambda t: t.values[0]) if plan.kind == "pareto" else None
+        try:
+            found = optuna.importance.get_param_importances(study, target=target)
+        except (RuntimeError, ValueError):
+            continue  # e.g. no parameter varies among the completed trials
+        if found:
+            importances[name] = found
+    if not importances:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.35 * sum(len(v) for v in importances.values())))
+    labels, values = [], []
+    for name, found in importances.items():
+        for param, value in found.items():
+            labels.append(param if len(importances) == 1 else f"{name.split('/', 1)[-1]}: {param}")
+            values.append(value)
+    ax.barh(range(len(values)), values, color="C0")
+    ax.set_yticks(range(len(values)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("importance for the average accuracy (fANOVA)")
+    ax.set_title(f"{plan.name}: parameter importances")
+    fig.tight_layout()
+    path = folder / "param_importances.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The study's MLflow run
+
+
+def finish_parent_run(plan, storage, artifacts=(), interrupted: bool = False) -> None:
+    """Log the report to the study's MLflow run; end it KILLED (interrupted), FINISHED (nothing left) or leave it RUNNING."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from harness.tracking import Tracker
+
+    if not plan.mlflow_parent_run_id:
+        return
+    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    client = tracker.client
+    for path in artifacts:
+        client.log_artifact(plan.mlflow_parent_run_id, str(path), "results")
+    pending = sum(len(optuna.load_study(study_name=n, storage=storage).get_trials(
+        deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))) for n in plan.optuna_names())
+    if interrupted:
+        client.set_terminated(plan.mlflow_parent_run_id, status="KILLED")
+    elif pending == 0:
+        client.set_terminated(plan.mlflow_parent_run_id, status="FINISHED")

@@ -1,0 +1,132 @@
+"""The Optuna storage a study lives in: an SQLite file, a journal file, or PostgreSQL (any SQLAlchemy URL).
+
+``--storage`` takes:
+
+- ``sqlite:///optuna.db`` (the default, in the working directory; a file of its own: Optuna and
+  MLflow cannot share one SQLite file, both keep an alembic version table);
+- ``journal:PATH`` (Optuna's JournalStorage in an append-only file, e.g. on a shared file system);
+- ``postgresql+psycopg2://user:password@host:port/db`` (with SQLAlchemy 2.1 a bare
+  ``postgresql://`` expects psycopg 3, which is not installed), or any other SQLAlchemy URL.
+
+Creating the schema from several processes at once fails, so :func:`open_storage` with
+``create=True`` is called once (by ``python -m ablations.study``) before workers start;
+workers open with ``create=False`` and never create anything.
+
+SQLite: every transaction takes the write lock when it begins (``BEGIN IMMEDIATE``). Optuna
+claims a queued trial by reading it and then marking it RUNNING; SQLite's default deferred
+transactions let two processes read the same WAITING trial before either writes, and both
+would run it. With the lock taken at BEGIN, the read and the write are one atomic step.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from pathlib import Path
+
+from harness.errors import UserError
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+SQLITE_TIMEOUT_S = 60  # how long a process waits for SQLite's write lock
+CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable server fails fast
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for messages and MLflow params)."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///file`` URL, else None."""
+    if not url.startswith("sqlite:"):
+        return None
+    path = urllib.parse.urlparse(url).path
+    path = path[1:] if path.startswith("/") else path
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def resolve_storage_url(url: str | None) -> str:
+    """Absolute paths for file storages, so that workers started elsewhere find the same file."""
+    url = (url or DEFAULT_STORAGE).strip()
+    db = sqlite_path(url)
+    if db is not None:
+        return "sqlite:///" + str(db.resolve())
+    if url.startswith("journal:"):
+        return "journal:" + str(Path(url[len("journal:"):].removeprefix("//")).resolve())
+    if url.startswith("postgresql://"):
+        raise UserError(f"storage {redact(url)!r}: write postgresql+psycopg2://... (a bare postgresql:// "
+                        "needs psycopg 3, which is not installed)")
+    if "://" not in url:
+        raise UserError(f"storage {url!r}: use sqlite:///FILE, journal:FILE or postgresql+psycopg2://USER@HOST/DB")
+    return url
+
+
+def open_storage(url: str, *, create: bool):
+    """Open the storage (creating an SQLite/journal file and the schema only if ``create``), or raise a one-line UserError."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:"):])
+        if not create and not path.is_file():
+            raise UserError(f"storage {url!r} does not exist: create the study first with "
+                            "python -m ablations.study NAME --storage URL --create-only")
+        if not path.parent.is_dir():
+            raise UserError(f"storage {url!r}: folder {str(path.parent)!r} does not exist")
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+    db = sqlite_path(url)
+    engine_kwargs: dict = {}
+    if db is not None:
+        if not create and not db.is_file():
+            raise UserError(f"storage {url!r} does not exist: create the study first with "
+                            "python -m ablations.study NAME --storage URL --create-only")
+        if not db.parent.is_dir():
+            raise UserError(f"storage {url!r}: folder {str(db.parent)!r} does not exist")
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+    elif url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+    except Exception as err:  # SQLAlchemy and the drivers raise many types; the user needs one line
+        raise UserError(f"storage {redact(url)!r} is unreachable: {_first_line(err)}") from err
+    if db is not None:
+        _lock_on_begin(storage.engine)
+    return storage
+
+
+def _lock_on_begin(engine) -> None:
+    """Make every SQLite transaction BEGIN IMMEDIATE (see the module docstring), per SQLAlchemy's recipe."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # the driver leaves BEGIN to us
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners existed are dropped
+
+
+def _first_line(err: BaseException) -> str:
+    cause = getattr(err, "orig", None) or err.__cause__ or err
+    text = str(cause).strip().splitlines()
+    return (text[0] if text else type(cause).__name__)[:200]
+
+
+def load_existing_study(name: str, storage, url: str):
+    """The Optuna study ``name`` in ``storage``, or a one-line UserError saying how to create it."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise UserError(f"no study {name!r} in storage {redact(url)!r}; create it first with "
+                        f"python -m ablations.study {name.split('/')[0]} --storage {redact(url)} --create-only") from None
+    except Exception as err:  # e.g. tables missing in a fresh database
+        raise UserError(f"cannot read study {name!r} from storage {redact(url)!r}: {_first_line(err)}; "
+                        "create it first with python -m ablations.study NAME --storage URL --create-only") from err

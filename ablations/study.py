@@ -1,0 +1,269 @@
+"""``python -m ablations.study NAME``: create (or resume) a study, run its trials here, write its report.
+
+The story:
+
+1. read the study file (a built-in name such as ``chain_length`` or a YAML path) and resolve the
+   trials' harness.run configuration: defaults < the file's ``run:`` < ``--config`` < command line;
+2. open the storage (``--storage``, default ``sqlite:///optuna.db``) and the MLflow store, creating
+   their schemas here, once; create the Optuna study with its plan and the whole queue of trials
+   (every grid point and seed, or the tuning budget) and the MLflow parent run. If the study exists,
+   check it was created with the same settings and continue it: trials of dead workers are marked
+   FAILED and queued again, finished trials are never run twice;
+3. run queued trials in this process until none is left (``python -m ablations.worker NAME
+   --storage URL`` adds workers on this or other machines);
+4. write results/ablations/<study>/ (trials.csv, summary.md, plots) and log it to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ablations.storage import DEFAULT_STORAGE, load_existing_study, open_storage, redact, resolve_storage_url
+from ablations.studyfile import StudyFile, builtin_studies, load_study_file
+from ablations.trials import DEFAULT_STALE_AFTER_S, StudyPlan, fail_stale_trials, work
+from harness.errors import UserError, cli_entry
+
+PLAN_ATTR = "plan"
+# Settings that may differ when a study is resumed: where reports go, and the tuning budget (it may grow).
+RESUMABLE_CHANGES = ("n_trials", "mlflow_parent_run_id", "description", "plot_x")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """harness.run's own options (to fix any of them for every trial) plus the study's."""
+    from harness.config import build_parser as run_parser
+
+    parser = run_parser()
+    parser.prog = "python -m ablations.study"
+    parser.description = ("Run an ablation or tuning study: every trial is one harness.run configuration "
+                          "(train, lm-eval, MLflow). harness.run's options below override the study file's "
+                          "'run:' settings for every trial.")
+    parser.epilog = (f"Built-in studies: {', '.join(builtin_studies())}. Smoke test: python -m ablations.study "
+                     "chain_length --model tiny-random --max-steps 3 --limit 5 --seeds 0. More workers: "
+                     "python -m ablations.worker NAME --storage URL. Dashboard: optuna-dashboard sqlite:///optuna.db")
+    parser.add_argument("study", metavar="NAME", help="a built-in study name or the path of a study YAML file")
+    group = parser.add_argument_group("study options")
+    group.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL",
+                       help="Optuna storage: sqlite:///FILE, journal:FILE or postgresql+psycopg2://USER:PW@HOST/DB "
+                            f"(default: {DEFAULT_STORAGE})")
+    group.add_argument("--create-only", action="store_true", default=False,
+                       help="create (or check) the study and its queue, then exit: start workers afterwards")
+    group.add_argument("--report-only", action="store_true", default=False,
+                       help="write results/ablations/NAME/ from the storage without running trials")
+    group.add_argument("--retry-failed", action="store_true", default=False,
+                       help="queue again the grid points whose trials failed (NaN, crash); killed trials are "
+                            "always queued again")
+    group.add_argument("--n-trials", type=int, default=None, metavar="N",
+                       help="tuning studies: trials per method (overrides the file's n_trials; may grow on resume)")
+    group.add_argument("--max-trials", type=int, default=None, metavar="N",
+                       help="run at most N trials in this process, then report (default: until the queue is empty)")
+    group.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="SECONDS",
+                       help="a RUNNING trial without a heartbeat for this long belongs to a dead worker: it is "
+                            f"marked FAILED and queued again (default: {DEFAULT_STALE_AFTER_S:g})")
+    return parser
+
+
+def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | None, n_trials: int | None) -> StudyPlan:
+    """The study file's options, then --config, then the command line, resolved into a StudyPlan."""
+    from harness.config import config_from_dict, config_to_dict, load_config_yaml
+
+    values: dict[str, Any] = dict(study.run)
+    if config_file:  # a run's config.yaml works too: its methods and run name are the study's to set
+        values.update({k: v for k, v in load_config_yaml(config_file).items() if k not in ("methods", "run_name")})
+    for key in ("methods", "run_name"):
+        if key in typed:
+            raise UserError(f"--{key.replace('_', '-')}: a study sets it per trial; edit the study's 'space:' instead")
+    seeds = values.pop("seeds", None)
+    values.update(typed)
+    seeds = values.pop("seeds", seeds) or study.seeds
+    cfg = config_from_dict({**values, "seeds": seeds}, source=f"study {study.name!r}")
+    config = config_to_dict(cfg)
+    config.pop("methods"), config.pop("run_name"), config.pop("seeds")
+    config["tracking_uri"] = _absolute_tracking_uri(config["tracking_uri"])
+    config["output_dir"] = str(Path(config["output_dir"]).resolve())
+    if config["data_dir"]:
+        config["data_dir"] = str(Path(config["data_dir"]).resolve())
+    if Path(config["train_data"]).suffix in (".json", ".jsonl") and Path(config["train_data"]).is_file():
+        config["train_data"] = str(Path(config["train_data"]).resolve())
+    plan = StudyPlan(name=study.name, kind=study.kind, config=config, seeds=list(cfg.seeds), points=study.points,
+                     description=study.description, n_trials=n_trials or study.n_trials, lr=study.lr,
+                     pruner=study.pruner, intermediate_every=study.intermediate_every, plot_x=study.plot_x)
+    from harness.adapters.spec import parse_spec
+
+    for spec in plan.specs():  # the study's common options (rank, targets ...) with each point's own
+        parse_spec(spec, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
+    return plan
+
+
+def _absolute_tracking_uri(uri: str | None) -> str:
+    """MLflow's SQLite file as an absolute path, so every worker writes to the same store."""
+    from harness.tracking import _sqlite_path, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(uri)
+    db = _sqlite_path(uri)
+    return "sqlite:///" + str(db.resolve()) if db is not None else uri
+
+
+def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool = False,
+                     stale_after: float = DEFAULT_STALE_AFTER_S, log=print) -> StudyPlan:
+    """Create the study (schema, Optuna studies, queue, MLflow parent run) or check and continue an existing one."""
+    import optuna
+
+    from harness.tracking import Tracker, check_tracking_uri, run_params
+
+    check_tracking_uri(plan.config["tracking_uri"])
+    existing = set(optuna.get_all_study_names(storage))
+    names = plan.optuna_names()
+    stored = next((_stored_plan(optuna.load_study(study_name=n, storage=storage)) for n in names if n in existing), None)
+    tracker = Tracker(plan.config["tracking_uri"], plan.config["experiment"])
+    if stored is not None:
+        _check_same(stored, plan, url)
+        plan.mlflow_parent_run_id = stored.mlflow_parent_run_id
+        tracker.client.update_run(plan.mlflow_parent_run_id, status="RUNNING")
+        log(f"study {plan.name!r}: continuing in {redact(url)}")
+    else:
+        with_tags = {"kind": "study", "study": plan.name, "study_kind": plan.kind, "storage": redact(url)}
+        created = tracker.client.create_run(tracker.experiment_id, run_name=f"study-{plan.name}",
+                                            tags={"mlflow.runName": f"study-{plan.name}", **with_tags})
+        plan.mlflow_parent_run_id = created.info.run_id
+        from harness.tracking import RunHandle
+
+        RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name).log_params(
+            {**run_params(plan.config), "points": len(plan.points), "seeds": plan.seeds,
+             "n_trials": plan.n_trials, "description": plan.description})
+        log(f"study {plan.name!r}: created in {redact(url)}")
+    for name in names:
+        if name in existing:
+            study = optuna.load_study(study_name=name, storage=storage)
+            study.set_user_attr(PLAN_ATTR, plan.to_attr())  # a grown tuning budget, the same everything else
+            fail_stale_trials(study, storage, plan, stale_after, log)
+            queued = top_up(study, plan, retry_failed)
+        else:
+            study = optuna.create_study(study_name=name, storage=storage, directions=plan.directions())
+            study.set_user_attr(PLAN_ATTR, plan.to_attr())
+            for params, attrs in plan.queue(name):
+                study.enqueue_trial(params, user_attrs=attrs)
+            queued = len(plan.queue(name))
+        log(f"[{name}] {queued} trial(s) queued, {_count(study)}")
+    return plan
+
+
+def top_up(study, plan: StudyPlan, retry_failed: bool) -> int:
+    """Queue what a resumed study still lacks: grid points with no live or finished trial, or the rest of the budget."""
+    from optuna.trial import TrialState
+
+    alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+    trials = study.get_trials(deepcopy=False)
+    if plan.kind == "tpe":
+        used = sum(t.state in alive or (t.state == TrialState.FAIL and not t.user_attrs.get("killed")
+                                        and not retry_failed) for t in trials)
+        missing = max(0, (plan.n_trials or 0) - used)
+        for _ in range(missing):
+            study.enqueue_trial({}, user_attrs={"spec": study.study_name.split("/", 1)[1]})
+        return missing
+    by_index = defaultdict(list)
+    for t in trials:
+        by_index[t.user_attrs.get("grid_index")].append(t)
+    queue = dict(enumerate(plan.queue(study.study_name)))
+    missing = 0
+    for k, (params, attrs) in queue.items():
+        runs = by_index.get(k, [])
+        if any(t.state in alive for t in runs):
+            continue
+        if not runs or retry_failed or all(t.user_attrs.get("killed") for t in runs):
+            study.enqueue_trial(params, user_attrs={**attrs, **({"retry_of": runs[-1].number} if runs else {})})
+            missing += 1
+    return missing
+
+
+def _count(study) -> str:
+    from collections import Counter
+
+    counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
+
+
+def _stored_plan(study) -> StudyPlan | None:
+    value = study.user_attrs.get(PLAN_ATTR)
+    return StudyPlan.from_attr(value) if value else None
+
+
+def _check_same(stored: StudyPlan, plan: StudyPlan, url: str) -> None:
+    """A resumed study must run what it was created with; otherwise its trials would not be comparable."""
+    old, new = stored.to_attr(), plan.to_attr()
+    for key in RESUMABLE_CHANGES:
+        old.pop(key, None), new.pop(key, None)
+    old["config"].pop("output_dir", None), new["config"].pop("output_dir", None)
+    diffs = [k for k in new if old.get(k) != new[k] and k != "config"]
+    diffs += [f"--{k.replace('_', '-')} ({old['config'].get(k)!r} -> {v!r})"
+              for k, v in new["config"].items() if old["config"].get(k) != v]
+    if diffs:
+        raise UserError(f"study {plan.name!r} already exists in {redact(url)} with other settings: {', '.join(diffs)}; "
+                        "give the same options to continue it, or pass another --storage")
+
+
+def load_plan(name: str, storage, url: str) -> StudyPlan:
+    """The plan of an existing study (for workers and --report-only), or a one-line UserError."""
+    import optuna
+
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"cannot read storage {redact(url)!r}: {str(err).splitlines()[0][:200]}") from err
+    match = next((n for n in names if n == name or n.startswith(name + "/")), None)
+    study = load_existing_study(match or name, storage, url)
+    plan = _stored_plan(study)
+    if plan is None:
+        raise UserError(f"study {name!r} in {redact(url)} was not created by python -m ablations.study")
+    return plan
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    from harness.config import RunConfig  # noqa: F401 (fails early if the harness is broken)
+
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                       ("MLFLOW_DISABLE_TELEMETRY", "true")):
+        os.environ.setdefault(key, value)
+    args = vars(build_parser().parse_args(argv))
+    name = args.pop("study")
+    options = {k: args.pop(k) for k in ("storage", "create_only", "report_only", "retry_failed", "n_trials",
+                                        "max_trials", "stale_after")}
+    config_file = args.pop("config", None)
+    url = resolve_storage_url(options["storage"])
+    if options["report_only"]:
+        from ablations.report import write_report
+
+        storage = open_storage(url, create=False)
+        plan = load_plan(Path(name).stem if name.endswith((".yaml", ".yml")) else name, storage, url)
+        print(f"report written to {write_report(plan, storage)}")
+        return 0
+    study_file = load_study_file(name)
+    plan = resolve_plan(study_file, args, config_file, options["n_trials"])
+    storage = open_storage(url, create=True)
+    plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"],
+                            stale_after=options["stale_after"])
+    if options["create_only"]:
+        print(f"study {plan.name!r} ready; start workers with: python -m ablations.worker {plan.name} "
+              f"--storage {redact(url)}")
+        return 0
+    from ablations.report import finish_parent_run, write_report
+
+    try:
+        work(plan, storage, max_trials=options["max_trials"], stale_after=options["stale_after"])
+    except KeyboardInterrupt:
+        finish_parent_run(plan, storage, interrupted=True)
+        print("\ninterrupted: the running trial is FAILED and queued again; run the same command to continue",
+              file=sys.stderr)
+        return 130
+    folder = write_report(plan, storage)
+    print(f"report written to {folder}; dashboard: optuna-dashboard {redact(url).removeprefix('journal:')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

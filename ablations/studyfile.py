@@ -1,0 +1,248 @@
+"""Study files: what a study compares, read from a small YAML file and checked key by key.
+
+A study file (``ablations/studies/<name>.yaml``; copy one and edit it)::
+
+    name: chain_length                  # the Optuna study name (default: the file name)
+    description: LinChain n in 1..5 at fixed rank; LoRA as the reference point
+    kind: grid                          # grid | tpe | pareto
+    run:                                # any harness.run option, fixed for every trial
+      max_steps: 100
+      tasks: [arithmetic]
+    seeds: [0, 1, 2]                    # grid/pareto: one trial per point and seed; tpe: every trial runs all
+    space:                              # method templates; a list value is an axis
+      - {method: lora}
+      - {method: linchain, n: [1, 2, 3, 4, 5]}
+    plot: {x: n}                        # grid: the axis on the x axis of the score plot (default: the first)
+
+Each ``space`` entry is one adapter method with its spec options (``r``, ``n``, ``widths``,
+``init``, ``structure``, ``alpha``, ``dropout``, ``targets``, ``lr``; see
+``harness.adapters.spec``). A scalar is fixed, a list is an axis, and an entry's points are
+the product of its axes: options exist only for the methods that have them, so conditional
+spaces (chain length only for LinChain) are written, and enumerated, exactly. ``method`` may
+itself be a list (``{method: [lora, moslora], r: [4, 8]}``).
+
+``tpe`` studies tune a learning rate per method: every ``space`` point gets its own Optuna
+study ``<name>/<spec>`` of ``n_trials`` trials, sampled by TPE in ``lr: {low, high, log}``, pruned
+on intermediate evaluations every ``intermediate_every`` steps (``pruner: {n_startup_trials,
+n_warmup_steps}``, Optuna's MedianPruner). ``pareto`` studies are grids with two objectives:
+average accuracy (maximised) and trainable parameters (minimised).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+# Not imported from ablations/__init__.py: an editable install made before that file existed maps
+# `ablations` as a namespace package, which never runs it.
+STUDIES_DIR = Path(__file__).resolve().parent / "studies"
+
+KINDS = ("grid", "tpe", "pareto")
+TOP_KEYS = ("name", "description", "kind", "run", "seeds", "space", "n_trials", "lr", "pruner",
+            "intermediate_every", "plot")
+PRUNER_KEYS = ("n_startup_trials", "n_warmup_steps")
+LR_KEYS = ("low", "high", "log")
+# harness.run options a study may not fix: the study decides them per trial.
+STUDY_OWNED = ("methods", "run_name", "seeds")
+
+
+@dataclass
+class StudyFile:
+    """A checked study file. ``points`` is the exact grid: one dict of spec options per configuration."""
+
+    name: str
+    kind: str
+    description: str = ""
+    run: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    points: list[dict[str, Any]] = field(default_factory=list)
+    n_trials: int | None = None
+    lr: dict[str, Any] | None = None
+    pruner: dict[str, int] = field(default_factory=dict)
+    intermediate_every: int | None = None
+    plot_x: str | None = None
+    source: str = ""
+
+
+def builtin_studies() -> list[str]:
+    """Names of the studies that ship with the harness."""
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def find_study_file(name: str) -> Path:
+    """A built-in study name (``chain_length``) or a path to a YAML file; unknown names are a UserError."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"study file {name!r} does not exist")
+        return path
+    candidate = STUDIES_DIR / f"{name}.yaml"
+    if not candidate.is_file():
+        raise UserError(f"unknown study {name!r}; built-in studies: {', '.join(builtin_studies())} "
+                        "(or give the path of a study YAML file)")
+    return candidate
+
+
+def load_study_file(name: str) -> StudyFile:
+    """Read and check a study file; every error is one line naming the file and the key."""
+    import yaml
+
+    path = find_study_file(name)
+    where = f"study file {str(path)!r}"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise UserError(f"{where} is not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from err
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping with keys {', '.join(TOP_KEYS)}")
+    return parse_study(data, source=where, default_name=path.stem)
+
+
+def parse_study(data: dict[str, Any], source: str = "study", default_name: str = "study") -> StudyFile:
+    """Check a study mapping (see the module docstring) and enumerate its grid."""
+    def fail(key: str, what: str) -> UserError:
+        return UserError(f"{source}: {key}: {what}")
+
+    for key in data:
+        if key not in TOP_KEYS:
+            raise fail(str(key), f"unknown key; valid keys: {', '.join(TOP_KEYS)}")
+    kind = data.get("kind", "grid")
+    if kind not in KINDS:
+        raise fail("kind", f"must be one of {', '.join(KINDS)} (got {kind!r})")
+    name = str(data.get("name") or default_name)
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise fail("name", f"use letters, digits, '_' and '-' only (got {name!r})")
+
+    run = data.get("run") or {}
+    if not isinstance(run, dict):
+        raise fail("run", "must be a mapping of harness.run options, e.g. {max_steps: 50}")
+    run = {str(k).replace("-", "_"): v for k, v in run.items()}
+    _check_run_options(run, fail)
+
+    seeds = data.get("seeds", [0])
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) < len(seeds):
+        raise fail("seeds", f"must be a list of distinct integers (got {data.get('seeds')!r})")
+
+    space = data.get("space")
+    if not isinstance(space, list) or not space:
+        raise fail("space", "must be a non-empty list of method templates, e.g. [{method: lora}, "
+                            "{method: linchain, n: [1, 2, 3]}]")
+    points = enumerate_points(space, fail)
+
+    study = StudyFile(name=name, kind=kind, description=str(data.get("description") or "").strip(), run=run,
+                      seeds=list(seeds), points=points, source=source)
+    if kind == "tpe":
+        study.n_trials = _positive_int(data.get("n_trials", 20), "n_trials", fail)
+        study.lr = _lr_range(data.get("lr"), fail)
+        study.intermediate_every = (None if data.get("intermediate_every") is None
+                                    else _positive_int(data["intermediate_every"], "intermediate_every", fail))
+        pruner = data.get("pruner") or {}
+        if not isinstance(pruner, dict):
+            raise fail("pruner", f"must be a mapping with keys {', '.join(PRUNER_KEYS)}")
+        for key, value in pruner.items():
+            if key not in PRUNER_KEYS:
+                raise fail(f"pruner.{key}", f"unknown key; valid keys: {', '.join(PRUNER_KEYS)}")
+            if not isinstance(value, int) or value < 0:
+                raise fail(f"pruner.{key}", f"must be a non-negative integer (got {value!r})")
+        study.pruner = dict(pruner)
+        if any("lr" in p for p in points):
+            raise fail("space", "a tpe study tunes lr itself: remove lr from the space")
+    else:
+        for key in ("n_trials", "lr", "pruner", "intermediate_every"):
+            if key in data:
+                raise fail(key, f"only tpe studies take {key} (this study is kind {kind})")
+    plot = data.get("plot") or {}
+    if not isinstance(plot, dict) or set(plot) - {"x"}:
+        raise fail("plot", "must be a mapping {x: AXIS}, e.g. {x: n}")
+    study.plot_x = plot.get("x")
+    if study.plot_x is not None and not any(study.plot_x in p for p in points):
+        raise fail("plot.x", f"{study.plot_x!r} is not an option of any point in the space")
+    return study
+
+
+def enumerate_points(space: list[Any], fail) -> list[dict[str, Any]]:
+    """Every configuration of the space, in file order: the product of each template's list-valued axes.
+
+    Each point is checked as a method spec (so a misspelt option is caught before any trial runs),
+    and a point listed twice is an error: a grid runs each configuration exactly once per seed.
+    """
+    from harness.adapters.spec import parse_spec
+
+    points: list[dict[str, Any]] = []
+    for i, template in enumerate(space):
+        where = f"space[{i}]"
+        if not isinstance(template, dict) or "method" not in template:
+            raise fail(where, "must be a mapping with a 'method' key, e.g. {method: linchain, n: [1, 2]}")
+        axes = {str(k): (v if isinstance(v, list) else [v]) for k, v in template.items()}
+        for key, values in axes.items():
+            if not values:
+                raise fail(f"{where}.{key}", "an empty list gives no points")
+            for value in values:
+                if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                    raise fail(f"{where}.{key}", f"values must be numbers or strings (got {value!r})")
+        for combo in itertools.product(*axes.values()):
+            point = dict(zip(axes, combo))
+            try:
+                parse_spec(spec_of(point))
+            except UserError as err:
+                raise fail(where, str(err)) from None
+            if point in points:
+                raise fail(where, f"{spec_of(point)!r} is already in the space; each point must be listed once")
+            points.append(point)
+    return points
+
+
+def spec_of(point: dict[str, Any]) -> str:
+    """The harness.run method spec of a point: ``{method: linchain, n: 3}`` -> ``'linchain:n=3'``."""
+    options = [f"{k}={_fmt(v)}" for k, v in point.items() if k != "method"]
+    return str(point["method"]) + (":" + ",".join(options) if options else "")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _check_run_options(run: dict[str, Any], fail) -> None:
+    """Every key must be a harness.run option the study does not set itself; values are checked by RunConfig."""
+    import dataclasses
+
+    from harness.config import RunConfig, config_from_dict
+
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in run:
+        if key in STUDY_OWNED:
+            hint = "use the study's top-level 'seeds:'" if key == "seeds" else "the study sets it per trial"
+            raise fail(f"run.{key}", f"cannot be fixed in a study ({hint})")
+        if key not in names:
+            raise fail(f"run.{key}", f"unknown harness.run option; valid options: {', '.join(names)}")
+    try:
+        config_from_dict(run, source="run")
+    except UserError as err:
+        raise fail("run", str(err)) from None
+
+
+def _positive_int(value: Any, key: str, fail) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise fail(key, f"must be a positive integer (got {value!r})")
+    return value
+
+
+def _lr_range(value: Any, fail) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise fail("lr", "a tpe study needs lr: {low: 1e-4, high: 1e-2, log: true}")
+    for key in value:
+        if key not in LR_KEYS:
+            raise fail(f"lr.{key}", f"unknown key; valid keys: {', '.join(LR_KEYS)}")
+    try:
+        low, high = float(value["low"]), float(value["high"])
+    except (KeyError, TypeError, ValueError):
+        raise fail("lr", f"needs numbers low and high (got {value!r})") from None
+    if not 0 < low < high:
+        raise fail("lr", f"needs 0 < low < high (got low={low:g}, high={high:g})")
+    return {"low": low, "high": high, "log": bool(value.get("log", True))}

@@ -1,0 +1,364 @@
+"""A study's trials: the plan stored with the study, the objective, and the worker loop.
+
+The story of a trial: a worker claims the next queued trial of the study (each grid point and
+seed is queued exactly once when the study is created; a tuning study queues its trial
+budget), builds the trial's :class:`harness.config.RunConfig`, runs it through
+:func:`harness.run.run` in a nested MLflow run, and tells Optuna the score. While it runs, a
+heartbeat thread stamps the trial every few seconds; a worker that finds a RUNNING trial whose
+stamp is older than ``stale_after`` seconds (its worker was killed) marks it FAILED and queues
+it again. A trial that fails (a NaN loss, a crash) is FAILED with its reason in the user
+attribute ``fail_reason``, and the study goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from harness.errors import UserError
+
+HEARTBEAT_ATTR = "ablations:heartbeat"
+DEFAULT_STALE_AFTER_S = 120.0
+
+
+class TrialFailed(Exception):
+    """The trial's run failed (a NaN loss, a crash): the trial is FAILED with this reason, the study goes on."""
+
+
+@dataclass
+class StudyPlan:
+    """Everything a worker needs, stored as a user attribute of the Optuna study when it is created.
+
+    ``config`` is the resolved harness.run configuration shared by every trial (the study file's
+    ``run:`` options and the command line's, applied once at creation), so every worker runs the
+    same thing whatever its own command line.
+    """
+
+    name: str
+    kind: str
+    config: dict[str, Any]
+    seeds: list[int]
+    points: list[dict[str, Any]]
+    description: str = ""
+    n_trials: int | None = None
+    lr: dict[str, Any] | None = None
+    pruner: dict[str, int] = field(default_factory=dict)
+    intermediate_every: int | None = None
+    plot_x: str | None = None
+    mlflow_parent_run_id: str | None = None
+
+    # ---- the Optuna studies that hold the trials
+
+    def optuna_names(self) -> list[str]:
+        """One Optuna study for a grid; one per method for a tuning study (each method gets its own lr)."""
+        if self.kind == "tpe":
+            return [f"{self.name}/{spec}" for spec in self.specs()]
+        return [self.name]
+
+    def directions(self) -> list[str]:
+        return ["maximize", "minimize"] if self.kind == "pareto" else ["maximize"]
+
+    def specs(self) -> list[str]:
+        from ablations.studyfile import spec_of
+
+        return [spec_of(p) for p in self.points]
+
+    def grid(self) -> list[tuple[dict[str, Any], int]]:
+        """The exact grid: every (point, seed), point-major; trial ``grid_index`` k is ``grid()[k]``."""
+        return [(p, s) for p in self.points for s in self.seeds]
+
+    def choices(self) -> dict[str, list[Any]]:
+        """Each grid axis's values (Optuna records a grid trial's options as categorical parameters)."""
+        found: dict[str, list[Any]] = {}
+        for point in self.points:
+            for key, value in point.items():
+                found.setdefault(key, [])
+                if value not in found[key]:
+                    found[key].append(value)
+        found["seed"] = list(self.seeds)
+        return found
+
+    def queue(self, optuna_name: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """The trials to queue at creation, as (fixed params, user attrs): the whole grid, or the tuning budget."""
+        from ablations.studyfile import spec_of
+
+        if self.kind == "tpe":
+            spec = optuna_name.split("/", 1)[1]
+            return [({}, {"spec": spec}) for _ in range(self.n_trials or 0)]
+        return [({**point, "seed": seed}, {"grid_index": k, "spec": spec_of(point), "seed": seed})
+                for k, (point, seed) in enumerate(self.grid())]
+
+    def sampler(self):
+        import optuna
+
+        return optuna.samplers.TPESampler(n_startup_trials=min(10, max(2, (self.n_trials or 0) // 3))) \
+            if self.kind == "tpe" else optuna.samplers.RandomSampler()  # grid trials only take queued values
+
+    def pruner_(self):
+        import optuna
+
+        if self.kind != "tpe" or not self.intermediate_every:
+            return optuna.pruners.NopPruner()
+        return optuna.pruners.MedianPruner(n_startup_trials=self.pruner.get("n_startup_trials", 3),
+                                           n_warmup_steps=self.pruner.get("n_warmup_steps", 0))
+
+    # ---- the trial's run configuration
+
+    def trial_config(self, spec: str, seeds: list[int], number: int, lr: float | None = None):
+        """The harness.run configuration of one trial: the study's options, one method, the trial's seeds."""
+        from harness.config import config_from_dict
+
+        values = {**self.config, "methods": [spec], "seeds": seeds, "run_name": f"trial-{number}"}
+        if lr is not None:
+            values["lr"] = lr
+        return config_from_dict(values, source=f"study {self.name!r}")
+
+    def to_attr(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_attr(cls, value: dict[str, Any]) -> "StudyPlan":
+        return cls(**value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The objective: sample (or read) the trial's configuration, run the pipeline, return the score.
+
+
+def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None = None, log=print):
+    """One trial: one call of harness.run.run in a nested MLflow run; returns the score (and params for pareto)."""
+    from harness.run import Pruned
+    from harness.run import run as harness_run
+
+    run_fn = run_fn or harness_run
+    spec, seeds, lr = _suggest(trial, plan)
+    cfg = plan.trial_config(spec, seeds, trial.number, lr)
+    tags = {"kind": "trial", "study": trial.study.study_name, "trial_number": trial.number, "spec": spec,
+            "seeds": ",".join(map(str, seeds))}
+    pruned = False
+    with tracker.run(f"trial-{trial.number}", parent=parent, tags=tags) as handle:
+        handle.log_params({**trial.params, "spec": spec, "trial_number": trial.number, "lr": cfg.lr,
+                           "seeds": seeds, "optuna_study": trial.study.study_name})
+        started = time.perf_counter()
+        try:
+            outcome = run_fn(cfg, parent=handle, tracker=tracker, write_results=False, evaluate_base=False,
+                             progress=False, log=log, intermediate_every=plan.intermediate_every if
+                             plan.kind == "tpe" else None, on_intermediate=_pruning_callback(trial, plan, cfg))
+        except Pruned:
+            handle.set_tags({"optuna_state": "PRUNED"})
+            pruned = True
+        else:
+            run_seconds = time.perf_counter() - started
+            failed = [r for r in outcome.results if not r.ok]
+            if failed:
+                raise TrialFailed("; ".join(f"seed {r.seed}: {r.error}" for r in failed))
+            average = _mean(_mean(r.scores.values()) for r in outcome.results)
+            if math.isnan(average):
+                raise TrialFailed("the score is NaN")
+            params = outcome.results[0].trainable_params
+            trial.set_user_attr("trainable_params", params)
+            trial.set_user_attr("run_seconds", run_seconds)
+            trial.set_user_attr("train_seconds", sum(r.train_seconds for r in outcome.results))
+            trial.set_user_attr("scores", {t: _mean(r.scores[t] for r in outcome.results)
+                                           for t in outcome.results[0].scores})
+            handle.log_metrics({"average_accuracy": average, "trainable_params": params, "run_seconds": run_seconds})
+    if pruned:
+        raise Pruned(f"trial {trial.number} pruned")
+    return (average, params) if plan.kind == "pareto" else average
+
+
+def _suggest(trial, plan: StudyPlan) -> tuple[str, list[int], float | None]:
+    """The trial's method spec, seeds and learning rate: queued values for a grid, TPE's choice of lr for tuning."""
+    if plan.kind == "tpe":
+        lr = trial.suggest_float("lr", plan.lr["low"], plan.lr["high"], log=plan.lr["log"])
+        return trial.user_attrs["spec"], list(plan.seeds), lr
+    point, seed = plan.grid()[trial.user_attrs["grid_index"]]
+    choices = plan.choices()
+    for key in point:  # records the options as parameters (dashboard, importances); the values are the queued ones
+        trial.suggest_categorical(key, choices[key])
+    trial.suggest_categorical("seed", choices["seed"])
+    return trial.user_attrs["spec"], [seed], None
+
+
+def _pruning_callback(trial, plan: StudyPlan, cfg):
+    """Report intermediate scores to Optuna and stop the run when the pruner says so (single objective only)."""
+    if plan.kind != "tpe" or not plan.intermediate_every:
+        return None
+    from harness.run import Pruned
+
+    steps_per_seed = cfg.max_steps or 10**6
+
+    def on_intermediate(label, seed, step, average):
+        step = cfg.seeds.index(seed) * steps_per_seed + step  # one increasing step across the trial's seeds
+        trial.report(average, step)
+        if trial.should_prune():
+            raise Pruned(f"{label} seed {seed} pruned at step {step}")
+
+    return on_intermediate
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The worker loop
+
+
+def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after: float = DEFAULT_STALE_AFTER_S,
+         run_fn: Callable | None = None, log=print) -> int:
+    """Run queued trials of the study until none is left (or ``max_trials``); returns how many this worker ran."""
+    import optuna
+    from harness.tracking import RunHandle, Tracker
+
+    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
+    done = 0
+    for name in plan.optuna_names():
+        study = optuna.load_study(study_name=name, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
+        while max_trials is None or done < max_trials:
+            fail_stale_trials(study, storage, plan, stale_after, log)
+            claimed = claim(study, storage)
+            if claimed is None:
+                break
+            run_trial(study, storage, claimed, plan, tracker, parent, stale_after, run_fn, log)
+            done += 1
+    return done
+
+
+def claim(study, storage):
+    """Take the next queued trial (WAITING -> RUNNING, atomically in the storage) or None if the queue is empty."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                continue  # another worker took it first
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        return optuna.trial.Trial(study, trial_id)
+    return None
+
+
+def run_trial(study, storage, trial, plan: StudyPlan, tracker, parent, stale_after: float,
+              run_fn: Callable | None = None, log=print) -> None:
+    """Run one claimed trial under a heartbeat and tell Optuna how it ended."""
+    from optuna.trial import TrialState
+
+    from harness.run import Pruned
+
+    spec = trial.user_attrs.get("spec", "?")
+    log(f"[{study.study_name}] trial {trial.number}: {spec} seed(s) {trial.user_attrs.get('seed', plan.seeds)}")
+    started = time.perf_counter()
+    with Heartbeat(storage, trial._trial_id, interval=max(0.5, min(10.0, stale_after / 4))):
+        try:
+            values = objective(trial, plan, tracker, parent, run_fn, log=lambda *a, **k: None)
+        except Pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            log(f"[{study.study_name}] trial {trial.number}: pruned")
+            return
+        except KeyboardInterrupt:
+            _fail(study, trial, "interrupted (Ctrl-C); queued again", killed=True)
+            requeue(study, storage.get_trial(trial._trial_id), plan)
+            raise
+        except (TrialFailed, UserError) as err:
+            _fail(study, trial, str(err))
+            log(f"[{study.study_name}] trial {trial.number}: FAILED: {err}")
+            return
+        except Exception as err:  # noqa: BLE001 (a crash in one trial must not stop the study)
+            traceback.print_exc()
+            _fail(study, trial, f"{type(err).__name__}: {err}")
+            log(f"[{study.study_name}] trial {trial.number}: FAILED: {type(err).__name__}: {err}")
+            return
+    trial.set_user_attr("trial_seconds", time.perf_counter() - started)
+    study.tell(trial, values)
+    shown = values if isinstance(values, tuple) else (values,)
+    log(f"[{study.study_name}] trial {trial.number}: " + ", ".join(f"{v:.4g}" for v in shown))
+
+
+def _fail(study, trial, reason: str, killed: bool = False) -> None:
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("fail_reason", reason.splitlines()[0][:500] if reason else "failed")
+    if killed:
+        trial.set_user_attr("killed", True)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+class Heartbeat:
+    """Stamp a running trial every ``interval`` seconds from a background thread, so others can tell it is alive."""
+
+    def __init__(self, storage, trial_id: int, interval: float) -> None:
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self.storage.set_trial_system_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+            except Exception:  # noqa: BLE001 (the trial finished meanwhile, or the storage blinked)
+                pass
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def fail_stale_trials(study, storage, plan: StudyPlan, stale_after: float, log=print) -> list[int]:
+    """Mark RUNNING trials without a heartbeat for ``stale_after`` seconds FAILED and queue them again.
+
+    Only the process whose FAIL write succeeds re-queues a trial (the storage makes that write
+    atomic), so two workers finding the same dead trial queue it once.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    study_id = storage.get_study_id_from_name(study.study_name)
+    now = time.time()
+    failed = []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        last = frozen.system_attrs.get(HEARTBEAT_ATTR)
+        if last is None and frozen.datetime_start is not None:
+            last = frozen.datetime_start.timestamp()
+        if last is None or now - last <= stale_after:
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason",
+                                        f"worker lost: no heartbeat for {now - last:.0f} s; queued again")
+            storage.set_trial_user_attr(trial_id, "killed", True)
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        requeue(study, frozen, plan)
+        failed.append(frozen.number)
+        log(f"[{study.study_name}] trial {frozen.number}: its worker stopped; marked FAILED and queued again")
+    return failed
+
+
+def requeue(study, frozen, plan: StudyPlan) -> None:
+    """Queue a failed trial's configuration again (same grid point and seed, or the same sampled lr)."""
+    attrs = {k: v for k, v in frozen.user_attrs.items() if k in ("grid_index", "spec", "seed")}
+    attrs["retry_of"] = frozen.number
+    if plan.kind == "tpe":
+        params = dict(frozen.params)
+    else:
+        point, seed = plan.grid()[frozen.user_attrs["grid_index"]]
+        params = {**point, "seed": seed}
+    study.enqueue_trial(params, user_attrs=attrs)
