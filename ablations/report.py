@@ -9,7 +9,7 @@ by any machine, while workers are still running; each file is written atomically
   seeds (grids), the best learning rate per method (tuning), or the Pareto front;
 - ``score_vs_<axis>.png``: the score against the study's axis (chain length, rank: lines; init,
   structure: bars) with error bars over seeds, reference methods as dashed lines;
-- ``param_importances.png``: Optuna's fANOVA importances of the trial parameters;
+- ``param_importances.png``: Optuna's parameter importances (its default evaluator, PED-ANOVA in 5.0);
 - ``pareto_front.png`` (pareto studies): average accuracy against trainable parameters, the front marked;
 - ``lr_search.png`` (tuning studies): the score of every trial against its learning rate, per method.
 """
@@ -329,7 +329,7 @@ def _plot_lr(plan, storage, trials, points, folder: Path) -> Path | None:
 
 
 def _plot_importances(plan, storage, trials, points, folder: Path) -> Path | None:
-    """fANOVA importances over the parameters every completed trial has (Optuna's own evaluator, no plotly)."""
+    """Importances over the parameters every completed trial has (Optuna's own evaluator; no plotly needed)."""
     import optuna
 
     importances: dict[str, dict[str, float]] = {}
@@ -338,7 +338,8 @@ def _plot_importances(plan, storage, trials, points, folder: Path) -> Path | Non
         complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
         if len(complete) < 2:
             continue
-        target = (lambda t: t.values[0]) if plan.kind == "pareto" else None
+        # with a target, the evaluator assumes lower is better: the accuracy is negated
+        target = (lambda t: -t.values[0]) if plan.kind == "pareto" else None
         try:
             found = optuna.importance.get_param_importances(study, target=target)
         except (RuntimeError, ValueError):
@@ -357,7 +358,7 @@ def _plot_importances(plan, storage, trials, points, folder: Path) -> Path | Non
     ax.barh(range(len(values)), values, color="C0")
     ax.set_yticks(range(len(values)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel("importance for the average accuracy (fANOVA)")
+    ax.set_xlabel("importance for the average accuracy (Optuna's default evaluator)")
     ax.set_title(f"{plan.name}: parameter importances")
     fig.tight_layout()
     path = folder / "param_importances.png"

@@ -1,0 +1,474 @@
+"""Ablation studies: exact grids, study-file errors, the CLIs' one-line errors, the worker loop
+(exactly once, resume after a killed worker, NaN trials, pruning, pareto), and end to end on
+tiny-random with two worker processes on SQLite and on a throwaway PostgreSQL cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ablations.storage import open_storage, resolve_storage_url
+from ablations.studyfile import builtin_studies, load_study_file, parse_study, spec_of
+from harness.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# Every trial of the end-to-end tests: tiny-random, 2 steps, 3 test items of one task.
+SMOKE = ["--model", "tiny-random", "--max-steps", "2", "--limit", "3", "--batch-size", "4",
+         "--eval-batch-size", "8", "--tasks", "arithmetic_add_sub"]
+MINI = {"name": "mini", "kind": "grid", "seeds": [0, 1],
+        "space": [{"method": "lora"}, {"method": "linchain", "n": [1, 2]}]}
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def write_study(folder: Path, data: dict) -> Path:
+    path = folder / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Study files and exact grids
+
+
+def test_builtin_studies_enumerate_their_grids_exactly():
+    assert set(builtin_studies()) >= {"chain_length", "rank", "init", "mtlora_structure", "lr", "pareto"}
+    chain = load_study_file("chain_length")
+    assert [spec_of(p) for p in chain.points] == ["lora"] + [f"linchain:n={n}" for n in range(1, 6)]
+    # conditional space: the chain option exists only for the chain method
+    assert all(("n" in p) == (p["method"] == "linchain") for p in chain.points)
+    rank = load_study_file("rank")
+    assert sorted((p["method"], p["r"]) for p in rank.points) == sorted(
+        (m, r) for m in ("lora", "moslora", "linchain") for r in (4, 8, 16, 32))
+    init = load_study_file("init")
+    assert {(p["method"], p["init"]) for p in init.points} == {
+        (m, i) for m in ("moslora", "linchain", "mtlora") for i in ("kaiming", "orthogonal", "identity")}
+    structures = load_study_file("mtlora_structure")
+    assert [p.get("structure") for p in structures.points] == [None, "shim", "icfm", "ctcm", "dtsm"]
+    assert load_study_file("lr").kind == "tpe" and load_study_file("pareto").kind == "pareto"
+
+
+def test_grid_queue_is_every_point_times_every_seed_once():
+    from ablations.trials import StudyPlan
+
+    study = load_study_file("chain_length")
+    plan = StudyPlan(name=study.name, kind=study.kind, config={}, seeds=[0, 1, 2], points=study.points)
+    queue = plan.queue(plan.name)
+    assert len(queue) == 6 * 3
+    assert len({yaml.safe_dump(params) for params, _ in queue}) == len(queue)
+    assert [attrs["grid_index"] for _, attrs in queue] == list(range(len(queue)))
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"spcae": []}, "spcae"),
+    ({"kind": "random"}, "kind"),
+    ({"run": {"max_stepz": 3}}, "run.max_stepz"),
+    ({"run": {"methods": "lora"}}, "run.methods"),
+    ({"run": {"max_steps": "many"}}, "max-steps"),
+    ({"space": [{"method": "lora", "n": 2}]}, "space[0]"),
+    ({"space": [{"n": 2}]}, "space[0]"),
+    ({"space": [{"method": "lora"}, {"method": "lora"}]}, "space[1]"),
+    ({"seeds": [0, 0]}, "seeds"),
+    ({"n_trials": 5}, "n_trials"),
+    ({"kind": "tpe"}, "lr"),
+    ({"kind": "tpe", "lr": {"low": 1e-3, "high": 1e-2, "step": 2}}, "lr.step"),
+    ({"plot": {"x": "depth"}}, "plot.x"),
+])
+def test_malformed_study_file_names_the_key(change, key):
+    with pytest.raises(UserError) as err:
+        parse_study({**MINI, **change}, source="study file 'x.yaml'")
+    message = str(err.value)
+    assert key in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command lines: bad input is one line and a non-zero exit
+
+
+def test_unknown_study_is_one_line_in_a_real_process(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ablations.study", "chain_lenght"], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "unknown study 'chain_lenght'" in done.stderr
+    assert "chain_length" in done.stderr  # lists the built-in ones
+
+
+def one_line_error(capsys, main, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from ablations import study, worker
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MINI, "name": "bad", "run": {"max_stepz": 3}}))
+    assert "run.max_stepz" in one_line_error(capsys, study.main, [str(bad)])
+    assert "--methods" in one_line_error(capsys, study.main, ["chain_length", "--methods", "lora"])
+    # unreachable PostgreSQL (nothing listens on port 1) and an SQLite file in a missing folder
+    assert "unreachable" in one_line_error(capsys, study.main, [
+        "chain_length", "--storage", "postgresql+psycopg2://nobody@127.0.0.1:1/optuna", *SMOKE])
+    assert "does not exist" in one_line_error(capsys, study.main, [
+        "chain_length", "--storage", f"sqlite:///{tmp_path}/no/such/folder.db", *SMOKE])
+    # a worker for a study that does not exist: no storage file at all, then a storage without that study
+    assert "create the study first" in one_line_error(capsys, worker.main, [
+        "chain_length", "--storage", f"sqlite:///{tmp_path}/missing.db"])
+    import optuna
+
+    url = f"sqlite:///{tmp_path}/other.db"
+    optuna.create_study(study_name="something_else", storage=open_storage(resolve_storage_url(url), create=True))
+    assert "no study 'chain_length'" in one_line_error(capsys, worker.main, ["chain_length", "--storage", url])
+    assert not (tmp_path / "missing.db").exists()  # a worker never creates a storage
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The worker loop with a stand-in for harness.run (fast): exactly once, resume, NaN, pruning, pareto
+
+
+class FakeRun:
+    """Stands in for harness.run.run: records each call; scores from the spec; NaN for chosen specs."""
+
+    def __init__(self, nan_specs=(), intermediate=None):
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+        self.nan_specs = set(nan_specs)
+        self.intermediate = intermediate
+
+    def __call__(self, cfg, *, parent, tracker, write_results, evaluate_base, progress, log,
+                 intermediate_every=None, on_intermediate=None):
+        from harness.report import SystemResult
+        from harness.run import RunOutcome
+
+        assert parent is not None and write_results is False and evaluate_base is False
+        spec = cfg.methods[0]
+        self.calls.append((spec, tuple(cfg.seeds)))
+        if on_intermediate is not None:
+            for step in range(intermediate_every, cfg.max_steps + 1, intermediate_every):
+                on_intermediate(spec, cfg.seeds[0], step, self.intermediate(cfg, step))
+        results = []
+        for seed in cfg.seeds:
+            result = SystemResult(method=spec, seed=seed, trainable_params=100 * len(spec), train_seconds=0.1)
+            if spec in self.nan_specs:
+                result.error = "non-finite loss (nan) at step 2"
+            else:
+                result.scores = {"task": (len(spec) % 7) / 10 + seed / 100}
+            results.append(result)
+        return RunOutcome(run_dir=Path("."), base=None, results=results)
+
+
+def make_plan(tmp_path, data, **overrides):
+    from ablations.study import create_or_resume, resolve_plan
+
+    study = parse_study(data, source="test", default_name=data["name"])
+    typed = {"model": "tiny-random", "output_dir": str(tmp_path / "results"),
+             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **overrides}
+    plan = resolve_plan(study, typed, None, None)
+    url = resolve_storage_url(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage = open_storage(url, create=True)
+    return create_or_resume(plan, storage, url, log=lambda *a: None), storage, url
+
+
+def states_by_index(storage, name):
+    import optuna
+
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    found: dict[int, list[str]] = {}
+    for t in trials:
+        found.setdefault(t.user_attrs["grid_index"], []).append(t.state.name)
+    return found, trials
+
+
+def test_nan_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path):
+    from ablations.report import write_report
+    from ablations.trials import work
+
+    plan, storage, _ = make_plan(tmp_path, MINI)
+    fake = FakeRun(nan_specs={"linchain:n=1"})
+    assert work(plan, storage, run_fn=fake, log=lambda *a: None) == 6
+    found, trials = states_by_index(storage, "mini")
+    assert sorted(found) == list(range(6)) and all(len(v) == 1 for v in found.values())
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert [t.user_attrs["spec"] for t in failed] == ["linchain:n=1", "linchain:n=1"]
+    assert all("non-finite loss" in t.user_attrs["fail_reason"] for t in failed)
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 4
+    folder = write_report(plan, storage)
+    summary = (folder / "summary.md").read_text()
+    assert "non-finite loss" in summary and "`linchain:n=2`" in summary
+    import pandas as pd
+
+    table = pd.read_csv(folder / "trials.csv")
+    assert len(table) == 6 and set(table["state"]) == {"COMPLETE", "FAIL"}
+
+
+def test_resume_retries_killed_trials_and_never_reruns_finished_ones(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from ablations.study import create_or_resume
+    from ablations.trials import claim, work
+
+    plan, storage, url = make_plan(tmp_path, MINI)
+    fake = FakeRun()
+    assert work(plan, storage, max_trials=2, run_fn=fake, log=lambda *a: None) == 2
+    # a worker that dies mid-trial: the trial stays RUNNING and its heartbeat stops
+    study = optuna.load_study(study_name="mini", storage=storage)
+    dead = claim(study, storage)
+    assert dead is not None and study.trials[dead.number].state == TrialState.RUNNING
+    time.sleep(1.1)
+    # running the same command again: the dead trial is FAILED and queued again, the rest continues
+    plan2, storage2, _ = make_plan(tmp_path, MINI)
+    assert plan2.mlflow_parent_run_id == plan.mlflow_parent_run_id
+    create_or_resume(plan2, storage2, url, stale_after=1.0, log=lambda *a: None)
+    assert work(plan2, storage2, run_fn=fake, log=lambda *a: None) == 4
+    found, trials = states_by_index(storage2, "mini")
+    assert all(v.count("COMPLETE") == 1 for v in found.values()) and len(found) == 6
+    killed = trials[dead.number]
+    assert killed.state == TrialState.FAIL and killed.user_attrs["killed"]
+    assert "no heartbeat" in killed.user_attrs["fail_reason"]
+    assert any(t.user_attrs.get("retry_of") == dead.number and t.state == TrialState.COMPLETE for t in trials)
+    # every configuration ran exactly once across both sessions: the two finished first were not run again
+    assert len(fake.calls) == 6 and len(set(fake.calls)) == 6
+    # a third run finds nothing to do; changed settings are refused in one line
+    create_or_resume(plan2, storage2, url, log=lambda *a: None)
+    assert work(plan2, storage2, run_fn=fake, log=lambda *a: None) == 0
+    with pytest.raises(UserError, match="max-steps"):
+        make_plan(tmp_path, MINI, max_steps=7)
+
+
+def test_two_processes_claim_every_queued_trial_exactly_once(tmp_path):
+    """The claim itself, stressed: 2 processes race for 120 queued trials on one SQLite file."""
+    import optuna
+
+    url = resolve_storage_url(f"sqlite:///{tmp_path / 'race.db'}")
+    study = optuna.create_study(study_name="race", storage=open_storage(url, create=True))
+    for i in range(120):
+        study.enqueue_trial({"x": i})
+    script = ("import sys, optuna\n"
+              "from ablations.storage import open_storage\nfrom ablations.trials import claim\n"
+              "storage = open_storage(sys.argv[1], create=False)\n"
+              "study = optuna.load_study(study_name='race', storage=storage)\n"
+              "while (t := claim(study, storage)) is not None:\n"
+              "    study.tell(t, 0.0); print(t.number, flush=True)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, url], env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    numbers = [int(n) for out, _ in outs for n in out.split()]
+    assert sorted(numbers) == list(range(120))  # each trial claimed once, none lost
+    assert all(out.split() for out, _ in outs)  # both processes took part
+
+
+def test_tuning_study_prunes_on_intermediate_scores_and_keeps_its_budget(tmp_path):
+    import optuna
+
+    from ablations.report import write_report
+    from ablations.trials import work
+
+    data = {"name": "tune", "kind": "tpe", "seeds": [0], "space": [{"method": "lora"}, {"method": "moslora"}],
+            "n_trials": 6, "lr": {"low": 1e-4, "high": 1e-1, "log": True}, "intermediate_every": 1,
+            "pruner": {"n_startup_trials": 2, "n_warmup_steps": 0}}
+    # intermediate score falls with the learning rate: later trials with a higher lr get pruned
+    fake = FakeRun(intermediate=lambda cfg, step: 1.0 - cfg.lr * 10)
+    plan, storage, _ = make_plan(tmp_path, data, max_steps=3)
+    assert plan.optuna_names() == ["tune/lora", "tune/moslora"]
+    work(plan, storage, run_fn=fake, log=lambda *a: None)
+    for name in plan.optuna_names():
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+        assert len(trials) == 6 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+        assert all(1e-4 <= t.params["lr"] <= 1e-1 for t in trials)
+    states = Counter(t.state.name for n in plan.optuna_names()
+                     for t in optuna.load_study(study_name=n, storage=storage).get_trials())
+    assert states["PRUNED"] >= 1, states
+    folder = write_report(plan, storage)
+    assert (folder / "lr_search.png").is_file() and "best lr" in (folder / "summary.md").read_text()
+
+
+def test_pareto_study_has_two_objectives_and_a_front(tmp_path):
+    import optuna
+
+    from ablations.report import write_report
+    from ablations.trials import work
+
+    data = {"name": "front", "kind": "pareto", "seeds": [0],
+            "space": [{"method": ["lora", "moslora"], "r": [4, 8]}]}
+    plan, storage, _ = make_plan(tmp_path, data)
+    assert work(plan, storage, run_fn=FakeRun(), log=lambda *a: None) == 4
+    study = optuna.load_study(study_name="front", storage=storage)
+    assert all(len(t.values) == 2 for t in study.trials) and study.best_trials
+    folder = write_report(plan, storage)
+    assert (folder / "pareto_front.png").is_file() and "Pareto front" in (folder / "summary.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end on tiny-random: real trials (train, lm-eval, MLflow) in two worker processes
+
+
+def run_two_workers(tmp_path: Path, storage_url: str) -> list[subprocess.CompletedProcess]:
+    """Create the study once, then start two workers on it at the same time; return their results."""
+    study_file = write_study(tmp_path, MINI)
+    create = subprocess.run([sys.executable, "-m", "ablations.study", str(study_file), "--storage", storage_url,
+                             "--create-only", *SMOKE, "--output-dir", str(tmp_path / "results"),
+                             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert create.returncode == 0, create.stderr[-3000:]
+    procs = [subprocess.Popen([sys.executable, "-m", "ablations.worker", "mini", "--storage", storage_url],
+                              cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def check_every_point_ran_once(tmp_path: Path, storage_url: str, workers) -> None:
+    import mlflow
+    import optuna
+
+    storage = open_storage(resolve_storage_url(storage_url), create=False)
+    trials = optuna.load_study(study_name="mini", storage=storage).get_trials()
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    assert sorted(t.user_attrs["grid_index"] for t in trials) == list(range(6))
+    ran = [int(w.stdout.split("ran ")[1].split()[0]) for w in workers]
+    assert sum(ran) == 6, [w.stdout for w in workers]
+    # MLflow: one parent run for the study, one nested run per trial with its number and parameters
+    runs = mlflow.search_runs(search_all_experiments=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = runs[runs["tags.mlflow.runName"] == "study-mini"]
+    assert len(parent) == 1
+    nested = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
+    assert sorted(nested["params.trial_number"].astype(int)) == sorted(t.number for t in trials)
+    assert (nested["status"] == "FINISHED").all() and nested["metrics.average_accuracy"].between(0, 1).all()
+    assert set(nested["params.spec"]) == {"lora", "linchain:n=1", "linchain:n=2"}
+    # the training runs themselves sit under their trial
+    assert runs["tags.mlflow.parentRunId"].isin(nested["run_id"]).sum() == 6
+
+
+def test_two_workers_on_sqlite_run_every_grid_point_once_and_report(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    workers = run_two_workers(tmp_path, url)
+    check_every_point_ran_once(tmp_path, url, workers)
+    done = subprocess.run([sys.executable, "-m", "ablations.study", "mini", "--storage", url, "--report-only"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "results" / "ablations" / "mini"
+    for name in ("trials.csv", "summary.md", "score_vs_n.png"):
+        assert (folder / name).is_file(), name
+    import pandas as pd
+
+    table = pd.read_csv(folder / "trials.csv")
+    assert sorted(zip(table["spec"], table["seed"])) == sorted(
+        (s, seed) for s in ("lora", "linchain:n=1", "linchain:n=2") for seed in (0, 1))
+    import mlflow
+
+    runs = mlflow.search_runs(search_all_experiments=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert runs[runs["tags.mlflow.runName"] == "study-mini"]["status"].iloc[0] == "FINISHED"
+
+
+def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study_file = write_study(tmp_path, MINI)
+    command = [sys.executable, "-m", "ablations.study", str(study_file), "--storage", url, *SMOKE,
+               "--output-dir", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    victim = None
+    try:
+        while time.time() < deadline and victim is None:
+            time.sleep(0.2)
+            if not (tmp_path / "optuna.db").exists():
+                continue
+            try:
+                trials = optuna.load_study(study_name="mini", storage=url).get_trials()
+            except Exception:  # noqa: BLE001 (the study is still being created)
+                continue
+            states = Counter(t.state.name for t in trials)
+            if states["COMPLETE"] >= 1 and states["RUNNING"] == 1:
+                victim = next(t for t in trials if t.state.name == "RUNNING")
+                proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert victim is not None, "never saw a finished and a running trial"
+    finished_before = {t.number for t in optuna.load_study(study_name="mini", storage=url).get_trials()
+                       if t.state.name == "COMPLETE"}
+    again = subprocess.run([*command, "--stale-after", "1"], cwd=tmp_path, env=env(), capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = optuna.load_study(study_name="mini", storage=url).get_trials()
+    by_index = Counter(t.user_attrs["grid_index"] for t in trials if t.state.name == "COMPLETE")
+    assert by_index == Counter(range(6))  # every point and seed finished exactly once
+    lost = trials[victim.number]
+    assert lost.state.name == "FAIL" and lost.user_attrs.get("killed")
+    assert [t.state.name for t in trials if t.state.name == "FAIL"] == ["FAIL"]  # only that trial was lost
+    assert finished_before <= {t.number for t in trials if t.state.name == "COMPLETE"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PostgreSQL: a throwaway cluster, created and removed by the test
+
+
+def _unprivileged_user() -> list[str] | None:
+    """How to run a command as an unprivileged user (PostgreSQL refuses root), or None if impossible."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("runuser"):
+        return ["runuser", "-u", "nobody", "--"]
+    return None
+
+
+@pytest.fixture
+def postgres_url():
+    prefix = _unprivileged_user()
+    if not (PG_BIN / "initdb").is_file():
+        pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN}")
+    if prefix is None:
+        pytest.skip("running as root without runuser: PostgreSQL needs an unprivileged user")
+    folder = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
+    os.chmod(folder, 0o755)
+    data = folder / "data"
+    data.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(data, "nobody")
+        shutil.chown(folder, "nobody")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        subprocess.run([*prefix, str(PG_BIN / "initdb"), "-D", str(data), "--auth=trust", "-U", "harness",
+                        "--no-sync"], check=True, capture_output=True, timeout=120)
+        subprocess.run([*prefix, str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w",
+                        "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off", "start"],
+                       check=True, capture_output=True, timeout=120)
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="harness", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE optuna")
+        conn.close()
+        yield f"postgresql+psycopg2://harness@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*prefix, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_on_postgresql_run_every_grid_point_once(tmp_path, postgres_url):
+    workers = run_two_workers(tmp_path, postgres_url)
+    check_every_point_ran_once(tmp_path, postgres_url, workers)
