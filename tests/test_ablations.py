@@ -337,7 +337,6 @@ def run_two_workers(tmp_path: Path, storage_url: str) -> list[subprocess.Complet
 
 
 def check_every_point_ran_once(tmp_path: Path, storage_url: str, workers) -> None:
-    import mlflow
     import optuna
 
     storage = open_storage(resolve_storage_url(storage_url), create=False)
@@ -347,15 +346,22 @@ def check_every_point_ran_once(tmp_path: Path, storage_url: str, workers) -> Non
     ran = [int(w.stdout.split("ran ")[1].split()[0]) for w in workers]
     assert sum(ran) == 6, [w.stdout for w in workers]
     # MLflow: one parent run for the study, one nested run per trial with its number and parameters
-    runs = mlflow.search_runs(search_all_experiments=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = runs[runs["tags.mlflow.runName"] == "study-mini"]
-    assert len(parent) == 1
-    nested = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
-    assert sorted(nested["params.trial_number"].astype(int)) == sorted(t.number for t in trials)
-    assert (nested["status"] == "FINISHED").all() and nested["metrics.average_accuracy"].between(0, 1).all()
-    assert set(nested["params.spec"]) == {"lora", "linchain:n=1", "linchain:n=2"}
+    runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("mlflow.runName") == "study-mini"]
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(int(r.data.params["trial_number"]) for r in nested) == sorted(t.number for t in trials)
+    assert all(r.info.status == "FINISHED" and 0 <= r.data.metrics["average_accuracy"] <= 1 for r in nested)
+    assert {r.data.params["spec"] for r in nested} == {"lora", "linchain:n=1", "linchain:n=2"}
     # the training runs themselves sit under their trial
-    assert runs["tags.mlflow.parentRunId"].isin(nested["run_id"]).sum() == 6
+    trial_ids = {r.info.run_id for r in nested}
+    assert sum(r.data.tags.get("mlflow.parentRunId") in trial_ids for r in runs) == 6
+
+
+def mlflow_runs(tmp_path: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
 
 
 def test_two_workers_on_sqlite_run_every_grid_point_once_and_report(tmp_path):
@@ -373,10 +379,8 @@ def test_two_workers_on_sqlite_run_every_grid_point_once_and_report(tmp_path):
     table = pd.read_csv(folder / "trials.csv")
     assert sorted(zip(table["spec"], table["seed"])) == sorted(
         (s, seed) for s in ("lora", "linchain:n=1", "linchain:n=2") for seed in (0, 1))
-    import mlflow
-
-    runs = mlflow.search_runs(search_all_experiments=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert runs[runs["tags.mlflow.runName"] == "study-mini"]["status"].iloc[0] == "FINISHED"
+    (parent,) = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("mlflow.runName") == "study-mini"]
+    assert parent.info.status == "FINISHED"
 
 
 def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path):
