@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: the running trial is FAILED and queued again", file=sys.stderr)
         return 130
+    from ablations.report import finish_parent_run
+
+    finish_parent_run(plan, storage)  # the last worker to finish ends the study's MLflow run FINISHED
     print(f"worker {os.getpid()}: ran {done} trial(s); nothing left to claim", flush=True)
     return 0
 

@@ -172,14 +172,14 @@ class FakeRun:
         return RunOutcome(run_dir=Path("."), base=None, results=results)
 
 
-def make_plan(tmp_path, data, **overrides):
+def make_plan(tmp_path, data, storage_url=None, **overrides):
     from ablations.study import create_or_resume, resolve_plan
 
     study = parse_study(data, source="test", default_name=data["name"])
     typed = {"model": "tiny-random", "output_dir": str(tmp_path / "results"),
              "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **overrides}
     plan = resolve_plan(study, typed, None, None)
-    url = resolve_storage_url(f"sqlite:///{tmp_path / 'optuna.db'}")
+    url = resolve_storage_url(storage_url or f"sqlite:///{tmp_path / 'optuna.db'}")
     storage = open_storage(url, create=True)
     return create_or_resume(plan, storage, url, log=lambda *a: None), storage, url
 
@@ -214,6 +214,18 @@ def test_nan_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path):
 
     table = pd.read_csv(folder / "trials.csv")
     assert len(table) == 6 and set(table["state"]) == {"COMPLETE", "FAIL"}
+
+
+def test_journal_storage_runs_the_grid_and_a_worker_joins_it(tmp_path):
+    from ablations.study import load_plan
+    from ablations.trials import work
+
+    plan, storage, url = make_plan(tmp_path, MINI, storage_url=f"journal:{tmp_path / 'optuna-journal.log'}")
+    joined = load_plan("mini", open_storage(url, create=False), url)  # what a worker sees
+    assert joined.points == plan.points and joined.mlflow_parent_run_id == plan.mlflow_parent_run_id
+    assert work(joined, storage, run_fn=FakeRun(), log=lambda *a: None) == 6
+    found, _ = states_by_index(storage, "mini")
+    assert found == {k: ["COMPLETE"] for k in range(6)}
 
 
 def test_resume_retries_killed_trials_and_never_reruns_finished_ones(tmp_path):
