@@ -256,7 +256,8 @@ def run_trial(study, storage, trial, plan: StudyPlan, tracker, parent, stale_aft
     from harness.run import Pruned
 
     spec = trial.user_attrs.get("spec", "?")
-    log(f"[{study.study_name}] trial {trial.number}: {spec} seed(s) {trial.user_attrs.get('seed', plan.seeds)}")
+    seeds = trial.user_attrs.get("seed", ",".join(map(str, plan.seeds)))
+    log(f"[{study.study_name}] trial {trial.number}: {spec} seed(s) {seeds}")
     started = time.perf_counter()
     with Heartbeat(storage, trial._trial_id, interval=max(0.5, min(10.0, stale_after / 4))):
         try:
