@@ -17,6 +17,7 @@ by any machine, while workers are still running; each file is written atomically
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +342,9 @@ def _plot_importances(plan, storage, trials, points, folder: Path) -> Path | Non
         # with a target, the evaluator assumes lower is better: the accuracy is negated
         target = (lambda t: -t.values[0]) if plan.kind == "pareto" else None
         try:
-            found = optuna.importance.get_param_importances(study, target=target)
+            with warnings.catch_warnings():  # it warns about few trials per value and about custom targets
+                warnings.simplefilter("ignore", UserWarning)
+                found = optuna.importance.get_param_importances(study, target=target)
         except (RuntimeError, ValueError):
             continue  # e.g. no parameter varies among the completed trials
         if found:
