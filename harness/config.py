@@ -47,11 +47,12 @@ DEFAULT_TASKS = ("arithmetic",)
 PROMPT_FORMATS = ("alpaca", "chat")
 DEFAULT_TRACKING_DB = "mlflow.db"
 
-# Why max_steps=100 by default: the embedded default run (3 methods, 1 seed, SmolLM2-135M on 2 CPU cores)
-# should finish in about 15 minutes. One LoRA step on 16 sequences of 32 tokens takes ~2.1 s here (MoSLoRA
-# and LinChain ~2-3% slower), so 3 methods x 100 steps is ~11 minutes of training, leaving ~4 minutes for
-# the four greedy evaluations (base + 3 methods). 80 steps at lr 2e-3 already took SmolLM2 from 0% to
-# ~47% on held-out +/- problems, so 100 steps shows a real gain; raise --max-steps on a GPU.
+# Why max_steps=60 by default: the embedded default run (3 methods, 1 seed, SmolLM2-135M on 2 CPU cores)
+# must finish in about 15 minutes. The alpaca prompt makes a default example ~60 tokens, and one step on
+# 16 of them takes ~3 s here (benchmarks/bench_adapters.py: LoRA 2.95 s at 16 x 64), so 3 methods x 60
+# steps is ~9 minutes of training, leaving ~4 minutes for the four greedy evaluations (base + 3 methods,
+# 400 held-out problems each). LoRA went from ~1% to 60% on those problems in 100 steps, so 60 steps
+# already shows a large gain; raise --max-steps on a GPU.
 # Why lr=2e-3: with so few steps the usual 2e-4 barely moves the adapter; 2e-3 was measured to work
 # on CPU for r=16. Per-method overrides go in the spec (linchain:lr=5e-4).
 
@@ -115,7 +116,7 @@ class RunConfig:
     epochs: float = _opt("passes over the training data; used when --max-steps is not given", 1.0, metavar="N")
     max_steps: int | None = _opt(
         "optimizer steps per method and seed; wins over --epochs (giving only --epochs, on the command "
-        "line or in the YAML file, trains by epochs); 'none' trains by epochs", 100, metavar="N")
+        "line or in the YAML file, trains by epochs); 'none' trains by epochs", 60, metavar="N")
     batch_size: int = _opt("sequences per micro-batch", 16, metavar="N")
     grad_accum: int = _opt("micro-batches per optimizer step (effective batch = batch size x this)", 1, metavar="N")
     warmup_ratio: float = _opt("fraction of the steps with linear learning-rate warmup", 0.1, metavar="FRACTION")

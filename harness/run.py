@@ -129,7 +129,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                        num_beams=cfg.num_beams, prompt_format=cfg.prompt_format)
     finished = False
     try:
-        with tracker.run(run_dir.name, parent=parent, tags={"kind": "benchmark"}) as top:
+        top_name = run_dir.name if write_results else run_name
+        with tracker.run(top_name, parent=parent, tags={"kind": "benchmark"}) as top:
             outcome.parent_run_id = top.run_id
             top.log_params(run_params(config_to_dict(cfg), checksums))
 

@@ -121,7 +121,7 @@ def test_bad_yaml_type_and_bad_yaml_are_one_line_user_errors(tmp_path):
 
 
 def test_epochs_alone_trains_by_epochs(tmp_path):
-    assert config_from_args([]).max_steps == 100
+    assert config_from_args([]).max_steps == 60
     assert config_from_args(["--epochs", "2"]).max_steps is None
     assert config_from_args(["--epochs", "2", "--max-steps", "5"]).max_steps == 5
     assert config_from_args(["--max-steps", "none"]).max_steps is None
