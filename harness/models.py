@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import UserError
+from harness.fsutil import publish_mode
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random"
@@ -96,6 +97,7 @@ def embedded_model_folder() -> Path:
     try:
         _convert_gguf(source, staging)
         (staging / "complete.json").write_text(json.dumps({"source": str(source), "size": source.stat().st_size}))
+        publish_mode(staging)
         try:
             os.replace(staging, target)
         except OSError:

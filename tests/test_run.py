@@ -47,6 +47,7 @@ def test_smoke_run_completes_and_writes_results(smoke_run):
     run_dir = tmp_path / "results" / "smoke"
     for name in ["summary.md", "summary.csv", "loss_curves.png", "scores.png", "config.yaml"]:
         assert (run_dir / name).is_file(), name
+        assert (run_dir / name).stat().st_mode & 0o044 == 0o044, f"{name} is not readable by others"
     import pandas as pd
 
     table = pd.read_csv(run_dir / "summary.csv")

@@ -115,16 +115,21 @@ def test_unreachable_stores_fail_fast_in_one_line(tmp_path):
         check_tracking_uri(str(tmp_path / "mlruns"))
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
-def test_read_only_folder_is_refused(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        with pytest.raises(UserError, match="not writable"):
-            check_tracking_uri(f"sqlite:///{locked / 'mlflow.db'}")
-    finally:
-        locked.chmod(0o700)
+def test_unusable_sqlite_store_is_refused(tmp_path):
+    garbage = tmp_path / "mlflow.db"
+    garbage.write_bytes(b"this is not an SQLite database" * 100)
+    with pytest.raises(UserError, match="unreachable") as err:
+        check_tracking_uri(f"sqlite:///{garbage}")
+    assert "\n" not in str(err.value)
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):  # root may write anywhere: permissions mean nothing
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            with pytest.raises(UserError, match="not writable"):
+                check_tracking_uri(f"sqlite:///{locked / 'mlflow.db'}")
+        finally:
+            locked.chmod(0o700)
 
 
 def test_default_uri_is_mlflow_db_in_the_working_directory(tmp_path, monkeypatch):

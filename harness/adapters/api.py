@@ -13,6 +13,7 @@ from torch import nn
 
 from harness.adapters.spec import AdapterSpec, parse_spec
 from harness.errors import UserError
+from harness.fsutil import publish_mode
 
 CONFIG_FILE = "adapter_config.json"
 
@@ -131,6 +132,7 @@ def _write_atomically(path: Path, write) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         write(staging)
+        publish_mode(staging)
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)

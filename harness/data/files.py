@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.fsutil import publish_mode
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
 UPSTREAM_RAW_URL = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/"
@@ -91,6 +92,7 @@ def download_file(url: str, target: Path, sha256: str | None = None, timeout: fl
         if sha256 and digest.hexdigest() != sha256:
             raise UserError(f"download of {url} has SHA256 {digest.hexdigest()}, expected {sha256}: "
                             "the upstream file changed; supply the expected file yourself")
+        publish_mode(staging)
         os.replace(staging, target)
     finally:
         if os.path.exists(staging):
