@@ -26,7 +26,7 @@ def test_defaults_are_the_embedded_offline_run():
     assert cfg.methods == ["lora", "moslora", "linchain"]
     assert cfg.train_data == "arithmetic" and cfg.tasks == ["arithmetic"]
     assert cfg.targets == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.lr) == (16, 32.0, 0.05, 2e-3)
+    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.lr) == (16, 32.0, 0.0, 2e-3)
     assert cfg.seeds == [0] and cfg.output_dir == "results" and cfg.tracking_uri is None
 
 
@@ -121,7 +121,7 @@ def test_bad_yaml_type_and_bad_yaml_are_one_line_user_errors(tmp_path):
 
 
 def test_epochs_alone_trains_by_epochs(tmp_path):
-    assert config_from_args([]).max_steps == 60
+    assert config_from_args([]).max_steps == 50
     assert config_from_args(["--epochs", "2"]).max_steps is None
     assert config_from_args(["--epochs", "2", "--max-steps", "5"]).max_steps == 5
     assert config_from_args(["--max-steps", "none"]).max_steps is None
