@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from harness.errors import UserError
-from harness.fsutil import publish_mode
+from harness.fsutil import write_text_atomic
 from harness.models import DEFAULT_MODEL
 
 # The adapter methods the harness knows (mirrors harness.adapters.spec.METHODS; kept here so the
@@ -437,14 +436,5 @@ def save_config_yaml(cfg: RunConfig, path: str | os.PathLike) -> Path:
     path = Path(path)
     body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     header = "# The resolved configuration of this run. Repeat it with:\n#   python -m harness.run --config config.yaml\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(header + body)
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, header + body)
     return path
