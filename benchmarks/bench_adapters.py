@@ -6,15 +6,22 @@
 Each round runs one training step (forward, backward, AdamW) of every method on the
 same batch, in a rotated order, so that machine noise hits all methods alike; a
 method's ratio is the median over rounds of its step time divided by LoRA's step
-time in the same round. Memory: on CUDA the peak allocated during a step; on CPU
-(no allocator statistics) an exact account of what differs between methods:
-trainable parameters, their gradients and AdamW's two moments, plus the bytes of
-every tensor autograd saves for backward during the forward pass.
+time in the same round. Memory, exactly accounted on any device: trainable parameters,
+their gradients and AdamW's two moments, plus the bytes of every tensor autograd saves
+for backward during the forward pass; on CUDA also the peak a training step allocates
+above what was resident before it.
 
 Merged inference: a trained-looking LinChain adapter is merged into the base
 weights, and its forward time is compared with the untouched base model's
 (interleaved, median of paired ratios). Targets (issue 2): MoSLoRA and MTLoRA <= 1.02,
 LinChain-3 <= 1.03, merged inference <= 1.01.
+
+On a GPU, steps run under the same bf16 autocast as training. ``--random-weights`` builds the
+model from ``--model``'s config.json alone, with random weights: step times do not depend on the
+weights' values, so a large architecture (a folder holding just its config.json) can be timed
+without downloading it:
+
+    python benchmarks/bench_adapters.py --model configs/llama-3.2-1b --random-weights --seq-len 256
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.adapters import get_adapter_model, trainable_parameters  # noqa: E402
 from harness.models import DEFAULT_MODEL, load_model  # noqa: E402
+from harness.train import autocast_for  # noqa: E402
 
 METHODS = ["lora", "moslora", "linchain", "mtlora:structure=shim", "mtlora:structure=icfm",
            "mtlora:structure=ctcm", "mtlora:structure=dtsm", "condlora"]
@@ -49,7 +57,8 @@ def saved_activation_bytes(model, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
+        with autocast_for(next(model.parameters()).device):
+            loss = model(**batch).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -71,13 +80,23 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds (after one warm-up round)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build the model from --model's config.json with random weights (timing only)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     methods = [m for m in args.methods.replace(";", "|").split("|")] if ";" in args.methods else args.methods.split(",")
     methods = ["lora"] + [m for m in methods if m != "lora"]
-    base, _ = load_model(args.model)
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        with device:
+            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
+    else:
+        base, _ = load_model(args.model)
     base.to(device)
+    autocast = autocast_for(device)
     vocab = base.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g).to(device)
@@ -99,18 +118,21 @@ def main(argv=None) -> int:
         model, opt = models[spec], optims[spec]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()
         sync(device)
         t0 = time.perf_counter()
-        loss = model(**batch).loss
+        with autocast:
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
         if device.type == "cuda":
-            memory[spec]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            # what the step itself adds on top of everything resident (all methods' models stay loaded)
+            memory[spec]["step_mb"] = (torch.cuda.max_memory_allocated() - resident) / 2**20
         return time.perf_counter() - t0
 
-    print(f"model {args.model} on {device}, batch {args.batch_size} x {args.seq_len}, r {args.rank}, "
+    print(f"model {args.model}{' (random weights)' if args.random_weights else ''} on {device}, batch {args.batch_size} x {args.seq_len}, r {args.rank}, "
           f"alpha {args.alpha:g}, targets {'+'.join(TARGETS)}, {args.rounds} rounds", flush=True)
     for spec in methods:  # warm-up
         step(spec)
@@ -125,13 +147,15 @@ def main(argv=None) -> int:
     ratios = {s: statistics.median(t / l for t, l in zip(times[s], times["lora"])) for s in methods}
     print()
     header = f"{'method':28s} {'trainable':>10s} {'median step s':>13s} {'ratio to LoRA':>13s} "
-    header += "{:>12s}".format("peak MB" if device.type == "cuda" else "state MB") + f" {'saved act MB':>12s}"
+    header += f"{'state MB':>9s} {'saved act MB':>12s}" + (f" {'step MB':>9s}" if device.type == "cuda" else "")
     print(header)
     for s in methods:
         mem = memory[s]
-        col = mem.get("peak_mb", mem["adapter_state_mb"])
         print(f"{s:28s} {mem['trainable']:>10,d} {statistics.median(times[s]):>13.3f} {ratios[s]:>13.3f} "
-              f"{col:>12.1f} {mem['activations_mb']:>12.1f}")
+              f"{mem['adapter_state_mb']:>9.1f} {mem['activations_mb']:>12.1f}"
+              + (f" {mem['step_mb']:>9.1f}" if "step_mb" in mem else ""))
+    print("state MB: adapter parameters, gradients and AdamW moments; saved act MB: tensors autograd keeps for "
+          "backward" + ("; step MB: peak memory a training step adds above what is resident" if device.type == "cuda" else ""))
 
     # Merged inference against the base model.
     merged_src = models.get("linchain") or models[methods[-1]]
@@ -145,12 +169,14 @@ def main(argv=None) -> int:
     infer = {"base": [], "merged": []}
     with torch.no_grad():
         for _ in range(2):
-            base(ids), merged(ids)
+            with autocast:
+                base(ids), merged(ids)
         for k in range(max(args.rounds * 2, 6)):
             for name, m in (("base", base), ("merged", merged)) if k % 2 == 0 else (("merged", merged), ("base", base)):
                 sync(device)
                 t0 = time.perf_counter()
-                m(ids)
+                with autocast:
+                    m(ids)
                 sync(device)
                 infer[name].append(time.perf_counter() - t0)
     merged_ratio = statistics.median(m / b for m, b in zip(infer["merged"], infer["base"]))

@@ -114,7 +114,7 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     step_model = _wrap_distributed(model) if world_size > 1 else model
-    autocast = _autocast(device)
+    autocast = autocast_for(device)
 
     result = TrainResult()
     _reset_peak_memory(device)
@@ -162,7 +162,8 @@ def train(
     return result
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device):
+    """The mixed precision training uses: bf16 autocast on GPUs that support it, none elsewhere."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)

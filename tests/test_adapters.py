@@ -45,15 +45,20 @@ SPECS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def base():
-    return tiny_random_model(seed=0)
+# Every property below is checked on the CPU, and again on the GPU where there is one (adapter tensors
+# created on the wrong device, or a merge that differs there, only show up on it).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def base(request):
+    return tiny_random_model(seed=0).to(request.param)
 
 
 @pytest.fixture(scope="module")
-def ids():
+def ids(base):
     g = torch.Generator().manual_seed(123)
-    return torch.randint(3, 250, (3, 16), generator=g)
+    return torch.randint(3, 250, (3, 16), generator=g).to(base.device)
 
 
 def logits(model, ids):
@@ -144,11 +149,11 @@ def test_export_lora_loads_in_plain_peft_without_harness(base, ids, trained, tmp
     """A separate process that never imports harness loads each export with plain peft: same logits."""
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
-    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(ids.cpu(), tmp_path / "ids.pt")  # the plain-peft process runs on the CPU
     expected = {}
     for i, spec in enumerate(SPECS):
         export_lora(trained[spec], tmp_path / f"export{i}")
-        expected[i] = logits(trained[spec], ids)
+        expected[i] = logits(trained[spec], ids).cpu()
         saved = json.loads((tmp_path / f"export{i}" / "adapter_config.json").read_text())
         assert saved["peft_type"] == "LORA" and saved["r"] == R and "harness_method" not in saved
     script = textwrap.dedent(f"""
