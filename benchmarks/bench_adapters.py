@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,6 +64,33 @@ def saved_activation_bytes(model, batch) -> int:
     model.zero_grad(set_to_none=True)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for (ptr, _), n in seen.items() if ptr not in params)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators a step dispatches below autograd (on a GPU, about one kernel launch each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_profile(step, device) -> dict:
+    """Operators dispatched by one step and, on CUDA, the GPU's busy time (sum of kernel times) in it."""
+    with _OpCounter() as counter:
+        step()
+    out = {"ops": counter.count}
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        out["gpu_ms"] = sum(e.self_device_time_total for e in kernels) / 1000
+    return out
 
 
 def sync(device):
@@ -145,17 +173,25 @@ def main(argv=None) -> int:
               flush=True)
 
     ratios = {s: statistics.median(t / l for t, l in zip(times[s], times["lora"])) for s in methods}
+    profiles = {spec: step_profile(lambda: step(spec), device) for spec in methods}
     print()
     header = f"{'method':28s} {'trainable':>10s} {'median step s':>13s} {'ratio to LoRA':>13s} "
     header += f"{'state MB':>9s} {'saved act MB':>12s}" + (f" {'step MB':>9s}" if device.type == "cuda" else "")
+    header += f" {'ops/step':>9s}" + (f" {'GPU ms':>8s} {'GPU ratio':>9s}" if device.type == "cuda" else "")
     print(header)
     for s in methods:
         mem = memory[s]
         print(f"{s:28s} {mem['trainable']:>10,d} {statistics.median(times[s]):>13.3f} {ratios[s]:>13.3f} "
               f"{mem['adapter_state_mb']:>9.1f} {mem['activations_mb']:>12.1f}"
-              + (f" {mem['step_mb']:>9.1f}" if "step_mb" in mem else ""))
+              + (f" {mem['step_mb']:>9.1f}" if "step_mb" in mem else "")
+              + f" {profiles[s]['ops']:>9d}"
+              + (f" {profiles[s]['gpu_ms']:>8.1f} {profiles[s]['gpu_ms'] / profiles['lora']['gpu_ms']:>9.3f}"
+                 if "gpu_ms" in profiles[s] else ""))
     print("state MB: adapter parameters, gradients and AdamW moments; saved act MB: tensors autograd keeps for "
-          "backward" + ("; step MB: peak memory a training step adds above what is resident" if device.type == "cuda" else ""))
+          "backward" + ("; step MB: peak memory a training step adds above what is resident" if device.type == "cuda" else "")
+          + "; ops/step: operators dispatched (each a kernel launch on a GPU)"
+          + ("; GPU ms: the kernels' busy time in one step (when the step ratio exceeds the GPU ratio, the "
+             "difference is launch overhead on the CPU, hidden once the GPU is the bottleneck)" if device.type == "cuda" else ""))
 
     # Merged inference against the base model.
     merged_src = models.get("linchain") or models[methods[-1]]

@@ -99,8 +99,18 @@ class MiddleFactor(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective A: T A."""
-        return middle_product(self.middle, self.product) @ self.factor
+        """The effective A: T A, in the parameters' precision even under autocast.
+
+        The r x r products are tiny; keeping them out of autocast saves a cast of every middle matrix
+        (and of its gradient) per step, so only the (r x d_in) result is cast, as plain LoRA's A is.
+        """
+        with torch.autocast(self.factor.device.type, enabled=False):
+            return middle_product(self.middle, self.product) @ self.factor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The factor's dtype, without computing it (see :meth:`HarnessLinear.forward`)."""
+        return self.factor.dtype
 
     def middle_matrix(self) -> torch.Tensor:
         """T alone (r x r), for inspection and analysis."""

@@ -60,6 +60,11 @@ class GeneratedFactor(nn.Module):
         return self._refs["maps"]
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The factor's dtype, without computing it (see :meth:`HarnessLinear.forward`)."""
+        return self.maps[0].dtype
+
+    @property
     def weight(self) -> torch.Tensor:
         theta_a, theta_b = self.maps[0], self.maps[1]
         w0 = self._refs["base"].weight.to(theta_a.dtype)

@@ -11,8 +11,11 @@ swaps in the method's factor modules:
 - CondLoRA: ``lora_A`` and ``lora_B`` become
   :class:`~harness.adapters.condlora.GeneratedFactor` modules reading shared maps.
 
-peft's forward, merge, unmerge and delta-weight code then run unchanged, because
-they only ever use ``lora_A.weight``, ``lora_B.weight`` and the modules' forward.
+peft's merge, unmerge and delta-weight code then run unchanged, because they only
+ever use ``lora_A.weight``, ``lora_B.weight`` and the modules' forward. The forward is
+peft's too, with one change for computed factors: the dtype check that peft does by
+reading ``lora_A.weight.dtype`` (which would compute T A, or CondLoRA's A, a second
+time in every forward) reads the factor's ``dtype`` instead.
 
 The saved adapter_config.json says ``peft_type: "LORA"`` plus our fields; plain
 ``PeftModel.from_pretrained`` would load it as plain LoRA, which is why
@@ -29,6 +32,7 @@ from typing import Optional
 
 import torch
 from peft import LoraConfig
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
@@ -106,6 +110,30 @@ class HarnessLinear(LoraLinear):
             self.lora_B[adapter_name] = GeneratedFactor("B", base, maps)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """peft's LoRA forward, reading a computed factor's dtype instead of computing the factor for it.
+
+        Merged layers, disabled adapters, mixed-adapter batches, peft's own variants and layers with only
+        plain factors all go through peft's forward unchanged.
+        """
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        computed = (MiddleFactor, GeneratedFactor)
+        if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+                or any(name in self.lora_variant for name in active)
+                or not any(isinstance(self.lora_A[name], computed) for name in active)):
+            return super().forward(x, *args, **kwargs)
+        self._check_forward_args(x, *args, **kwargs)
+        for key in VARIANT_KWARG_KEYS:
+            kwargs.pop(key, None)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name in active:
+            lora_A = self.lora_A[name]
+            dtype = lora_A.dtype if isinstance(lora_A, computed) else lora_A.weight.dtype
+            x = self._cast_input_dtype(x, dtype)
+            result = result + self.lora_B[name](lora_A(self.lora_dropout[name](x))) * self.scaling[name]
+        return result.to(result_dtype)
 
     def _shared_condlora_maps(self, config, adapter_name: str, target_name: str, r: int, generator):
         """The (Theta_A, Theta_B) pair for this layer's module type; registered here if this layer is its owner."""
