@@ -11,6 +11,9 @@ The story of a run, top to bottom:
    (a NaN loss, a crash) marks that run FAILED and the others go on;
 4. write results/<run name>/ (summary.md, summary.csv, plots, config.yaml) and log it.
 
+Under ``torchrun`` every rank trains each method in step (data parallel); rank 0 alone
+evaluates, logs to MLflow and writes results/ (see :mod:`harness.distributed`).
+
 Ctrl-C marks the MLflow runs KILLED and removes the unfinished results folder.
 """
 
@@ -39,7 +42,7 @@ from harness.errors import UserError, cli_entry
 class RunOutcome:
     """What a finished run produced: its folder, the base row, one result per method and seed."""
 
-    run_dir: Path
+    run_dir: Path | None  # None on the ranks other than 0 of a torchrun job: they write nothing
     base: object
     results: list = field(default_factory=list)
     parent_run_id: str | None = None
@@ -93,9 +96,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     ``on_intermediate(label, seed, step, average_score)`` is called every ``intermediate_every`` training
     steps after a quick evaluation (with ``cfg.limit`` items); raising :class:`Pruned` there stops the run.
     """
-    import torch
-
     from harness import data as hdata
+    from harness import distributed
     from harness import evaluate as hevaluate
     from harness.adapters import validate_against_model
     from harness.models import load_model
@@ -104,9 +106,14 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
 
     # 1. Everything a user can get wrong, before any training.
     plans = plan_methods(cfg)
+    ctx = distributed.context()
+    if ctx.distributed and on_intermediate is not None:
+        raise UserError("ablation trials run one process each: start more study workers instead of torchrun")
+    if not ctx.is_main:
+        log = _quiet
     data_dir = hdata.resolve_data_dir(cfg.data_dir)
     eval_checksums = task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format)  # also rejects unknown tasks
-    if tracker is None:
+    if tracker is None and ctx.is_main:  # one process creates the SQLite schema; the others never track
         check_tracking_uri(cfg.tracking_uri)
     records = hdata.load_records(cfg.train_data, data_dir, seed=cfg.seeds[0])
     model, tokenizer = load_model(cfg.model)
@@ -114,16 +121,20 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         validate_against_model(model, plan.spec)
     examples = hdata.build_train_dataset(records, tokenizer, prompt_format=cfg.prompt_format,
                                          train_on_inputs=cfg.train_on_inputs, cutoff_len=cfg.cutoff_len)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ctx.device
     model.to(device)
     collate = _collate_for(hdata, tokenizer)
     checksums = {"train_data": records_checksum(records), **eval_checksums}
+    if not ctx.is_main:
+        _follow_main_rank(cfg, plans, model, examples, collate)
+        return RunOutcome(run_dir=None, base=None)
 
     run_name = cfg.run_name or default_run_name()
     run_dir = unique_run_dir(cfg.output_dir, run_name) if write_results else Path(tempfile.mkdtemp(prefix="run-"))
     tracker = tracker or Tracker(cfg.tracking_uri, cfg.experiment)
     outcome = RunOutcome(run_dir=run_dir, base=None)
-    log(f"run {run_dir.name}: {len(plans)} method(s) x {len(cfg.seeds)} seed(s) on {cfg.model} ({device}), "
+    where = f"{device}" + (f", {ctx.world_size} ranks" if ctx.distributed else "")
+    log(f"run {run_dir.name}: {len(plans)} method(s) x {len(cfg.seeds)} seed(s) on {cfg.model} ({where}), "
         f"{len(examples)} training examples, tasks {', '.join(cfg.tasks)}; results in {run_dir}")
     eval_kwargs = dict(tasks=cfg.tasks, data_dir=data_dir, limit=cfg.limit, batch_size=cfg.eval_batch_size,
                        num_beams=cfg.num_beams, prompt_format=cfg.prompt_format)
@@ -148,7 +159,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
             for seed in cfg.seeds:
                 for plan in plans:
                     result = _run_method(cfg, plan, seed, model, tokenizer, examples, collate, eval_kwargs,
-                                         tracker, top, run_dir, progress, log, intermediate_every, on_intermediate)
+                                         tracker, top, run_dir, progress, log, intermediate_every, on_intermediate,
+                                         data_parallel=ctx.distributed)
                     outcome.results.append(result)
 
             # 4. The report.
@@ -170,23 +182,63 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     return outcome
 
 
+def _train_settings(cfg: RunConfig, spec, seed: int):
+    from harness.train import TrainSettings
+
+    return TrainSettings(lr=spec.lr or cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                         max_steps=cfg.max_steps, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
+                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the job."""
+
+
+def _follow_main_rank(cfg: RunConfig, plans, base_model, examples, collate) -> None:
+    """A rank other than 0 of a torchrun job: train every method in step with rank 0, nothing else.
+
+    The order (seeds, then methods) and each method's start are rank 0's, so the ranks meet in the same
+    collectives. A non-finite loss is seen by every rank at the same step (the check uses the mean over
+    ranks); rank 0 records that failure and all go on with the next method.
+    """
+    import torch
+
+    from harness.adapters import get_adapter_model
+    from harness.train import NonFiniteLoss, train
+
+    for seed in cfg.seeds:
+        for plan in plans:
+            torch.manual_seed(seed)
+            model = get_adapter_model(copy.deepcopy(base_model), plan.spec)
+            try:
+                train(model, examples, collate, _train_settings(cfg, plan.spec, seed), progress=False)
+            except NonFiniteLoss:
+                pass
+            finally:
+                del model
+                gc.collect()
+
+
 def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_kwargs, tracker, top, run_dir,
-                progress, log, intermediate_every=None, on_intermediate=None):
-    """Train and evaluate one method with one seed in its own nested MLflow run; a failure is recorded, not raised."""
+                progress, log, intermediate_every=None, on_intermediate=None, data_parallel=False):
+    """Train and evaluate one method with one seed in its own nested MLflow run; a failure is recorded, not raised.
+
+    Under torchrun (``data_parallel``) a crash before training has finished ends the whole job instead: the
+    other ranks cannot know about it and would wait for this one forever.
+    """
     import torch
 
     from harness import evaluate as hevaluate
     from harness.adapters import get_adapter_model, save_adapter, trainable_parameters
     from harness.report import SystemResult
-    from harness.train import NonFiniteLoss, TrainSettings, train
+    from harness.train import NonFiniteLoss, train
 
     name = f"{plan.label}-seed{seed}"
     spec = plan.spec
-    settings = TrainSettings(lr=spec.lr or cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                             max_steps=cfg.max_steps, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
-                             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed)
+    settings = _train_settings(cfg, spec, seed)
     result = SystemResult(method=plan.label, seed=seed)
     peft_model = None
+    trained = None
     try:
         with tracker.run(name, parent=top, tags={"method": spec.method, "label": plan.label, "seed": seed}) as h:
             h.log_params({"spec": spec.canonical(), "method": spec.method, "label": plan.label, "seed": seed,
@@ -228,6 +280,8 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
     except (KeyboardInterrupt, UserError, Pruned):
         raise
     except Exception as err:  # noqa: BLE001 (a crash in one method must not lose the others)
+        if data_parallel and trained is None:
+            raise
         result.error = f"{type(err).__name__}: {err}"
         traceback.print_exc()
         log(f"{name}: FAILED: {result.error}; going on with the other methods")
@@ -316,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's concern
+    from harness import distributed
+
     cfg = config_from_args(argv)
     started = time.perf_counter()
     try:
@@ -323,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: MLflow runs marked KILLED; nothing was written to results/", file=sys.stderr)
         return 130
+    ctx = distributed.context()
+    distributed.barrier(ctx)  # the other ranks wait for rank 0's last evaluation and report
+    distributed.shutdown(ctx)
+    if not ctx.is_main:
+        return 0
     print(f"done in {time.perf_counter() - started:.0f} s; open the MLflow UI with: "
           f"mlflow ui --backend-store-uri {cfg.tracking_uri or 'sqlite:///mlflow.db'}")
     if outcome.failed:

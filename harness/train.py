@@ -10,13 +10,16 @@ method's run as failed and goes on with the others.
 
 Data parallel: under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in
 DistributedDataParallel and each rank takes every WORLD_SIZE-th micro-batch of the
-same seeded order; the effective batch is batch_size x grad_accum x WORLD_SIZE.
+same seeded order; the effective batch is batch_size x grad_accum x WORLD_SIZE, and N
+ranks train exactly as one process with N times the gradient accumulation would. The
+logged loss is the mean over ranks, and the non-finite check uses it, so every rank
+stops at the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -101,25 +104,27 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    from harness import distributed
+
     if not examples:
         raise ValueError("no training examples")
     device = next(model.parameters()).device
-    rank, world_size = _distributed_rank_and_size()
-    steps = total_steps(len(examples), settings, world_size)
-    micro_batches = batch_order(len(examples), steps * settings.grad_accum * world_size, settings.batch_size,
+    ctx = distributed.context()
+    steps = total_steps(len(examples), settings, ctx.world_size)
+    micro_batches = batch_order(len(examples), steps * settings.grad_accum * ctx.world_size, settings.batch_size,
                                 settings.seed)
-    micro_batches = micro_batches[rank::world_size]
+    micro_batches = micro_batches[ctx.rank::ctx.world_size]
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
-    step_model = _wrap_distributed(model) if world_size > 1 else model
+    step_model = _wrap_distributed(model) if ctx.distributed else model
     autocast = autocast_for(device)
 
     result = TrainResult()
     _reset_peak_memory(device)
     model.train()
-    bar = tqdm(total=steps, desc=description, disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=description, disable=not progress or not ctx.is_main, dynamic_ncols=True)
     start = time.perf_counter()
     try:
         for step in range(1, steps + 1):
@@ -127,14 +132,18 @@ def train(
             for micro in range(settings.grad_accum):
                 batch = collate([examples[i] for i in micro_batches[(step - 1) * settings.grad_accum + micro]])
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast:
-                    loss = step_model(**batch).loss / settings.grad_accum
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss became {loss.item()} at step {step}: lower the learning rate "
-                                        f"(now {settings.lr:g}) or check the data")
-                loss.backward()
+                last = micro == settings.grad_accum - 1
+                # gradients are averaged across ranks once per step, on the last micro-batch
+                with contextlib.nullcontext() if last or not ctx.distributed else step_model.no_sync():
+                    with autocast:
+                        loss = step_model(**batch).loss / settings.grad_accum
+                    loss.backward()
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
+            step_loss = distributed.mean_over_ranks(step_loss, ctx)
+            if not math.isfinite(step_loss):
+                raise NonFiniteLoss(f"loss became {step_loss} at step {step}: lower the learning rate "
+                                    f"(now {settings.lr:g}) or check the data")
             if settings.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
@@ -142,7 +151,7 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.steps = step
-            result.tokens += step_tokens * world_size
+            result.tokens += step_tokens * ctx.world_size
             result.losses.append((step, step_loss))
             result.learning_rates.append((step, lr))
             if on_step is not None:
@@ -167,14 +176,6 @@ def autocast_for(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
-
-
-def _distributed_rank_and_size() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available():
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _wrap_distributed(model):
