@@ -52,10 +52,23 @@ def context() -> Context:
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        minutes = float(os.environ.get("HARNESS_DIST_TIMEOUT_MIN", "720"))
+        minutes = _timeout_minutes()
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                              timeout=timedelta(minutes=minutes))
     return Context(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
+
+
+def _timeout_minutes() -> float:
+    from harness.errors import UserError
+
+    raw = os.environ.get("HARNESS_DIST_TIMEOUT_MIN", "720")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0 or minutes == float("inf"):
+        raise UserError(f"HARNESS_DIST_TIMEOUT_MIN={raw!r}: expected a positive number of minutes")
+    return minutes
 
 
 def mean_over_ranks(value: float, ctx: Context) -> float:

@@ -75,3 +75,23 @@ def test_two_ranks_train_exactly_as_one_process_accumulating_two_micro_batches(t
         loss_ddp = runs_ddp[runs_ddp["tags.mlflow.runName"] == name]["metrics.final_train_loss"].iloc[0]
         loss_single = runs_single[runs_single["tags.mlflow.runName"] == name]["metrics.final_train_loss"].iloc[0]
         assert loss_ddp == pytest.approx(loss_single, rel=1e-5)
+
+
+@pytest.mark.parametrize("raw", ["ten", "0", "-5", "inf"])
+def test_a_bad_timeout_fails_with_a_clear_message(monkeypatch, raw):
+    from harness import distributed
+    from harness.errors import UserError
+
+    monkeypatch.setenv("HARNESS_DIST_TIMEOUT_MIN", raw)
+    with pytest.raises(UserError, match="HARNESS_DIST_TIMEOUT_MIN"):
+        distributed._timeout_minutes()
+
+
+def test_without_torchrun_nothing_is_distributed(monkeypatch):
+    from harness import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = distributed.context()
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)
+    assert not torch.distributed.is_initialized()
+    assert distributed.mean_over_ranks(2.5, ctx) == 2.5
