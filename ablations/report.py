@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.report import atomic_path, write_text_atomic
+from harness.report import atomic_path, pyplot, save_figure, write_text_atomic
 
 
 def report_dir(plan) -> Path:
@@ -131,7 +131,7 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
              f"- **training**: {cfg['max_steps'] or str(cfg['epochs']) + ' epoch(s)'} steps, batch {cfg['batch_size']}, "
              f"lr {cfg['lr']:g}, rank {cfg['rank']}, alpha {cfg['alpha']:g}",
              f"- **seeds**: {', '.join(map(str, plan.seeds))}",
-             f"- **trials**: " + (", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none"), ""]
+             "- **trials**: " + (", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none"), ""]
     if points is not None:
         lines += ["Average accuracy (%) over the tasks, mean ± std over seeds.", "",
                   "| configuration | seeds | failed | trainable params | average accuracy |",
@@ -191,15 +191,6 @@ def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
 # Plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_axis(plan) -> str:
     """The axis on the x axis: the study file's plot.x, else the first option that varies (else the method)."""
     if plan.plot_x:
@@ -216,7 +207,7 @@ def _plot_axis(plan, storage, trials, points, folder: Path) -> Path | None:
         return None
     from ablations.studyfile import spec_of
 
-    plt = _pyplot()
+    plt = pyplot()
     x_key = plot_axis(plan)
     series: dict[str, list[tuple[Any, float, float]]] = {}
     references = []
@@ -263,12 +254,7 @@ def _plot_axis(plan, storage, trials, points, folder: Path) -> Path | None:
     ax.set_title(f"{plan.name}: mean ± std over {len(plan.seeds)} seed(s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = folder / f"score_vs_{x_key}.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, folder / f"score_vs_{x_key}.png", dpi=120)
 
 
 def _nz(value: float) -> float:
@@ -278,7 +264,7 @@ def _nz(value: float) -> float:
 def _plot_pareto(plan, storage, trials, points, folder: Path) -> Path | None:
     if plan.kind != "pareto":
         return None
-    plt = _pyplot()
+    plt = pyplot()
     done = points.dropna(subset=["mean", "trainable_params"])
     if not len(done):
         return None
@@ -296,18 +282,13 @@ def _plot_pareto(plan, storage, trials, points, folder: Path) -> Path | None:
     ax.set_title(f"{plan.name}: accuracy against trainable parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = folder / "pareto_front.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, folder / "pareto_front.png", dpi=120)
 
 
 def _plot_lr(plan, storage, trials, points, folder: Path) -> Path | None:
     if plan.kind != "tpe" or not len(trials):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, name in enumerate(plan.optuna_names()):
         mine = trials[(trials["study"] == name) & trials["state"].isin(["COMPLETE", "PRUNED"])]
@@ -321,12 +302,7 @@ def _plot_lr(plan, storage, trials, points, folder: Path) -> Path | None:
     ax.set_title(f"{plan.name}: TPE search per method")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = folder / "lr_search.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, folder / "lr_search.png", dpi=120)
 
 
 def _plot_importances(plan, storage, trials, points, folder: Path) -> Path | None:
@@ -351,7 +327,7 @@ def _plot_importances(plan, storage, trials, points, folder: Path) -> Path | Non
             importances[name] = found
     if not importances:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.35 * sum(len(v) for v in importances.values())))
     labels, values = [], []
     for name, found in importances.items():
@@ -363,12 +339,7 @@ def _plot_importances(plan, storage, trials, points, folder: Path) -> Path | Non
     ax.invert_yaxis()
     ax.set_xlabel("importance for the average accuracy (Optuna's default evaluator)")
     ax.set_title(f"{plan.name}: parameter importances")
-    fig.tight_layout()
-    path = folder / "param_importances.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, folder / "param_importances.png", dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------------------

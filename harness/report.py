@@ -307,7 +307,7 @@ def header_from_config(cfg: "RunConfig") -> dict[str, str]:
 # Plots
 
 
-def _pyplot():
+def pyplot():
     """matplotlib with the non-interactive Agg backend, imported only when a plot is drawn."""
     import matplotlib
 
@@ -315,6 +315,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int | None = None) -> Path:
+    """Lay out ``fig``, write it as PNG atomically (no half-written file on a crash) and close it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)
 
 
 def _method_colour(plt: Any, methods: Sequence[str], method: str) -> Any:
@@ -330,7 +339,7 @@ def plot_loss_curves(results: Sequence[SystemResult], path: str | os.PathLike, s
     """
     import pandas as pd
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     all_methods = list(dict.fromkeys(r.method for r in results))
     methods = [m for m in all_methods if any(r.loss_curve for r in results if r.method == m)]
@@ -362,16 +371,12 @@ def plot_loss_curves(results: Sequence[SystemResult], path: str | os.PathLike, s
     ax.grid(True, alpha=0.3)
     if methods:
         ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_scores(table: "pd.DataFrame", tasks: Sequence[str], path: str | os.PathLike) -> Path:
     """Grouped bars: each task (and the average) on the x axis, one bar per method, std-over-seeds error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = list(tasks) + (["average"] if len(tasks) > 1 else [])
     all_methods = [m for m in table["method"] if m != BASE]
     table = table[table["seeds"] > 0]  # a method whose runs all failed has nothing to draw
@@ -395,11 +400,7 @@ def plot_scores(table: "pd.DataFrame", tasks: Sequence[str], path: str | os.Path
     ax.set_title("Scores per task (error bars: std over seeds)", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------

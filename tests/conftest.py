@@ -46,3 +46,18 @@ def tiny_tokenizer():
     from harness.models import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def mlflow_runs_of():
+    """A function: every MLflow run in the ``mlflow.db`` of a folder, as ``mlflow.search_runs`` returns them."""
+    import mlflow
+
+    def runs_of(folder: Path):
+        mlflow.set_tracking_uri(f"sqlite:///{Path(folder) / 'mlflow.db'}")
+        try:
+            return mlflow.search_runs(search_all_experiments=True)
+        finally:
+            mlflow.set_tracking_uri(None)
+
+    return runs_of

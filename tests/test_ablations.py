@@ -309,6 +309,7 @@ def test_tuning_study_prunes_on_intermediate_scores_and_keeps_its_budget(tmp_pat
     assert states["PRUNED"] >= 1, states
     folder = write_report(plan, storage)
     assert (folder / "lr_search.png").is_file() and "best lr" in (folder / "summary.md").read_text()
+    assert (folder / "param_importances.png").is_file()  # lr varies in every method's study
 
 
 def test_pareto_study_has_two_objectives_and_a_front(tmp_path):

@@ -14,16 +14,6 @@ ARGS = ["--model", "tiny-random", "--methods", "lora,linchain:n=2", "--run-name"
         "--max-steps", "3", "--lr", "1e-2", "--limit", "4", "--eval-batch-size", "8", "--tasks", "arithmetic_add_sub"]
 
 
-def runs_of(tmp_path):
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        return mlflow.search_runs(search_all_experiments=True)
-    finally:
-        mlflow.set_tracking_uri(None)
-
-
 def _run(tmp_path, launcher, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [*ARGS, "--output-dir", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -42,12 +32,12 @@ def two_ranks_and_one(tmp_path_factory):
     return (ddp, done_ddp), (single, done_single)
 
 
-def test_two_ranks_write_one_set_of_results_and_one_mlflow_run(two_ranks_and_one):
+def test_two_ranks_write_one_set_of_results_and_one_mlflow_run(two_ranks_and_one, mlflow_runs_of):
     (ddp, done), _ = two_ranks_and_one
     assert done.returncode == 0, done.stderr[-4000:]
     assert [p.name for p in (ddp / "results").iterdir()] == ["ddp"]  # not one folder per rank
     assert "2 ranks" in done.stdout
-    runs = runs_of(ddp)
+    runs = mlflow_runs_of(ddp)
     parents = runs[runs["tags.mlflow.runName"] == "ddp"]
     assert len(parents) == 1 and parents["status"].iloc[0] == "FINISHED"
     children = runs[runs["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
@@ -55,7 +45,7 @@ def test_two_ranks_write_one_set_of_results_and_one_mlflow_run(two_ranks_and_one
     assert len(runs) == 4  # nothing from rank 1
 
 
-def test_two_ranks_train_exactly_as_one_process_accumulating_two_micro_batches(two_ranks_and_one):
+def test_two_ranks_train_exactly_as_one_process_accumulating_two_micro_batches(two_ranks_and_one, mlflow_runs_of):
     """Same batches, gradients averaged over ranks = over accumulated micro-batches: the same adapter."""
     from safetensors.torch import load_file
 
@@ -70,7 +60,7 @@ def test_two_ranks_train_exactly_as_one_process_accumulating_two_micro_batches(t
         assert any(v.abs().sum() > 0 for v in init.values()), "training did not move B"
         for key in a:
             assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), (name, key)
-    runs_ddp, runs_single = runs_of(ddp), runs_of(single)
+    runs_ddp, runs_single = mlflow_runs_of(ddp), mlflow_runs_of(single)
     for name in ["lora-seed0", "linchain-2-seed0"]:
         loss_ddp = runs_ddp[runs_ddp["tags.mlflow.runName"] == name]["metrics.final_train_loss"].iloc[0]
         loss_single = runs_single[runs_single["tags.mlflow.runName"] == name]["metrics.final_train_loss"].iloc[0]

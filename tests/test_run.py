@@ -21,16 +21,6 @@ def smoke_args(tmp_path, *extra):
             f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
 
 
-def runs_of(tmp_path):
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        return mlflow.search_runs(search_all_experiments=True)
-    finally:
-        mlflow.set_tracking_uri(None)
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """One whole run of three methods, as a user would start it, in a separate process."""
@@ -58,10 +48,10 @@ def test_smoke_run_completes_and_writes_results(smoke_run):
     assert again.methods == ["lora", "moslora", "linchain:n=2"] and again.max_steps == 3 and again.limit == 4
 
 
-def test_smoke_run_is_readable_from_mlflow(smoke_run):
+def test_smoke_run_is_readable_from_mlflow(smoke_run, mlflow_runs_of):
     tmp_path, done = smoke_run
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = runs_of(tmp_path)
+    runs = mlflow_runs_of(tmp_path)
     parent = runs[runs["tags.mlflow.runName"] == "smoke"]
     assert len(parent) == 1 and parent["status"].iloc[0] == "FINISHED"
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
@@ -93,7 +83,7 @@ def test_same_seed_reproduces_the_same_numbers(tmp_path):
     assert a.loss_curve == b.loss_curve and a.scores == b.scores and a.correct == b.correct
 
 
-def test_a_failing_method_does_not_lose_the_others(tmp_path):
+def test_a_failing_method_does_not_lose_the_others(tmp_path, mlflow_runs_of):
     from harness.run import run
 
     cfg = config_from_args(smoke_args(tmp_path, "--methods", "lora,linchain:lr=1e30", "--max-grad-norm", "0"))
@@ -102,11 +92,11 @@ def test_a_failing_method_does_not_lose_the_others(tmp_path):
     assert lora.ok and lora.scores
     assert not broken.ok and "loss became" in broken.error
     assert (outcome.run_dir / "summary.md").is_file()
-    runs = runs_of(tmp_path).set_index("tags.mlflow.runName")
+    runs = mlflow_runs_of(tmp_path).set_index("tags.mlflow.runName")
     assert runs.loc["linchain-3-seed0", "status"] == "FAILED" and runs.loc["lora-seed0", "status"] == "FINISHED"
 
 
-def test_ctrl_c_marks_runs_killed_and_leaves_no_results(tmp_path, monkeypatch):
+def test_ctrl_c_marks_runs_killed_and_leaves_no_results(tmp_path, monkeypatch, mlflow_runs_of):
     import harness.train
     from harness.run import run
 
@@ -118,7 +108,7 @@ def test_ctrl_c_marks_runs_killed_and_leaves_no_results(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(cfg, progress=False, log=lambda *a: None)
     assert not (tmp_path / "results" / "stopped").exists()
-    runs = runs_of(tmp_path).set_index("tags.mlflow.runName")
+    runs = mlflow_runs_of(tmp_path).set_index("tags.mlflow.runName")
     assert runs.loc["stopped", "status"] == "KILLED" and runs.loc["lora-seed0", "status"] == "KILLED"
 
 
