@@ -399,21 +399,25 @@ def test_two_workers_on_sqlite_run_every_grid_point_once_and_report(tmp_path):
 def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path):
     import optuna
 
+    from ablations.storage import open_storage
+
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study_file = write_study(tmp_path, MINI)
     command = [sys.executable, "-m", "ablations.study", str(study_file), "--storage", url, *SMOKE,
                "--output-dir", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    victim = None
+    log = tmp_path / "first_worker.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600  # a loaded machine is slow; a worker that ends early stops the wait at once
+    victim, states, storage, last_error = None, Counter(), None, None
     try:
-        while time.time() < deadline and victim is None:
+        while time.time() < deadline and victim is None and proc.poll() is None:
             time.sleep(0.2)
-            if not (tmp_path / "optuna.db").exists():
-                continue
-            try:
-                trials = optuna.load_study(study_name="mini", storage=url).get_trials()
-            except Exception:  # noqa: BLE001 (the study is still being created)
+            try:  # read the way workers do: without creating anything, waiting for the write lock
+                storage = storage or open_storage(url, create=False)
+                trials = optuna.load_study(study_name="mini", storage=storage).get_trials()
+            except Exception as err:  # noqa: BLE001 (the study is still being created)
+                last_error = err
                 continue
             states = Counter(t.state.name for t in trials)
             if states["COMPLETE"] >= 1 and states["RUNNING"] == 1:
@@ -422,7 +426,9 @@ def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    assert victim is not None, "never saw a finished and a running trial"
+    assert victim is not None, (f"never saw a finished and a running trial (last states {dict(states)}, "
+                                f"last read error {last_error!r}); worker exit {proc.returncode}, log:\n"
+                                + log.read_text()[-3000:])
     finished_before = {t.number for t in optuna.load_study(study_name="mini", storage=url).get_trials()
                        if t.state.name == "COMPLETE"}
     again = subprocess.run([*command, "--stale-after", "1"], cwd=tmp_path, env=env(), capture_output=True,
