@@ -4,12 +4,19 @@ A ``UserError`` is a mistake in what the user asked for (an unknown method, a
 missing file, a malformed record): the command line prints its one-line message
 and exits non-zero, without a traceback. Anything else is a bug and keeps its
 traceback.
+
+SIGTERM (``kill``, a batch scheduler's pre-emption, ``docker stop``, torchrun stopping the
+other ranks) is handled like Ctrl-C: the commands' clean-up runs (MLflow runs end KILLED,
+no half-written results folder stays, a running Optuna trial is queued again) and the exit
+code is 143, the shell's code for a process ended by SIGTERM.
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable[..., int | None])
@@ -19,15 +26,41 @@ class UserError(ValueError):
     """A mistake in the user's input; the message is one line that says what to do."""
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM, so Ctrl-C's clean-up runs for it too."""
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what the commands return after Ctrl-C
+EXIT_SIGTERM = 128 + signal.SIGTERM
+_received: list[int] = []
+
+
+def _raise_terminated(signum, frame):
+    _received.append(signum)
+    raise Terminated(f"received signal {signum}")
+
+
 def cli_entry(main: F) -> F:
-    """Wrap a ``main(argv) -> exit code`` so that a ``UserError`` becomes one line on stderr and exit 2."""
+    """Wrap a ``main(argv) -> exit code``: a ``UserError`` becomes one line on stderr and exit 2;
+    SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) and ends with exit 143."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+        _received.clear()
         try:
-            return main(*args, **kwargs)
+            code = main(*args, **kwargs)
+            # the command's own Ctrl-C handling ran for a SIGTERM: report it as such
+            return EXIT_SIGTERM if _received and code == EXIT_INTERRUPTED else code
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except Terminated:  # outside the command's own handling (e.g. while the model loads)
+            print("\nterminated (SIGTERM)", file=sys.stderr)
+            return EXIT_SIGTERM
+        finally:
+            if in_main_thread and previous is not None:  # None: a handler installed outside Python
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]

@@ -396,7 +396,11 @@ def test_two_workers_on_sqlite_run_every_grid_point_once_and_report(tmp_path):
     assert parent.info.status == "FINISHED"
 
 
-def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path):
+def signal_mid_trial(tmp_path, signum):
+    """Start the MINI study in a worker; once a trial has finished and another runs, send ``signum``.
+
+    Returns the study command, the trial that was running and the ended worker process.
+    """
     import optuna
 
     from ablations.storage import open_storage
@@ -422,13 +426,35 @@ def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path):
             states = Counter(t.state.name for t in trials)
             if states["COMPLETE"] >= 1 and states["RUNNING"] == 1:
                 victim = next(t for t in trials if t.state.name == "RUNNING")
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(signum)
+        proc.wait(timeout=120)
     finally:
         proc.kill()
         proc.wait()
     assert victim is not None, (f"never saw a finished and a running trial (last states {dict(states)}, "
                                 f"last read error {last_error!r}); worker exit {proc.returncode}, log:\n"
                                 + log.read_text()[-3000:])
+    return command, victim, proc
+
+
+def test_sigterm_fails_the_running_trial_and_queues_it_again(tmp_path):
+    import optuna
+
+    _, victim, proc = signal_mid_trial(tmp_path, signal.SIGTERM)
+    assert proc.returncode == 143, (tmp_path / "first_worker.log").read_text()[-3000:]
+    trials = optuna.load_study(study_name="mini", storage=f"sqlite:///{tmp_path / 'optuna.db'}").get_trials()
+    lost = trials[victim.number]
+    assert lost.state.name == "FAIL" and lost.user_attrs.get("killed")
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert [t.state.name for t in retry] == ["WAITING"]
+    assert retry[0].user_attrs["grid_index"] == lost.user_attrs["grid_index"]
+
+
+def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path):
+    import optuna
+
+    command, victim, _ = signal_mid_trial(tmp_path, signal.SIGKILL)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
     finished_before = {t.number for t in optuna.load_study(study_name="mini", storage=url).get_trials()
                        if t.state.name == "COMPLETE"}
     again = subprocess.run([*command, "--stale-after", "1"], cwd=tmp_path, env=env(), capture_output=True,

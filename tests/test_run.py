@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,29 @@ def test_ctrl_c_marks_runs_killed_and_leaves_no_results(tmp_path, monkeypatch, m
     assert not (tmp_path / "results" / "stopped").exists()
     runs = mlflow_runs_of(tmp_path).set_index("tags.mlflow.runName")
     assert runs.loc["stopped", "status"] == "KILLED" and runs.loc["lora-seed0", "status"] == "KILLED"
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, mlflow_runs_of):
+    """`kill` or a scheduler's pre-emption mid-training: exit 143, runs KILLED, no half-written results folder."""
+    command = [sys.executable, "-m", "harness.run", *smoke_args(tmp_path, "--methods", "lora", "--run-name", "term",
+                                                                "--max-steps", "1000000")]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base_samples = tmp_path / "results" / "term" / "samples" / "base.jsonl"
+    try:
+        deadline = time.time() + 300
+        while not base_samples.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert base_samples.exists(), "the run never reached training"
+        time.sleep(1.0)  # well into the (million-step) training
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "results" / "term").exists()
+    runs = mlflow_runs_of(tmp_path).set_index("tags.mlflow.runName")
+    assert runs.loc["term", "status"] == "KILLED" and runs.loc["lora-seed0", "status"] == "KILLED"
 
 
 def test_an_existing_run_folder_is_never_overwritten(tmp_path):
