@@ -71,14 +71,13 @@ def _timeout_minutes() -> float:
     return minutes
 
 
-def mean_over_ranks(value: float, ctx: Context) -> float:
-    """The mean of ``value`` over all ranks (``value`` itself in a single process)."""
+def mean_over_ranks(value: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The mean of the tensor ``value`` over all ranks (``value`` itself in a single process)."""
     if not ctx.distributed:
         return value
-    device = ctx.device if torch.cuda.is_available() else torch.device("cpu")
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return tensor.item() / ctx.world_size
+    total = value.clone()
+    torch.distributed.all_reduce(total)
+    return total / ctx.world_size
 
 
 def barrier(ctx: Context) -> None:

@@ -190,6 +190,16 @@ def _train_settings(cfg: RunConfig, spec, seed: int):
                          weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed)
 
 
+def _fresh_adapter_model(base_model, spec, seed: int):
+    """A copy of the base model with the method's adapter; the same seed gives every method the same initial A."""
+    import torch
+
+    from harness.adapters import get_adapter_model
+
+    torch.manual_seed(seed)
+    return get_adapter_model(copy.deepcopy(base_model), spec)
+
+
 def _quiet(*args, **kwargs) -> None:
     """The log of ranks other than 0: rank 0 speaks for the job."""
 
@@ -201,15 +211,11 @@ def _follow_main_rank(cfg: RunConfig, plans, base_model, examples, collate) -> N
     collectives. A non-finite loss is seen by every rank at the same step (the check uses the mean over
     ranks); rank 0 records that failure and all go on with the next method.
     """
-    import torch
-
-    from harness.adapters import get_adapter_model
     from harness.train import NonFiniteLoss, train
 
     for seed in cfg.seeds:
         for plan in plans:
-            torch.manual_seed(seed)
-            model = get_adapter_model(copy.deepcopy(base_model), plan.spec)
+            model = _fresh_adapter_model(base_model, plan.spec, seed)
             try:
                 train(model, examples, collate, _train_settings(cfg, plan.spec, seed), progress=False)
             except NonFiniteLoss:
@@ -226,10 +232,8 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
     Under torchrun (``data_parallel``) a crash before training has finished ends the whole job instead: the
     other ranks cannot know about it and would wait for this one forever.
     """
-    import torch
-
     from harness import evaluate as hevaluate
-    from harness.adapters import get_adapter_model, save_adapter, trainable_parameters
+    from harness.adapters import save_adapter, trainable_parameters
     from harness.report import SystemResult
     from harness.train import NonFiniteLoss, train
 
@@ -244,8 +248,7 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
             h.log_params({"spec": spec.canonical(), "method": spec.method, "label": plan.label, "seed": seed,
                           "lr": settings.lr, "r": spec.r, "alpha": spec.alpha, "init": spec.init,
                           "structure": spec.structure or "", "chain_widths": "-".join(map(str, spec.chain_widths or ()))})
-            torch.manual_seed(seed)  # the same seed gives every method the same initial A
-            peft_model = get_adapter_model(copy.deepcopy(base_model), spec)
+            peft_model = _fresh_adapter_model(base_model, spec, seed)
             result.trainable_params = trainable_parameters(peft_model)
             h.log_metrics({"trainable_params": result.trainable_params})
             def checkpoint(step: int) -> None:

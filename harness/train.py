@@ -128,9 +128,11 @@ def train(
     start = time.perf_counter()
     try:
         for step in range(1, steps + 1):
-            step_loss, step_tokens = 0.0, 0
+            # summed on the device and read once per step: no host sync per micro-batch
+            step_loss, step_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
             for micro in range(settings.grad_accum):
                 batch = collate([examples[i] for i in micro_batches[(step - 1) * settings.grad_accum + micro]])
+                step_tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
                 batch = {k: v.to(device) for k, v in batch.items()}
                 last = micro == settings.grad_accum - 1
                 # gradients are averaged across ranks once per step, on the last micro-batch
@@ -138,9 +140,8 @@ def train(
                     with autocast:
                         loss = step_model(**batch).loss / settings.grad_accum
                     loss.backward()
-                step_loss += loss.item()
-                step_tokens += int(batch["attention_mask"].sum())
-            step_loss = distributed.mean_over_ranks(step_loss, ctx)
+                step_loss += loss.detach()
+            step_loss = distributed.mean_over_ranks(step_loss, ctx).item()
             if not math.isfinite(step_loss):
                 raise NonFiniteLoss(f"loss became {step_loss} at step {step}: lower the learning rate "
                                     f"(now {settings.lr:g}) or check the data")

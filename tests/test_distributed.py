@@ -84,4 +84,4 @@ def test_without_torchrun_nothing_is_distributed(monkeypatch):
     ctx = distributed.context()
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)
     assert not torch.distributed.is_initialized()
-    assert distributed.mean_over_ranks(2.5, ctx) == 2.5
+    assert distributed.mean_over_ranks(torch.tensor(2.5), ctx) == 2.5
