@@ -102,6 +102,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     from harness.adapters import validate_against_model
     from harness.models import load_model
     from harness.report import SystemResult, default_run_name, header_from_config, unique_run_dir, write_report
+    from harness.fingerprint import protocol_fingerprint
+    from harness.resultfile import RESULT_FILE, build_result, write_result_json
     from harness.tracking import Tracker, check_tracking_uri, run_params
 
     # 1. Everything a user can get wrong, before any training.
@@ -125,6 +127,9 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     model.to(device)
     collate = _collate_for(hdata, tokenizer)
     checksums = {"train_data": records_checksum(records), **eval_checksums}
+    fingerprint = protocol_fingerprint(cfg, model=model, tokenizer=tokenizer, train_checksum=checksums["train_data"],
+                                       eval_checksums=eval_checksums, data_dir=data_dir,
+                                       world_size=ctx.world_size)
     if not ctx.is_main:
         _follow_main_rank(cfg, plans, model, examples, collate)
         return RunOutcome(run_dir=None, base=None)
@@ -141,9 +146,10 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     finished = False
     try:
         top_name = run_dir.name if write_results else run_name
-        with tracker.run(top_name, parent=parent, tags={"kind": "benchmark"}) as top:
+        with tracker.run(top_name, parent=parent, tags={"kind": "benchmark", "protocol": fingerprint["hash"]}) as top:
             outcome.parent_run_id = top.run_id
             top.log_params(run_params(config_to_dict(cfg), checksums))
+            top.client.log_dict(top.run_id, fingerprint, "protocol_fingerprint.json")
 
             # 2. The base model, once.
             if evaluate_base:
@@ -166,9 +172,14 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
             # 4. The report.
             if write_results:
                 written = write_report(run_dir, outcome.base, outcome.results, config=cfg,
-                                       header=header_from_config(cfg))
+                                       header={**header_from_config(cfg),
+                                               "protocol fingerprint": f"{fingerprint['hash']} (parts in result.json; "
+                                                                       "compare runs with python -m harness.compare)"})
+                written[RESULT_FILE] = write_result_json(run_dir, build_result(
+                    run_dir.name, config_to_dict(cfg), fingerprint, outcome.base, outcome.results))
                 for path in written.values():
                     top.log_artifact(path, "results")
+                _log_summary_on_parent(top, run_dir / "summary.csv")
                 log(f"\n{(run_dir / 'summary.md').read_text()}")
                 log(f"results written to {run_dir} ({', '.join(sorted(written))})")
             if outcome.failed:
@@ -180,6 +191,26 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         if not write_results:
             shutil.rmtree(run_dir, ignore_errors=True)
     return outcome
+
+
+def _log_summary_on_parent(top, summary_csv: Path) -> None:
+    """Put the per-method summary on the parent run, so the MLflow UI compares methods without expanding runs.
+
+    Metrics ``<label>/average``, ``<label>/gain_vs_lora`` (and the interval bounds) show in the
+    experiment's chart view and runs table at parent level; ``summary_table.json`` is the same table
+    as an MLflow table artifact (the UI renders it, ``mlflow.load_table`` reads it back).
+    """
+    import pandas as pd
+
+    table = pd.read_csv(summary_csv)
+    metrics = {}
+    for _, row in table.iterrows():
+        for column in ("average", "gain_vs_base", "gain_vs_lora", "gain_vs_lora_low", "gain_vs_lora_high",
+                       "trainable_params"):
+            if column in row and pd.notna(row[column]):
+                metrics[f"{row['method']}/{column}"] = float(row[column])
+    top.log_metrics(metrics)
+    top.client.log_table(top.run_id, data=table, artifact_file="summary_table.json")
 
 
 def _train_settings(cfg: RunConfig, spec, seed: int):

@@ -1,0 +1,109 @@
+"""``result.json``: one machine-readable file per results folder, enough to compare runs launched apart.
+
+It follows the convention of peft's method_comparison suite (one JSON file per experiment with the
+run's metadata, configuration and metrics) and adds what a paired comparison needs:
+
+```
+{"format": 1, "run_name": ..., "created": ISO time,
+ "git": {"commit": sha, "dirty": bool}, "versions": {library: version},
+ "config": the resolved RunConfig, "fingerprint": {"hash": ..., "parts": {...}},
+ "systems": [{"label", "method", "seed", "ok", "error", "scores", "average", "trainable_params",
+              "timings": {...}, "correct": {task: {doc_id: 0/1}}, ...every other SystemResult field}]}
+```
+
+``systems`` holds the base model's row (``method`` "base") and one entry per method and seed; the
+per-item verdicts (``correct``) are what lets :mod:`harness.compare` pair two runs' methods on the
+same test items. :func:`read_result` turns the file back into :class:`~harness.report.SystemResult`
+objects, ignoring fields it does not know (files written by a newer harness still load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from harness.errors import UserError
+
+RESULT_FILE = "result.json"
+FORMAT = 1
+
+
+def _git() -> dict[str, Any]:
+    from harness.tracking import git_commit
+
+    commit = git_commit()
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.removesuffix("+dirty"), "dirty": commit.endswith("+dirty")}
+
+
+def _system(result) -> dict[str, Any]:
+    entry = dataclasses.asdict(result)
+    entry["label"] = result.method
+    entry["ok"] = result.ok
+    entry["correct"] = {task: {str(doc): value for doc, value in items.items()}
+                        for task, items in (result.correct or {}).items()}
+    scores = list((result.scores or {}).values())
+    entry["average"] = sum(scores) / len(scores) if scores else None
+    return entry
+
+
+def build_result(run_name: str, config: Mapping[str, Any], fingerprint: Mapping[str, Any], base,
+                 results: Sequence) -> dict[str, Any]:
+    """The content of result.json for a finished run (``base`` may be None)."""
+    from harness.tracking import library_versions
+
+    return {
+        "format": FORMAT,
+        "run_name": run_name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git": _git(),
+        "versions": library_versions(),
+        "config": dict(config),
+        "fingerprint": dict(fingerprint),
+        "systems": [_system(r) for r in ([base] if base is not None else []) + list(results)],
+    }
+
+
+def write_result_json(run_dir: str | Path, content: Mapping[str, Any]) -> Path:
+    from harness.fsutil import write_text_atomic
+
+    return write_text_atomic(Path(run_dir) / RESULT_FILE, json.dumps(content, indent=1, default=str) + "\n")
+
+
+def load_result_json(path: str | Path, source: str | None = None) -> dict[str, Any]:
+    """Read a result.json file (or a folder holding one); one-line UserError when it is not one."""
+    path = Path(path)
+    name = source or str(path)
+    file = path / RESULT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{name} is not a results folder: it has no {RESULT_FILE} "
+                        "(give a folder written by python -m harness.run, or an MLflow run id)")
+    try:
+        content = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{name}: {RESULT_FILE} is unreadable ({type(err).__name__})") from err
+    if not isinstance(content, dict) or "systems" not in content or "fingerprint" not in content:
+        raise UserError(f"{name}: {RESULT_FILE} has no systems or fingerprint: not written by harness.run")
+    return content
+
+
+def systems_of(content: Mapping[str, Any]):
+    """``(base, results)`` as :class:`~harness.report.SystemResult` objects from a result.json's content."""
+    from harness.report import BASE, SystemResult
+
+    known = {f.name for f in dataclasses.fields(SystemResult)}
+    base, results = None, []
+    for entry in content.get("systems", []):
+        values = {k: v for k, v in entry.items() if k in known}
+        values["method"] = entry.get("label") or entry.get("method")
+        values["loss_curve"] = [tuple(p) for p in values.get("loss_curve") or []]
+        system = SystemResult(**values)
+        if system.method == BASE:
+            base = system
+        else:
+            results.append(system)
+    return base, results
