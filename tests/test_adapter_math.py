@@ -175,7 +175,7 @@ def test_bias_chain_adds_s_B_c_with_c_from_the_affine_chain(base, spec):
     z = x.double() @ factor.factor.detach().double().T
     for i in range(factor.n_middle):       # the chain, one affine map at a time, as the authors' nn.Linear does
         w = getattr(factor, f"middle_{i}").detach().double()
-        b = getattr(factor, f"middle_bias_{i}").detach().double()
+        b = getattr(factor, f"middle_bias_{i}").detach().double()[:, 0]  # stored as a column
         z = z @ w.T + b
     want = S * z @ layer.lora_B["default"].weight.detach().double().T
     with torch.no_grad():

@@ -88,8 +88,9 @@ class MiddleFactor(nn.Module):
     Parameters (saved as ``lora_A.factor``, ``lora_A.middle_<i>`` and ``lora_A.middle_bias_<i>``):
         factor: A, shape (r, d_in), initialised by peft exactly as for plain LoRA.
         middle_0, middle_1, ...: the method's middle matrices, shapes from :attr:`AdapterSpec.middle_shapes`.
-        middle_bias_0, ...: with ``bias=true``, one bias per chain matrix (its output width). The names
-            contain ``middle`` so that per-group statistics file them with the middle matrices.
+        middle_bias_0, ...: with ``bias=true``, one bias per chain matrix, a column of its output width
+            (h_i x 1: peft's save check warns about any 1-D tensor under ``lora_A``). The names contain
+            ``middle`` so that per-group statistics file them with the middle matrices.
 
     With ``freeze_middle=true`` the middle matrices and biases are parameters that never require a gradient
     (:meth:`freeze_middle_`, re-applied by the layer whenever peft re-enables gradients).
@@ -111,7 +112,7 @@ class MiddleFactor(nn.Module):
             self.register_parameter(f"middle_{i}", nn.Parameter(m.to(factor.device)))
         self.has_bias = spec.bias
         if spec.bias:
-            biases = [(torch.empty(out, dtype=factor.dtype), fan_in) for out, fan_in in shapes]
+            biases = [(torch.empty(out, 1, dtype=factor.dtype), fan_in) for out, fan_in in shapes]
             init_biases_(biases, spec.init, generator)
             for i, (b, _) in enumerate(biases):
                 self.register_parameter(f"middle_bias_{i}", nn.Parameter(b.to(factor.device)))
@@ -151,7 +152,7 @@ class MiddleFactor(nn.Module):
             c = self.middle_biases[0]
             for m, b in zip(self.middle[1:], self.middle_biases[1:]):
                 c = m @ c + b
-            return c
+            return c[:, 0]
 
     @property
     def dtype(self) -> torch.dtype:
