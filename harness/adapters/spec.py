@@ -34,7 +34,7 @@ against a model live in :func:`harness.adapters.api.validate_against_model`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from harness.errors import UserError
@@ -247,11 +247,6 @@ def parse_spec(
     return AdapterSpec(method=method, r=r_val, alpha=alpha_val, dropout=dropout_val, targets=target_val,
                        init=init, structure=structure, chain_widths=widths, lr=lr_val, freeze_middle=freeze_middle,
                        bias=bias, form=form, match=match, text=text)
-
-
-def with_overrides(spec: AdapterSpec, **changes) -> AdapterSpec:
-    """A copy of ``spec`` with fields replaced (used by ablations to vary one axis)."""
-    return replace(spec, **changes)
 
 
 def _options(method: str, rest: str, text: str) -> dict[str, str]:
