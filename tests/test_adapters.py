@@ -294,6 +294,9 @@ def test_bad_spec_fails_with_one_clear_line(text, problem, accepted):
     ("lora:r=64", "r=64 is larger than target layer"),
     ("lora:targets=q_proj+nope_proj", "target module 'nope_proj' not found"),
     ("lora:targets=embed_tokens", "only linear layers"),
+    ("lora:targets=nope_proj,match=lora", "target module 'nope_proj' not found"),
+    ("lora:match=moslora:targets=nope_proj", "target module 'nope_proj' not found"),
+    ("lora:match=linchain:r=64", "r=64 is larger than target layer"),
 ])
 def test_spec_that_does_not_fit_the_model_fails_before_touching_it(base, spec, problem):
     from peft.tuners.lora import LoraLayer
@@ -567,6 +570,11 @@ def test_command_line_help_shows_every_method_option(capsys):
         line = next(line for line in shown.splitlines() if line.strip().startswith(f"{method}:"))
         assert all(f"{key}=" in line for key in options), line
     assert "[default rowspace]" in shown and "lora:match=linchain:r=8,widths=8-16-8" in shown
+
+
+def test_parameter_formula_refuses_a_target_the_model_lacks(base):
+    with pytest.raises(UserError, match="target module 'nope_proj' not found"):
+        expected_parameters(base, "lora:targets=q_proj+nope_proj")
 
 
 def test_command_line_describes_a_matched_lora(capsys):

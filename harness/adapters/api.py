@@ -246,6 +246,9 @@ def _target_shapes(model_or_config, targets) -> dict[str, list[tuple[int, int]]]
     if shapes is None:
         found = target_layers(model_or_config, targets)
         shapes = {t: [tuple(m.weight.shape) for _, m in layers] for t, layers in found.items()}
+    missing = [t for t, per_type in shapes.items() if not per_type]
+    if missing:
+        raise UserError(f"target module {missing[0]!r} not found in the model; name its linear layers in targets")
     return shapes
 
 
