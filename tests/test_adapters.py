@@ -351,7 +351,8 @@ def test_labels_name_the_method_and_every_option_off_its_default():
         "mtlora:structure=icfm": "mtlora-icfm", "linchain:r=8,widths=8-16-8": "linchain-8-16-8",
         "moslora:init=orthogonal": "moslora-orthogonal", "linchain:init=identity": "linchain-3-identity",
         "condlora": "condlora", "condlora:form=rowspace": "condlora", "condlora:form=authors": "condlora-authors",
-        "moslora:freeze_middle=true": "moslora-frozen", "linchain:bias=true,freeze_middle=true": "linchain-3-bias-frozen",
+        "moslora:freeze_middle=true": "moslora-frozen",
+        "linchain:bias=true,freeze_middle=true": "linchain-3-bias-frozen",
         "mtlora:structure=dtsm,init=identity,freeze_middle=true": "mtlora-dtsm-identity-frozen",
         "lora:match=linchain:r=8,widths=8-16-8": "lora-match-linchain-8-16-8",  # before the model chooses r
         "lora:lr=1e-3": "lora",
@@ -434,7 +435,8 @@ def _harness_train(model, steps=4):
 
 
 @pytest.mark.parametrize("spec", ["moslora:freeze_middle=true", "linchain:freeze_middle=true,bias=true",
-                                  "mtlora:structure=icfm,freeze_middle=true", "mtlora:structure=dtsm,freeze_middle=true"])
+                                  "mtlora:structure=icfm,freeze_middle=true",
+                                  "mtlora:structure=dtsm,freeze_middle=true"])
 def test_freeze_middle_keeps_every_middle_matrix_bit_for_bit_while_A_and_B_train(base, spec, tmp_path):
     model = adapted(base, spec)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}

@@ -83,4 +83,5 @@ class GeneratedFactor(nn.Module):
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        return f"CondLoRA {self.which}: in_features={self.in_features}, out_features={self.out_features}, form={self.form}"
+        return (f"CondLoRA {self.which}: in_features={self.in_features}, out_features={self.out_features}, "
+                f"form={self.form}")

@@ -221,9 +221,13 @@ def parse_spec(
     if "match" in options:
         match = parse_spec(options["match"], **common)
         if match.match is not None:
-            raise UserError(f"match takes a spec without a match of its own (got {options['match']!r}) in spec {text!r}")
+            raise UserError(f"match takes a spec without a match of its own (got {options['match']!r}) "
+                            f"in spec {text!r}")
     # A matched LoRA's rank is chosen from the model; an r in the spec (as in a canonical string) is checked then.
-    r_val = _positive_int("r", options["r"], text) if "r" in options else (None if match else _positive_int("r", r, text))
+    if "r" in options or match is None:
+        r_val = _positive_int("r", options.get("r", r), text)
+    else:
+        r_val = None
     alpha_val = _number("alpha", options.get("alpha", alpha), text, low=0.0, low_open=True)
     dropout_val = _number("dropout", options.get("dropout", dropout), text, low=0.0, high=1.0, high_open=True)
     target_val = _targets(options.get("targets", targets), text)
