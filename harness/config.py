@@ -31,16 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from harness.adapters.spec import DEFAULT_TARGETS  # the LinChain paper's target modules
+from harness.adapters.spec import METHODS as METHOD_NAMES  # spec.py imports neither torch nor peft
 from harness.errors import UserError
 from harness.fsutil import write_text_atomic
 from harness.models import DEFAULT_MODEL
 
-# The adapter methods the harness knows (mirrors harness.adapters.spec.METHODS; kept here so the
-# configuration, its tests and --help do not import the adapters and, through them, torch and peft).
-METHOD_NAMES = ("lora", "moslora", "linchain", "mtlora", "condlora")
 DEFAULT_METHODS = ("lora", "moslora", "linchain")
-# The LinChain paper's target modules.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 # Mirrors harness.data.DEFAULT_TRAIN_DATA: the generated arithmetic training set that ships with the harness.
 DEFAULT_TRAIN_DATA = "arithmetic"
 DEFAULT_TASKS = ("arithmetic",)

@@ -60,13 +60,18 @@ class MethodPlan:
     label: str
 
 
-def plan_methods(cfg: RunConfig) -> list[MethodPlan]:
-    """Parse every method spec with the run's common options; unique labels for the report."""
-    from harness.adapters import resolve_spec
+def plan_methods(cfg: RunConfig, model=None) -> list[MethodPlan]:
+    """Parse every method spec with the run's common options; unique labels for the report.
+
+    With the base ``model``, ``lora:match=...`` specs get their rank (and their label shows it).
+    """
+    from harness.adapters import resolve_match, resolve_spec
 
     specs = [resolve_spec(text, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
              for text in cfg.methods]
-    labels = [s.name + ("" if s.init == "kaiming" or s.middle_product is None else f"-{s.init}") for s in specs]
+    if model is not None:
+        specs = [resolve_match(s, model) for s in specs]
+    labels = [s.label for s in specs]
     if len(set(labels)) < len(labels):  # e.g. the same method at two learning rates: fall back to the spec text
         labels = [s.text if labels.count(lbl) > 1 else lbl for s, lbl in zip(specs, labels)]
     if len(set(labels)) < len(labels):
@@ -121,6 +126,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     model, tokenizer = load_model(cfg.model)
     for plan in plans:
         validate_against_model(model, plan.spec)
+    plans = plan_methods(cfg, model)  # lora:match=... needs the layer shapes to choose its rank
     examples = hdata.build_train_dataset(records, tokenizer, prompt_format=cfg.prompt_format,
                                          train_on_inputs=cfg.train_on_inputs, cutoff_len=cfg.cutoff_len)
     device = ctx.device

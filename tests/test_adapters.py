@@ -42,7 +42,13 @@ SPECS = [
     "mtlora:structure=dtsm",
     "mtlora:structure=icfm,init=identity",
     "condlora",
+    "condlora:form=authors,targets=q_proj+o_proj",
+    "moslora:freeze_middle=true",
+    "linchain:bias=true",
+    "lora:match=linchain:r=4,widths=4-16-4",
 ]
+# An affine chain (bias=true) is not a rank-r LoRA: it neither merges nor exports.
+MERGEABLE = [spec for spec in SPECS if "bias=true" not in spec]
 
 
 # Every property below is checked on the CPU, and again on the GPU where there is one (adapter tensors
@@ -125,14 +131,14 @@ def test_saved_adapter_reloads_to_identical_logits_under_another_name(base, ids,
     reloaded = load_adapter_model(copy.deepcopy(base), tmp_path, adapter_name="renamed")
     assert torch.equal(logits(reloaded, ids), logits(model, ids))
     # and a plain peft load (the trap this function exists for) really does differ for our methods
-    if spec != "lora":
+    if not spec.startswith("lora"):
         from peft import PeftModel
 
         plain = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
         assert not torch.allclose(logits(plain, ids), logits(model, ids))
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", MERGEABLE)
 def test_merge_is_exact_and_leaves_the_base_architecture(base, ids, trained, spec):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -151,17 +157,18 @@ def test_export_lora_loads_in_plain_peft_without_harness(base, ids, trained, tmp
     base.save_pretrained(base_dir)
     torch.save(ids.cpu(), tmp_path / "ids.pt")  # the plain-peft process runs on the CPU
     expected = {}
-    for i, spec in enumerate(SPECS):
+    for i, spec in enumerate(MERGEABLE):
         export_lora(trained[spec], tmp_path / f"export{i}")
         expected[i] = logits(trained[spec], ids).cpu()
         saved = json.loads((tmp_path / f"export{i}" / "adapter_config.json").read_text())
-        assert saved["peft_type"] == "LORA" and saved["r"] == R and "harness_method" not in saved
+        assert saved["peft_type"] == "LORA" and "harness_spec" not in saved
+        assert saved["r"] == (5 if "match" in spec else R)  # the matched rank: see test_match_picks_the_nearest_count
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModelForCausalLM
         from peft import PeftModel
         ids = torch.load({str(tmp_path / 'ids.pt')!r})
-        for i in range({len(SPECS)}):
+        for i in range({len(MERGEABLE)}):
             base = AutoModelForCausalLM.from_pretrained({str(base_dir)!r})
             model = PeftModel.from_pretrained(base, {str(tmp_path)!r} + f"/export{{i}}").eval()
             with torch.no_grad():
@@ -171,7 +178,7 @@ def test_export_lora_loads_in_plain_peft_without_harness(base, ids, trained, tmp
     env = {**os.environ, "PYTHONPATH": ""}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    for i, spec in enumerate(SPECS):
+    for i, spec in enumerate(MERGEABLE):
         got = torch.load(tmp_path / f"out{i}.pt")
         assert rel_err(got, expected[i]) < 1e-5, spec
 
@@ -287,6 +294,9 @@ def test_bad_spec_fails_with_one_clear_line(text, problem, accepted):
     ("lora:r=64", "r=64 is larger than target layer"),
     ("lora:targets=q_proj+nope_proj", "target module 'nope_proj' not found"),
     ("lora:targets=embed_tokens", "only linear layers"),
+    ("lora:targets=nope_proj,match=lora", "target module 'nope_proj' not found"),
+    ("lora:match=moslora:targets=nope_proj", "target module 'nope_proj' not found"),
+    ("lora:match=linchain:r=64", "r=64 is larger than target layer"),
 ])
 def test_spec_that_does_not_fit_the_model_fails_before_touching_it(base, spec, problem):
     from peft.tuners.lora import LoraLayer
@@ -323,3 +333,255 @@ def test_command_line_describes_a_spec(tmp_path):
                            "--model", "tiny-random"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert "linchain-8-16-8" in done.stdout and "trainable parameters" in done.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels, the one description of a method, and the controls of issue 13
+
+
+def test_labels_name_the_method_and_every_option_off_its_default():
+    labels = {text: parse_spec(text).label for text in [
+        "lora", "moslora", "linchain", "linchain:n=5", "mtlora:structure=icfm", "linchain:r=8,widths=8-16-8",
+        "moslora:init=orthogonal", "linchain:init=identity", "condlora", "condlora:form=rowspace",
+        "condlora:form=authors", "moslora:freeze_middle=true", "linchain:bias=true,freeze_middle=true",
+        "mtlora:structure=dtsm,init=identity,freeze_middle=true", "lora:match=linchain:r=8,widths=8-16-8",
+        "lora:lr=1e-3"]}
+    assert labels == {
+        "lora": "lora", "moslora": "moslora", "linchain": "linchain-3", "linchain:n=5": "linchain-5",
+        "mtlora:structure=icfm": "mtlora-icfm", "linchain:r=8,widths=8-16-8": "linchain-8-16-8",
+        "moslora:init=orthogonal": "moslora-orthogonal", "linchain:init=identity": "linchain-3-identity",
+        "condlora": "condlora", "condlora:form=rowspace": "condlora", "condlora:form=authors": "condlora-authors",
+        "moslora:freeze_middle=true": "moslora-frozen",
+        "linchain:bias=true,freeze_middle=true": "linchain-3-bias-frozen",
+        "mtlora:structure=dtsm,init=identity,freeze_middle=true": "mtlora-dtsm-identity-frozen",
+        "lora:match=linchain:r=8,widths=8-16-8": "lora-match-linchain-8-16-8",  # before the model chooses r
+        "lora:lr=1e-3": "lora",
+    }
+
+
+def test_new_options_parse_and_round_trip_through_the_canonical_string():
+    for text in ["moslora:freeze_middle=true", "linchain:bias=true,n=2", "mtlora:structure=ctcm,freeze_middle=true",
+                 "condlora:form=authors", "lora:alpha=8,match=linchain:r=8,widths=8-16-8",
+                 "lora:match=mtlora:structure=icfm,init=identity"]:
+        spec = parse_spec(text)
+        assert parse_spec(spec.canonical()) == spec, text
+    matched = parse_spec("lora:alpha=8,match=linchain:r=4,widths=4-8-4", r=16, alpha=32)
+    assert matched.r is None and matched.alpha == 8.0
+    # the matched spec takes the run's options, not the matching LoRA's
+    assert matched.match == parse_spec("linchain:r=4,widths=4-8-4", r=16, alpha=32)
+    assert parse_spec("condlora").form == "rowspace"  # the default: the one form that fits every layer
+
+
+def test_the_peft_config_stores_only_the_spec_and_parses_it_again(base, tmp_path):
+    from harness.adapters.peft_layer import HarnessLoraConfig
+
+    model = adapted(base, "linchain:widths=8-16-8,init=orthogonal,bias=true")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert not {"harness_method", "middle_product", "chain_widths", "middle_init"} & saved.keys()
+    assert parse_spec(saved["harness_spec"]) == parse_spec("linchain:r=8,alpha=16,widths=8-16-8,init=orthogonal,"
+                                                           "bias=true")
+    assert HarnessLoraConfig.from_saved(tmp_path).spec.middle_shapes == ((16, 8), (8, 16))
+
+
+@pytest.mark.filterwarnings("ignore:Unexpected keyword arguments", "ignore:Found missing adapter keys")
+def test_an_adapter_saved_with_the_old_mirrored_fields_still_loads(base, ids, trained, tmp_path):
+    """Adapters saved before the spec was the one description carried copies of it; they load the same."""
+    trained["linchain:widths=8-16-4-8"].save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved.update(harness_method="linchain", middle_product="chain", chain_widths=[8, 16, 4, 8], middle_init="kaiming")
+    config_file.write_text(json.dumps(saved))
+    reloaded = load_adapter_model(copy.deepcopy(base), tmp_path)
+    assert torch.equal(logits(reloaded, ids), logits(trained["linchain:widths=8-16-4-8"], ids))
+
+
+def test_an_old_condlora_adapter_without_a_form_fails_in_one_line(base, tmp_path):
+    adapted(base, "condlora").save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["harness_spec"] = saved["harness_spec"].replace(",form=rowspace", "")
+    config_file.write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="saved before CondLoRA used one form") as err:
+        load_adapter_model(copy.deepcopy(base), tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_the_spec_module_and_the_configuration_need_no_peft():
+    """Method names and defaults have one home, importable without torch or peft; the configuration reads it."""
+    from harness import config
+    from harness.adapters import spec
+
+    assert config.METHOD_NAMES is spec.METHODS and config.DEFAULT_TARGETS is spec.DEFAULT_TARGETS
+    code = ("import sys, harness.adapters, harness.adapters.spec; "
+            "assert not {'torch', 'peft'} & set(sys.modules), sorted({'torch', 'peft'} & set(sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-1000:]
+
+
+def _tiny_examples(n=16, length=12):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": (ids := torch.randint(3, 250, (length,), generator=g)), "labels": ids.clone(),
+             "attention_mask": torch.ones(length, dtype=torch.long)} for _ in range(n)]
+
+
+def _harness_train(model, steps=4):
+    from harness.train import TrainSettings, train
+
+    settings = TrainSettings(lr=1e-2, batch_size=4, grad_accum=1, max_steps=steps, epochs=1.0, warmup_ratio=0.0,
+                             weight_decay=0.0, max_grad_norm=1.0, seed=0)
+    stack = lambda batch: {k: torch.stack([x[k] for x in batch]) for k in batch[0]}  # noqa: E731
+    return train(model, _tiny_examples(), stack, settings, progress=False)
+
+
+@pytest.mark.parametrize("spec", ["moslora:freeze_middle=true", "linchain:freeze_middle=true,bias=true",
+                                  "mtlora:structure=icfm,freeze_middle=true",
+                                  "mtlora:structure=dtsm,freeze_middle=true"])
+def test_freeze_middle_keeps_every_middle_matrix_bit_for_bit_while_A_and_B_train(base, spec, tmp_path):
+    model = adapted(base, spec)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    middle = [n for n in before if ".middle_" in n]
+    assert middle and all(not dict(model.named_parameters())[n].requires_grad for n in middle)
+    _harness_train(model.to(base.device))
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in middle)
+    moved = [n for n in before if n not in middle and not torch.equal(after[n], before[n])]
+    assert any(".factor" in n for n in moved) and any("lora_B" in n for n in moved)
+    assert len(moved) == len(before) - len(middle)  # every A and B moved
+    # still frozen when reloaded for more training (peft turns adapter gradients on when it loads)
+    model.save_pretrained(tmp_path)
+    reloaded = load_adapter_model(copy.deepcopy(base), tmp_path, is_trainable=True)
+    trainable = {n for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert trainable and not any(".middle_" in n for n in trainable)
+    assert trainable_parameters(reloaded) == trainable_parameters(model)
+
+
+@pytest.mark.parametrize("spec,per_layer_middle", [
+    ("moslora:freeze_middle=true", 0),
+    ("moslora:bias=true", 8 * 8 + 8),                                    # M, and its bias of width r
+    ("linchain:r=8,widths=8-16-8,bias=true", 16 * 8 + 8 * 16 + 16 + 8),  # W_1, W_2 and their biases
+    ("linchain:bias=true,freeze_middle=true", 0),
+])
+def test_parameter_count_with_frozen_middles_and_biases(base, spec, per_layer_middle):
+    # tiny-random: 2 layers of q (64x64), k and v (32x64), up (128x64), down (64x128); LoRA is (d_in + d_out) r
+    lora = 2 * R * ((64 + 64) + 2 * (64 + 32) + 2 * (64 + 128))
+    expected = lora + 2 * 5 * per_layer_middle
+    assert expected_parameters(base, spec, r=R) == expected
+    assert trainable_parameters(adapted(base, spec)) == expected
+
+
+@pytest.mark.parametrize("spec", ["moslora:bias=true", "linchain:bias=true,widths=8-16-8"])
+def test_bias_adapter_refuses_merge_and_export_in_one_line(base, ids, trained, spec, tmp_path):
+    model = trained.get(spec) or train_steps(adapted(base, spec), ids)
+    before = logits(model, ids)
+    for action in (lambda: copy.deepcopy(model).merge_and_unload(), lambda: model.merge_adapter(),
+                   lambda: export_lora(model, tmp_path / "export")):
+        with pytest.raises(UserError, match="bias=true cannot be") as err:
+            action()
+        assert "\n" not in str(err.value)
+    assert torch.equal(logits(model, ids), before)  # a refused merge leaves the adapter as it was
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Unexpected keyword arguments", "ignore:Found missing adapter keys")
+def test_bias_adapter_trains_saves_reloads_and_evaluates(base, ids, tmp_path, data_dir):
+    from harness.evaluate import evaluate
+    from harness.models import load_model
+
+    model = adapted(base, "linchain:bias=true")
+    biases = {n: p.detach().clone() for n, p in model.named_parameters() if "middle_bias" in n}
+    assert len(biases) == 2 * 5 * 3  # one per chain matrix of every adapted layer
+    result = _harness_train(model.to(base.device), steps=6)
+    assert result.final_loss < result.losses[0][1]
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(after[n], b) for n, b in biases.items())
+    model.save_pretrained(tmp_path)
+    reloaded = load_adapter_model(copy.deepcopy(base), tmp_path)
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+    _, tokenizer = load_model("tiny-random")
+    evaluation = evaluate(reloaded, tokenizer, ["arithmetic_add_sub"], data_dir, limit=2)
+    assert len(evaluation.samples["arithmetic_add_sub"]) == 2
+
+
+def test_match_picks_the_rank_of_the_nearest_parameter_count(base):
+    from harness.adapters import resolve_match
+
+    # tiny-random: LoRA costs 1408 parameters per unit of rank (2 layers, d_in + d_out summed over q,k,v,up,down);
+    # LinChain 8-16-8 has 8 x 1408 + 10 layers x (16x8 + 8x16) = 13824: r = 10 gives 14080 (256 off), r = 9 12672.
+    spec = resolve_match(parse_spec("lora:match=linchain:r=8,widths=8-16-8"), base)
+    assert spec.r == 10 and spec.label == "lora-r10-match-linchain-8-16-8"
+    assert expected_parameters(base, spec) == 14080
+    assert trainable_parameters(adapted(base, "lora:match=linchain:r=8,widths=8-16-8")) == 14080
+    # MoSLoRA at r = 16 costs 16 x 1408 + 10 x 256 = 25088 = 17.8 x 1408: r = 18 (25344, 256 off; r = 17 is 1152 off)
+    assert resolve_match(parse_spec("lora:match=moslora:r=16"), base).r == 18
+    # CondLoRA at r = 8 has 8 x 704 (one map pair per module type) = 4 x 1408 exactly
+    assert resolve_match(parse_spec("lora:match=condlora:r=8"), base).r == 4
+    # a canonical string names the rank; it must be the one match chooses
+    assert resolve_match(parse_spec(spec.canonical()), base) == spec
+    with pytest.raises(UserError, match="gives r=9, but match=linchain-8-16-8 chooses r=10"):
+        resolve_match(parse_spec("lora:r=9,match=linchain:r=8,widths=8-16-8"), base)
+
+
+def test_run_plan_labels_a_matched_lora_with_its_rank(base):
+    from harness.config import RunConfig
+    from harness.run import plan_methods
+
+    cfg = RunConfig(methods=["lora", "lora:match=linchain:r=8,widths=8-16-8", "moslora:freeze_middle=true"], rank=8)
+    assert [p.label for p in plan_methods(cfg)] == ["lora", "lora-match-linchain-8-16-8", "moslora-frozen"]
+    planned = plan_methods(cfg, base)
+    assert [p.label for p in planned] == ["lora", "lora-r10-match-linchain-8-16-8", "moslora-frozen"]
+    assert planned[1].spec.r == 10
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("mtlora:bias=true", "unknown option 'bias' for mtlora"),
+    ("lora:freeze_middle=true", "unknown option 'freeze_middle' for lora"),
+    ("moslora:freeze_middle=yes", "freeze_middle must be true or false"),
+    ("linchain:bias=1", "bias must be true or false"),
+    ("condlora:form=square", "unknown CondLoRA form 'square'"),
+    ("lora:match=lora:match=moslora", "match takes a spec without a match of its own"),
+    ("lora:match=foo", "unknown adapter method 'foo'"),
+    ("moslora:match=lora", "unknown option 'match' for moslora"),
+])
+def test_bad_new_options_fail_with_one_clear_line(text, problem):
+    with pytest.raises(UserError, match=problem) as err:
+        parse_spec(text)
+    assert "\n" not in str(err.value)
+
+
+def test_condlora_authors_form_on_a_non_square_layer_names_it(base):
+    from peft.tuners.lora import LoraLayer
+
+    model = copy.deepcopy(base)
+    with pytest.raises(UserError, match=r"form=authors needs square layers, but model\.layers\.0\.self_attn\.k_proj "
+                                        r"is 32x64") as err:
+        get_adapter_model(model, "condlora:form=authors", r=R)
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_command_line_help_shows_every_method_option(capsys):
+    from harness.adapters.__main__ import main
+    from harness.adapters.spec import METHOD_OPTIONS
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    for method, options in METHOD_OPTIONS.items():
+        line = next(line for line in shown.splitlines() if line.strip().startswith(f"{method}:"))
+        assert all(f"{key}=" in line for key in options), line
+    assert "[default rowspace]" in shown and "lora:match=linchain:r=8,widths=8-16-8" in shown
+
+
+def test_parameter_formula_refuses_a_target_the_model_lacks(base):
+    with pytest.raises(UserError, match="target module 'nope_proj' not found"):
+        expected_parameters(base, "lora:targets=q_proj+nope_proj")
+
+
+def test_command_line_describes_a_matched_lora(capsys):
+    from harness.adapters.__main__ import main
+
+    assert main(["lora:match=linchain:r=8,widths=8-16-8", "--model", "tiny-random"]) == 0
+    out = capsys.readouterr().out
+    assert "lora-r10-match-linchain-8-16-8" in out and "trainable parameters  14,080" in out

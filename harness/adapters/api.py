@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,28 +41,25 @@ def peft_config_for(spec: AdapterSpec, base_model_name: str | None = None):
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name,
     )
+    if spec.r is None:
+        raise ValueError(f"{spec.label}: resolve_match(spec, model) must choose r before a peft config is built")
     if spec.method == "lora":
         return LoraConfig(**common)
-    return HarnessLoraConfig(
-        **common,
-        harness_method=spec.method,
-        harness_spec=spec.canonical(),
-        middle_product=spec.middle_product,
-        chain_widths=list(spec.chain_widths) if spec.chain_widths else None,
-        middle_init=spec.init,
-    )
+    return HarnessLoraConfig(**common, harness_spec=spec.canonical())
 
 
 def get_adapter_model(model: nn.Module, spec: str | AdapterSpec, *, adapter_name: str = "default", **common):
     """Wrap ``model`` (modified in place, as peft does) in a trainable PeftModel for the method ``spec``.
 
     ``common`` may give ``r``, ``alpha``, ``dropout`` and ``targets``; options in the spec win.
+    ``lora:match=...`` gets its rank here, from the model's layer shapes (:func:`resolve_match`).
     Every check that can fail on user input runs before peft touches the model.
     """
     from peft import get_peft_model
 
     spec = resolve_spec(spec, **common)
     validate_against_model(model, spec)
+    spec = resolve_match(spec, model)
     config = peft_config_for(spec, getattr(getattr(model, "config", None), "name_or_path", None) or None)
     return get_peft_model(model, config, adapter_name=adapter_name)
 
@@ -82,7 +80,7 @@ def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapte
     if not config_file.is_file():
         raise UserError(f"no saved adapter at {path}: {CONFIG_FILE} is missing")
     saved = json.loads(config_file.read_text())
-    config = HarnessLoraConfig.from_saved(path) if "harness_method" in saved else None
+    config = HarnessLoraConfig.from_saved(path) if "harness_spec" in saved else None
     return PeftModel.from_pretrained(base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable,
                                      config=config)
 
@@ -92,11 +90,14 @@ def export_lora(peft_model, path: str | os.PathLike, adapter_name: str | None = 
 
     Every method's update is B' A' (A' = T A for middle methods, the generated factors for CondLoRA), so
     the export stores A' and B' under peft's own key names with the same r and alpha. The result loads
-    with plain ``PeftModel.from_pretrained`` in a process that never imports this package.
+    with plain ``PeftModel.from_pretrained`` in a process that never imports this package. A ``bias=true``
+    adapter is refused with one line: its update is affine, not a rank-r LoRA.
     """
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import save_file
+
+    from harness.adapters.peft_layer import refuse_affine
 
     adapter = adapter_name or peft_model.active_adapter
     config = peft_model.peft_config[adapter]
@@ -104,6 +105,7 @@ def export_lora(peft_model, path: str | os.PathLike, adapter_name: str | None = 
     with torch.no_grad():
         for name, module in peft_model.named_modules():
             if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                refuse_affine(module.lora_A[adapter], "exported as a plain LoRA")
                 state[f"{name}.lora_A.weight"] = module.lora_A[adapter].weight.detach().cpu().contiguous().clone()
                 state[f"{name}.lora_B.weight"] = module.lora_B[adapter].weight.detach().cpu().contiguous().clone()
     if not state:
@@ -157,11 +159,13 @@ def target_layers(model: nn.Module, targets) -> dict[str, list[tuple[str, nn.Mod
 
 
 def validate_against_model(model: nn.Module, spec: AdapterSpec) -> None:
-    """Check the spec against the model's layers; one-line :class:`UserError` on any mismatch."""
+    """Check the spec (and a ``match`` spec) against the model's layers; one-line :class:`UserError` on a mismatch."""
     from peft.tuners.lora import LoraLayer
 
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise UserError("the model already carries a LoRA adapter: pass a fresh base model")
+    if spec.match is not None:
+        validate_against_model(model, spec.match)
     found = target_layers(model, spec.targets)
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     for target, layers in found.items():
@@ -172,15 +176,47 @@ def validate_against_model(model: nn.Module, spec: AdapterSpec) -> None:
             if not isinstance(module, nn.Linear):
                 raise UserError(f"target {target!r} matches {name}, a {type(module).__name__}; only linear layers "
                                 f"can be adapted: {', '.join(linear_names)}")
+    spec = resolve_match(spec, model)
+    for target, layers in found.items():
+        for name, module in layers:
             d_out, d_in = module.weight.shape
             if spec.r > min(d_in, d_out):
                 raise UserError(f"r={spec.r} is larger than target layer {name} allows "
                                 f"(min(d_in, d_out) = {min(d_in, d_out)} for shape {d_out}x{d_in})")
+            if spec.form == "authors" and d_out != d_in:
+                raise UserError(f"condlora:form=authors needs square layers, but {name} is {d_out}x{d_in}; "
+                                "use form=rowspace or target square modules only (e.g. targets=q_proj+o_proj)")
         if spec.method == "condlora":
             shapes = {tuple(m.weight.shape) for _, m in layers}
             if len(shapes) > 1:
                 raise UserError(f"CondLoRA shares one map per module type, but the {target} layers have different "
                                 f"shapes {sorted(shapes)}; target only module types whose layers all match")
+
+
+def resolve_match(spec: AdapterSpec, model_or_config) -> AdapterSpec:
+    """``lora:match=<spec>`` with its rank chosen: the r whose LoRA parameter count is nearest the other spec's.
+
+    LoRA's count is linear in r (r times the sum of d_in + d_out over the adapted layers), so the nearest
+    count is at the floor or the ceiling of target / per-rank count; a tie goes to the smaller rank (the
+    fewer parameters), and r stays within the layers' min(d_in, d_out). A spec that already names r (a
+    canonical string) must name that same rank. Specs without ``match`` are returned unchanged.
+    """
+    if spec.match is None:
+        return spec
+    target = expected_parameters(model_or_config, spec.match)
+    per_rank = expected_parameters(model_or_config, replace(spec, r=1, match=None))
+    largest = _largest_rank(model_or_config, spec.targets)
+    candidates = {min(max(r, 1), largest) for r in (target // per_rank, target // per_rank + 1)}
+    chosen = min(candidates, key=lambda r: (abs(r * per_rank - target), r))
+    if spec.r is not None and spec.r != chosen:
+        raise UserError(f"{spec.text or spec.canonical()!r} gives r={spec.r}, but match={spec.match.label} "
+                        f"chooses r={chosen} on this model; leave r out of a matched spec")
+    return replace(spec, r=chosen)
+
+
+def _largest_rank(model_or_config, targets) -> int:
+    """The largest r every targeted layer allows: min(d_in, d_out) over them."""
+    return min(min(shape) for per_type in _target_shapes(model_or_config, targets).values() for shape in per_type)
 
 
 def expected_parameters(model_or_config, spec: str | AdapterSpec, **common) -> int:
@@ -191,19 +227,29 @@ def expected_parameters(model_or_config, spec: str | AdapterSpec, **common) -> i
     fall back to the base model's linear-layer shapes.
 
     Per adapted layer of shape d_out x d_in: LoRA (d_in + d_out) r; the middle methods add their middle
-    matrices (MoSLoRA r^2, LinChain sum h_i h_{i-1}, MTLoRA r^2 or 2 r^2); CondLoRA has
-    r (d_in + d_out) per module TYPE.
+    matrices (MoSLoRA r^2, LinChain sum h_i h_{i-1}, MTLoRA r^2 or 2 r^2) unless ``freeze_middle``, and
+    with ``bias`` one bias per chain matrix (sum of h_i, i = 1..n); CondLoRA has r (d_in + d_out) per
+    module TYPE. ``lora:match`` counts at the rank :func:`resolve_match` chooses.
     """
-    spec = resolve_spec(spec, **common)
-    shapes = _llama_shapes(getattr(model_or_config, "config", model_or_config), spec.targets)
-    if shapes is None:
-        found = target_layers(model_or_config, spec.targets)
-        shapes = {t: [tuple(m.weight.shape) for _, m in layers] for t, layers in found.items()}
+    spec = resolve_match(resolve_spec(spec, **common), model_or_config)
+    shapes = _target_shapes(model_or_config, spec.targets)
     r = spec.r
     if spec.method == "condlora":
         return sum(r * (d_in + d_out) for per_type in shapes.values() for (d_out, d_in) in set(per_type))
-    middle = sum(a * b for a, b in spec.middle_shapes)
+    middle = 0 if spec.freeze_middle else sum(a * b + (a if spec.bias else 0) for a, b in spec.middle_shapes)
     return sum((d_in + d_out) * r + middle for per_type in shapes.values() for (d_out, d_in) in per_type)
+
+
+def _target_shapes(model_or_config, targets) -> dict[str, list[tuple[int, int]]]:
+    """Shapes (d_out, d_in) of the targeted layers, per target: from a Llama-style config, else the model."""
+    shapes = _llama_shapes(getattr(model_or_config, "config", model_or_config), targets)
+    if shapes is None:
+        found = target_layers(model_or_config, targets)
+        shapes = {t: [tuple(m.weight.shape) for _, m in layers] for t, layers in found.items()}
+    missing = [t for t, per_type in shapes.items() if not per_type]
+    if missing:
+        raise UserError(f"target module {missing[0]!r} not found in the model; name its linear layers in targets")
+    return shapes
 
 
 def _llama_shapes(config, targets) -> dict[str, list[tuple[int, int]]] | None:

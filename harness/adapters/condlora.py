@@ -2,16 +2,21 @@
 
 For each module type m (``q_proj``, ``down_proj``, ...) two matrices Theta_A and
 Theta_B are shared by every layer l of that type, and each layer's LoRA factors
-are computed from its own frozen weight W0_l (shape d_out x d_in):
+are computed from its own frozen weight W0_l (shape d_out x d_in). One form is
+used for every layer of a model, chosen by the spec's ``form``:
 
-- square W0 (the authors' form):  A_l = Theta_A W0_l^T,  B_l = W0_l Theta_B^T
-- otherwise (our generalisation): A_l = Theta_A W0_l,    B_l = W0_l Theta_B^T
+- ``form=rowspace`` (default):  A_l = Theta_A W0_l,    B_l = W0_l Theta_B^T
+- ``form=authors``:             A_l = Theta_A W0_l^T,  B_l = W0_l Theta_B^T  (square W0 only)
 
-with Theta_A of shape (r, d_out) and Theta_B of shape (r, d_in) in both cases, so
+with Theta_A of shape (r, d_out) and Theta_B of shape (r, d_in), so
 dW_l = s * B_l A_l. The authors' code supports square W0 only; grouped-query
-attention (k_proj, v_proj) and MLP projections are not square, and the second form
-is the only shape-compatible way to keep "one map per module type, fed that layer's
-W0". Theta_A is Kaiming-uniform, Theta_B zero, so dW = 0 at the start.
+attention (k_proj, v_proj) and MLP projections are not square, and the row-space
+form is the only shape-compatible way to keep "one map per module type, fed that
+layer's W0". It is the default because it fits every layer, the default targets
+included; the authors' form is there to reproduce the paper on square targets
+(e.g. ``condlora:form=authors,targets=q_proj+o_proj``) and fails on a non-square
+layer with one line naming it. Theta_A is Kaiming-uniform, Theta_B zero, so
+dW = 0 at the start.
 
 Trainable parameters: r (d_in + d_out) per module TYPE, not per layer.
 
@@ -46,12 +51,14 @@ class GeneratedFactor(nn.Module):
     shared maps are held as plain references so that neither is registered (or saved) twice.
     """
 
-    def __init__(self, which: str, base_layer: nn.Linear, maps: nn.ParameterList):
+    def __init__(self, which: str, base_layer: nn.Linear, maps: nn.ParameterList, form: str):
         super().__init__()
         self.which = which
         self._refs = {"base": base_layer, "maps": maps}
         d_out, d_in = base_layer.weight.shape
-        self.square = d_out == d_in
+        if form == "authors" and d_out != d_in:
+            raise ValueError(f"CondLoRA's authors' form needs a square weight, got {d_out}x{d_in}")
+        self.form = form
         r = maps[0].shape[0]
         self.in_features, self.out_features = (d_in, r) if which == "A" else (r, d_out)
 
@@ -69,12 +76,12 @@ class GeneratedFactor(nn.Module):
         theta_a, theta_b = self.maps[0], self.maps[1]
         w0 = self._refs["base"].weight.to(theta_a.dtype)
         if self.which == "A":
-            return theta_a @ (w0.T if self.square else w0)
+            return theta_a @ (w0.T if self.form == "authors" else w0)
         return w0 @ theta_b.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        form = "authors' square form" if self.square else "generalised form"
-        return f"CondLoRA {self.which}: in_features={self.in_features}, out_features={self.out_features}, {form}"
+        return (f"CondLoRA {self.which}: in_features={self.in_features}, out_features={self.out_features}, "
+                f"form={self.form}")

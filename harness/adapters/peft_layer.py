@@ -17,7 +17,7 @@ peft's too, with one change for computed factors: the dtype check that peft does
 reading ``lora_A.weight.dtype`` (which would compute T A, or CondLoRA's A, a second
 time in every forward) reads the factor's ``dtype`` instead.
 
-The saved adapter_config.json says ``peft_type: "LORA"`` plus our fields; plain
+The saved adapter_config.json says ``peft_type: "LORA"`` plus ``harness_spec``; plain
 ``PeftModel.from_pretrained`` would load it as plain LoRA, which is why
 :func:`harness.adapters.load_adapter_model` exists.
 """
@@ -38,42 +38,55 @@ from torch import nn
 
 from harness.adapters.chain import MiddleFactor
 from harness.adapters.condlora import GeneratedFactor, new_condlora_maps
+from harness.adapters.spec import AdapterSpec, parse_spec
+from harness.errors import UserError
 
 
 @dataclass
 class HarnessLoraConfig(LoraConfig):
-    """peft's LoraConfig plus the fields that define a harness method; saved in adapter_config.json."""
+    """peft's LoraConfig plus the method's spec string; saved in adapter_config.json and parsed again on load.
 
-    harness_method: str = field(default="lora", metadata={"help": "lora, moslora, linchain, mtlora or condlora"})
+    The spec is the one description of the method: the layers read shapes, products, inits and options from
+    :attr:`spec`, never from fields of their own.
+    """
+
     harness_spec: str = field(default="", metadata={"help": "the canonical spec string this adapter was built from"})
-    middle_product: Optional[str] = field(
-        default=None, metadata={"help": "how the middle matrices form T: chain, gram (C C^T) or sum (C + D)"}
-    )
-    chain_widths: Optional[list[int]] = field(
-        default=None, metadata={"help": "chain widths r -> h_1 -> ... -> r (chain product only)"}
-    )
-    middle_init: str = field(default="kaiming", metadata={"help": "kaiming, orthogonal or identity"})
 
     def __post_init__(self):
         super().__post_init__()
         self._register_custom_module({nn.Linear: HarnessLinear})
 
+    @property
+    def spec(self) -> AdapterSpec:
+        """The parsed :attr:`harness_spec` (parsed once)."""
+        if self.__dict__.get("_spec_text") != self.harness_spec:
+            self.__dict__["_spec"] = parse_spec(self.harness_spec)
+            self.__dict__["_spec_text"] = self.harness_spec
+        return self.__dict__["_spec"]
+
     @classmethod
     def from_saved(cls, path: str) -> "HarnessLoraConfig":
-        """Read adapter_config.json into this class (peft's own from_pretrained would return a LoraConfig)."""
+        """Read adapter_config.json into this class (peft's own from_pretrained would return a LoraConfig).
+
+        Adapters saved before the spec was the only description load too (their extra fields are ignored),
+        except CondLoRA ones: those used the authors' form on square layers and the row-space form on the
+        others, which no single ``form`` reproduces.
+        """
         saved = json.loads((Path(path) / "adapter_config.json").read_text())
         names = {f.name for f in fields(cls) if f.init}
-        return cls(**{k: v for k, v in saved.items() if k in names})
+        config = cls(**{k: v for k, v in saved.items() if k in names})
+        if config.spec.method == "condlora" and "form=" not in config.harness_spec:
+            raise UserError(f"the CondLoRA adapter at {path} was saved before CondLoRA used one form for every "
+                            "layer (form=rowspace|authors) and cannot be loaded; train it again")
+        return config
 
-    def middle_shapes(self, r: int) -> list[tuple[int, int]]:
-        if self.middle_product == "chain":
-            w = self.chain_widths
-            return [(w[i + 1], w[i]) for i in range(len(w) - 1)]
-        if self.middle_product == "gram":
-            return [(r, r)]
-        if self.middle_product == "sum":
-            return [(r, r), (r, r)]
-        return []
+
+def refuse_affine(factor, action: str) -> None:
+    """One line for a ``bias=true`` adapter asked to become a plain LoRA (merged, or exported)."""
+    if isinstance(factor, MiddleFactor) and factor.has_bias:
+        raise UserError(f"an adapter trained with bias=true cannot be {action}: its chain is affine, so the update "
+                        "is not a rank-r LoRA (B T A plus a constant); load it with harness.adapters."
+                        "load_adapter_model instead, or train without bias")
 
 
 def _init_generator(target_name: str, adapter_name: str) -> torch.Generator:
@@ -95,21 +108,33 @@ class HarnessLinear(LoraLinear):
         if "lora_cond" not in self._modules:  # peft's update_layer already iterates adapter_layer_names
             self.lora_cond = nn.ModuleDict()
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
-        method = getattr(config, "harness_method", "lora")
+        spec = config.spec if isinstance(config, HarnessLoraConfig) else None
         target_name = kwargs.get("target_name", "")
         generator = _init_generator(target_name, adapter_name)
-        if getattr(config, "middle_product", None):
+        if spec is not None and spec.middle is not None:
             plain_a = self.lora_A[adapter_name].weight
-            self.lora_A[adapter_name] = MiddleFactor(
-                plain_a, config.middle_shapes(r), config.middle_product, config.middle_init, generator
-            )
-        elif method == "condlora":
+            self.lora_A[adapter_name] = MiddleFactor(plain_a, spec, generator)
+        elif spec is not None and spec.method == "condlora":
             maps = self._shared_condlora_maps(config, adapter_name, target_name, r, generator)
             base = self.get_base_layer()
-            self.lora_A[adapter_name] = GeneratedFactor("A", base, maps)
-            self.lora_B[adapter_name] = GeneratedFactor("B", base, maps)
+            self.lora_A[adapter_name] = GeneratedFactor("A", base, maps, spec.form)
+            self.lora_B[adapter_name] = GeneratedFactor("B", base, maps, spec.form)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:
+        """peft's hook after anything that turns adapter gradients on: keep ``freeze_middle`` matrices frozen."""
+        super()._freeze_non_trainable_peft_weights(adapter_names)
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        for name, factor in self.lora_A.items():
+            if isinstance(factor, MiddleFactor) and (names is None or name in names):
+                factor.freeze_middle_()
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """peft's merge, refused for a chain with biases: its constant term s B c has no place in W0."""
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            refuse_affine(self.lora_A[name] if name in self.lora_A else None, "merged")
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """peft's LoRA forward, reading a computed factor's dtype instead of computing the factor for it.

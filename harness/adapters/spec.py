@@ -1,19 +1,32 @@
 """Method specs: the strings users type to name an adapter, e.g. ``linchain:r=8,widths=8-16-8``.
 
+The parsed :class:`AdapterSpec` is the one description of a method: the peft config
+stores its canonical string and parses it again on load, labels come from it, and
+the tables below hold every method's options and defaults. This module imports
+neither torch nor peft, so the configuration and ``--help`` can use it cheaply.
+
 Grammar: ``METHOD[:KEY=VALUE[,KEY=VALUE]...]``. Lists inside a value use ``-`` for
 widths (``widths=8-16-8``) and ``+`` for target modules (``targets=q_proj+v_proj``).
+``match`` takes a whole spec as its value, so it must come last:
+``lora:match=linchain:r=8,widths=8-16-8``.
 
 Every method accepts the common options ``r``, ``alpha``, ``dropout``, ``targets``
 (they come from the run and can be overridden per method) and ``lr`` (a training
 override the adapter itself ignores). Methods add their own:
 
-======== =====================================================================
-lora      (none)
-moslora   ``init``: kaiming (default) | orthogonal | identity
-linchain  ``n`` (default 3), ``widths`` (r-...-r, n+1 numbers), ``init``
-mtlora    ``structure``: shim (default) | icfm | ctcm | dtsm; ``init``
-condlora  (none)
-======== =====================================================================
+======== ===========================================================================
+lora      ``match=<spec>``: the rank whose trainable-parameter count is nearest that
+          spec's (chosen once the model's layer shapes are known)
+moslora   ``init``: kaiming (default) | orthogonal | identity; ``freeze_middle``; ``bias``
+linchain  ``n`` (default 3), ``widths`` (r-...-r, n+1 numbers), ``init``, ``freeze_middle``, ``bias``
+mtlora    ``structure``: shim (default) | icfm | ctcm | dtsm; ``init``; ``freeze_middle``
+condlora  ``form``: rowspace (default) | authors
+======== ===========================================================================
+
+``freeze_middle=true`` keeps the middle matrices at their initial values (the
+"init-only" control: only A and B train). ``bias=true`` gives every chain matrix a
+bias, as the LinChain authors' released code does (torch's ``nn.Linear``); such an
+adapter is affine, so it cannot be merged or exported as a plain LoRA.
 
 Parsing checks everything that can be checked without a model; shape checks
 against a model live in :func:`harness.adapters.api.validate_against_model`.
@@ -21,36 +34,74 @@ against a model live in :func:`harness.adapters.api.validate_against_model`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 from harness.errors import UserError
 
 METHODS = ("lora", "moslora", "linchain", "mtlora", "condlora")
 INITS = ("kaiming", "orthogonal", "identity")
 STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
+CONDLORA_FORMS = ("rowspace", "authors")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the LinChain paper's
 COMMON_OPTIONS = ("r", "alpha", "dropout", "targets", "lr")
 METHOD_OPTIONS = {
-    "lora": (),
-    "moslora": ("init",),
-    "linchain": ("n", "widths", "init"),
-    "mtlora": ("structure", "init"),
-    "condlora": (),
+    "lora": ("match",),
+    "moslora": ("init", "freeze_middle", "bias"),
+    "linchain": ("n", "widths", "init", "freeze_middle", "bias"),
+    "mtlora": ("structure", "init", "freeze_middle"),
+    "condlora": ("form",),
 }
-DEFAULT_CHAIN_LENGTH = 3
+# Defaults of the method options; the common options' defaults are parse_spec's keyword arguments.
+OPTION_DEFAULTS = {"n": 3, "init": "kaiming", "structure": "shim", "form": "rowspace",
+                   "freeze_middle": False, "bias": False}
+# Why rowspace is CondLoRA's default: it is the one form that fits every layer shape, and the default
+# targets (k, v, up, down) are not square; the authors' form (Kim et al. 2024) applies to square layers only.
+
+
+def _chain(matrices: Sequence) -> Any:
+    t = matrices[0]
+    for m in matrices[1:]:
+        t = m @ t
+    return t
+
+
+@dataclass(frozen=True)
+class MiddleProduct:
+    """How a method's middle matrices form T (r x r): the one place chain, gram and sum are told apart.
+
+    ``combine`` works on any matrices with ``@``, ``+`` and ``.T`` (torch tensors in the adapter).
+    ``zero_at_identity`` lists the matrices that start at zero under ``init=identity``; the others start
+    at the (rectangular) identity, so T starts at I.
+    """
+
+    formula: str
+    shapes: Callable[[int, tuple[int, ...] | None], tuple[tuple[int, int], ...]]
+    combine: Callable[[Sequence], Any]
+    zero_at_identity: tuple[int, ...] = ()
+
+
+MIDDLE_PRODUCTS = {
+    "chain": MiddleProduct("W_n ... W_2 W_1", lambda r, w: tuple((w[i + 1], w[i]) for i in range(len(w) - 1)),
+                           _chain),
+    "gram": MiddleProduct("C C^T", lambda r, w: ((r, r),), lambda m: m[0] @ m[0].T),
+    "sum": MiddleProduct("C + D", lambda r, w: ((r, r), (r, r)), lambda m: m[0] + m[1], zero_at_identity=(1,)),
+}
+# MoSLoRA and MTLoRA-SHIM are a chain of one r x r matrix, LinChain-2 and MTLoRA-CTCM a chain of two.
+STRUCTURE_PRODUCTS = {"shim": "chain", "icfm": "gram", "ctcm": "chain", "dtsm": "sum"}
+STRUCTURE_WIDTHS = {"shim": 1, "ctcm": 2}  # matrices in the chain, for the chain structures
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """A fully resolved adapter method: what to build, independent of any model.
+    """A fully parsed adapter method: what to build, independent of any model.
 
-    ``middle_product`` and ``chain_widths`` describe the matrices between A and B:
-    ``chain`` multiplies them in order (MoSLoRA, LinChain, MTLoRA SHIM and CTCM),
-    ``gram`` is C C^T (MTLoRA ICFM), ``sum`` is C + D (MTLoRA DTSM).
+    ``r`` is None only for ``lora:match=...`` before :func:`harness.adapters.api.resolve_match` has
+    chosen it from the model's layer shapes; ``match`` is then the spec whose parameter count it matches.
     """
 
     method: str
-    r: int = 16
+    r: int | None = 16
     alpha: float = 32.0
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -58,33 +109,34 @@ class AdapterSpec:
     structure: str | None = None
     chain_widths: tuple[int, ...] | None = None
     lr: float | None = None
+    freeze_middle: bool = False
+    bias: bool = False
+    form: str | None = None
+    match: AdapterSpec | None = None
     text: str = field(default="", compare=False)
 
     @property
     def middle_product(self) -> str | None:
-        """How the middle matrices combine into T: ``chain``, ``gram``, ``sum``, or None (no middle)."""
+        """How the middle matrices combine into T: a key of :data:`MIDDLE_PRODUCTS`, or None (no middle)."""
         if self.method in ("moslora", "linchain"):
             return "chain"
         if self.method == "mtlora":
-            return {"shim": "chain", "ctcm": "chain", "icfm": "gram", "dtsm": "sum"}[self.structure]
+            return STRUCTURE_PRODUCTS[self.structure]
         return None
 
     @property
-    def middle_shapes(self) -> tuple[tuple[int, int], ...]:
-        """Shapes of the middle matrices, in the order they are stored."""
+    def middle(self) -> MiddleProduct | None:
         product = self.middle_product
-        if product == "chain":
-            widths = self.chain_widths
-            return tuple((widths[i + 1], widths[i]) for i in range(len(widths) - 1))
-        if product == "gram":
-            return ((self.r, self.r),)
-        if product == "sum":
-            return ((self.r, self.r), (self.r, self.r))
-        return ()
+        return MIDDLE_PRODUCTS[product] if product else None
+
+    @property
+    def middle_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Shapes of the middle matrices, in the order they are stored (and multiplied, for a chain)."""
+        return self.middle.shapes(self.r, self.chain_widths) if self.middle else ()
 
     @property
     def name(self) -> str:
-        """A short label for tables and plots, e.g. ``linchain-3``, ``mtlora-icfm``, ``linchain-8-16-8``."""
+        """The method and its structure, without the options: ``linchain-3``, ``mtlora-icfm``, ``linchain-8-16-8``."""
         if self.method == "linchain":
             widths = self.chain_widths
             if all(w == self.r for w in widths):
@@ -94,18 +146,46 @@ class AdapterSpec:
             return f"mtlora-{self.structure}"
         return self.method
 
+    @property
+    def label(self) -> str:
+        """The short name in tables, plots and MLflow: :attr:`name` plus every option off its default.
+
+        ``moslora-orthogonal``, ``linchain-3-bias-frozen``, ``condlora-authors``, and for a matched LoRA the
+        rank it got: ``lora-r18-match-linchain-8-16-8`` (``lora-match-...`` before the rank is chosen).
+        """
+        if self.match is not None:
+            rank = "" if self.r is None else f"-r{self.r}"
+            return f"lora{rank}-match-{self.match.label}"
+        parts = [self.name]
+        if self.middle_product and self.init != OPTION_DEFAULTS["init"]:
+            parts.append(self.init)
+        if self.bias:
+            parts.append("bias")
+        if self.freeze_middle:
+            parts.append("frozen")
+        if self.form not in (None, OPTION_DEFAULTS["form"]):
+            parts.append(self.form)
+        return "-".join(parts)
+
     def canonical(self) -> str:
         """A spec string that parses back to this exact spec (every option spelled out)."""
-        opts = [f"r={self.r}", f"alpha={_fmt(self.alpha)}", f"dropout={_fmt(self.dropout)}",
-                "targets=" + "+".join(self.targets)]
+        opts = [] if self.r is None else [f"r={self.r}"]
+        opts += [f"alpha={_fmt(self.alpha)}", f"dropout={_fmt(self.dropout)}", "targets=" + "+".join(self.targets)]
         if self.method == "linchain":
             opts.append("widths=" + "-".join(map(str, self.chain_widths)))
         if self.method == "mtlora":
             opts.append(f"structure={self.structure}")
         if self.middle_product is not None:
             opts.append(f"init={self.init}")
+            opts.append(f"freeze_middle={str(self.freeze_middle).lower()}")
+        if self.method in ("moslora", "linchain"):
+            opts.append(f"bias={str(self.bias).lower()}")
+        if self.form is not None:
+            opts.append(f"form={self.form}")
         if self.lr is not None:
             opts.append(f"lr={_fmt(self.lr)}")
+        if self.match is not None:
+            opts.append(f"match={self.match.canonical()}")  # last: its value is a spec with commas of its own
         return f"{self.method}:" + ",".join(opts)
 
 
@@ -132,55 +212,85 @@ def parse_spec(
     method = method.strip().lower()
     if method not in METHODS:
         raise UserError(f"unknown adapter method {method!r} in spec {text!r}; choose one of: {', '.join(METHODS)}")
-    accepted = COMMON_OPTIONS + METHOD_OPTIONS[method]
-    options: dict[str, str] = {}
-    if rest.strip():
-        for item in rest.split(","):
-            key, eq, value = item.partition("=")
-            key, value = key.strip(), value.strip()
-            if not eq or not key or not value:
-                raise UserError(f"malformed option {item.strip()!r} in spec {text!r}: options are key=value pairs "
-                                "separated by commas, e.g. linchain:n=5,r=8")
-            if key not in accepted:
-                raise UserError(f"unknown option {key!r} for {method} in spec {text!r}; "
-                                f"{method} accepts: {', '.join(accepted)}")
-            if key in options:
-                raise UserError(f"option {key!r} given twice in spec {text!r}")
-            options[key] = value
-    elif colon:
+    if colon and not rest.strip():
         raise UserError(f"malformed spec {text!r}: nothing after ':'; write e.g. {method} or {method}:r=8")
+    options = _options(method, rest, text)
+    common = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets}
 
-    r_val = _positive_int("r", options.get("r", r), text)
+    match = None
+    if "match" in options:
+        match = parse_spec(options["match"], **common)
+        if match.match is not None:
+            raise UserError(f"match takes a spec without a match of its own (got {options['match']!r}) "
+                            f"in spec {text!r}")
+    # A matched LoRA's rank is chosen from the model; an r in the spec (as in a canonical string) is checked then.
+    if "r" in options or match is None:
+        r_val = _positive_int("r", options.get("r", r), text)
+    else:
+        r_val = None
     alpha_val = _number("alpha", options.get("alpha", alpha), text, low=0.0, low_open=True)
     dropout_val = _number("dropout", options.get("dropout", dropout), text, low=0.0, high=1.0, high_open=True)
     target_val = _targets(options.get("targets", targets), text)
     lr_val = _number("lr", options["lr"], text, low=0.0, low_open=True) if "lr" in options else None
+    init = _choice("init", options, INITS, text)
+    freeze_middle = _boolean("freeze_middle", options, text)
+    bias = _boolean("bias", options, text)
 
-    init = options.get("init", "kaiming").lower()
-    if init not in INITS:
-        raise UserError(f"unknown init {init!r} in spec {text!r}; choose one of: {', '.join(INITS)}")
-
-    structure = None
-    widths = None
+    structure = widths = form = None
     if method == "moslora":
         widths = (r_val, r_val)
     elif method == "linchain":
         widths = _chain_widths(options, r_val, text)
     elif method == "mtlora":
-        structure = options.get("structure", "shim").lower()
-        if structure not in STRUCTURES:
-            raise UserError(f"unknown MTLoRA structure {structure!r} in spec {text!r}; "
-                            f"choose one of: {', '.join(STRUCTURES)}")
-        # SHIM is a chain of one r x r matrix (MoSLoRA's class), CTCM a chain of two (LinChain-2's).
-        widths = {"shim": (r_val, r_val), "ctcm": (r_val, r_val, r_val)}.get(structure)
+        structure = _choice("structure", options, STRUCTURES, text, what="MTLoRA structure")
+        if structure in STRUCTURE_WIDTHS:
+            widths = (r_val,) * (STRUCTURE_WIDTHS[structure] + 1)
+    elif method == "condlora":
+        form = _choice("form", options, CONDLORA_FORMS, text, what="CondLoRA form")
 
     return AdapterSpec(method=method, r=r_val, alpha=alpha_val, dropout=dropout_val, targets=target_val,
-                       init=init, structure=structure, chain_widths=widths, lr=lr_val, text=text)
+                       init=init, structure=structure, chain_widths=widths, lr=lr_val, freeze_middle=freeze_middle,
+                       bias=bias, form=form, match=match, text=text)
 
 
-def with_overrides(spec: AdapterSpec, **changes) -> AdapterSpec:
-    """A copy of ``spec`` with fields replaced (used by ablations to vary one axis)."""
-    return replace(spec, **changes)
+def _options(method: str, rest: str, text: str) -> dict[str, str]:
+    """The ``key=value`` options after the colon; ``match=`` takes the rest of the string as its value."""
+    accepted = COMMON_OPTIONS + METHOD_OPTIONS[method]
+    options: dict[str, str] = {}
+    items = rest.split(",") if rest.strip() else []
+    for i, item in enumerate(items):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "match" and eq:
+            value = ",".join([value] + items[i + 1:]).strip()
+        if not eq or not key or not value:
+            raise UserError(f"malformed option {item.strip()!r} in spec {text!r}: options are key=value pairs "
+                            "separated by commas, e.g. linchain:n=5,r=8")
+        if key not in accepted:
+            raise UserError(f"unknown option {key!r} for {method} in spec {text!r}; "
+                            f"{method} accepts: {', '.join(accepted)}")
+        if key in options:
+            raise UserError(f"option {key!r} given twice in spec {text!r}")
+        options[key] = value
+        if key == "match":
+            break
+    return options
+
+
+def _choice(key: str, options: dict[str, str], choices: tuple[str, ...], text: str, what: str | None = None) -> str:
+    value = options.get(key, OPTION_DEFAULTS[key]).lower()
+    if value not in choices:
+        raise UserError(f"unknown {what or key} {value!r} in spec {text!r}; choose one of: {', '.join(choices)}")
+    return value
+
+
+def _boolean(key: str, options: dict[str, str], text: str) -> bool:
+    if key not in options:
+        return OPTION_DEFAULTS[key]
+    value = options[key].lower()
+    if value not in ("true", "false"):
+        raise UserError(f"{key} must be true or false (got {options[key]!r}) in spec {text!r}")
+    return value == "true"
 
 
 def _chain_widths(options: dict[str, str], r: int, text: str) -> tuple[int, ...]:
@@ -211,7 +321,7 @@ def _chain_widths(options: dict[str, str], r: int, text: str) -> tuple[int, ...]
             raise UserError(f"n={n} disagrees with widths={options['widths']} ({len(widths) - 1} matrices) "
                             f"in spec {text!r}")
         return widths
-    return (r,) * ((n if n is not None else DEFAULT_CHAIN_LENGTH) + 1)
+    return (r,) * ((n if n is not None else OPTION_DEFAULTS["n"]) + 1)
 
 
 def _positive_int(name: str, value, text: str) -> int:
