@@ -175,7 +175,8 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
     """The summary table: the base row, then one row per method in first-seen order.
 
     Columns: ``method``, ``seeds`` (successful runs), ``failed`` (failed runs), ``trainable_params``,
-    the settings (``r``, ``alpha``, ``lr``, ``targets``, ``init``, ``train_on_inputs``), per task
+    the settings (``r``, ``alpha``, ``lr``, ``targets``, ``init``, ``train_on_inputs``), ``contaminated``
+    (the tasks whose scores are marked contaminated, space-separated), per task
     ``<task>`` and ``<task>_std``, ``average`` and ``average_std`` (scores as fractions), the means
     over seeds of ``grad_norm_median``, ``clipped_fraction``, ``train_seconds``, ``seconds_per_step``,
     ``tokens_per_second`` and ``peak_memory_mb``; for the gains over the base model and over LoRA
@@ -199,6 +200,7 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
                                "trainable_params": int(ok[0].trainable_params) if ok else 0}
         settings = _settings_of(runs)
         row.update({key: settings.get(key) for key in SETTINGS})
+        row["contaminated"] = " ".join(sorted(_contaminated(runs)))
         for task in tasks:
             row[task], row[f"{task}_std"] = _mean_std([r.scores.get(task, float("nan")) for r in ok])
         row["average"], row["average_std"] = _mean_std([_average(r, tasks) for r in ok])
@@ -214,6 +216,12 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
     adjusted = stats.holm(dict(zip(table["method"], table["p_vs_lora"])))
     table.insert(table.columns.get_loc("p_vs_lora") + 1, "p_holm", [adjusted[m] for m in table["method"]])
     return table
+
+
+def _contaminated(runs: Sequence[SystemResult]) -> set[str]:
+    """Tasks whose scores these runs mark as contaminated (``SystemResult.contaminated``, set under
+    --allow-contamination); runs that do not carry the mark have none."""
+    return set().union(*(getattr(r, "contaminated", None) or () for r in runs))
 
 
 def _tasks(base: SystemResult | None, results: Sequence[SystemResult]) -> list[str]:
@@ -340,7 +348,8 @@ def _untuned_note(table: "pd.DataFrame", fair_methods: str) -> str:
     if len(lrs) == 1:
         how = f"Every method trained at one shared learning rate ({lrs[0]:g}), not tuned for each"
     elif lrs:
-        how = f"The learning rates ({', '.join(f'{lr:g}' for lr in lrs)}) were set by hand, not each tuned under one budget"
+        rates = ", ".join(f"{lr:g}" for lr in lrs)
+        how = f"The learning rates ({rates}) were set by hand, not each tuned under one budget"
     else:
         how = "The methods' learning rates were not each tuned"
     return (f"**Not tuned per method.** {how}: under Adam the middle matrices change how far each step moves the "
@@ -387,13 +396,20 @@ def summary_markdown(table: "pd.DataFrame", tasks: Sequence[str], header: Mappin
                        _fmt_gain(row, "base", mark_items_only), _fmt_item_noise(row, "base"),
                        _fmt_gain(row, "lora", mark_items_only), _fmt_item_noise(row, "lora"), _fmt_p(row["p_holm"]),
                        _fmt_mde(row["mde_vs_lora"])])
-    lines += _markdown_table(["method", "seeds", *tasks, "average", "gain vs base", "± items", "gain vs LoRA",
+    contaminated = {t for marks in table["contaminated"] for t in marks.split()}
+    task_columns = [f"{t} (contaminated)" if t in contaminated else t for t in tasks]
+    lines += _markdown_table(["method", "seeds", *task_columns, "average", "gain vs base", "± items", "gain vs LoRA",
                               "± items", "p (Holm)", "MDE"], rows)
+    if contaminated:
+        lines += ["", f"*Contaminated*: the training data holds more than 1% of the scored items of "
+                  f"{', '.join(sorted(contaminated))} (the run was allowed with --allow-contamination); those "
+                  "scores, and the average and gains built on them, overstate what the method learned."]
     unpaired = [row for _, row in table.iterrows() if row["gain_vs_lora_missing"]]
     if unpaired:
         lines.append("")
         lines += [f"- `{row['method']}` vs LoRA: paired seeds {row['gain_vs_lora_seeds'] or 'none'}; seed(s) "
-                  f"{row['gain_vs_lora_missing']} completed for only one of the two (see Failed runs)." for row in unpaired]
+                  f"{row['gain_vs_lora_missing']} completed for only one of the two (see Failed runs)."
+                  for row in unpaired]
     lines += ["", "## What ran", "",
               "Per method: the adapter's settings and the learning rate it trained with; *grad norm* is the median "
               "over steps of the gradient norm before clipping, *clipped* the share of steps it exceeded "

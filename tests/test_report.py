@@ -162,6 +162,19 @@ def test_write_report_with_config_writes_a_repeatable_config(tmp_path):
     assert "5 steps" in written["summary.md"].read_text()
 
 
+def test_contaminated_scores_are_marked(tmp_path):
+    base, results = _run_results(failed=False)
+    for result in [base, *results]:
+        result.contaminated = {"mul"}  # what harness.run sets under --allow-contamination
+    written = write_report(tmp_path / "run", base, results, n_resamples=100)
+    assert set(pd.read_csv(written["summary.csv"])["contaminated"]) == {"mul"}
+    markdown = written["summary.md"].read_text()
+    assert "| add | mul (contaminated) | average |" in markdown
+    assert "more than 1% of the scored items of mul" in markdown
+    clean = write_report(tmp_path / "clean", *_run_results(failed=False), n_resamples=100)
+    assert "contaminated" not in clean["summary.md"].read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # What ran: per-method settings, a header of what all share, the gradient norms
 
