@@ -328,6 +328,10 @@ def _interval_note(table: "pd.DataFrame", n_resamples: int) -> tuple[str, bool]:
         note += (f"With 2 or more seeds the training run is the unit of replication: the bracket is a {level} "
                  "Student-t interval over the seeds both methods completed, and covers run-to-run variance "
                  "(another seed trains another adapter) on this test set. " + items)
+    if any(row[f"gain_vs_{label}_interval"] == stats.T_OVER_SEEDS and math.isnan(row[f"gain_vs_{label}_low"])
+           for _, row in table.iterrows() for label in ("base", "lora")):
+        note += (" A gain without a bracket had the same difference at every seed: the spread over seeds, and "
+                 "so the interval, is unknown; run more seeds.")
     if stats.ITEMS_ONLY in kinds:
         which = "Rows marked *items only* had" if stats.T_OVER_SEEDS in kinds else "This run had"
         note += (f" {which} one seed: the interval covers test-item noise only (the paired bootstrap over "
@@ -366,7 +370,7 @@ def fair_study_methods(methods: Sequence[str]) -> str:
         options = [o.strip() for o in rest.split(",") if o.strip() and not o.strip().startswith("lr=")]
         specs.append(head.strip() + (":" + ",".join(options) if options else ""))
     specs = list(dict.fromkeys(specs))
-    if REFERENCE_METHOD not in specs:
+    if _reference_method(specs) is None:
         specs.insert(0, REFERENCE_METHOD)
     return ",".join(specs)
 

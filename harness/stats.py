@@ -218,13 +218,12 @@ def minimum_detectable_effect(sd: float, n_seeds: int, alpha: float = 0.05, powe
     tails), for per-seed differences that are normal with standard deviation ``sd``. The
     approximation is using the observed ``sd`` as if it were the true one: with few seeds it is
     itself uncertain. (The common shortcut (t_{1-alpha/2} + t_{power}) sd / sqrt(n) would claim
-    80% power where the test has 73% at 2 seeds and 77% at 3.) NaN with fewer than 2 seeds.
+    80% power where the test has 73% at 2 seeds and 77% at 3.) NaN with fewer than 2 seeds, and
+    when the observed spread is 0 (seeds that all gave the same difference say nothing about it).
     ``alpha`` is per comparison: Holm's first step tests at ``alpha / m``.
     """
-    if n_seeds < 2 or sd is None or not math.isfinite(sd):
+    if n_seeds < 2 or sd is None or not math.isfinite(sd) or sd == 0:
         return math.nan
-    if sd == 0:
-        return 0.0
     df = n_seeds - 1
     critical = stats.t.ppf(1 - alpha / 2, df)
 

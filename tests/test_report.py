@@ -162,6 +162,17 @@ def test_write_report_with_config_writes_a_repeatable_config(tmp_path):
     assert "5 steps" in written["summary.md"].read_text()
 
 
+def test_the_same_difference_at_every_seed_gives_no_interval_and_says_why(tmp_path):
+    _, results = _run_results(failed=False, seeds=(0, 1))
+    lora = [r for r in results if r.method == "lora"]
+    twins = [SystemResult(**{**r.__dict__, "method": "twin"}) for r in lora]  # scores exactly like LoRA's
+    written = write_report(tmp_path / "run", None, lora + twins, n_resamples=100)
+    row = pd.read_csv(written["summary.csv"]).set_index("method").loc["twin"]
+    assert row["gain_vs_lora"] == 0 and np.isnan(row["gain_vs_lora_low"]) and np.isnan(row["p_holm"])
+    assert np.isnan(row["mde_vs_lora"])
+    assert "the spread over seeds, and so the interval, is unknown" in written["summary.md"].read_text()
+
+
 def test_contaminated_scores_are_marked(tmp_path):
     base, results = _run_results(failed=False)
     for result in [base, *results]:
@@ -252,6 +263,7 @@ def test_fair_study_methods_drops_hand_set_learning_rates_and_keeps_lora_first()
     assert fair_study_methods(["lora", "linchain:r=8,widths=8-16-8,lr=1e-3", "condlora:lr=1e-3"]) == \
         "lora,linchain:r=8,widths=8-16-8,condlora"
     assert fair_study_methods(["moslora", "linchain"]) == "lora,moslora,linchain"
+    assert fair_study_methods(["lora:r=8", "moslora"]) == "lora:r=8,moslora"  # already has its reference
 
 
 def test_a_run_reports_what_each_method_trained_with(tmp_path):

@@ -219,7 +219,7 @@ def test_minimum_detectable_effect_has_the_power_it_promises(n_seeds):
 def test_minimum_detectable_effect_shrinks_with_seeds_and_is_undefined_for_one():
     values = [minimum_detectable_effect(1.0, n) for n in (2, 3, 5, 10)]
     assert values == sorted(values, reverse=True)
-    assert math.isnan(minimum_detectable_effect(1.0, 1))
+    assert math.isnan(minimum_detectable_effect(1.0, 1)) and math.isnan(minimum_detectable_effect(0.0, 3))
 
 
 def test_detectable_effect_with_one_seed_uses_the_item_standard_error():
