@@ -100,6 +100,11 @@ class SeedComparison:
         return self.low <= value <= self.high
 
 
+def _seed_order(seed: Seed) -> tuple:
+    """Seeds in numeric order (2 before 10), anything else after them by its text."""
+    return (0, seed, "") if isinstance(seed, (int, float)) else (1, 0, str(seed))
+
+
 def _finite(scores: Mapping[Seed, float]) -> dict[Seed, float]:
     """The seeds that produced a score (a failed run has none, or NaN)."""
     return {s: float(v) for s, v in scores.items() if v is not None and math.isfinite(v)}
@@ -117,8 +122,8 @@ def seed_comparison(a: Mapping[Seed, float], b: Mapping[Seed, float], confidence
     on this seed's difference; without ``items`` they are NaN.
     """
     a, b = _finite(a), _finite(b)
-    seeds = tuple(sorted(set(a) & set(b), key=str))
-    missing = tuple(sorted(set(a) ^ set(b), key=str))
+    seeds = tuple(sorted(set(a) & set(b), key=_seed_order))
+    missing = tuple(sorted(set(a) ^ set(b), key=_seed_order))
     diffs = np.array([a[s] - b[s] for s in seeds])
     n = len(seeds)
     nan = math.nan
@@ -155,7 +160,7 @@ def item_interval(a: Correctness, b: Correctness, confidence: float = CONFIDENCE
     items with replacement, the same items for both methods and every seed: the bootstrap of
     the per-item difference averaged over seeds. Returns None when no seed, task or item is shared.
     """
-    seeds = sorted(set(a) & set(b), key=str)
+    seeds = sorted(set(a) & set(b), key=_seed_order)
     runs = [a[s] for s in seeds] + [b[s] for s in seeds]
     if not seeds:
         return None
