@@ -323,11 +323,11 @@ def _interval_note(table: "pd.DataFrame", n_resamples: int) -> tuple[str, bool]:
              "resamples; items resampled once, the same for both methods and every seed): how far the gain "
              "could move on another test set of this size.")
     note = ("*Gain* columns: the difference in average accuracy (the mean over tasks), in percentage points, "
-            "paired by seed; the base model, evaluated once, is paired with every seed. ")
+            "paired by seed; the base model, evaluated once, is paired with every seed.")
     if stats.T_OVER_SEEDS in kinds:
-        note += (f"With 2 or more seeds the training run is the unit of replication: the bracket is a {level} "
+        note += (f" With 2 or more seeds the training run is the unit of replication: the bracket is a {level} "
                  "Student-t interval over the seeds both methods completed, and covers run-to-run variance "
-                 "(another seed trains another adapter) on this test set. " + items)
+                 "(another seed trains another adapter) on this test set.")
     if any(row[f"gain_vs_{label}_interval"] == stats.T_OVER_SEEDS and math.isnan(row[f"gain_vs_{label}_low"])
            for _, row in table.iterrows() for label in ("base", "lora")):
         note += (" A gain without a bracket had the same difference at every seed: the spread over seeds, and "
@@ -337,12 +337,13 @@ def _interval_note(table: "pd.DataFrame", n_resamples: int) -> tuple[str, bool]:
         note += (f" {which} one seed: the interval covers test-item noise only (the paired bootstrap over "
                  "items). It does not cover run-to-run variance, and another seed can change the ranking; "
                  "run more seeds (--seeds 0,1,2) for an interval over training runs.")
+    note += " " + items
     if n_lora:
         note += (" *p (Holm)*: the p-value of \"no difference from LoRA\" (the paired t-test over seeds; with one "
                  f"seed, the item bootstrap's), Holm-adjusted over the {n_lora} comparison(s) with LoRA. *MDE*: the "
                  "smallest true gain over LoRA that this many seeds (with one seed, this many items) would detect "
                  "with 80% power at the 5% level (per comparison, before Holm).")
-    return note.strip(), {stats.T_OVER_SEEDS, stats.ITEMS_ONLY} <= kinds
+    return note, {stats.T_OVER_SEEDS, stats.ITEMS_ONLY} <= kinds
 
 
 def _untuned_note(table: "pd.DataFrame", fair_methods: str) -> str:
@@ -388,7 +389,7 @@ def summary_markdown(table: "pd.DataFrame", tasks: Sequence[str], header: Mappin
     for key, value in (header or {}).items():
         lines.append(f"- **{key}**: {value}")
     note, mark_items_only = _interval_note(table, n_resamples)
-    lines += ["", "## Scores and gains", ""]
+    lines += ([""] if header else []) + ["## Scores and gains", ""]
     if not tuned:
         lines += [_untuned_note(table, fair_methods), ""]
     lines += ["Scores are each task's primary metric in %, mean ± std over seeds. " + note, ""]
