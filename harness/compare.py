@@ -91,15 +91,8 @@ def compare(contents: Sequence[dict[str, Any]], allow_mismatch: bool = False):
             if parts:
                 flagged.append(r.method)
             merged.append(r)
-    # The reference is the first LoRA row: summarize() looks for a method named "lora" (or "lora:...").
-    first_lora = next((r.method for r in merged if r.method.rsplit("/", 1)[-1].split(":")[0] == "lora"), None)
-    if first_lora is not None and first_lora != "lora":
-        for r in merged:
-            if r.method == first_lora:
-                r.method = "lora"
-    table = summarize(base, merged)
-    if first_lora is not None and first_lora != "lora":
-        table.loc[table["method"] == "lora", "method"] = first_lora
+    reference = next((r.method for r in merged if r.method.rsplit("/", 1)[-1].split("-")[0] == "lora"), None)
+    table = summarize(base, merged, reference=reference)
     table["protocol"] = [
         "differs: " + ", ".join(mismatches[_owner(m, names, per_run)]) if m in set(flagged) else "same"
         for m in table["method"]
