@@ -201,8 +201,9 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
 def _log_summary_on_parent(top, summary_csv: Path) -> None:
     """Put the per-method summary on the parent run, so the MLflow UI compares methods without expanding runs.
 
-    Metrics ``<label>/average``, ``<label>/gain_vs_lora`` (and the interval bounds) show in the
-    experiment's chart view and runs table at parent level; ``summary_table.json`` is the same table
+    Metrics ``average/<label>``, ``gain_vs_lora/<label>`` (and the interval bounds) show in the
+    experiment's chart view and runs table at parent level, one chart section per quantity with a chart per
+    method, so separately launched runs compare side by side; ``summary_table.json`` is the same table
     as an MLflow table artifact (the UI renders it, ``mlflow.load_table`` reads it back).
     """
     import pandas as pd
@@ -213,7 +214,7 @@ def _log_summary_on_parent(top, summary_csv: Path) -> None:
         for column in ("average", "gain_vs_base", "gain_vs_lora", "gain_vs_lora_low", "gain_vs_lora_high",
                        "trainable_params"):
             if column in row and pd.notna(row[column]):
-                metrics[f"{row['method']}/{column}"] = float(row[column])
+                metrics[f"{column}/{row['method']}"] = float(row[column])
     top.log_metrics(metrics)
     top.client.log_table(top.run_id, data=table, artifact_file="summary_table.json")
 

@@ -169,7 +169,7 @@ def test_compare_two_real_runs_by_folder_and_by_mlflow_run_id(tmp_path, data_dir
     runs = mlflow_runs_of(tmp_path)
     parent = runs[runs["run_id"] == outcomes[0].parent_run_id].iloc[0]
     assert parent["tags.protocol"] == load_result_json(first)["fingerprint"]["hash"]
-    assert parent["metrics.moslora/average"] == pytest.approx(summary.loc["moslora", "average"])
+    assert parent["metrics.average/moslora"] == pytest.approx(summary.loc["moslora", "average"])
     # a run with another loss masking is refused, naming that part
     changed = tmp_path / "changed"
     shutil.copytree(second, changed)
