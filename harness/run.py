@@ -116,10 +116,10 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         log = _quiet
     data_dir = hdata.resolve_data_dir(cfg.data_dir)
     eval_checksums = task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)  # also rejects unknown tasks
-    if tracker is None and ctx.is_main:  # one process creates the SQLite schema; the others never track
-        check_tracking_uri(cfg.tracking_uri)
     records = training_records(cfg, data_dir)
     overlaps, contaminated = check_contamination(cfg, records, data_dir, log)
+    if tracker is None and ctx.is_main:  # one process creates the SQLite schema; the others never track
+        check_tracking_uri(cfg.tracking_uri)
     model, tokenizer = load_model(cfg.model)
     for plan in plans:
         validate_against_model(model, plan.spec)
