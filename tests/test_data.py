@@ -283,6 +283,7 @@ def test_cutoff_and_collate(tiny_tokenizer):
     (["arithmetic:digits=0"], "digits=0 is out of range"),
     (["math_10k", "--data-dir", "/nonexistent/data"], "ft-training_set/math_10k.json"),
     (["arithmetic", "--limit", "0"], "limit=0"),
+    (["arithmetic", "--split", "dev"], "unknown split 'dev'"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, expected):
     from harness.data.__main__ import main
@@ -297,4 +298,4 @@ def test_cli_preview(capsys):
 
     assert main(["arithmetic:n=5", "--show", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "5 records from arithmetic:n=5" and json.loads(out[1])["answer"]
+    assert out[0] == "5 train records from arithmetic:n=5" and json.loads(out[1])["answer"]
