@@ -160,3 +160,33 @@ def test_a_data_file_is_the_same_for_every_seed(tmp_path):
     assert set(training_checksums(records)) == {"train_data"}
     generated = training_records(RunConfig(seeds=[3, 4], train_data="arithmetic:n=20"), None)
     assert set(training_checksums(generated)) == {"train_data_seed3", "train_data_seed4"}
+
+
+def test_a_validation_run_scores_and_records_the_validation_split(tmp_path, mlflow_runs_of):
+    from harness.config import config_from_args
+    from harness.data import generate
+    from harness.run import run
+
+    cfg = config_from_args(["--model", "tiny-random", "--tasks", "arithmetic_add_sub", "--methods", "lora",
+                            "--max-steps", "1", "--limit", "3", "--batch-size", "2", "--split", "validation",
+                            "--run-name", "tune", "--output-dir", str(tmp_path / "results"),
+                            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    outcome = run(cfg, progress=False, log=lambda *a, **k: None)
+    expected = generate("ops=+-,digits=2,steps=1,form=expr,n=200", "validation", seed=1234)[:3]
+    for name in ("base", "lora-seed0"):
+        lines = (outcome.run_dir / "samples" / f"{name}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["target"] for line in lines] == [r["answer"] for r in expected]
+    assert outcome.contamination["arithmetic_add_sub"].split == "validation" and not outcome.contaminated
+    assert "scored split**: validation" in (outcome.run_dir / "summary.md").read_text()
+    runs = mlflow_runs_of(tmp_path)
+    assert set(runs["params.split"].dropna()) == {"validation"}  # the parent and the method's run
+    assert len(runs["params.split"].dropna()) == 2
+
+
+@pytest.mark.parametrize("argv", [["--split", "dev"], ["--split", "train"]])
+def test_unknown_split_is_one_line_and_exit_2(argv, capsys):
+    from harness.run import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--split" in err and "validation, test" in err
