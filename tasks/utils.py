@@ -33,7 +33,7 @@ except ImportError:  # lm_eval run from a checkout without the package installed
 from harness.contamination import record_key
 from harness.data import arithmetic, prompts
 from harness.data.files import data_file, resolve_data_dir
-from harness.data.records import TEST_KEYS, TEST_SETS, load_records, load_test_records, read_records
+from harness.data.records import TEST_KEYS, TEST_SETS, TRAIN_SETS, load_records, load_test_records, read_records
 from harness.errors import UserError
 
 INVALID = "[invalid]"
@@ -122,20 +122,36 @@ def _answer_kind(record: dict) -> str:
     return "number" if _NUMBER.fullmatch(answer.replace(",", "")) else "text"
 
 
-@functools.lru_cache(maxsize=4)
 def _validation_slice(source: str, root: str) -> tuple[dict, ...]:
-    """The held-out slice of a training set, read once per process (a group's tasks share it)."""
+    """The held-out slice of a training set, read once per process and file version (a group's tasks share it)."""
+    path = Path(root) / TRAIN_SETS[source] if source in TRAIN_SETS else Path(source).expanduser()
+    return _cached_slice(source, root, _stamp(path))
+
+
+def _test_keys(root: str) -> frozenset[bytes]:
+    """The questions of every LLM-Adapters test file present in the data directory."""
+    paths = tuple(Path(root) / path for path in TEST_SETS.values())
+    return _cached_test_keys(tuple((path, _stamp(path)) for path in paths))
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """What tells a changed file from the one cached: modification time and size (None when absent)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_slice(source: str, root: str, _stamp: tuple | None) -> tuple[dict, ...]:
     return tuple(load_records(source, root, split="validation"))
 
 
 @functools.lru_cache(maxsize=4)
-def _test_keys(root: str) -> frozenset[bytes]:
-    """The questions of every LLM-Adapters test file present in the data directory."""
-    keys: set[bytes] = set()
-    for path in TEST_SETS.values():
-        if (Path(root) / path).is_file():
-            keys.update(record_key(r) for r in read_records(Path(root) / path, TEST_KEYS))
-    return frozenset(keys)
+def _cached_test_keys(files: tuple) -> frozenset[bytes]:
+    return frozenset(record_key(r) for path, stamp in files if stamp is not None
+                     for r in read_records(path, TEST_KEYS))
 
 
 def _document(record: dict, prompt_format: str) -> dict:
