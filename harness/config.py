@@ -42,6 +42,8 @@ DEFAULT_METHODS = ("lora", "moslora", "linchain")
 DEFAULT_TRAIN_DATA = "arithmetic"
 DEFAULT_TASKS = ("arithmetic",)
 PROMPT_FORMATS = ("alpaca", "chat")
+# Mirrors harness.evaluate.SPLITS: the splits a run can score.
+SPLITS = ("validation", "test")
 DEFAULT_TRACKING_DB = "mlflow.db"
 
 # Why max_steps=50 and dropout=0 by default: the embedded default run (3 methods, 1 seed, SmolLM2-135M
@@ -90,6 +92,13 @@ class RunConfig:
         factory=lambda: list(DEFAULT_TASKS), metavar="TASKS")
     data_dir: str | None = _opt(
         "folder holding benchmark data (default: the harness's own data folder)", None, metavar="DIR")
+    split: str = _opt(
+        "which split of the tasks to score: 'test' for final numbers, 'validation' for tuning (every task "
+        "has one, disjoint from its test split and from training; nothing should be chosen on test)",
+        "test", choices=SPLITS)
+    allow_contamination: bool = _opt(
+        "go on when the training data contains more than 1%% of a test split's items (normally the run "
+        "stops before training); the affected scores are marked contaminated", False, metavar="BOOL")
     limit: int | None = _opt(
         "evaluate at most this many items per task (default: all); small values make quick runs "
         "but wide confidence intervals", None, metavar="N")
@@ -168,6 +177,7 @@ def _validate(cfg: RunConfig) -> None:
     need(cfg.limit is None or cfg.limit >= 1, "limit", "must be at least 1")
     need(cfg.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
     need(cfg.num_beams >= 1, "num_beams", "must be at least 1")
+    need(cfg.split in SPLITS, "split", f"unknown split: use one of {', '.join(SPLITS)}")
     need(cfg.prompt_format in PROMPT_FORMATS, "prompt_format", f"must be one of {', '.join(PROMPT_FORMATS)}")
     need(bool(cfg.output_dir), "output_dir", "must not be empty")
     need(cfg.run_name is None or (cfg.run_name.strip() and "/" not in cfg.run_name and cfg.run_name not in (".", "..")),

@@ -21,6 +21,7 @@ TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 PRIMARY_FILTER = "answer"  # the filter every generation task scores with; multiple choice has "none"
 PRIMARY_METRICS = ("exact_match", "acc")
 DEFAULT_TASKS = ["arithmetic"]
+SPLITS = ("validation", "test")  # what a run can score: tuning on validation, final numbers on test
 
 
 @dataclass
@@ -58,11 +59,17 @@ def default_batch_size(model) -> int | str:
     return "auto" if device.type == "cuda" else 16
 
 
-def task_manager(data_dir: Path | str | None = None, prompt_format: str = "alpaca"):
-    """lm-eval's TaskManager over tasks/ only, passing the data directory and prompt format to the loaders."""
+def task_manager(data_dir: Path | str | None = None, prompt_format: str = "alpaca", split: str = "test"):
+    """lm-eval's TaskManager over tasks/ only, passing the data directory, prompt format and split to the loaders.
+
+    The loaders build only the ``split`` asked for, so scoring the test split never needs the files
+    a validation split comes from (and the other way round).
+    """
     from lm_eval.tasks import TaskManager
 
-    metadata = {"data_dir": str(resolve_data_dir(data_dir)), "prompt_format": prompt_format}
+    if split not in SPLITS:
+        raise UserError(f"--split: unknown split {split!r} (one of {', '.join(SPLITS)})")
+    metadata = {"data_dir": str(resolve_data_dir(data_dir)), "prompt_format": prompt_format, "split": split}
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
 
 
@@ -82,14 +89,37 @@ def expand_tasks(tasks: list[str], manager, data_dir: Path | str | None = None) 
     return expanded
 
 
+def tasks_for_split(names: list[str], manager, split: str) -> list:
+    """What to hand lm-eval so that it scores ``split``: the names for test, loaded tasks for validation.
+
+    lm-eval scores a task's ``test_split`` whenever the YAML names one; for a validation run each
+    leaf task is loaded and its ``test_split`` cleared, so lm-eval falls back to ``validation_split``
+    (groups keep their structure and aggregates). A task without a validation split is a UserError.
+    """
+    if split == "test":
+        return names
+    objects = []
+    for name in names:
+        loaded = manager.load([name])
+        for task_name, task in loaded["tasks"].items():
+            if not task.has_validation_docs():
+                raise UserError(f"--split validation: task {task_name} has no validation split "
+                                "(its YAML needs validation_split); score it with --split test")
+            task.config.test_split = None
+        objects.append(loaded["groups"].get(name) or loaded["tasks"][name])
+    return objects
+
+
 def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | str | None = None,
              limit: int | None = None, batch_size: int | str = 1, num_beams: int = 1,
-             prompt_format: str = "alpaca", log_samples: bool = True, max_batch_size: int = 64) -> EvalResult:
+             prompt_format: str = "alpaca", log_samples: bool = True, max_batch_size: int = 64,
+             split: str = "test") -> EvalResult:
     """Run lm-eval on an in-memory model.
 
     ``limit`` takes the first N items of each task; ``batch_size`` is a number or ``"auto"``;
     ``num_beams=4`` is the papers' decoding (greedy, 1, is the default: faster). ``prompt_format``
     must be the one used in training: ``alpaca`` or ``chat`` (the tokenizer's chat template).
+    ``split`` is ``test`` (final numbers) or ``validation`` (tuning; see :func:`tasks_for_split`).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -107,8 +137,8 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
     # lm-eval warns once per custom-loaded task that metadata can be passed; we pass it.
     logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
 
-    manager = task_manager(data_dir, prompt_format)
-    names = expand_tasks(list(tasks or DEFAULT_TASKS), manager, data_dir)
+    manager = task_manager(data_dir, prompt_format, split)
+    names = tasks_for_split(expand_tasks(list(tasks or DEFAULT_TASKS), manager, data_dir), manager, split)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size)
     was_training = model.training
     # lm-eval is told not to reseed, but it still draws from the global generators; restore them so
@@ -204,13 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", default=None, help="a number or auto (default: the harness's pick)")
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--prompt-format", default="alpaca", choices=PROMPT_FORMATS)
+    parser.add_argument("--split", default="test", choices=SPLITS, help="the split to score (default: test)")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     model, tokenizer = load_model(args.model)
     batch_size = args.batch_size or default_batch_size(model)
     batch_size = int(batch_size) if str(batch_size).isdigit() else batch_size
     result = evaluate(model, tokenizer, tasks, args.data_dir, args.limit, batch_size, args.num_beams,
-                      args.prompt_format, log_samples=False)
+                      args.prompt_format, log_samples=False, split=args.split)
     print(json.dumps({"scores": result.scores, "metrics": result.flat_metrics()}, indent=1))
     return 0
 

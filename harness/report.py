@@ -78,6 +78,9 @@ class SystemResult:
     clipped_fraction: float = float("nan")
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None
+    # Tasks whose scores are contaminated (the training data holds more than 1% of their items; set by
+    # harness.run under --allow-contamination): tables must mark these scores.
+    contaminated: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:

@@ -4,7 +4,8 @@ The story of a run, top to bottom:
 
 1. resolve the configuration (defaults < ``--config`` YAML < command line) and check
    everything a user can get wrong before any training: method specs, tasks, data,
-   the tracking store, the output folder;
+   the tracking store, the output folder, and contamination (training records that ask
+   questions of the split to be scored: :mod:`harness.contamination`);
 2. evaluate the base model once (the ``base`` row);
 3. for each seed and method: a fresh copy of the base model, the adapter, training,
    evaluation on every task, the adapter saved; one nested MLflow run each. A failure
@@ -46,6 +47,8 @@ class RunOutcome:
     base: object
     results: list = field(default_factory=list)
     parent_run_id: str | None = None
+    contamination: dict = field(default_factory=dict)  # task -> harness.contamination.Overlap of the scored split
+    contaminated: set = field(default_factory=set)  # tasks whose scores are marked: overlap above the limit
 
     @property
     def failed(self) -> list:
@@ -106,7 +109,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     from harness import evaluate as hevaluate
     from harness.adapters import validate_against_model
     from harness.models import load_model
-    from harness.fingerprint import protocol_fingerprint
+    from harness.fingerprint import protocol_fingerprint, sha256_json
     from harness.report import SystemResult, default_run_name, unique_run_dir, write_report
     from harness.resultfile import RESULT_FILE, build_result, write_result_json
     from harness.tracking import Tracker, check_tracking_uri, run_params
@@ -119,36 +122,40 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     if not ctx.is_main:
         log = _quiet
     data_dir = hdata.resolve_data_dir(cfg.data_dir)
-    eval_checksums = task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format)  # also rejects unknown tasks
+    eval_checksums = task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)  # also rejects unknown tasks
+    records = training_records(cfg, data_dir)
+    overlaps, contaminated = check_contamination(cfg, records, data_dir, log)
     if tracker is None and ctx.is_main:  # one process creates the SQLite schema; the others never track
         check_tracking_uri(cfg.tracking_uri)
-    records = hdata.load_records(cfg.train_data, data_dir, seed=cfg.seeds[0])
     model, tokenizer = load_model(cfg.model)
     for plan in plans:
         validate_against_model(model, plan.spec)
     plans = plan_methods(cfg, model)  # lora:match=... needs the layer shapes to choose its rank
-    examples = hdata.build_train_dataset(records, tokenizer, prompt_format=cfg.prompt_format,
-                                         train_on_inputs=cfg.train_on_inputs, cutoff_len=cfg.cutoff_len)
+    examples = _examples_by_seed(hdata, records, tokenizer, cfg)
     device = ctx.device
     model.to(device)
     collate = _collate_for(hdata, tokenizer)
-    checksums = {"train_data": records_checksum(records), **eval_checksums}
-    fingerprint = protocol_fingerprint(cfg, model=model, tokenizer=tokenizer, train_checksum=checksums["train_data"],
-                                       eval_checksums=eval_checksums, data_dir=data_dir,
-                                       world_size=ctx.world_size)
+    train_checksums = training_checksums(records)
+    checksums = {**train_checksums, **eval_checksums}
     if not ctx.is_main:
         _follow_main_rank(cfg, plans, model, examples, collate)
         return RunOutcome(run_dir=None, base=None)
+    fingerprint = protocol_fingerprint(cfg, model=model, tokenizer=tokenizer,
+                                       train_checksum=train_checksums.get("train_data")
+                                       or sha256_json(train_checksums),
+                                       eval_checksums=eval_checksums, data_dir=data_dir,
+                                       world_size=ctx.world_size)
 
     run_name = cfg.run_name or default_run_name()
     run_dir = unique_run_dir(cfg.output_dir, run_name) if write_results else Path(tempfile.mkdtemp(prefix="run-"))
     tracker = tracker or Tracker(cfg.tracking_uri, cfg.experiment)
-    outcome = RunOutcome(run_dir=run_dir, base=None)
+    outcome = RunOutcome(run_dir=run_dir, base=None, contamination=overlaps, contaminated=contaminated)
     where = f"{device}" + (f", {ctx.world_size} ranks" if ctx.distributed else "")
     log(f"run {run_dir.name}: {len(plans)} method(s) x {len(cfg.seeds)} seed(s) on {cfg.model} ({where}), "
-        f"{len(examples)} training examples, tasks {', '.join(cfg.tasks)}; results in {run_dir}")
+        f"{len(examples[cfg.seeds[0]])} training examples, tasks {', '.join(cfg.tasks)} ({cfg.split} split); "
+        f"results in {run_dir}")
     eval_kwargs = dict(tasks=cfg.tasks, data_dir=data_dir, limit=cfg.limit, batch_size=cfg.eval_batch_size,
-                       num_beams=cfg.num_beams, prompt_format=cfg.prompt_format)
+                       num_beams=cfg.num_beams, prompt_format=cfg.prompt_format, split=cfg.split)
     finished = False
     try:
         top_name = run_dir.name if write_results else run_name
@@ -156,6 +163,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
             outcome.parent_run_id = top.run_id
             top.log_params(run_params(config_to_dict(cfg), checksums))
             top.client.log_dict(top.run_id, fingerprint, "protocol_fingerprint.json")
+            if overlaps:
+                top.log_metrics({f"contamination/{task}": o.share for task, o in overlaps.items()})
 
             # 2. The base model, once.
             if evaluate_base:
@@ -163,23 +172,25 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                     log("evaluating the base model ...")
                     evaluation = hevaluate.evaluate(model, tokenizer, **eval_kwargs)
                     outcome.base = SystemResult(method="base", scores=_leaf_scores(evaluation),
-                                                correct=_correctness(evaluation))
+                                                correct=_correctness(evaluation), contaminated=set(contaminated))
                     _log_evaluation(handle, evaluation, run_dir / "samples" / "base.jsonl")
                 log("base: " + _score_line(outcome.base.scores))
 
             # 3. Every method and seed, each from a fresh copy of the base model.
             for seed in cfg.seeds:
                 for plan in plans:
-                    result = _run_method(cfg, plan, seed, model, tokenizer, examples, collate, eval_kwargs,
+                    result = _run_method(cfg, plan, seed, model, tokenizer, examples[seed], collate, eval_kwargs,
                                          tracker, top, run_dir, progress, log, intermediate_every, on_intermediate,
                                          data_parallel=ctx.distributed)
+                    result.contaminated = set(contaminated)
                     outcome.results.append(result)
 
             # 4. The report.
             if write_results:
                 written = write_report(run_dir, outcome.base, outcome.results, config=cfg,
                                        header={"protocol fingerprint": f"{fingerprint['hash']} (parts in result.json; "
-                                                                       "compare runs with python -m harness.compare)"})
+                                                                       "compare runs with python -m harness.compare)",
+                                               **_data_header(cfg, overlaps, contaminated)})
                 written[RESULT_FILE] = write_result_json(run_dir, build_result(
                     run_dir.name, config_to_dict(cfg), fingerprint, outcome.base, outcome.results))
                 for path in written.values():
@@ -219,6 +230,77 @@ def _log_summary_on_parent(top, summary_csv: Path) -> None:
     top.client.log_table(top.run_id, data=table, artifact_file="summary_table.json")
 
 
+def training_records(cfg: RunConfig, data_dir: Path) -> dict[int, list[dict]]:
+    """Each seed's training records, a function of that seed alone.
+
+    The seed of a run is one whole replication: it draws the generated training set (``arithmetic``),
+    the data order and the initial A, so "seed 1" trains on the same data in ``--seeds 1,2`` as in
+    ``--seeds 0,1,2``, and the spread over seeds includes the spread over generated training sets.
+    A data file is the same for every seed (less its validation slice); it is read once.
+    """
+    from harness.data import load_records
+
+    generated = cfg.train_data == "arithmetic" or cfg.train_data.startswith("arithmetic:")
+    if not generated:
+        records = load_records(cfg.train_data, data_dir)
+        return {seed: records for seed in cfg.seeds}
+    return {seed: load_records(cfg.train_data, data_dir, seed=seed) for seed in cfg.seeds}
+
+
+def training_checksums(records: dict[int, list[dict]]) -> dict[str, str]:
+    """``train_data`` when every seed trains on the same records, else ``train_data_seed<N>`` per seed."""
+    sums = {seed: records_checksum(r) for seed, r in records.items()}
+    if len(set(sums.values())) == 1:
+        return {"train_data": next(iter(sums.values()))}
+    return {f"train_data_seed{seed}": value for seed, value in sums.items()}
+
+
+def check_contamination(cfg: RunConfig, records: dict[int, list[dict]], data_dir: Path, log=print):
+    """Overlaps of every seed's training records with the documents the run will score, before any training.
+
+    Returns ``(overlaps by task, contaminated tasks)``; an overlap above 1% of a test split raises
+    UserError unless ``cfg.allow_contamination`` (see :mod:`harness.contamination`).
+    """
+    from harness import contamination
+
+    documents = contamination.scored_documents(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)
+    for task in contamination.unchecked(documents):
+        log(f"contamination: {task} not checked (its documents have no instruction field)")
+    distinct = {id(r): r for r in records.values()}.values()  # a data file is one list shared by the seeds
+    overlaps = contamination.overlaps((r for seed_records in distinct for r in seed_records), documents, cfg.split)
+    contaminated = contamination.check(overlaps, cfg.allow_contamination)
+    for task in sorted(contaminated):
+        o = overlaps[task]
+        log(f"warning: {task}: {100 * o.share:.1f}% of its {o.split} items ({o.in_training}/{o.items}) are in the "
+            "training data; its scores are marked contaminated")
+    return overlaps, contaminated
+
+
+def _data_header(cfg: RunConfig, overlaps: dict, contaminated: set) -> dict[str, str]:
+    """The summary header lines saying which split was scored and how much of it the training data holds."""
+    worst = max(overlaps.values(), key=lambda o: o.share, default=None)
+    header = {"scored split": cfg.split + ("" if cfg.split == "test" else " (for tuning: not a final result)")}
+    if contaminated:
+        header["contaminated"] = ", ".join(f"{t} ({100 * overlaps[t].share:.1f}% of its items in training)"
+                                           for t in sorted(contaminated))
+    elif worst is not None:
+        header["contamination"] = f"none above 1% (largest: {worst.task} {100 * worst.share:.1f}%)"
+    return header
+
+
+def _examples_by_seed(hdata, records: dict[int, list[dict]], tokenizer, cfg: RunConfig) -> dict[int, list]:
+    """Tokenised training examples per seed; seeds sharing one list of records share its examples."""
+    built: dict[int, list] = {}
+    examples = {}
+    for seed, seed_records in records.items():
+        if id(seed_records) not in built:
+            built[id(seed_records)] = hdata.build_train_dataset(
+                seed_records, tokenizer, prompt_format=cfg.prompt_format, train_on_inputs=cfg.train_on_inputs,
+                cutoff_len=cfg.cutoff_len)
+        examples[seed] = built[id(seed_records)]
+    return examples
+
+
 def _train_settings(cfg: RunConfig, spec, seed: int):
     from harness.train import TrainSettings
 
@@ -244,6 +326,8 @@ def _quiet(*args, **kwargs) -> None:
 def _follow_main_rank(cfg: RunConfig, plans, base_model, examples, collate) -> None:
     """A rank other than 0 of a torchrun job: train every method in step with rank 0, nothing else.
 
+    ``examples`` maps each seed to its training examples, as on rank 0.
+
     The order (seeds, then methods) and each method's start are rank 0's, so the ranks meet in the same
     collectives. A non-finite loss is seen by every rank at the same step (the check uses the mean over
     ranks); rank 0 records that failure and all go on with the next method.
@@ -254,7 +338,7 @@ def _follow_main_rank(cfg: RunConfig, plans, base_model, examples, collate) -> N
         for plan in plans:
             model = _fresh_adapter_model(base_model, plan.spec, seed)
             try:
-                train(model, examples, collate, _train_settings(cfg, plan.spec, seed), progress=False)
+                train(model, examples[seed], collate, _train_settings(cfg, plan.spec, seed), progress=False)
             except NonFiniteLoss:
                 pass
             finally:
@@ -282,7 +366,7 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
     trained = None
     try:
         with tracker.run(name, parent=top, tags={"method": spec.method, "label": plan.label, "seed": seed}) as h:
-            h.log_params({"spec": spec.canonical(), "method": spec.method, "label": plan.label, "seed": seed,
+            h.log_params({"spec": spec.canonical(), "method": spec.method, "label": plan.label, "seed": seed, "split": cfg.split,
                           "lr": settings.lr, "r": spec.r, "alpha": spec.alpha, "init": spec.init,
                           "structure": spec.structure or "", "chain_widths": "-".join(map(str, spec.chain_widths or ()))})
             peft_model = _fresh_adapter_model(base_model, spec, seed)
@@ -332,15 +416,18 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
     return result
 
 
-def task_data_checksums(tasks: Sequence[str], data_dir: Path, prompt_format: str) -> dict[str, str]:
-    """SHA-256 of each evaluated task's documents: its data file, or the generated test split.
+def task_data_checksums(tasks: Sequence[str], data_dir: Path, prompt_format: str, split: str = "test") -> dict[str, str]:
+    """SHA-256 of each evaluated task's documents in ``split``: its data file(s), or the generated split.
+
+    A validation split of an LLM-Adapters task also depends on the training set it is cut from
+    (``validation_data``), whose checksum is added.
 
     Also checks the task names: an unknown task is a one-line UserError listing the known ones.
     """
     from harness import evaluate as hevaluate
-    from harness.data import TEST_SETS, generate
+    from harness.data import TEST_SETS, TRAIN_SETS, generate
 
-    manager = hevaluate.task_manager(data_dir, prompt_format)
+    manager = hevaluate.task_manager(data_dir, prompt_format, split)
     checksums: dict[str, str] = {}
 
     def visit(name: str) -> None:
@@ -354,13 +441,18 @@ def task_data_checksums(tasks: Sequence[str], data_dir: Path, prompt_format: str
             return
         meta = cfg.get("metadata") or {}
         if meta.get("generator"):
-            records = generate(meta["generator"], split="test", seed=int(meta.get("seed", 1234)))
+            records = generate(meta["generator"], split=split, seed=int(meta.get("seed", 1234)))
             checksums[name] = records_checksum(records)
         elif meta.get("dataset") in TEST_SETS or meta.get("file"):
-            path = Path(meta.get("file") or TEST_SETS[meta["dataset"]])
-            path = path if path.is_absolute() else data_dir / path
-            if path.is_file():
-                checksums[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            paths = [Path(meta.get("file") or TEST_SETS[meta["dataset"]])]
+            if split == "validation" and meta.get("validation_data") in TRAIN_SETS:
+                paths.append(Path(TRAIN_SETS[meta["validation_data"]]))
+            digest = hashlib.sha256()
+            for path in (p if p.is_absolute() else data_dir / p for p in paths):
+                if not path.is_file():
+                    return
+                digest.update(path.read_bytes())
+            checksums[name] = digest.hexdigest()
 
     for name in hevaluate.expand_tasks(list(tasks), manager, data_dir):
         visit(name)

@@ -8,10 +8,18 @@ Where the data directory comes from, in order: the task metadata ``data_dir`` (t
 passes it through lm-eval's TaskManager; on the command line ``--metadata '{"data_dir": ...}'``),
 then ``$HARNESS_DATA_DIR``, then the user cache folder. The prompt format comes from metadata
 ``prompt_format`` (``alpaca`` by default; ``chat`` together with lm-eval's ``--apply_chat_template``).
+
+Each task has a test and a validation split. A loader builds the validation split only when
+metadata ``split`` is ``validation`` (the default is ``test``), so a test run never needs the files
+a validation split comes from. lm-eval scores ``test_split`` whenever a YAML names one: for a
+validation run the harness clears it on the loaded tasks (harness.evaluate.tasks_for_split), so
+lm-eval's own command line scores the test split.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 import re
 import sys
@@ -22,41 +30,128 @@ try:
 except ImportError:  # lm_eval run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness.contamination import record_key
 from harness.data import arithmetic, prompts
-from harness.data.files import resolve_data_dir
-from harness.data.files import data_file
-from harness.data.records import TEST_KEYS, load_test_records, read_records
+from harness.data.files import data_file, resolve_data_dir
+from harness.data.records import TEST_KEYS, TEST_SETS, TRAIN_SETS, load_records, load_test_records, read_records
+from harness.errors import UserError
 
 INVALID = "[invalid]"
 TOLERANCE = 0.001  # upstream's MAX_INT: a numeric answer is right when |pred - answer| <= 0.001
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*([\w/]+)\s*$")
+_LETTER = re.compile(r"[A-E]")
+SPLITS = ("validation", "test")
+MIN_KIND_SHARE = 0.05  # an answer kind this rare among a task's test items does not pick its validation items
 
 
 # ----------------------------------------------------------------------------- loaders
 def load_llm_adapters(dataset: str | None = None, file: str | None = None, data_dir: str | None = None,
-                      prompt_format: str = "alpaca", **_metadata):
-    """An LLM-Adapters test file, each document with its ``prompt`` and answer ``choices``.
+                      prompt_format: str = "alpaca", split: str = "test", validation_data: str | None = None,
+                      **_metadata):
+    """An LLM-Adapters test file (or its validation split), each document with its ``prompt`` and answer ``choices``.
 
     ``dataset`` names a known test set (``gsm8k``); ``file`` is any file in that format, absolute
-    or relative to the data directory (how a new dataset is added with YAML only).
+    or relative to the data directory (how a new dataset is added with YAML only). The validation
+    split comes from the training set ``validation_data``: see :func:`validation_records`.
     """
-    import datasets
-
     root = resolve_data_dir(data_dir)
     if file is not None:
-        records = read_records(data_file(file, root) if not Path(file).is_absolute() else Path(file), TEST_KEYS)
+        test = read_records(data_file(file, root) if not Path(file).is_absolute() else Path(file), TEST_KEYS)
     else:
-        records = load_test_records(dataset, root)
-    return {"test": datasets.Dataset.from_list([_document(r, prompt_format) for r in records])}
+        test = load_test_records(dataset, root)
+    validation = validation_records(validation_data, test, root, dataset or file) if _split(split) == "validation" else []
+    return _splits(test, validation, prompt_format)
 
 
-def load_arithmetic(generator: str, seed: int = 1234, prompt_format: str = "alpaca", **_metadata):
-    """The held-out (test) split of the arithmetic generator: no data files needed."""
+def load_arithmetic(generator: str, seed: int = 1234, prompt_format: str = "alpaca", split: str = "test",
+                    **_metadata):
+    """A held-out split (``test`` or ``validation``) of the arithmetic generator: no data files needed."""
+    test = arithmetic.generate(generator, split="test", seed=int(seed))
+    validation = arithmetic.generate(generator, split="validation", seed=int(seed)) if _split(split) == "validation" else []
+    return _splits(test, validation, prompt_format)
+
+
+def _splits(test: list[dict], validation: list[dict], prompt_format: str) -> dict:
+    """lm-eval's dataset dict. The validation split is built only when asked for (empty otherwise); the
+    test split always, because lm-eval checks a test document while it builds a task."""
     import datasets
 
-    records = arithmetic.generate(generator, split="test", seed=int(seed))
-    return {"test": datasets.Dataset.from_list([_document(r, prompt_format) for r in records])}
+    docs = {name: datasets.Dataset.from_list([_document(r, prompt_format) for r in records])
+            for name, records in (("test", test), ("validation", validation))}
+    if not validation:
+        docs["validation"] = docs["test"].select([])  # same columns, no rows: never scored
+    return docs
+
+
+def _split(split: str) -> str:
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
+    return split
+
+
+def validation_records(source: str | None, test: list[dict], root: Path, name: str | None) -> list[dict]:
+    """The validation items of a task: the held-out slice of training set ``source`` that the task can score.
+
+    A slice record qualifies when its answer has a kind (its "Answer format" line, else a letter
+    A-E, a number, or other text) that at least 5% of the task's test items have: math_10k's letter answers
+    serve AQuA, its numbers the other math sets; commonsense_170k's true/false items serve BoolQ,
+    its option1/option2 items WinoGrande, and so on. Items asking a question of any LLM-Adapters
+    test file in the data directory are left out, so tuning never sees a test item.
+    """
+    if not source:
+        raise UserError(f"task on {name}: no validation split (give its YAML metadata validation_data: "
+                        "<training set>), or score it with --split test")
+    kinds = collections.Counter(_answer_kind(r) for r in test)
+    wanted = {kind for kind, count in kinds.items() if count >= MIN_KIND_SHARE * len(test)}
+    banned = _test_keys(str(root))
+    records = [r for r in _validation_slice(source, str(root))
+               if _answer_kind(r) in wanted and record_key(r) not in banned]
+    if not records:
+        raise UserError(f"the validation slice of {source} holds no item that the task on {name} can score")
+    return records
+
+
+def _answer_kind(record: dict) -> str:
+    found = _ANSWER_FORMAT.search(record["instruction"])
+    if found:
+        return found.group(1)
+    answer = str(record.get("answer", "")).strip()
+    if _LETTER.fullmatch(answer):
+        return "letter"
+    return "number" if _NUMBER.fullmatch(answer.replace(",", "")) else "text"
+
+
+def _validation_slice(source: str, root: str) -> tuple[dict, ...]:
+    """The held-out slice of a training set, read once per process and file version (a group's tasks share it)."""
+    path = Path(root) / TRAIN_SETS[source] if source in TRAIN_SETS else Path(source).expanduser()
+    return _cached_slice(source, root, _stamp(path))
+
+
+def _test_keys(root: str) -> frozenset[bytes]:
+    """The questions of every LLM-Adapters test file present in the data directory."""
+    paths = tuple(Path(root) / path for path in TEST_SETS.values())
+    return _cached_test_keys(tuple((path, _stamp(path)) for path in paths))
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """What tells a changed file from the one cached: modification time and size (None when absent)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_slice(source: str, root: str, _stamp: tuple | None) -> tuple[dict, ...]:
+    return tuple(load_records(source, root, split="validation"))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_test_keys(files: tuple) -> frozenset[bytes]:
+    return frozenset(record_key(r) for path, stamp in files if stamp is not None
+                     for r in read_records(path, TEST_KEYS))
 
 
 def _document(record: dict, prompt_format: str) -> dict:

@@ -56,9 +56,9 @@ def test_download_is_atomic_and_verified(monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- records
 def test_named_sets_load_in_the_llm_adapters_schema(data_dir):
-    records = load_records("math_data", data_dir)
-    assert len(records) == 3260
-    assert set(records[0]) == {"instruction", "input", "output", "answer"}
+    train, validation = load_records("math_data", data_dir), load_records("math_data", data_dir, split="validation")
+    assert len(validation) == 326 and len(train) + len(validation) <= 3260  # 10% of 3,260 held out
+    assert set(train[0]) == {"instruction", "input", "output", "answer"}
     boolq = load_records("boolq", data_dir, limit=5)
     assert len(boolq) == 5 and all(r["answer"] in ("true", "false") for r in boolq)
 
@@ -107,6 +107,33 @@ def test_missing_large_set_explains_how_to_supply(tmp_path):
         load_records("math_10k", tmp_path)
 
 
+def _key(record):
+    return " ".join(record["instruction"].lower().split())
+
+
+def test_validation_slice_is_fixed_held_out_and_sized(tmp_path):
+    # rows i and 4000 + i ask the same question, written with other case and spacing
+    rows = [{"instruction": f"Question {i}?" if n == 0 else f" QUESTION  {i}? ", "input": "", "output": f"a{n}",
+             "answer": str(i)} for n in range(2) for i in range(4000)]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    train, validation = load_records(str(path)), load_records(str(path), split="validation")
+    assert len(validation) == 500  # min(500, 10% of 8,000)
+    held = {_key(r) for r in validation}
+    assert train == [r for r in rows if _key(r) not in held]  # a held-out question's twin does not train either
+    assert len(train) < len(rows) - len(validation)
+    # the slice is the same for every seed of a run; a small file holds out 10%
+    assert load_records(str(path), seed=5, split="validation") == validation
+    path.write_text(json.dumps(rows[:300]))
+    assert len(load_records(str(path), split="validation")) == 30 and len(load_records(str(path))) == 270
+
+
+def test_a_file_has_no_test_split(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "q", "output": "a"}]))
+    with pytest.raises(UserError, match="unknown split 'test'"):
+        load_records(str(tmp_path / "d.json"), split="test")
+
+
 # ----------------------------------------------------------------------------- arithmetic generator
 def test_generator_is_reproducible_and_seeded():
     assert generate("n=50", seed=3) == generate("n=50", seed=3)
@@ -114,16 +141,63 @@ def test_generator_is_reproducible_and_seeded():
     assert load_records("arithmetic:n=20", seed=3) == generate("n=20", "train", seed=3)
 
 
-def test_train_and_test_are_disjoint():
-    def problems(records):
-        # the arithmetic itself, whatever the form (expression or word problem)
-        return {tuple(re.findall(r"\d+|[-+*/]", r["output"])) for r in records}
+def _problem(record) -> tuple:
+    """The arithmetic of a record, whatever its form, with commuted twins made equal: written here from the
+    worked answer ("a op b = c, c op d = e"), not with the generator's own key."""
+    steps = re.findall(r"(\d+) ([-+*/]) (\d+) =", record["output"])
+    first = steps[0]
+    if first[1] in "+*":
+        first = tuple(sorted((int(first[0]), int(first[2])))) + (first[1],)
+    return (first, *[(op, int(b)) for _, op, b in steps[1:]])
 
-    for spec, n_train, n_test in (("ops=+-", 3000, 1000), ("ops=+-*/,steps=2,form=word", 1000, 500),
-                                  ("ops=+-,digits=1", 100, 20)):
-        train, test = generate(f"{spec},n={n_train}", "train", seed=0), generate(f"{spec},n={n_test}", "test", seed=0)
-        assert not problems(train) & problems(test)
-        assert len({r["instruction"] for r in train}) == len(train)  # no duplicates inside a split
+
+@pytest.mark.parametrize("spec, sizes", [
+    ("ops=+-", (3000, 500, 1000)), ("ops=+-*/,steps=2,form=word", (1000, 300, 500)), ("ops=+*,digits=1", (25, 4, 8)),
+])
+def test_three_splits_are_disjoint_even_for_commuted_twins(spec, sizes):
+    splits = {split: {_problem(r) for r in generate(f"{spec},n={n}", split, seed=0)}
+              for split, n in zip(("train", "validation", "test"), sizes)}
+    assert not splits["train"] & splits["validation"]
+    assert not splits["train"] & splits["test"]
+    assert not splits["validation"] & splits["test"]
+    for split, n in zip(splits, sizes):
+        assert len(splits[split]) == n  # no duplicates, not even commuted ones, inside a split
+
+
+def test_commuted_twins_share_a_split():
+    from harness.data.arithmetic import canonical, problem_split
+
+    for a in range(10, 100, 7):
+        for b in range(10, 100, 11):
+            for op in "+*":
+                assert canonical([a, b], [op]) == canonical([b, a], [op])
+                assert problem_split(canonical([a, b, 3], [op, "-"])) == problem_split(canonical([b, a, 3], [op, "-"]))
+            assert (canonical([a, b], ["-"]) == canonical([b, a], ["-"])) == (a == b)  # - does not commute
+
+
+def test_split_shares_follow_the_hash():
+    from harness.data.arithmetic import canonical, problem_split
+
+    counts = {"train": 0, "validation": 0, "test": 0}
+    for a in range(100):
+        for b in range(a, 100):
+            counts[problem_split(canonical([a, b], ["+"]))] += 1
+    total = sum(counts.values())
+    assert abs(counts["test"] / total - 0.2) < 0.02 and abs(counts["validation"] / total - 0.1) < 0.02
+
+
+def test_splits_are_deterministic_and_test_ignores_the_training_seed():
+    for split in ("validation", "test"):
+        assert generate("n=100", split, seed=1234) == generate("n=100", split, seed=1234)
+    # membership is a property of the problem: no training seed ever draws a test problem
+    test = {_problem(r) for r in generate("ops=+-,n=1500", "test", seed=1234)}
+    for seed in range(4):
+        assert not test & {_problem(r) for r in generate("ops=+-,n=2000", "train", seed=seed)}
+
+
+def test_unknown_generator_split():
+    with pytest.raises(UserError, match="unknown split 'dev'"):
+        generate("n=5", "dev")
 
 
 @pytest.mark.parametrize("spec", ["ops=+-*/,digits=2,steps=3,n=300", "ops=/,digits=1,n=15", "ops=-,digits=3,n=100"])
@@ -209,6 +283,7 @@ def test_cutoff_and_collate(tiny_tokenizer):
     (["arithmetic:digits=0"], "digits=0 is out of range"),
     (["math_10k", "--data-dir", "/nonexistent/data"], "ft-training_set/math_10k.json"),
     (["arithmetic", "--limit", "0"], "limit=0"),
+    (["arithmetic", "--split", "dev"], "unknown split 'dev'"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, expected):
     from harness.data.__main__ import main
@@ -223,4 +298,4 @@ def test_cli_preview(capsys):
 
     assert main(["arithmetic:n=5", "--show", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "5 records from arithmetic:n=5" and json.loads(out[1])["answer"]
+    assert out[0] == "5 train records from arithmetic:n=5" and json.loads(out[1])["answer"]

@@ -130,6 +130,108 @@ def test_arithmetic_group_is_held_out_from_the_default_training_data(tasks):
         assert not train & {d["instruction"] for d in tasks[name].test_docs()}
 
 
+# ----------------------------------------------------------------------------- validation and test splits
+def _scored(names, data_dir, split):
+    """The documents lm-eval will score for ``names`` in ``split``, loaded the way harness.evaluate loads them."""
+    from harness.evaluate import expand_tasks, tasks_for_split
+
+    manager = task_manager(data_dir, split=split)
+    loaded = manager.load(tasks_for_split(expand_tasks(names, manager, data_dir), manager, split))
+    return {name: list(task.eval_docs) for name, task in loaded["tasks"].items()}, loaded["groups"]
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_one_yaml_scores_either_arithmetic_split(data_dir, split):
+    docs, groups = _scored(["arithmetic"], data_dir, split)
+    assert set(groups) == {"arithmetic"}  # the group and its aggregate survive the split choice
+    for name, generator in (("arithmetic_add_sub", "ops=+-,digits=2,steps=1,form=expr,n=200"),
+                            ("arithmetic_add_sub_word", "ops=+-,digits=2,steps=1,form=word,n=200")):
+        expected = generate(generator, split, seed=1234)
+        assert [d["instruction"] for d in docs[name]] == [r["instruction"] for r in expected]
+        assert [d["prompt"] for d in docs[name][:5]] == [format_prompt(r) for r in expected[:5]]
+
+
+def test_arithmetic_validation_and_test_items_differ(data_dir):
+    validation, _ = _scored(["arithmetic_extended"], data_dir, "validation")
+    test, _ = _scored(["arithmetic_extended"], data_dir, "test")
+    for name in validation:
+        assert not {d["instruction"] for d in validation[name]} & {d["instruction"] for d in test[name]}
+
+
+def _fake_training_sets(data_dir, target):
+    """math_10k and commonsense_170k are not in the mirror: stand-ins built from files that are, plus copies
+    of a few test questions (which the validation split must leave out)."""
+    import json
+
+    from harness.data.records import read_records
+
+    (target / "ft-training_set").mkdir(parents=True)
+    (target / "dataset").symlink_to(data_dir / "dataset")
+    gsm8k = json.loads((data_dir / "dataset/gsm8k/test.json").read_text())
+    letters = [{"instruction": f"Pick one {i}. Answer Choices: (A) 1 (B) 2", "input": "", "output": "A", "answer": "A"}
+               for i in range(300)]
+    math = read_records(data_dir / "dataset/mawps/trainset.json")[:1200] + letters + gsm8k[:300]
+    (target / "ft-training_set/math_10k.json").write_text(json.dumps(math))
+    commonsense = []
+    for name in ("boolq", "openbookqa", "ARC-Easy"):
+        commonsense += json.loads((data_dir / f"dataset/{name}/train.json").read_text())[:1500]
+    (target / "ft-training_set/commonsense_170k.json").write_text(json.dumps(commonsense))
+    return target
+
+
+def test_llm_adapters_validation_split_is_the_held_out_slice_the_task_can_score(data_dir, tmp_path):
+    from harness.contamination import record_key
+    from harness.data import load_records, load_test_records
+
+    fake = _fake_training_sets(data_dir, tmp_path / "data")
+    docs, groups = _scored(["llm_adapters_math", "llm_adapters_boolq"], fake, "validation")
+    assert "llm_adapters_math" in groups
+    every_test_question = {record_key(r) for name in ("gsm8k", "svamp", "addsub", "multiarith", "singleeq", "mawps",
+                                                      "aqua", "boolq")
+                           for r in load_test_records(name, fake)}
+    for name, source in (("llm_adapters_gsm8k", "math_10k"), ("llm_adapters_aqua", "math_10k"),
+                         ("llm_adapters_boolq", "commonsense_170k")):
+        held_out = {record_key(r) for r in load_records(source, fake, split="validation")}
+        trained = {record_key(r) for r in load_records(source, fake)}
+        keys = {record_key(d) for d in docs[name]}
+        assert keys and keys <= held_out and not keys & trained and not keys & every_test_question, name
+    assert all(d["answer"] in "ABCDE" for d in docs["llm_adapters_aqua"])  # letters to the letter task
+    assert all(d["answer"] not in "ABCDE" for d in docs["llm_adapters_gsm8k"])
+    assert all(d["answer"] in ("true", "false") for d in docs["llm_adapters_boolq"])
+    from harness.errors import UserError
+
+    with pytest.raises(UserError, match="holds no item that the task on winogrande can score"):
+        _scored(["llm_adapters_winogrande_mc"], fake, "validation")  # the stand-in has no option1/option2 items
+
+
+def test_a_test_run_needs_no_validation_source(tmp_path, data_dir):
+    # the mirror has no math_10k: scoring the test split must not need it, the validation split must say so
+    docs, _ = _scored(["llm_adapters_gsm8k"], data_dir, "test")
+    assert len(docs["llm_adapters_gsm8k"]) == 1319
+    from harness.errors import UserError
+
+    with pytest.raises(UserError, match="ft-training_set/math_10k.json"):
+        _scored(["llm_adapters_gsm8k"], data_dir, "validation")
+
+
+def test_unknown_split_is_one_line():
+    from harness.errors import UserError
+
+    with pytest.raises(UserError, match="--split: unknown split 'dev'"):
+        task_manager(split="dev")
+
+
+def test_evaluate_scores_the_validation_split(tiny_model, data_dir):
+    from harness.evaluate import evaluate
+
+    model, tokenizer = tiny_model
+    result = evaluate(model, tokenizer, ["arithmetic_add_sub"], data_dir, limit=3, batch_size=8, split="validation")
+    expected = generate("ops=+-,digits=2,steps=1,form=expr,n=200", "validation", seed=1234)[:3]
+    assert [s["doc"]["instruction"] for s in result.raw["samples"]["arithmetic_add_sub"]] == [
+        r["instruction"] for r in expected]
+    assert [s.target for s in result.samples["arithmetic_add_sub"]] == [r["answer"] for r in expected]
+
+
 def test_new_dataset_with_yaml_only(tmp_path, data_dir):
     """The recipe of tasks/README.md: a file in the LLM-Adapters format plus one YAML file."""
     from lm_eval.tasks import TaskManager, get_task_dict

@@ -1,8 +1,9 @@
 """What the harness trains on: benchmark files, the arithmetic generator, prompts and tokenisation.
 
 - ``files``: the data directory and downloads of missing upstream files;
-- ``arithmetic``: the seeded generator (train and test splits disjoint by construction);
-- ``records``: ``load_records`` for named sets, paths, URLs and the generator;
+- ``arithmetic``: the seeded generator (train, validation and test splits disjoint by construction);
+- ``records``: ``load_records`` for named sets, paths, URLs and the generator, with each file's
+  validation slice held out (``split="validation"`` returns it);
 - ``prompts``: the alpaca and chat prompt formats, shared with the lm-eval tasks;
 - ``tokenize``: ``build_train_dataset`` and ``collate``.
 """

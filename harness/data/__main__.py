@@ -21,10 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="benchmark files (default: $HARNESS_DATA_DIR or the cache)")
     parser.add_argument("--limit", type=int, default=None, help="keep a seeded sample of this many records")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="train",
+                        help="train, validation (a file's held-out slice) or, for the generator, test (default: train)")
     parser.add_argument("--show", type=int, default=3, help="records to print")
     args = parser.parse_args(argv)
-    records = load_records(args.source, args.data_dir, limit=args.limit, seed=args.seed)
-    print(f"{len(records)} records from {args.source}")
+    records = load_records(args.source, args.data_dir, limit=args.limit, seed=args.seed, split=args.split)
+    print(f"{len(records)} {args.split} records from {args.source}")
     for record in records[: args.show]:
         print(json.dumps(record, ensure_ascii=False))
     return 0

@@ -8,10 +8,19 @@ A setting is written ``ops=+-*,digits=2,steps=1,form=expr,n=2000``:
 - ``form``: ``expr`` ("What is 12 + 7?"), ``word`` (a short story) or ``mixed`` (each problem either);
 - ``n``: how many problems.
 
-Train and test are disjoint by construction: whether a problem belongs to the test split is
-a property of the problem itself (a hash of its operands and operators, about 20% of the
-space), not of the seed or the setting. So no training set of any setting contains a
-problem of any test set. Subtraction never goes below zero.
+Three splits, disjoint by construction: which split a problem belongs to is a property of the
+problem itself, not of the seed or the setting. A hash of its canonical form puts about 20% of
+the space in ``test``, 10% in ``validation`` (for tuning) and the rest in ``train``, so no
+training set of any setting contains a problem of any validation or test set.
+
+The canonical form sorts the two operands of a commutative first step (``+`` and ``*``): ``7 + 12``
+and ``12 + 7`` (as expressions or as stories) are one problem and fall in one split. Later steps
+always apply an operator to the running result on the left (``(12 + 7) * 3``), so the generator
+cannot write their commuted twin (``3 * (12 + 7)``) and they need no sorting; ``-`` and ``/`` do
+not commute. The test share and the hash are those of the first version (which hashed the
+problem as written, so the commuted twin of 9% of ``arithmetic_add_sub``'s test items was in
+the default training data): a problem already in canonical order is test exactly when it was,
+and 153 of that task's 200 test documents are unchanged. Subtraction never goes below zero.
 """
 
 from __future__ import annotations
@@ -25,8 +34,11 @@ from harness.errors import UserError
 
 OPS = "+-*/"
 FORMS = ("expr", "word", "mixed")
-TEST_SHARE = 0.2  # fixed on purpose: changing it would move problems between splits
-SPLITS = ("train", "test")
+# Fixed on purpose: changing them would move problems between splits (and change published test scores).
+TEST_SHARE = 0.2  # hash buckets [0, 0.2) are test
+VALIDATION_SHARE = 0.1  # [0.2, 0.3) validation, the rest train
+SPLITS = ("train", "validation", "test")
+COMMUTATIVE = frozenset("+*")
 
 _NAMES = [("Tom", "he", "his"), ("Mia", "she", "her"), ("Ravi", "he", "his"), ("Lena", "she", "her"),
           ("Omar", "he", "his"), ("Yuki", "she", "her")]
@@ -85,9 +97,11 @@ def parse_spec(text: str) -> ArithmeticSpec:
 
 
 def problem_split(key: str) -> str:
-    """The split a problem belongs to, from a hash of its canonical form (operands and operators)."""
+    """The split a problem belongs to, from a hash of its canonical form (see :func:`canonical`)."""
     bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "test" if bucket < TEST_SHARE else "train"
+    if bucket < TEST_SHARE:
+        return "test"
+    return "validation" if bucket < TEST_SHARE + VALIDATION_SHARE else "train"
 
 
 def generate(spec: ArithmeticSpec | str = DEFAULT_SPEC, split: str = "train", seed: int = 0) -> list[dict]:
@@ -95,7 +109,7 @@ def generate(spec: ArithmeticSpec | str = DEFAULT_SPEC, split: str = "train", se
     if isinstance(spec, str):
         spec = parse_spec(spec)
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        raise UserError(f"arithmetic: unknown split {split!r} (one of {', '.join(SPLITS)})")
     rng = random.Random(f"{seed}|{split}|{spec}")
     records, seen = [], set()
     attempts = 0
@@ -106,7 +120,7 @@ def generate(spec: ArithmeticSpec | str = DEFAULT_SPEC, split: str = "train", se
             raise UserError(f"arithmetic: only {len(records)} distinct {split} problems found for {spec}; "
                             "ask for fewer (smaller n) or a larger space (more digits, ops or steps)")
         operands, ops, results = _draw(rng, spec)
-        key = _canonical(operands, ops)
+        key = canonical(operands, ops)
         if key in seen or problem_split(key) != split:
             continue
         seen.add(key)
@@ -159,7 +173,13 @@ def _apply(a: int, op: str, b: int) -> int:
     return {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}[op](a, b)
 
 
-def _canonical(operands: list[int], ops: list[str]) -> str:
+def canonical(operands: list[int], ops: list[str]) -> str:
+    """The problem's identity for splitting: ``((a op b) op c)`` with a commutative first step's operands sorted.
+
+    Commuted twins (``7 + 12``, ``12 + 7``) get one key, so they cannot fall in different splits.
+    """
+    if ops[0] in COMMUTATIVE and operands[0] > operands[1]:
+        operands = [operands[1], operands[0], *operands[2:]]
     text = str(operands[0])
     for op, b in zip(ops, operands[1:]):
         text = f"({text}{op}{b})"

@@ -1,8 +1,15 @@
 """Training and test records in the LLM-Adapters schema: ``{"instruction", "input", "output", "answer"}``.
 
 ``load_records(source)`` reads a named set, a local JSON/JSONL file, a URL, or the arithmetic
-generator's train split (``arithmetic`` or ``arithmetic:<options>``). MAWPS' raw schema
-(``original_text``, ``equation``, ``ans``) is converted on the way in.
+generator (``arithmetic`` or ``arithmetic:<options>``). MAWPS' raw schema (``original_text``,
+``equation``, ``ans``) is converted on the way in.
+
+Every file has a validation split: a fixed, seeded slice of its records (min(500, 10%), the same
+whatever the run's seed), held out from training. ``load_records(source)`` returns the rest,
+``load_records(source, split="validation")`` the slice; the lm-eval tasks score their validation
+split from it (tasks/README.md says which set serves which task). A training record asking the
+same question as a held-out one (normalised as in :mod:`harness.contamination`) is held out too,
+so no question is on both sides. The generator has its own three disjoint splits.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import re
 import urllib.error
 from pathlib import Path
 
+from harness.contamination import record_key
 from harness.data import arithmetic
 from harness.data.files import data_file, download_file, resolve_data_dir
 from harness.errors import UserError
@@ -54,10 +62,15 @@ TEST_SETS = {
 TRAIN_KEYS = ("instruction", "output")
 TEST_KEYS = ("instruction", "answer")
 
+# The validation slice of a file: fixed on purpose (changing them changes every validation score).
+VALIDATION_MAX = 500
+VALIDATION_SHARE = 0.1
+VALIDATION_SEED = 0
+
 
 def load_records(source: str, data_dir: Path | str | None = None, limit: int | None = None, seed: int = 0,
-                 sample: bool = True) -> list[dict]:
-    """Records for training from a named set, a local path, a URL or ``arithmetic[:options]``.
+                 sample: bool = True, split: str = "train") -> list[dict]:
+    """Records of ``split`` (``train`` or ``validation``) of a named set, a local path, a URL or ``arithmetic[:options]``.
 
     ``limit`` keeps a tiny subset for smoke runs: a seeded sample of ``limit`` records in their
     original order (``sample=False``: the first ``limit``). Bad input raises UserError.
@@ -68,9 +81,26 @@ def load_records(source: str, data_dir: Path | str | None = None, limit: int | N
         spec = arithmetic.parse_spec(source)
         if limit is not None and limit < spec.n:
             spec = arithmetic.ArithmeticSpec(**{**spec.__dict__, "n": limit})
-        return arithmetic.generate(spec, split="train", seed=seed)
-    records = read_records(_locate(source, data_dir), TRAIN_KEYS)
+        return arithmetic.generate(spec, split=split, seed=seed)
+    if split not in ("train", "validation"):
+        raise UserError(f"unknown split {split!r} of {source} (a data file has train and validation)")
+    train, validation = split_validation(read_records(_locate(source, data_dir), TRAIN_KEYS))
+    records = train if split == "train" else validation
     return subset(records, limit, seed) if sample else records[:limit]
+
+
+def split_validation(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(train, validation)``: a seeded slice of min(500, 10%) records held out, in file order.
+
+    The slice depends on the number of records only, never on a run's seed. Records asking a
+    held-out question (same :func:`~harness.contamination.record_key`) leave training as well.
+    """
+    size = min(VALIDATION_MAX, int(len(records) * VALIDATION_SHARE))
+    chosen = set(random.Random(f"validation-{VALIDATION_SEED}").sample(range(len(records)), size))
+    validation = [r for i, r in enumerate(records) if i in chosen]
+    held_out = {record_key(r) for r in validation}
+    train = [r for i, r in enumerate(records) if i not in chosen and record_key(r) not in held_out]
+    return train, validation
 
 
 def load_test_records(name: str, data_dir: Path | str | None = None) -> list[dict]:
