@@ -1,4 +1,4 @@
-"""Score a model on the lm-eval tasks in tasks/ (arithmetic, llm_adapters_math, llm_adapters_commonsense ...).
+"""Score a model on the lm-eval tasks in harness/tasks/ (arithmetic, llm_adapters_math, llm_adapters_commonsense ...).
 
 ``evaluate(model, tokenizer, tasks, ...)`` runs lm-eval's ``simple_evaluate`` on the model object in
 memory (a PeftModel too), offline, without touching the global random seeds, and returns an
@@ -17,7 +17,7 @@ from harness.data.prompts import PROMPT_FORMATS
 from harness.data.records import TEST_SETS
 from harness.errors import UserError, cli_entry
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"  # shipped inside the package (and its wheel)
 PRIMARY_FILTER = "answer"  # the filter every generation task scores with; multiple choice has "none"
 PRIMARY_METRICS = ("exact_match", "acc")
 DEFAULT_TASKS = ["arithmetic"]

@@ -10,7 +10,7 @@ agree, in readable form where they are short and as SHA-256 checksums where they
   steps or epochs, the effective batch, the schedule (warm-up, weight decay, clipping), the
   precision and the prompt format;
 - what was scored and how: the tasks, the split, the item limit, the task YAML files (with
-  their includes and ``tasks/utils.py``, which holds the answer filters), the decoding (beams,
+  their includes and ``harness/tasks/utils.py``, which holds the answer filters), the decoding (beams,
   each task's ``generation_kwargs``: max tokens and stop strings), the answer filters, and a
   checksum of each evaluated data set;
 - the versions of the libraries that train and score.

@@ -1,4 +1,4 @@
-"""The lm-eval tasks in tasks/: every filter and metric gives the verdicts upstream scoring gives.
+"""The lm-eval tasks in harness/tasks/: every filter and metric gives the verdicts upstream scoring gives.
 
 Hand-written model outputs go through each task's own filter pipeline (as configured in its
 YAML) and its process_results, without a model.

@@ -7,7 +7,7 @@ generator (``arithmetic`` or ``arithmetic:<options>``). MAWPS' raw schema (``ori
 Every file has a validation split: a fixed, seeded slice of its records (min(500, 10%), the same
 whatever the run's seed), held out from training. ``load_records(source)`` returns the rest,
 ``load_records(source, split="validation")`` the slice; the lm-eval tasks score their validation
-split from it (tasks/README.md says which set serves which task). A training record asking the
+split from it (harness/tasks/README.md says which set serves which task). A training record asking the
 same question as a held-out one (normalised as in :mod:`harness.contamination`) is held out too,
 so no question is on both sides. The generator has its own three disjoint splits.
 """
