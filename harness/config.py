@@ -128,6 +128,8 @@ class RunConfig:
         "random seeds, comma-separated; each method trains once per seed, and the same seed gives every "
         "method the same data order and the same initial A", factory=lambda: [0], metavar="SEEDS")
     # Evaluation.
+    split: str = _opt("which split of every task to score: 'test', or 'validation' (what tuning selects on)",
+                      "test", choices=("validation", "test"))
     eval_batch_size: int = _opt("sequences per evaluation batch", 32, metavar="N")
     num_beams: int = _opt("beam width for generation tasks (LLM-Adapters uses 4; 1 = greedy, much faster on CPU)",
                           1, metavar="N")
@@ -172,6 +174,7 @@ def _validate(cfg: RunConfig) -> None:
     need(cfg.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
     need(cfg.num_beams >= 1, "num_beams", "must be at least 1")
     need(cfg.prompt_format in PROMPT_FORMATS, "prompt_format", f"must be one of {', '.join(PROMPT_FORMATS)}")
+    need(cfg.split in ("validation", "test"), "split", "must be validation or test")
     need(bool(cfg.output_dir), "output_dir", "must not be empty")
     need(cfg.run_name is None or (cfg.run_name.strip() and "/" not in cfg.run_name and cfg.run_name not in (".", "..")),
          "run_name", "must be a plain folder name")
