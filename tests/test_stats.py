@@ -1,0 +1,240 @@
+"""Tests for harness.stats: seed-level comparisons, the item bootstrap, Holm, the detectable effect, verdicts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from harness.stats import (
+    BETTER,
+    ITEMS_ONLY,
+    NO_DIFFERENCE,
+    NOT_COMPARED,
+    T_OVER_SEEDS,
+    WORSE,
+    detectable_effect,
+    holm,
+    item_interval,
+    minimum_detectable_effect,
+    seed_comparison,
+    verdict,
+)
+
+
+def _correctness(matrix: np.ndarray, task: str = "t") -> dict:
+    """(seeds, items) 0/1 array -> {seed: {task: {doc id: correct}}}."""
+    return {s: {task: {f"doc{i}": float(x) for i, x in enumerate(row)}} for s, row in enumerate(matrix)}
+
+
+def _two_equal_methods(rng, reps: int, n_seeds: int, n_items: int, run_sd: float) -> np.ndarray:
+    """Correctness (reps, method, seed, item) of two methods that are equal in distribution.
+
+    Each repetition draws a new test set (item difficulties) and, per method and seed, a training
+    run's effect on every item's chance of being right (the run-to-run variance).
+    """
+    difficulty = rng.beta(2, 2, size=(reps, 1, 1, n_items))
+    run_effect = rng.normal(0.0, run_sd, size=(reps, 2, n_seeds, 1))
+    chance = np.clip(difficulty + run_effect, 0.0, 1.0)
+    return (rng.random((reps, 2, n_seeds, n_items)) < chance).astype(float)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Coverage: the interval means what its label says
+
+
+@pytest.mark.parametrize("n_seeds", [3, 5])
+def test_seed_interval_covers_zero_for_equal_methods_with_run_to_run_variance(n_seeds):
+    rng = np.random.default_rng(12 + n_seeds)
+    scores = _two_equal_methods(rng, reps=400, n_seeds=n_seeds, n_items=200, run_sd=0.05).mean(axis=-1)
+    covered = 0
+    for a, b in scores:  # a, b: (seeds,) average accuracy of each method per seed
+        comparison = seed_comparison(dict(enumerate(a)), dict(enumerate(b)))
+        assert comparison.method == T_OVER_SEEDS and comparison.n_seeds == n_seeds
+        covered += comparison.contains(0.0)
+    assert 0.92 <= covered / 400 <= 0.98
+
+
+def _one_seed_coverage(run_sd: float, rng_seed: int) -> float:
+    correct = _two_equal_methods(np.random.default_rng(rng_seed), reps=400, n_seeds=1, n_items=200, run_sd=run_sd)
+    covered = 0
+    for rep, (a, b) in enumerate(correct):
+        items = item_interval(_correctness(a), _correctness(b), n_resamples=1000, seed=rep)
+        comparison = seed_comparison({0: a.mean()}, {0: b.mean()}, items=items)
+        assert comparison.method == ITEMS_ONLY
+        covered += comparison.contains(0.0)
+    return covered / 400
+
+
+def test_one_seed_interval_covers_zero_when_runs_do_not_vary():
+    assert 0.92 <= _one_seed_coverage(run_sd=0.0, rng_seed=3) <= 0.98
+
+
+def test_one_seed_interval_does_not_cover_run_to_run_variance():
+    # Why the label says "items only": with run-to-run variance it covers far less than 95%.
+    assert _one_seed_coverage(run_sd=0.05, rng_seed=4) < 0.88
+
+
+# ----------------------------------------------------------------------------------------------------------
+# seed_comparison
+
+
+def test_seed_comparison_is_the_paired_t_test():
+    a = {0: 0.52, 1: 0.55, 2: 0.50, 3: 0.58}
+    b = {0: 0.49, 1: 0.50, 2: 0.51, 3: 0.52}
+    comparison = seed_comparison(a, b, confidence=0.9)
+    diffs = np.array([a[s] - b[s] for s in range(4)])
+    half = sps.t.ppf(0.95, 3) * diffs.std(ddof=1) / 2  # sqrt(4 seeds) = 2
+    assert comparison.estimate == pytest.approx(diffs.mean())
+    assert (comparison.low, comparison.high) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    assert comparison.p_value == pytest.approx(sps.ttest_rel(list(a.values()), list(b.values())).pvalue)
+    assert comparison.sd == pytest.approx(diffs.std(ddof=1))
+    assert comparison.seeds == (0, 1, 2, 3) and comparison.missing == ()
+
+
+def test_a_failed_seed_leaves_the_pair_out_and_is_named():
+    a = {0: 0.60, 1: 0.62, 2: 0.58}
+    b = {0: 0.55, 1: math.nan, 2: 0.50, 3: 0.52}  # seed 1 failed, seed 3 ran for B only
+    comparison = seed_comparison(a, b)
+    assert comparison.seeds == (0, 2) and comparison.missing == (1, 3) and comparison.n_seeds == 2
+    assert comparison.estimate == pytest.approx((0.05 + 0.08) / 2)
+    assert comparison.method == T_OVER_SEEDS
+
+
+def test_one_seed_takes_the_item_interval_and_says_so():
+    rng = np.random.default_rng(0)
+    a, b = (rng.random((1, 300)) < 0.6).astype(float), (rng.random((1, 300)) < 0.5).astype(float)
+    items = item_interval(_correctness(a), _correctness(b))
+    comparison = seed_comparison({0: a.mean()}, {0: b.mean()}, items=items)
+    assert comparison.method == ITEMS_ONLY and comparison.n_seeds == 1
+    assert (comparison.estimate, comparison.low, comparison.high) == pytest.approx(
+        (items.estimate, items.low, items.high))
+    assert comparison.p_value == items.p_value
+    bare = seed_comparison({0: a.mean()}, {0: b.mean()})
+    assert bare.method == ITEMS_ONLY and math.isnan(bare.low) and math.isnan(bare.p_value)
+
+
+def test_no_shared_seed_is_no_comparison():
+    comparison = seed_comparison({0: 0.5}, {1: 0.4})
+    assert comparison.method == NOT_COMPARED and comparison.n_seeds == 0 and comparison.missing == (0, 1)
+    assert math.isnan(comparison.estimate)
+    assert verdict(comparison, comparison.p_value) == NO_DIFFERENCE
+
+
+def test_identical_differences_over_seeds_claim_nothing():
+    comparison = seed_comparison({0: 0.51, 1: 0.52}, {0: 0.50, 1: 0.51})
+    assert math.isnan(comparison.p_value) and math.isnan(comparison.low)
+    assert verdict(comparison, comparison.p_value) == NO_DIFFERENCE
+
+
+# ----------------------------------------------------------------------------------------------------------
+# item_interval
+
+
+def test_item_interval_matches_the_normal_standard_error_with_tasks_weighted_equally():
+    rng = np.random.default_rng(1)
+    sizes = {"add": 900, "mul": 300}
+    a = {0: {}}
+    b = {0: {}}
+    diffs = {}
+    for task, n in sizes.items():
+        u = rng.random(n)
+        right_a, right_b = (u < 0.6).astype(float), (rng.random(n) < 0.45).astype(float)
+        a[0][task] = {i: x for i, x in enumerate(right_a)}
+        b[0][task] = {i: x for i, x in enumerate(right_b)}
+        diffs[task] = right_a - right_b
+    items = item_interval(a, b, n_resamples=4000)
+    assert items.estimate == pytest.approx(np.mean([d.mean() for d in diffs.values()]))
+    se = math.sqrt(sum(d.var() / d.size for d in diffs.values())) / len(diffs)
+    assert items.se == pytest.approx(se, rel=0.08)
+    assert items.half_width == pytest.approx(1.96 * se, rel=0.1)
+    assert items.n_items == 1200
+
+
+def test_item_interval_resamples_items_once_not_per_seed():
+    rng = np.random.default_rng(2)
+    a, b = (rng.random((1, 250)) < 0.6).astype(float), (rng.random((1, 250)) < 0.5).astype(float)
+    one = item_interval(_correctness(a), _correctness(b), seed=5)
+    # Three seeds that scored every item identically carry no more item information than one.
+    three = item_interval(_correctness(np.repeat(a, 3, 0)), _correctness(np.repeat(b, 3, 0)), seed=5)
+    assert (three.low, three.high, three.estimate) == pytest.approx((one.low, one.high, one.estimate))
+    assert three.seeds == (0, 1, 2)
+
+
+def test_item_interval_pairs_items_by_doc_id():
+    a = {0: {"t": {"x": 1.0, "y": 0.0, "z": 1.0, "only_a": 1.0}}}
+    b = {0: {"t": {"z": 0.0, "y": 0.0, "x": 1.0}}}
+    items = item_interval(a, b)
+    assert items.n_items == 3 and items.estimate == pytest.approx(1 / 3)
+
+
+def test_bootstrap_p_value_agrees_with_the_interval():
+    rng = np.random.default_rng(3)
+    for rep in range(30):
+        gap = rng.uniform(0, 0.15)
+        a = (rng.random((1, 200)) < 0.5 + gap).astype(float)
+        b = (rng.random((1, 200)) < 0.5).astype(float)
+        items = item_interval(_correctness(a), _correctness(b), seed=rep)
+        excludes_zero = items.low > 0 or items.high < 0
+        if abs(items.p_value - 0.05) > 0.01:  # at the boundary the two may round differently
+            assert excludes_zero == (items.p_value < 0.05)
+
+
+def test_identical_systems_have_no_item_noise():
+    a = (np.random.default_rng(4).random((2, 100)) < 0.5).astype(float)
+    items = item_interval(_correctness(a), _correctness(a))
+    assert items.estimate == 0 and items.low == 0 and items.high == 0 and items.p_value == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# holm, minimum_detectable_effect, verdict
+
+
+def test_holm_worked_example():
+    # Sorted: 0.01 (x3) = 0.03, 0.03 (x2) = 0.06, 0.04 (x1) = 0.04 -> kept monotone at 0.06.
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": math.nan})
+    assert adjusted["a"] == pytest.approx(0.03)
+    assert adjusted["b"] == pytest.approx(0.06) and adjusted["c"] == pytest.approx(0.06)
+    assert math.isnan(adjusted["d"])
+    assert holm({"only": 0.2}) == {"only": 0.2}
+    assert holm({"a": 0.6, "b": 0.7})["a"] == 1.0  # capped at 1
+
+
+def _simulated_power(effect: float, n_seeds: int, sims: int = 20000, seed: int = 0) -> float:
+    """Rejection rate of the two-sided paired t-test at 5% when the per-seed differences are N(effect, 1)."""
+    diffs = np.random.default_rng(seed).normal(effect, 1.0, size=(sims, n_seeds))
+    t = diffs.mean(1) / (diffs.std(1, ddof=1) / math.sqrt(n_seeds))
+    return float(np.mean(np.abs(t) > sps.t.ppf(0.975, n_seeds - 1)))
+
+
+@pytest.mark.parametrize("n_seeds", [2, 3, 5, 10])
+def test_minimum_detectable_effect_has_the_power_it_promises(n_seeds):
+    mde = minimum_detectable_effect(1.0, n_seeds)
+    assert _simulated_power(mde, n_seeds) == pytest.approx(0.8, abs=0.012)
+    assert minimum_detectable_effect(0.02, n_seeds) == pytest.approx(0.02 * mde)  # scales with the spread
+
+
+def test_minimum_detectable_effect_shrinks_with_seeds_and_is_undefined_for_one():
+    values = [minimum_detectable_effect(1.0, n) for n in (2, 3, 5, 10)]
+    assert values == sorted(values, reverse=True)
+    assert math.isnan(minimum_detectable_effect(1.0, 1))
+
+
+def test_detectable_effect_with_one_seed_uses_the_item_standard_error():
+    rng = np.random.default_rng(5)
+    a, b = (rng.random((1, 400)) < 0.5).astype(float), (rng.random((1, 400)) < 0.5).astype(float)
+    items = item_interval(_correctness(a), _correctness(b))
+    comparison = seed_comparison({0: a.mean()}, {0: b.mean()}, items=items)
+    assert detectable_effect(comparison) == pytest.approx((1.959964 + 0.841621) * items.se, rel=1e-5)
+    over_seeds = seed_comparison({0: 0.5, 1: 0.6, 2: 0.55}, {0: 0.5, 1: 0.5, 2: 0.5})
+    assert detectable_effect(over_seeds) == minimum_detectable_effect(over_seeds.sd, 3)
+
+
+def test_verdict():
+    up = seed_comparison({0: 0.60, 1: 0.62, 2: 0.61}, {0: 0.50, 1: 0.51, 2: 0.50})
+    down = seed_comparison({0: 0.50, 1: 0.51, 2: 0.50}, {0: 0.60, 1: 0.62, 2: 0.61})
+    assert verdict(up, 0.01) == BETTER and verdict(down, 0.01) == WORSE
+    assert verdict(up, 0.2) == NO_DIFFERENCE and verdict(up, 0.05) == NO_DIFFERENCE
+    assert verdict(up, 0.04, alpha=0.01) == NO_DIFFERENCE
