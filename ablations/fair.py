@@ -33,6 +33,8 @@ from harness.errors import UserError
 # Quarter-decade steps from 10^-4 to 10^-2.5: 7 rates over 1.5 decades (the issue's minimum).
 DEFAULT_GRID = {"log10_low": -4.0, "log10_high": -2.5, "per_decade": 4}
 GRID_KEYS = ("log10_low", "log10_high", "per_decade")
+# The comparison with LoRA is over training runs (harness.stats.seed_comparison): one run per method has no spread.
+MIN_FINAL_SEEDS = 2
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may unlock final runs
 
 
@@ -85,16 +87,17 @@ def final_seeds_from(value: Any, tuning_seeds: list[int], where: str) -> list[in
         value = value.strip()
         value = int(value) if value.isdigit() and "," not in value else [v for v in value.split(",") if v.strip()]
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise UserError(f"{where}: give a positive number of final seeds or a list of seeds (got {value})")
+        if value < MIN_FINAL_SEEDS:
+            raise UserError(f"{where}: give at least {MIN_FINAL_SEEDS} final seeds, a count or a list (got {value}): "
+                            "the interval over training runs needs them")
         fresh = [s for s in range(value + len(tuning_seeds)) if s not in tuning_seeds]
         return fresh[:value]
     try:
         seeds = [int(s) for s in (value if isinstance(value, list) else [value])]
     except (TypeError, ValueError):
         raise UserError(f"{where}: give a count (3) or a list of integers (3,4,5) (got {value!r})") from None
-    if not seeds or len(set(seeds)) < len(seeds):
-        raise UserError(f"{where}: give distinct seeds (got {value!r})")
+    if len(seeds) < MIN_FINAL_SEEDS or len(set(seeds)) < len(seeds):
+        raise UserError(f"{where}: give at least {MIN_FINAL_SEEDS} distinct seeds (got {value!r})")
     shared = sorted(set(seeds) & set(tuning_seeds))
     if shared:
         raise UserError(f"{where}: seed(s) {', '.join(map(str, shared))} are also tuning seeds "
@@ -428,8 +431,7 @@ def verdict_rows(plan, results: list[MethodResult], alpha: float = 0.05) -> list
     by_spec = {r.spec: r for r in results}
     comparisons = {r.spec: stats.seed_comparison(r.test, by_spec[r.reference].test)
                    for r in results if r.reference is not None and r.test and by_spec[r.reference].test}
-    finite = {k: c.p_value for k, c in comparisons.items() if c.p_value == c.p_value}
-    adjusted = stats.holm(finite) if finite else {}
+    adjusted = stats.holm({k: c.p_value for k, c in comparisons.items()})
     rows = []
     for r in results:
         row = {"method": r.spec, "reference": r.reference or "", "chosen_lr": r.chosen_lr, "grid_low": r.grid_low,
@@ -442,7 +444,7 @@ def verdict_rows(plan, results: list[MethodResult], alpha: float = 0.05) -> list
         if c is not None:
             p = adjusted.get(r.spec, math.nan)
             row.update(gain_vs_lora=c.estimate, gain_low=c.low, gain_high=c.high, p_holm=p,
-                       mde=stats.minimum_detectable_effect(c.sd, c.n_seeds, alpha=alpha),
+                       mde=stats.detectable_effect(c, alpha=alpha),
                        verdict=stats.verdict(c, p, alpha=alpha))
             if c.missing:
                 row["note"] = "; ".join(filter(None, [row["note"], "compared on the seeds both completed: "
@@ -462,7 +464,7 @@ def _note(r: MethodResult) -> str:
         notes.append("no rate completed every tuning seed: no final runs")
     if not r.tuning.settled:
         notes.append("tuning not finished")
-    notes += [f"final seed {s} failed: {why}" for s, why in sorted(r.failed.items())]
+    notes += [f"final seed {s} failed: {why.removeprefix(f'seed {s}: ')}" for s, why in sorted(r.failed.items())]
     if r.pending:
         notes.append("final seed(s) " + ",".join(map(str, sorted(r.pending))) + " still running")
     return "; ".join(notes)

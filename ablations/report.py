@@ -451,11 +451,11 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
 
 
 def interval_sentence(plan) -> str:
-    """What the gain's interval covers, said where the numbers are shown."""
-    if len(plan.final_seeds) >= 2:
-        return ("The interval is over final seeds: each seed's paired difference on the full test set, the "
-                "training run as the unit of replication, so it covers run-to-run variation and test-item noise.")
-    return "With one final seed the interval covers test-item noise only, not run-to-run variation."
+    """What the gain's interval covers, said where the numbers are shown (a fair study has at least 2 final seeds)."""
+    return ("The 95% interval is a Student-t interval over the final seeds: each seed's paired difference on the "
+            "full test set, the training run as the unit of replication, so it covers run-to-run variation "
+            "(and the test-item noise each run's score carries); it does not cover the choice of learning rate, "
+            "which was made on validation before any test score existed.")
 
 
 def _g(value) -> str:
