@@ -12,6 +12,13 @@ by any machine, while workers are still running; each file is written atomically
 - ``param_importances.png``: Optuna's parameter importances (its default evaluator, PED-ANOVA in 5.0);
 - ``pareto_front.png`` (pareto studies): average accuracy against trainable parameters, the front marked;
 - ``lr_search.png`` (tuning studies): the score of every trial against its learning rate, per method.
+
+Fair studies (``ablations.fair``) write ``verdict.csv`` and ``verdict.md`` (per method: the chosen
+rate, the grid searched, the validation score, the test score over final seeds and the gain over
+LoRA with its interval, Holm-adjusted p-value, minimum detectable effect and verdict),
+``trials.csv`` (every trial, tuning and final, with its split), ``lr_sensitivity.png`` and
+``tuning_curve.png`` instead; a grid study run with ``--tune-lr`` adds its ``score_vs_<axis>.png``
+of the final test scores.
 """
 
 from __future__ import annotations
@@ -149,8 +156,10 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
             lines += ["", "Pareto front (no other configuration is both more accurate and smaller): "
                       + (", ".join(f"`{s}`" for s in front["spec"]) if len(front) else "none yet")]
     else:
-        lines += ["Best learning rate per method (completed trials; pruned trials stopped early).", "",
-                  "| method | trials done | pruned | failed | best lr | best average accuracy |",
+        lines += ["Best learning rate per method on the validation split (completed trials; pruned trials stopped "
+                  "early). These are validation scores of the best of many trials, so they overstate what the rate "
+                  "gives; for test scores at a tuned rate on fresh seeds, run the fair study.", "",
+                  "| method | trials done | pruned | failed | best lr | best validation accuracy |",
                   "|---|---:|---:|---:|---:|---:|"]
         for name in plan.optuna_names():
             mine = trials[trials["study"] == name] if len(trials) else trials
@@ -305,7 +314,7 @@ def _plot_lr(plan, storage, trials, points, folder: Path) -> Path | None:
         ax.scatter(pruned["lr"], [0] * len(pruned), color=f"C{i % 10}", marker="x")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (x: pruned)")
-    ax.set_ylabel("average accuracy (%)")
+    ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{plan.name}: TPE search per method")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -411,7 +420,7 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
     tune = trials[trials["stage"] == "tune"] if len(trials) else trials
     ran = tune[tune["state"].isin(["COMPLETE", "PRUNED", "FAIL"]) & tune["duplicate_of"].isna()] if len(tune) else tune
     grid = ", ".join(f"{r:.3g}" for r in plan.lr_grid)
-    lines = [f"# Fair comparison: {plan.name}", "", plan.description or "", "",
+    lines = [f"# Fair comparison: {plan.name}", "", *([plan.description, ""] if plan.description else []),
              f"- **model**: {cfg['model']}; **training data**: {cfg['train_data']}; **tasks**: {', '.join(cfg['tasks'])}"
              + (f" (at most {cfg['limit']} items each)" if cfg.get("limit") else ""),
              f"- **the same for every method**: {cfg['max_steps'] or str(cfg['epochs']) + ' epoch(s)'} steps, batch "
@@ -429,8 +438,8 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
              "| p (Holm) | MDE | verdict |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for _, r in rows.iterrows():
-        gain = ("–" if r["gain_vs_lora"] != r["gain_vs_lora"] else
-                f"{100 * r['gain_vs_lora']:+.1f} [{100 * r['gain_low']:+.1f}, {100 * r['gain_high']:+.1f}]")
+        gain = _signed(r["gain_vs_lora"]) + (f" [{_signed(r['gain_low'])}, {_signed(r['gain_high'])}]"
+                                             if r["gain_low"] == r["gain_low"] else "")
         lines.append(
             f"| `{r['method']}` | {_g(r['chosen_lr'])} | {_g(r['grid_low'])} – {_g(r['grid_high'])} | "
             f"{_pct(r['valid_score'])} | {_pct(r['test_mean'], r['test_std'])} | {r['seeds'] or '–'} | {gain} | "
@@ -456,6 +465,10 @@ def interval_sentence(plan) -> str:
             "full test set, the training run as the unit of replication, so it covers run-to-run variation "
             "(and the test-item noise each run's score carries); it does not cover the choice of learning rate, "
             "which was made on validation before any test score existed.")
+
+
+def _signed(value) -> str:
+    return "–" if value is None or value != value else f"{100 * value:+.1f}"
 
 
 def _g(value) -> str:
@@ -525,6 +538,9 @@ def _plot_tuning_curve(plan, results, trials, folder: Path) -> Path | None:
         if curve:
             ax.step(range(1, len(curve) + 1), [100 * v for v in curve], where="post", marker="o", color=f"C{i % 10}",
                     label=r.spec)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tuning trials finished (pruned and failed ones count)")
     ax.set_ylabel("best validation accuracy so far (%)")
     ax.set_title(f"{plan.name}: tuning curve per method", fontsize=10)

@@ -4,7 +4,7 @@ A study file (``ablations/studies/<name>.yaml``; copy one and edit it)::
 
     name: chain_length                  # the Optuna study name (default: the file name)
     description: LinChain n in 1..5 at fixed rank; LoRA as the reference point
-    kind: grid                          # grid | tpe | pareto
+    kind: grid                          # grid | tpe | pareto | fair
     run:                                # any harness.run option, fixed for every trial
       max_steps: 100
       tasks: [arithmetic]
@@ -26,6 +26,12 @@ study ``<name>/<spec>`` of ``n_trials`` trials, sampled by TPE in ``lr: {low, hi
 on intermediate evaluations every ``intermediate_every`` steps (``pruner: {n_startup_trials,
 n_warmup_steps}``, Optuna's MedianPruner). ``pareto`` studies are grids with two objectives:
 average accuracy (maximised) and trainable parameters (minimised).
+
+``fair`` studies compare every method with LoRA under the fair protocol (``ablations.fair``):
+each must state ``seeds`` (the tuning seeds), ``lr_grid`` (a list of rates, or ``{log10_low,
+log10_high, per_decade}``), ``final_seeds`` (a count or a list, disjoint from the tuning seeds),
+``extend`` (grid steps added at most per side when the best rate is at the edge) and a ``space``
+with ``lora``; ``intermediate_every`` and ``pruner`` prune tuning trials on validation.
 """
 
 from __future__ import annotations

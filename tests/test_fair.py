@@ -236,6 +236,34 @@ def test_a_slot_queued_twice_runs_once(tmp_path):
     assert Counter((s, seed) for s, seed, _, split in fake.calls if split == "test")[("lora", 1)] == 1
 
 
+def test_an_idle_worker_waits_for_another_workers_trial_then_runs_the_finals_it_unlocks(tmp_path):
+    import threading
+    import time
+
+    import optuna
+
+    from ablations import fair
+    from ablations.trials import claim
+
+    fake = ProtocolRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)})
+    plan, storage, _ = fair_plan(tmp_path)
+    run_all(plan, storage, fake, max_trials=2)
+    lora = optuna.load_study(study_name="tiny_fair/lora", storage=storage)
+    held = claim(lora, storage)  # another worker is running lora's last tuning trial
+    worker = threading.Thread(target=fair.work, args=(plan, storage),
+                              kwargs={"stale_after": 600, "run_fn": fake, "log": lambda *a: None, "poll_s": 0.2})
+    worker.start()
+    deadline = time.time() + 300
+    while len(fake.calls) < 2 + 3 + 2 and time.time() < deadline:  # moslora's tuning and finals
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert worker.is_alive() and not any(c[0] == "lora" and c[3] == "test" for c in fake.calls)
+    lora.tell(held, fake.score("lora", held.user_attrs["lr"], 0, "validation"))  # the other worker finishes
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    assert sorted(c[1] for c in fake.calls if c[0] == "lora" and c[3] == "test") == [1, 2]
+
+
 def test_resume_after_a_dead_worker_reruns_only_its_trial(tmp_path):
     import optuna
     import time
