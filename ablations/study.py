@@ -211,7 +211,9 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
 
         RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name).log_params(
             {**run_params(plan.config), "points": len(plan.points), "seeds": plan.seeds,
-             "n_trials": plan.n_trials, "description": plan.description})
+             "n_trials": plan.n_trials, "description": plan.description,
+             **({"lr_grid": plan.lr_grid, "final_seeds": plan.final_seeds, "extend": plan.extend}
+                if plan.kind == "fair" else {})})
         log(f"study {plan.name!r}: created in {redact(url)}")
     for name in names:
         if name in existing:

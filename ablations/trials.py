@@ -7,7 +7,8 @@ budget), builds the trial's :class:`harness.config.RunConfig`, runs it through
 heartbeat thread stamps the trial every few seconds; a worker that finds a RUNNING trial whose
 stamp is older than ``stale_after`` seconds (its worker was killed) marks it FAILED and queues
 it again. A trial that fails (a NaN loss, a crash) is FAILED with its reason in the user
-attribute ``fail_reason``, and the study goes on.
+attribute ``fail_reason``, and the study goes on. Fair studies (``ablations.fair``) run through
+the same claim, objective and heartbeat; their own loop queues each stage as the one before settles.
 """
 
 from __future__ import annotations
