@@ -45,6 +45,8 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 DEFAULT_TRAIN_DATA = "arithmetic"
 DEFAULT_TASKS = ("arithmetic",)
 PROMPT_FORMATS = ("alpaca", "chat")
+# Mirrors harness.evaluate.SPLITS: the splits a run can score.
+SPLITS = ("validation", "test")
 DEFAULT_TRACKING_DB = "mlflow.db"
 
 # Why max_steps=50 and dropout=0 by default: the embedded default run (3 methods, 1 seed, SmolLM2-135M
@@ -93,6 +95,13 @@ class RunConfig:
         factory=lambda: list(DEFAULT_TASKS), metavar="TASKS")
     data_dir: str | None = _opt(
         "folder holding benchmark data (default: the harness's own data folder)", None, metavar="DIR")
+    split: str = _opt(
+        "which split of the tasks to score: 'test' for final numbers, 'validation' for tuning (every task "
+        "has one, disjoint from its test split and from training; nothing should be chosen on test)",
+        "test", choices=SPLITS)
+    allow_contamination: bool = _opt(
+        "go on when the training data contains more than 1%% of a test split's items (normally the run "
+        "stops before training); the affected scores are marked contaminated", False, metavar="BOOL")
     limit: int | None = _opt(
         "evaluate at most this many items per task (default: all); small values make quick runs "
         "but wide confidence intervals", None, metavar="N")
@@ -128,8 +137,6 @@ class RunConfig:
         "random seeds, comma-separated; each method trains once per seed, and the same seed gives every "
         "method the same data order and the same initial A", factory=lambda: [0], metavar="SEEDS")
     # Evaluation.
-    split: str = _opt("which split of every task to score: 'test', or 'validation' (what tuning selects on)",
-                      "test", choices=("validation", "test"))
     eval_batch_size: int = _opt("sequences per evaluation batch", 32, metavar="N")
     num_beams: int = _opt("beam width for generation tasks (LLM-Adapters uses 4; 1 = greedy, much faster on CPU)",
                           1, metavar="N")
@@ -173,8 +180,8 @@ def _validate(cfg: RunConfig) -> None:
     need(cfg.limit is None or cfg.limit >= 1, "limit", "must be at least 1")
     need(cfg.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
     need(cfg.num_beams >= 1, "num_beams", "must be at least 1")
+    need(cfg.split in SPLITS, "split", f"unknown split: use one of {', '.join(SPLITS)}")
     need(cfg.prompt_format in PROMPT_FORMATS, "prompt_format", f"must be one of {', '.join(PROMPT_FORMATS)}")
-    need(cfg.split in ("validation", "test"), "split", "must be validation or test")
     need(bool(cfg.output_dir), "output_dir", "must not be empty")
     need(cfg.run_name is None or (cfg.run_name.strip() and "/" not in cfg.run_name and cfg.run_name not in (".", "..")),
          "run_name", "must be a plain folder name")
