@@ -126,11 +126,14 @@ def positions_range(plan) -> range:
 def reference_of(point: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The LoRA point a point is compared with: the ``lora`` point sharing the most of its options.
 
-    In ``fair`` that is plain ``lora``; in ``rank --tune-lr`` it is LoRA at the same rank.
+    In ``fair`` that is plain ``lora``; in ``rank --tune-lr`` it is LoRA at the same rank. A space with
+    one LoRA point (``--methods lora:r=8,moslora``) compares everything with it, as harness.run does.
     """
-    candidates = [p for p in points if p["method"] == "lora"
-                  and all(point.get(k) == v for k, v in p.items() if k != "method")]
-    return max(candidates, key=len) if candidates else None
+    loras = [p for p in points if p["method"] == "lora"]
+    candidates = [p for p in loras if all(point.get(k) == v for k, v in p.items() if k != "method")]
+    if candidates:
+        return max(candidates, key=len)
+    return loras[0] if len(loras) == 1 else None
 
 
 def check_references(points: list[dict[str, Any]], where: str) -> None:

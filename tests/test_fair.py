@@ -32,6 +32,7 @@ class ProtocolRun:
     def __init__(self, optimum, nan=()):
         self.optimum, self.nan = optimum, set(nan)
         self.calls: list[tuple[str, int, float, str]] = []
+        self.evaluated_every: list[int | None] = []
 
     def score(self, spec, lr, seed, split):
         peak = self.optimum[spec] + (0.5 if split == "test" else 0.0)
@@ -44,6 +45,10 @@ class ProtocolRun:
 
         (spec,), (seed,) = cfg.methods, cfg.seeds
         self.calls.append((spec, seed, cfg.lr, cfg.split))
+        self.evaluated_every.append(intermediate_every)
+        if on_intermediate is not None:  # what harness.run reports: the trial's split, every N steps
+            for step in range(intermediate_every, cfg.max_steps + 1, intermediate_every):
+                on_intermediate(spec, seed, step, self.score(spec, cfg.lr, seed, cfg.split))
         result = SystemResult(method=spec, seed=seed, trainable_params=10, train_seconds=0.1)
         if (spec, seed) in self.nan:
             result.error = "non-finite loss (nan) at step 2"
@@ -214,6 +219,25 @@ def test_verdict_files_have_their_columns_and_a_failed_seed_is_reported(tmp_path
     assert len(trials[trials["stage"] == "tune"]) == 2 * 3
 
 
+def test_tuning_trials_are_pruned_on_validation_and_final_runs_never(tmp_path):
+    import optuna
+
+    from ablations.fair import method_results
+
+    fake = ProtocolRun({"lora": -4.0, "moslora": -4.0})  # validation falls with the rate: higher rates get pruned
+    data = {**FAIR, "intermediate_every": 1, "pruner": {"n_startup_trials": 1, "n_warmup_steps": 0}}
+    plan, storage, _ = fair_plan(tmp_path, data)
+    run_all(plan, storage, fake)
+    tune = optuna.load_study(study_name="tiny_fair/lora", storage=storage).get_trials()
+    pruned = sorted(t.user_attrs["lr"] for t in tune if t.state.name == "PRUNED")
+    assert pruned == [3e-3, 1e-2]
+    finals = [every for (_, _, _, split), every in zip(fake.calls, fake.evaluated_every) if split == "test"]
+    assert len(finals) == 4 and set(finals) == {None}  # no intermediate evaluation on test, so no pruning there
+    assert all(every == 1 for (*_, split), every in zip(fake.calls, fake.evaluated_every) if split == "validation")
+    lora = next(r for r in method_results(plan, storage) if r.spec == "lora")
+    assert math.isclose(lora.chosen_lr, 1e-3 / 3)  # a pruned rate is never chosen; the edge was extended
+
+
 def test_a_slot_queued_twice_runs_once(tmp_path):
     """Two workers that settle a spec at the same moment both queue its finals: the lower trial runs."""
     import optuna
@@ -303,12 +327,16 @@ def test_tune_lr_gives_every_grid_point_its_own_rate(tmp_path):
     assert (folder / "score_vs_n.png").is_file() and (folder / "verdict.csv").is_file()
 
 
-def test_rank_tune_lr_compares_each_rank_with_lora_at_that_rank():
+def test_each_point_is_compared_with_the_lora_point_of_its_options():
     from ablations.fair import reference_of
 
-    points = load_study_file("rank").points
+    points = load_study_file("rank").points  # rank --tune-lr: LoRA at the same rank
     for point in points:
         assert reference_of(point, points) == {"method": "lora", "r": point["r"]}
+    lone = [{"method": "lora", "r": 8}, {"method": "moslora"}]  # one LoRA point: the reference of every method
+    assert reference_of(lone[1], lone) == lone[0]
+    two = [{"method": "lora", "r": 8}, {"method": "lora", "r": 4}, {"method": "moslora", "r": 16}]
+    assert reference_of(two[2], two) is None  # ambiguous: check_references asks for lora with its options
 
 
 def test_the_lr_tuning_study_scores_validation_only(tmp_path):
