@@ -1,22 +1,25 @@
-"""The results report: summary table, paired-bootstrap gains, plots, written atomically.
+"""The results report: summary table, gains with what their intervals cover, plots, written atomically.
 
 Given the base model's evaluation and one :class:`SystemResult` per (method, seed),
 :func:`write_report` writes into ``results/<run name>/``:
 
 - ``summary.csv`` / ``summary.md``: one row per method (mean and std over seeds) plus the
-  base row: trainable parameters, each task's score, the average, train time, seconds per
-  step, tokens per second, peak memory, and the gain in average accuracy over the base
-  model and over LoRA with a 95% confidence interval;
+  base row: each task's score, the average, the gain in average accuracy over the base model
+  and over LoRA with its interval and the test-item noise beside it, the Holm-adjusted p-value
+  against LoRA; and what ran: trainable parameters, r, alpha, lr, targets, init,
+  train_on_inputs, the median gradient norm before clipping and the share of clipped steps,
+  train time, seconds per step, tokens per second, peak memory;
 - ``loss_curves.png``: training loss against step, one line per method (as in the LinChain
   paper's Figure 2);
 - ``scores.png``: each task's score per method, with std-over-seeds error bars;
 - ``config.yaml`` when given the run's :class:`~harness.config.RunConfig`.
 
-The confidence interval is a *paired* bootstrap (:func:`paired_bootstrap`): both systems are
-scored on the same resampled test items (resampled within each task) and, where both were
-trained with the same seeds, on the same resampled seeds; the statistic is the difference in
-average accuracy (the mean over tasks of the per-task accuracy). Pairing removes the variance
-of "which items happened to be in the test set", so real differences show with fewer items.
+The statistics are :mod:`harness.stats`'. With two or more seeds the training run is the unit
+of replication: the gain is the paired difference per seed on the full test set, its interval
+a t-interval over the seeds both methods completed (run-to-run variance), and the item noise
+(a paired bootstrap over test items) is reported beside it. With one seed the interval covers
+test-item noise only, and the table says so. The base model is evaluated once; its gain is
+paired with every seed of the method.
 
 Every file is written to a temporary name and renamed into place, so an interrupted run
 leaves either a complete file or none.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from harness import stats
 from harness.fsutil import atomic_path, write_text_atomic  # noqa: F401 (re-exported for callers)
 
 if TYPE_CHECKING:
@@ -42,8 +47,11 @@ if TYPE_CHECKING:
 
 BASE = "base"
 REFERENCE_METHOD = "lora"
-N_RESAMPLES = 2000
-CONFIDENCE = 0.95
+N_RESAMPLES = stats.N_RESAMPLES
+CONFIDENCE = stats.CONFIDENCE
+# What ran, per method: the columns of summary.csv / summary.md, in this order.
+SETTINGS = ("r", "alpha", "lr", "targets", "init", "train_on_inputs")
+FAIR_STUDY = "python -m ablations.study fair"
 
 
 @dataclass
@@ -51,19 +59,23 @@ class SystemResult:
     """One evaluated system: the base model (``method="base"``, ``seed=None``) or one method trained with one seed.
 
     ``scores`` holds each task's primary score in [0, 1]; ``correct`` each task's per-item
-    correctness (doc id -> 0 or 1), which the bootstrap resamples. ``error`` is set when the run
-    failed (e.g. a NaN loss): the row says so and the statistics leave the run out.
+    correctness (doc id -> 0 or 1), which the item bootstrap resamples. ``settings`` is what
+    ran (see :func:`method_settings`). ``error`` is set when the run failed (e.g. a NaN loss):
+    the row says so and the statistics leave the run out.
     """
 
     method: str
     seed: int | None = None
     scores: dict[str, float] = field(default_factory=dict)
     correct: dict[str, dict[Any, float]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     trainable_params: int = 0
     train_seconds: float = float("nan")
     seconds_per_step: float = float("nan")
     tokens_per_second: float = float("nan")
     peak_memory_mb: float = float("nan")
+    grad_norm_median: float = float("nan")
+    clipped_fraction: float = float("nan")
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None
 
@@ -72,76 +84,27 @@ class SystemResult:
         return self.error is None
 
 
-@dataclass(frozen=True)
-class Gain:
-    """A difference in average accuracy (A - B, as a fraction) with its bootstrap confidence interval."""
+def method_settings(spec: Any, lr: float, train_on_inputs: bool) -> dict[str, Any]:
+    """What one method trained with: its resolved spec's r, alpha, targets and init, and the lr actually used.
 
-    estimate: float
-    low: float
-    high: float
-    n_items: int
-    paired_seeds: bool
+    ``init`` is that of the middle matrices; methods without them (LoRA, CondLoRA) have None.
+    """
+    return {"r": spec.r, "alpha": spec.alpha, "lr": lr, "targets": "+".join(spec.targets),
+            "init": spec.init if spec.middle_product is not None else None, "train_on_inputs": train_on_inputs}
 
-    def contains(self, value: float) -> bool:
-        return self.low <= value <= self.high
+
+def grad_norm_summary(trained: Any) -> tuple[float, float]:
+    """The median gradient norm before clipping and the share of clipped steps of a training result.
+
+    Read with defaults, so a training loop that does not record them gives NaN.
+    """
+    norms = [norm for _, norm in getattr(trained, "grad_norms", None) or []]
+    median = float(statistics.median(norms)) if norms else float("nan")
+    return median, float(getattr(trained, "clipped_fraction", float("nan")))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Statistics
-
-
-def paired_bootstrap(a: Sequence[SystemResult], b: Sequence[SystemResult], n_resamples: int = N_RESAMPLES,
-                     confidence: float = CONFIDENCE, seed: int = 0) -> Gain | None:
-    """Gain in average accuracy of system ``a`` over system ``b`` with a paired-bootstrap CI.
-
-    ``a`` and ``b`` are the runs (one per seed) of each system. Tasks and items are those present
-    in every run of both. If both have the same set of seeds, runs are paired by seed and seeds
-    are resampled too; otherwise each system's correctness is first averaged over its seeds (the
-    base model has one evaluation). Each resample draws, per task, items with replacement (the
-    same items for both systems) and, when paired, seeds with replacement. Returns the point
-    estimate on the full data and the percentile interval, or None when nothing is comparable.
-    """
-    a = [r for r in a if r.ok]
-    b = [r for r in b if r.ok]
-    if not a or not b:
-        return None
-    tasks = sorted(set.intersection(*(set(r.correct) for r in [*a, *b])))
-    seeds_a = sorted((r.seed for r in a), key=str)
-    seeds_b = sorted((r.seed for r in b), key=str)
-    paired = seeds_a == seeds_b and None not in seeds_a
-    if paired:
-        a = sorted(a, key=lambda r: str(r.seed))
-        b = sorted(b, key=lambda r: str(r.seed))
-    differences: list[np.ndarray] = []  # per task: (k seeds, n items) of correct_a - correct_b
-    for task in tasks:
-        docs = sorted(set.intersection(*(set(r.correct[task]) for r in [*a, *b])), key=str)
-        if not docs:
-            continue
-        mat_a = np.array([[float(r.correct[task][d]) for d in docs] for r in a])
-        mat_b = np.array([[float(r.correct[task][d]) for d in docs] for r in b])
-        differences.append(mat_a - mat_b if paired else (mat_a.mean(0) - mat_b.mean(0))[None, :])
-    if not differences:
-        return None
-    estimate = float(np.mean([d.mean() for d in differences]))
-    rng = np.random.default_rng(seed)
-    k = differences[0].shape[0]
-    # Seed weights per resample: how often each seed was drawn, divided by k (all ones when k == 1).
-    seed_weights = rng.multinomial(k, np.full(k, 1.0 / k), size=n_resamples) / k  # (B, k)
-    total = np.zeros(n_resamples)
-    for diff in differences:
-        n = diff.shape[1]
-        per_seed = np.empty((n_resamples, k))
-        # Item counts per resample, in chunks so that n_resamples x n stays small in memory.
-        chunk = max(1, 2_000_000 // max(n, 1))
-        for start in range(0, n_resamples, chunk):
-            stop = min(start + chunk, n_resamples)
-            counts = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start)  # (chunk, n)
-            per_seed[start:stop] = counts @ diff.T / n
-        total += (per_seed * seed_weights).sum(axis=1)
-    total /= len(differences)
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(total, [tail, 100 - tail])
-    return Gain(estimate, float(low), float(high), sum(d.shape[1] for d in differences), paired)
 
 
 def _reference_method(methods: Sequence[str]) -> str | None:
@@ -163,19 +126,69 @@ def _average(result: SystemResult, tasks: Sequence[str]) -> float:
     return float(np.mean(scores)) if scores and len(scores) == len(tasks) else float("nan")
 
 
+def compare(a: Sequence[SystemResult], b: Sequence[SystemResult], tasks: Sequence[str],
+            n_resamples: int = N_RESAMPLES, seed: int = 0) -> tuple[stats.SeedComparison, stats.ItemInterval | None]:
+    """Gain of system ``a`` over ``b`` in average accuracy: the comparison over seeds and the item noise beside it.
+
+    Runs are paired by seed; a system with one seedless run (the base model, evaluated once)
+    is paired with every seed of the other. Failed runs count as not completed.
+    """
+    def per_seed(runs: Sequence[SystemResult], seeds: Sequence[Any]) -> dict[Any, SystemResult]:
+        runs = [r for r in runs if r.ok]
+        if len(runs) == 1 and runs[0].seed is None:
+            return {s: runs[0] for s in seeds}
+        return {r.seed: r for r in runs}
+
+    seeds_a = [r.seed for r in a if r.ok and r.seed is not None]
+    seeds_b = [r.seed for r in b if r.ok and r.seed is not None]
+    runs_a, runs_b = per_seed(a, seeds_b), per_seed(b, seeds_a)
+    items = stats.item_interval({s: r.correct for s, r in runs_a.items()}, {s: r.correct for s, r in runs_b.items()},
+                                n_resamples=n_resamples, seed=seed)
+    comparison = stats.seed_comparison({s: _average(r, tasks) for s, r in runs_a.items()},
+                                       {s: _average(r, tasks) for s, r in runs_b.items()}, items=items)
+    return comparison, items
+
+
+def _gain_columns(label: str, comparison: stats.SeedComparison | None, items: stats.ItemInterval | None) -> dict:
+    nan = float("nan")
+    columns = {f"gain_vs_{label}": comparison.estimate if comparison else nan,
+               f"gain_vs_{label}_low": comparison.low if comparison else nan,
+               f"gain_vs_{label}_high": comparison.high if comparison else nan,
+               f"gain_vs_{label}_interval": comparison.method if comparison else "",
+               f"gain_vs_{label}_item_low": items.low if items else nan,
+               f"gain_vs_{label}_item_high": items.high if items else nan}
+    if label == "lora":
+        columns["gain_vs_lora_seeds"] = " ".join(map(str, comparison.seeds)) if comparison else ""
+        columns["gain_vs_lora_missing"] = " ".join(map(str, comparison.missing)) if comparison else ""
+        columns["p_vs_lora"] = comparison.p_value if comparison else nan
+        columns["mde_vs_lora"] = stats.detectable_effect(comparison) if comparison else nan
+    return columns
+
+
+def _settings_of(runs: Sequence[SystemResult]) -> dict[str, Any]:
+    """A method's settings: those its runs recorded (the same for every seed)."""
+    return next((r.settings for r in runs if r.settings), {})
+
+
 def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resamples: int = N_RESAMPLES,
               seed: int = 0) -> "pd.DataFrame":
     """The summary table: the base row, then one row per method in first-seen order.
 
     Columns: ``method``, ``seeds`` (successful runs), ``failed`` (failed runs), ``trainable_params``,
-    per task ``<task>`` and ``<task>_std``, ``average`` and ``average_std`` (scores as fractions),
-    ``train_seconds``, ``seconds_per_step``, ``tokens_per_second``, ``peak_memory_mb`` (means over
-    seeds), and ``gain_vs_base``/``gain_vs_lora`` with ``_low``/``_high`` CI bounds.
+    the settings (``r``, ``alpha``, ``lr``, ``targets``, ``init``, ``train_on_inputs``), ``contaminated``
+    (the tasks whose scores are marked contaminated, space-separated), per task
+    ``<task>`` and ``<task>_std``, ``average`` and ``average_std`` (scores as fractions), the means
+    over seeds of ``grad_norm_median``, ``clipped_fraction``, ``train_seconds``, ``seconds_per_step``,
+    ``tokens_per_second`` and ``peak_memory_mb``; for the gains over the base model and over LoRA
+    ``gain_vs_<base|lora>`` with ``_low``/``_high`` (the interval), ``_interval`` (what it covers)
+    and ``_item_low``/``_item_high`` (the item noise); ``gain_vs_lora_seeds`` and
+    ``gain_vs_lora_missing`` (paired seeds, seeds only one side completed), ``p_vs_lora``,
+    ``p_holm`` (Holm-adjusted over the comparisons with LoRA) and ``mde_vs_lora``.
     """
     import pandas as pd
 
     methods = list(dict.fromkeys(r.method for r in results))
-    tasks = list(dict.fromkeys(t for r in ([base] if base else []) + list(results) for t in r.scores))
+    tasks = _tasks(base, results)
     reference = _reference_method(methods)
     by_method = {m: [r for r in results if r.method == m] for m in methods}
     rows = []
@@ -185,19 +198,34 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
         ok = [r for r in runs if r.ok]
         row: dict[str, Any] = {"method": name, "seeds": len(ok), "failed": len(runs) - len(ok),
                                "trainable_params": int(ok[0].trainable_params) if ok else 0}
+        settings = _settings_of(runs)
+        row.update({key: settings.get(key) for key in SETTINGS})
+        row["contaminated"] = " ".join(sorted(_contaminated(runs)))
         for task in tasks:
             row[task], row[f"{task}_std"] = _mean_std([r.scores.get(task, float("nan")) for r in ok])
         row["average"], row["average_std"] = _mean_std([_average(r, tasks) for r in ok])
-        for metric in ("train_seconds", "seconds_per_step", "tokens_per_second", "peak_memory_mb"):
+        for metric in ("grad_norm_median", "clipped_fraction", "train_seconds", "seconds_per_step",
+                       "tokens_per_second", "peak_memory_mb"):
             row[metric] = _mean_std([getattr(r, metric) for r in ok])[0]
         for label, other in (("base", [base] if base is not None and name != BASE else None),
                              ("lora", by_method.get(reference) if name not in (BASE, reference) else None)):
-            gain = paired_bootstrap(ok, other, n_resamples=n_resamples, seed=seed) if other else None
-            row[f"gain_vs_{label}"] = gain.estimate if gain else float("nan")
-            row[f"gain_vs_{label}_low"] = gain.low if gain else float("nan")
-            row[f"gain_vs_{label}_high"] = gain.high if gain else float("nan")
+            comparison, items = compare(ok, other, tasks, n_resamples, seed) if other else (None, None)
+            row.update(_gain_columns(label, comparison, items))
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    adjusted = stats.holm(dict(zip(table["method"], table["p_vs_lora"])))
+    table.insert(table.columns.get_loc("p_vs_lora") + 1, "p_holm", [adjusted[m] for m in table["method"]])
+    return table
+
+
+def _contaminated(runs: Sequence[SystemResult]) -> set[str]:
+    """Tasks whose scores these runs mark as contaminated (``SystemResult.contaminated``, set under
+    --allow-contamination); runs that do not carry the mark have none."""
+    return set().union(*(getattr(r, "contaminated", None) or () for r in runs))
+
+
+def _tasks(base: SystemResult | None, results: Sequence[SystemResult]) -> list[str]:
+    return list(dict.fromkeys(t for r in ([base] if base else []) + list(results) for t in r.scores))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,11 +265,30 @@ def _fmt_pct(value: float, std: float | None = None) -> str:
     return text
 
 
-def _fmt_gain(row: Mapping[str, Any], label: str) -> str:
+def _fmt_gain(row: Mapping[str, Any], label: str, mark_items_only: bool = False) -> str:
     value = row[f"gain_vs_{label}"]
     if value is None or math.isnan(value):
         return "–"
-    return f"{100 * value:+.1f} [{100 * row[f'gain_vs_{label}_low']:+.1f}, {100 * row[f'gain_vs_{label}_high']:+.1f}]"
+    low, high = row[f"gain_vs_{label}_low"], row[f"gain_vs_{label}_high"]
+    text = f"{100 * value:+.1f}"
+    if not (math.isnan(low) or math.isnan(high)):
+        text += f" [{100 * low:+.1f}, {100 * high:+.1f}]"
+    if mark_items_only and row[f"gain_vs_{label}_interval"] == stats.ITEMS_ONLY:
+        text += " *items only*"
+    return text
+
+
+def _fmt_item_noise(row: Mapping[str, Any], label: str) -> str:
+    low, high = row[f"gain_vs_{label}_item_low"], row[f"gain_vs_{label}_item_high"]
+    return "–" if math.isnan(low) or math.isnan(high) else f"±{100 * (high - low) / 2:.1f}"
+
+
+def _fmt_p(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}" if value >= 0.001 else "<0.001"
+
+
+def _fmt_mde(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
 def _fmt_num(value: float, digits: int = 2) -> str:
@@ -254,35 +301,132 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
 
 
+def _fmt_setting(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def _interval_note(table: "pd.DataFrame", n_resamples: int) -> tuple[str, bool]:
+    """What the gain intervals cover, for the kinds this table uses; and whether cells must say which kind."""
+    kinds = {k for label in ("base", "lora") for k in table[f"gain_vs_{label}_interval"] if k}
+    level = f"{CONFIDENCE:.0%}"
+    n_lora = int(table["p_holm"].notna().sum())
+    items = (f"*± items* is the half-width of the {level} paired bootstrap over test items ({n_resamples} "
+             "resamples; items resampled once, the same for both methods and every seed): how far the gain "
+             "could move on another test set of this size.")
+    note = ("*Gain* columns: the difference in average accuracy (the mean over tasks), in percentage points, "
+            "paired by seed; the base model, evaluated once, is paired with every seed.")
+    if stats.T_OVER_SEEDS in kinds:
+        note += (f" With 2 or more seeds the training run is the unit of replication: the bracket is a {level} "
+                 "Student-t interval over the seeds both methods completed, and covers run-to-run variance "
+                 "(another seed trains another adapter) on this test set.")
+    if any(row[f"gain_vs_{label}_interval"] == stats.T_OVER_SEEDS and math.isnan(row[f"gain_vs_{label}_low"])
+           for _, row in table.iterrows() for label in ("base", "lora")):
+        note += (" A gain without a bracket had the same difference at every seed: the spread over seeds, and "
+                 "so the interval, is unknown; run more seeds.")
+    if stats.ITEMS_ONLY in kinds:
+        which = "Rows marked *items only* had" if stats.T_OVER_SEEDS in kinds else "This run had"
+        note += (f" {which} one seed: the interval covers test-item noise only (the paired bootstrap over "
+                 "items). It does not cover run-to-run variance, and another seed can change the ranking; "
+                 "run more seeds (--seeds 0,1,2) for an interval over training runs.")
+    note += " " + items
+    if n_lora:
+        note += (" *p (Holm)*: the p-value of \"no difference from LoRA\" (the paired t-test over seeds; with one "
+                 f"seed, the item bootstrap's), Holm-adjusted over the {n_lora} comparison(s) with LoRA. *MDE*: the "
+                 "smallest true gain over LoRA that this many seeds (with one seed, this many items) would detect "
+                 "with 80% power at the 5% level (per comparison, before Holm).")
+    return note, {stats.T_OVER_SEEDS, stats.ITEMS_ONLY} <= kinds
+
+
+def _untuned_note(table: "pd.DataFrame", fair_methods: str) -> str:
+    """The warning every untuned comparison carries, with the command that makes it fair."""
+    lrs = sorted({row["lr"] for _, row in table.iterrows() if row["method"] != BASE and row["lr"] is not None
+                  and not (isinstance(row["lr"], float) and math.isnan(row["lr"]))})
+    if len(lrs) == 1:
+        how = f"Every method trained at one shared learning rate ({lrs[0]:g}), not tuned for each"
+    elif lrs:
+        rates = ", ".join(f"{lr:g}" for lr in lrs)
+        how = f"The learning rates ({rates}) were set by hand, not each tuned under one budget"
+    else:
+        how = "The methods' learning rates were not each tuned"
+    return (f"**Not tuned per method.** {how}: under Adam the middle matrices change how far each step moves the "
+            "adapter, so these differences may reflect step size rather than the methods. For a fair comparison "
+            f"run `{FAIR_STUDY} --methods {fair_methods}` (every method's learning rate chosen on the validation "
+            "split over the same grid and budget, then retrained with fresh seeds and scored on test once).")
+
+
+def fair_study_methods(methods: Sequence[str]) -> str:
+    """The ``--methods`` value for the fair study: the run's specs without ``lr=`` (the study tunes it), LoRA first."""
+    specs = []
+    for spec in methods:
+        head, _, rest = spec.partition(":")
+        options = [o.strip() for o in rest.split(",") if o.strip() and not o.strip().startswith("lr=")]
+        specs.append(head.strip() + (":" + ",".join(options) if options else ""))
+    specs = list(dict.fromkeys(specs))
+    if _reference_method(specs) is None:
+        specs.insert(0, REFERENCE_METHOD)
+    return ",".join(specs)
+
+
 def summary_markdown(table: "pd.DataFrame", tasks: Sequence[str], header: Mapping[str, Any] | None = None,
                      title: str = "Results", failures: Sequence[SystemResult] = (),
-                     n_resamples: int = N_RESAMPLES) -> str:
-    """A readable markdown report of the summary table, with a header saying what was run and what the CI is."""
+                     n_resamples: int = N_RESAMPLES, tuned: bool = False, fair_methods: str = "lora,...") -> str:
+    """A readable markdown report of the summary table: what ran, the gains and what their intervals cover.
+
+    Unless ``tuned`` (each method's learning rate chosen under one protocol, as the fair study
+    does), the gains carry a note that the comparison is not fair yet and the command that makes
+    it so, with ``fair_methods`` as its ``--methods``.
+    """
     lines = [f"# {title}", ""]
     for key, value in (header or {}).items():
         lines.append(f"- **{key}**: {value}")
-    lines += [
-        "",
-        "Scores are each task's primary metric in %, mean ± std over seeds. *Gain* columns are the difference "
-        "in average accuracy, in percentage points, against the base model and against LoRA, with a "
-        f"{int(CONFIDENCE * 100)}% confidence interval from a paired bootstrap ({n_resamples} resamples of "
-        "the test items within each task, and of the seeds where both methods ran the same seeds; both "
-        "methods are scored on the same resampled items). An interval that excludes 0 is a difference the "
-        "test set supports.",
-        "",
-    ]
-    columns = (["method", "seeds", "trainable params"] + list(tasks)
-               + ["average", "gain vs base", "gain vs LoRA", "train s", "s/step", "tokens/s", "peak MB"])
-    lines.append("| " + " | ".join(columns) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|")
+    note, mark_items_only = _interval_note(table, n_resamples)
+    lines += ([""] if header else []) + ["## Scores and gains", ""]
+    if not tuned:
+        lines += [_untuned_note(table, fair_methods), ""]
+    lines += ["Scores are each task's primary metric in %, mean ± std over seeds. " + note, ""]
+    rows = []
     for _, row in table.iterrows():
         seeds = "–" if row["method"] == BASE else str(row["seeds"]) + (f" ({row['failed']} failed)" if row["failed"] else "")
-        cells = [f"`{row['method']}`", seeds, _fmt_params(row["trainable_params"])]
-        cells += [_fmt_pct(row[t], row[f"{t}_std"]) for t in tasks]
-        cells += [f"**{_fmt_pct(row['average'], row['average_std'])}**", _fmt_gain(row, "base"), _fmt_gain(row, "lora"),
-                  _fmt_num(row["train_seconds"], 0), _fmt_num(row["seconds_per_step"]),
-                  _fmt_num(row["tokens_per_second"], 0), _fmt_num(row["peak_memory_mb"], 0)]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append([f"`{row['method']}`", seeds] + [_fmt_pct(row[t], row[f"{t}_std"]) for t in tasks]
+                    + [f"**{_fmt_pct(row['average'], row['average_std'])}**",
+                       _fmt_gain(row, "base", mark_items_only), _fmt_item_noise(row, "base"),
+                       _fmt_gain(row, "lora", mark_items_only), _fmt_item_noise(row, "lora"), _fmt_p(row["p_holm"]),
+                       _fmt_mde(row["mde_vs_lora"])])
+    contaminated = {t for marks in table["contaminated"] for t in marks.split()}
+    task_columns = [f"{t} (contaminated)" if t in contaminated else t for t in tasks]
+    lines += _markdown_table(["method", "seeds", *task_columns, "average", "gain vs base", "± items", "gain vs LoRA",
+                              "± items", "p (Holm)", "MDE"], rows)
+    if contaminated:
+        lines += ["", f"*Contaminated*: the training data holds more than 1% of the scored items of "
+                  f"{', '.join(sorted(contaminated))} (the run was allowed with --allow-contamination); those "
+                  "scores, and the average and gains built on them, overstate what the method learned."]
+    unpaired = [row for _, row in table.iterrows() if row["gain_vs_lora_missing"]]
+    if unpaired:
+        lines.append("")
+        lines += [f"- `{row['method']}` vs LoRA: paired seeds {row['gain_vs_lora_seeds'] or 'none'}; seed(s) "
+                  f"{row['gain_vs_lora_missing']} completed for only one of the two (see Failed runs)."
+                  for row in unpaired]
+    lines += ["", "## What ran", "",
+              "Per method: the adapter's settings and the learning rate it trained with; *grad norm* is the median "
+              "over steps of the gradient norm before clipping, *clipped* the share of steps it exceeded "
+              "--max-grad-norm (both means over seeds); times and memory are means over seeds.", ""]
+    rows = [[f"`{row['method']}`", _fmt_params(row["trainable_params"])]
+            + [_fmt_setting(row[key]) for key in SETTINGS]
+            + [_fmt_num(row["grad_norm_median"], 3), _fmt_pct(row["clipped_fraction"]),
+               _fmt_num(row["train_seconds"], 0), _fmt_num(row["seconds_per_step"]),
+               _fmt_num(row["tokens_per_second"], 0), _fmt_num(row["peak_memory_mb"], 0)]
+            for _, row in table.iterrows() if row["method"] != BASE]
+    lines += _markdown_table(["method", "trainable params", *SETTINGS, "grad norm", "clipped %", "train s", "s/step",
+                              "tokens/s", "peak MB"], rows)
     if failures:
         lines += ["", "## Failed runs", ""]
         lines += [f"- `{r.method}` seed {r.seed}: {(r.error or '').splitlines()[0] if r.error else ''}" for r in failures]
@@ -290,17 +434,42 @@ def summary_markdown(table: "pd.DataFrame", tasks: Sequence[str], header: Mappin
     return "\n".join(lines)
 
 
-def header_from_config(cfg: "RunConfig") -> dict[str, str]:
-    """The summary.md header lines for a run configuration."""
+def shared_settings(results: Sequence[SystemResult]) -> tuple[dict[str, Any], list[str]]:
+    """The settings every method ran with (by name), and the names of those that differ between methods."""
+    recorded = [r.settings for r in results if r.settings]
+    shared, differing = {}, []
+    for key in SETTINGS:
+        values = {repr(s.get(key)) for s in recorded}
+        if len(values) == 1:
+            shared[key] = recorded[0].get(key)
+        elif values:
+            differing.append(key)
+    return shared, differing
+
+
+def header_from_config(cfg: "RunConfig", results: Sequence[SystemResult] = ()) -> dict[str, str]:
+    """The summary.md header lines: the run's configuration, and of the methods' settings only those all share.
+
+    A setting a method overrode (``lora:r=8`` in a run with ``--rank 16``) is not in the header;
+    the per-method table says what each ran with.
+    """
     steps = f"{cfg.max_steps} steps" if cfg.max_steps is not None else f"{cfg.epochs:g} epoch(s)"
-    return {
+    split = getattr(cfg, "split", None)
+    header = {
         "model": cfg.model,
         "training data": cfg.train_data,
-        "tasks": ", ".join(cfg.tasks) + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
-        "training": (f"{steps}, batch {cfg.batch_size} x {cfg.grad_accum} accumulation, lr {cfg.lr:g}, "
-                     f"rank {cfg.rank}, alpha {cfg.alpha:g}, targets {','.join(cfg.targets)}"),
-        "seeds": ", ".join(str(s) for s in cfg.seeds),
+        "tasks": ", ".join(cfg.tasks) + (f" ({split} split)" if split else "")
+                 + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
+        "training": f"{steps}, batch {cfg.batch_size} x {cfg.grad_accum} accumulation",
     }
+    shared, differing = shared_settings(results)
+    if shared:
+        header["shared by all methods"] = ", ".join(f"{key} {_fmt_setting(value)}" for key, value in shared.items()
+                                                    if value is not None)
+    if differing:
+        header["per method (see What ran)"] = ", ".join(differing)
+    header["seeds"] = ", ".join(str(s) for s in cfg.seeds)
+    return header
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,28 +578,32 @@ def plot_scores(table: "pd.DataFrame", tasks: Sequence[str], path: str | os.Path
 
 def write_report(run_dir: str | os.PathLike, base: SystemResult | None, results: Sequence[SystemResult],
                  config: "RunConfig | None" = None, header: Mapping[str, Any] | None = None,
-                 n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, Path]:
+                 n_resamples: int = N_RESAMPLES, seed: int = 0, tuned: bool = False) -> dict[str, Path]:
     """Write summary.csv, summary.md, loss_curves.png, scores.png (and config.yaml if ``config``) into ``run_dir``.
 
     Failed runs are listed in summary.md and left out of the statistics; a method whose runs all
-    failed keeps its row, with empty scores. Returns the written paths by file name.
+    failed keeps its row, with empty scores. ``header`` lines override those drawn from ``config``.
+    ``tuned`` says every method's learning rate was chosen under one protocol (the fair study);
+    otherwise summary.md warns that the gains may reflect step size. Returns the written paths by
+    file name.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     table = summarize(base, results, n_resamples=n_resamples, seed=seed)
-    tasks = list(dict.fromkeys(t for r in ([base] if base else []) + list(results) for t in r.scores))
+    tasks = _tasks(base, results)
     written: dict[str, Path] = {}
     if config is not None:
         from harness.config import save_config_yaml
 
         written["config.yaml"] = save_config_yaml(config, run_dir / "config.yaml")
-        header = {**header_from_config(config), **(header or {})}
+        header = {**header_from_config(config, results), **(header or {})}
     with atomic_path(run_dir / "summary.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     written["summary.csv"] = run_dir / "summary.csv"
     failures = [r for r in results if not r.ok]
     markdown = summary_markdown(table, tasks, header, title=f"Results: {run_dir.name}", failures=failures,
-                                n_resamples=n_resamples)
+                                n_resamples=n_resamples, tuned=tuned,
+                                fair_methods=fair_study_methods(config.methods) if config is not None else "lora,...")
     written["summary.md"] = write_text_atomic(run_dir / "summary.md", markdown)
     written["loss_curves.png"] = plot_loss_curves(results, run_dir / "loss_curves.png")
     written["scores.png"] = plot_scores(table, tasks, run_dir / "scores.png")

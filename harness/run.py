@@ -101,7 +101,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     from harness import evaluate as hevaluate
     from harness.adapters import validate_against_model
     from harness.models import load_model
-    from harness.report import SystemResult, default_run_name, header_from_config, unique_run_dir, write_report
+    from harness.report import SystemResult, default_run_name, unique_run_dir, write_report
     from harness.tracking import Tracker, check_tracking_uri, run_params
 
     # 1. Everything a user can get wrong, before any training.
@@ -165,8 +165,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
 
             # 4. The report.
             if write_results:
-                written = write_report(run_dir, outcome.base, outcome.results, config=cfg,
-                                       header=header_from_config(cfg))
+                written = write_report(run_dir, outcome.base, outcome.results, config=cfg)
                 for path in written.values():
                     top.log_artifact(path, "results")
                 log(f"\n{(run_dir / 'summary.md').read_text()}")
@@ -234,13 +233,13 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
     """
     from harness import evaluate as hevaluate
     from harness.adapters import save_adapter, trainable_parameters
-    from harness.report import SystemResult
+    from harness.report import SystemResult, grad_norm_summary, method_settings
     from harness.train import NonFiniteLoss, train
 
     name = f"{plan.label}-seed{seed}"
     spec = plan.spec
     settings = _train_settings(cfg, spec, seed)
-    result = SystemResult(method=plan.label, seed=seed)
+    result = SystemResult(method=plan.label, seed=seed, settings=method_settings(spec, settings.lr, cfg.train_on_inputs))
     peft_model = None
     trained = None
     try:
@@ -267,6 +266,7 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
             result.seconds_per_step = trained.seconds_per_step
             result.tokens_per_second = trained.tokens_per_second
             result.peak_memory_mb = trained.peak_memory_mb
+            result.grad_norm_median, result.clipped_fraction = grad_norm_summary(trained)
             h.log_metrics({"train_seconds": trained.train_seconds, "seconds_per_step": trained.seconds_per_step,
                            "tokens_per_second": trained.tokens_per_second, "peak_memory_mb": trained.peak_memory_mb,
                            "final_train_loss": trained.final_loss})

@@ -100,6 +100,11 @@ class SeedComparison:
         return self.low <= value <= self.high
 
 
+def _seed_order(seed: Seed) -> tuple:
+    """Seeds in numeric order (2 before 10), anything else after them by its text."""
+    return (0, seed, "") if isinstance(seed, (int, float)) else (1, 0, str(seed))
+
+
 def _finite(scores: Mapping[Seed, float]) -> dict[Seed, float]:
     """The seeds that produced a score (a failed run has none, or NaN)."""
     return {s: float(v) for s, v in scores.items() if v is not None and math.isfinite(v)}
@@ -117,8 +122,8 @@ def seed_comparison(a: Mapping[Seed, float], b: Mapping[Seed, float], confidence
     on this seed's difference; without ``items`` they are NaN.
     """
     a, b = _finite(a), _finite(b)
-    seeds = tuple(sorted(set(a) & set(b), key=str))
-    missing = tuple(sorted(set(a) ^ set(b), key=str))
+    seeds = tuple(sorted(set(a) & set(b), key=_seed_order))
+    missing = tuple(sorted(set(a) ^ set(b), key=_seed_order))
     diffs = np.array([a[s] - b[s] for s in seeds])
     n = len(seeds)
     nan = math.nan
@@ -155,7 +160,7 @@ def item_interval(a: Correctness, b: Correctness, confidence: float = CONFIDENCE
     items with replacement, the same items for both methods and every seed: the bootstrap of
     the per-item difference averaged over seeds. Returns None when no seed, task or item is shared.
     """
-    seeds = sorted(set(a) & set(b), key=str)
+    seeds = sorted(set(a) & set(b), key=_seed_order)
     runs = [a[s] for s in seeds] + [b[s] for s in seeds]
     if not seeds:
         return None
@@ -218,13 +223,12 @@ def minimum_detectable_effect(sd: float, n_seeds: int, alpha: float = 0.05, powe
     tails), for per-seed differences that are normal with standard deviation ``sd``. The
     approximation is using the observed ``sd`` as if it were the true one: with few seeds it is
     itself uncertain. (The common shortcut (t_{1-alpha/2} + t_{power}) sd / sqrt(n) would claim
-    80% power where the test has 73% at 2 seeds and 77% at 3.) NaN with fewer than 2 seeds.
+    80% power where the test has 73% at 2 seeds and 77% at 3.) NaN with fewer than 2 seeds, and
+    when the observed spread is 0 (seeds that all gave the same difference say nothing about it).
     ``alpha`` is per comparison: Holm's first step tests at ``alpha / m``.
     """
-    if n_seeds < 2 or sd is None or not math.isfinite(sd):
+    if n_seeds < 2 or sd is None or not math.isfinite(sd) or sd == 0:
         return math.nan
-    if sd == 0:
-        return 0.0
     df = n_seeds - 1
     critical = stats.t.ppf(1 - alpha / 2, df)
 

@@ -95,10 +95,10 @@ def test_seed_comparison_is_the_paired_t_test():
 
 
 def test_a_failed_seed_leaves_the_pair_out_and_is_named():
-    a = {0: 0.60, 1: 0.62, 2: 0.58}
-    b = {0: 0.55, 1: math.nan, 2: 0.50, 3: 0.52}  # seed 1 failed, seed 3 ran for B only
+    a = {0: 0.60, 1: 0.62, 10: 0.58}
+    b = {0: 0.55, 1: math.nan, 10: 0.50, 3: 0.52}  # seed 1 failed, seed 3 ran for B only
     comparison = seed_comparison(a, b)
-    assert comparison.seeds == (0, 2) and comparison.missing == (1, 3) and comparison.n_seeds == 2
+    assert comparison.seeds == (0, 10) and comparison.missing == (1, 3) and comparison.n_seeds == 2
     assert comparison.estimate == pytest.approx((0.05 + 0.08) / 2)
     assert comparison.method == T_OVER_SEEDS
 
@@ -219,7 +219,7 @@ def test_minimum_detectable_effect_has_the_power_it_promises(n_seeds):
 def test_minimum_detectable_effect_shrinks_with_seeds_and_is_undefined_for_one():
     values = [minimum_detectable_effect(1.0, n) for n in (2, 3, 5, 10)]
     assert values == sorted(values, reverse=True)
-    assert math.isnan(minimum_detectable_effect(1.0, 1))
+    assert math.isnan(minimum_detectable_effect(1.0, 1)) and math.isnan(minimum_detectable_effect(0.0, 3))
 
 
 def test_detectable_effect_with_one_seed_uses_the_item_standard_error():
