@@ -422,13 +422,19 @@ def method_results(plan, storage) -> list[MethodResult]:
     return results
 
 
+NOT_COMPARED = "not compared"  # no final seed that both the method and its reference completed (yet)
 VERDICT_COLUMNS = ("method", "reference", "chosen_lr", "grid_low", "grid_high", "valid_score", "test_mean",
                    "test_std", "seeds", "failed_seeds", "gain_vs_lora", "gain_low", "gain_high", "p_holm", "mde",
                    "verdict", "note")
 
 
 def verdict_rows(plan, results: list[MethodResult], alpha: float = 0.05) -> list[dict[str, Any]]:
-    """One row per method: the columns of verdict.csv; gains compare final test scores with the reference's, per seed."""
+    """One row per method: the columns of verdict.csv; gains compare final test scores with the reference's, per seed.
+
+    The verdict is better / worse / no detectable difference (``harness.stats.verdict`` on the
+    Holm-adjusted p-value), ``reference`` for LoRA, or ``not compared`` while no final seed has a
+    score on both sides (the note says why).
+    """
     from harness import stats
 
     by_spec = {r.spec: r for r in results}
@@ -442,9 +448,9 @@ def verdict_rows(plan, results: list[MethodResult], alpha: float = 0.05) -> list
                "test_std": _std(r.test.values()), "seeds": ",".join(map(str, sorted(r.test))),
                "failed_seeds": ",".join(map(str, sorted(r.failed))), "gain_vs_lora": math.nan,
                "gain_low": math.nan, "gain_high": math.nan, "p_holm": math.nan, "mde": math.nan,
-               "verdict": "reference" if r.reference is None else "not run yet", "note": _note(r)}
+               "verdict": "reference" if r.reference is None else NOT_COMPARED, "note": _note(r)}
         c = comparisons.get(r.spec)
-        if c is not None:
+        if c is not None and c.n_seeds > 0:
             p = adjusted.get(r.spec, math.nan)
             row.update(gain_vs_lora=c.estimate, gain_low=c.low, gain_high=c.high, p_holm=p,
                        mde=stats.detectable_effect(c, alpha=alpha),

@@ -238,6 +238,17 @@ def test_tuning_trials_are_pruned_on_validation_and_final_runs_never(tmp_path):
     assert math.isclose(lora.chosen_lr, 1e-3 / 3)  # a pruned rate is never chosen; the edge was extended
 
 
+def test_without_a_lora_score_nothing_is_called_better_or_worse(tmp_path):
+    from ablations.fair import method_results, verdict_rows
+
+    fake = ProtocolRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)}, nan={("lora", 1), ("lora", 2)})
+    plan, storage, _ = fair_plan(tmp_path)
+    run_all(plan, storage, fake)
+    rows = {r["method"]: r for r in verdict_rows(plan, method_results(plan, storage))}
+    assert rows["lora"]["failed_seeds"] == "1,2" and rows["lora"]["seeds"] == ""
+    assert rows["moslora"]["verdict"] == "not compared" and math.isnan(rows["moslora"]["gain_vs_lora"])
+
+
 def test_a_slot_queued_twice_runs_once(tmp_path):
     """Two workers that settle a spec at the same moment both queue its finals: the lower trial runs."""
     import optuna
