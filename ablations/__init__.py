@@ -9,7 +9,9 @@ job, not a copy of it.
 - :mod:`ablations.storage`: open the Optuna storage (SQLite, journal file, PostgreSQL);
 - :mod:`ablations.trials`: the objective and the worker loop (claim a queued trial, run it,
   heartbeat, fail and re-queue trials of dead workers);
-- :mod:`ablations.report`: ``results/ablations/<study>/`` (trials.csv, summary.md, plots);
+- :mod:`ablations.fair`: the fair protocol (the same learning-rate grid for every method, chosen
+  on validation, then fresh seeds scored once on test) and its verdict against LoRA;
+- :mod:`ablations.report`: ``results/ablations/<study>/`` (trials.csv, summary.md or verdict.md, plots);
 - ``python -m ablations.study NAME``: create or resume a study, run it, report;
 - ``python -m ablations.worker NAME --storage URL``: one more worker on an existing study.
 """

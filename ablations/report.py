@@ -12,6 +12,13 @@ by any machine, while workers are still running; each file is written atomically
 - ``param_importances.png``: Optuna's parameter importances (its default evaluator, PED-ANOVA in 5.0);
 - ``pareto_front.png`` (pareto studies): average accuracy against trainable parameters, the front marked;
 - ``lr_search.png`` (tuning studies): the score of every trial against its learning rate, per method.
+
+Fair studies (``ablations.fair``) write ``verdict.csv`` and ``verdict.md`` (per method: the chosen
+rate, the grid searched, the validation score, the test score over final seeds and the gain over
+LoRA with its interval, Holm-adjusted p-value, minimum detectable effect and verdict),
+``trials.csv`` (every trial, tuning and final, with its split), ``lr_sensitivity.png`` and
+``tuning_curve.png`` instead; a grid study run with ``--tune-lr`` adds its ``score_vs_<axis>.png``
+of the final test scores.
 """
 
 from __future__ import annotations
@@ -46,7 +53,10 @@ def trials_frame(plan, storage) -> pd.DataFrame:
                 "average_accuracy": values[0] if values else math.nan,
                 "trainable_params": t.user_attrs.get("trainable_params"),
                 "lr": t.params.get("lr", plan.config["lr"]),
+                "split": t.user_attrs.get("split", plan.config.get("split", "test")),
             }
+            if plan.kind == "fair":
+                row.update({k: t.user_attrs.get(k) for k in ("stage", "lr_position", "duplicate_of")})
             row.update({f"param_{k}": v for k, v in t.params.items() if k not in ("lr", "seed")})
             row.update({f"score_{task}": v for task, v in (t.user_attrs.get("scores") or {}).items()})
             row.update({
@@ -98,6 +108,8 @@ def _std(values) -> float:
 
 def write_report(plan, storage) -> Path:
     """Write every file of the study's folder; log them to the study's MLflow run; return the folder."""
+    if plan.kind == "fair":
+        return write_fair_report(plan, storage)
     folder = report_dir(plan)
     folder.mkdir(parents=True, exist_ok=True)
     trials = trials_frame(plan, storage)
@@ -144,8 +156,10 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
             lines += ["", "Pareto front (no other configuration is both more accurate and smaller): "
                       + (", ".join(f"`{s}`" for s in front["spec"]) if len(front) else "none yet")]
     else:
-        lines += ["Best learning rate per method (completed trials; pruned trials stopped early).", "",
-                  "| method | trials done | pruned | failed | best lr | best average accuracy |",
+        lines += ["Best learning rate per method on the validation split (completed trials; pruned trials stopped "
+                  "early). These are validation scores of the best of many trials, so they overstate what the rate "
+                  "gives; for test scores at a tuned rate on fresh seeds, run the fair study.", "",
+                  "| method | trials done | pruned | failed | best lr | best validation accuracy |",
                   "|---|---:|---:|---:|---:|---:|"]
         for name in plan.optuna_names():
             mine = trials[trials["study"] == name] if len(trials) else trials
@@ -251,7 +265,9 @@ def _plot_axis(plan, storage, trials, points, folder: Path) -> Path | None:
     ax.set_xlabel({"n": "chain length n", "r": "rank r", "init": "initialisation of the middle matrices",
                    "structure": "MTLoRA structure"}.get(x_key, x_key))
     ax.set_ylabel("average accuracy (%)")
-    ax.set_title(f"{plan.name}: mean ± std over {len(plan.seeds)} seed(s)")
+    seeds = plan.final_seeds if plan.kind == "fair" else plan.seeds
+    ax.set_title(f"{plan.name}: mean ± std over {len(seeds)} seed(s)" + (", each point at its own tuned lr"
+                                                                       if plan.kind == "fair" else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, folder / f"score_vs_{x_key}.png", dpi=120)
@@ -298,7 +314,7 @@ def _plot_lr(plan, storage, trials, points, folder: Path) -> Path | None:
         ax.scatter(pruned["lr"], [0] * len(pruned), color=f"C{i % 10}", marker="x")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (x: pruned)")
-    ax.set_ylabel("average accuracy (%)")
+    ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{plan.name}: TPE search per method")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -365,3 +381,177 @@ def finish_parent_run(plan, storage, artifacts=(), interrupted: bool = False) ->
         client.set_terminated(plan.mlflow_parent_run_id, status="KILLED")
     elif pending == 0:
         client.set_terminated(plan.mlflow_parent_run_id, status="FINISHED")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fair studies: the verdict per method (ablations.fair)
+
+
+def write_fair_report(plan, storage) -> Path:
+    """verdict.csv, verdict.md, trials.csv (every trial with its split) and the tuning plots of a fair study."""
+    from ablations import fair
+
+    folder = report_dir(plan)
+    folder.mkdir(parents=True, exist_ok=True)
+    trials = trials_frame(plan, storage)
+    results = fair.method_results(plan, storage)
+    rows = pd.DataFrame(fair.verdict_rows(plan, results), columns=list(fair.VERDICT_COLUMNS))
+    with atomic_path(folder / "trials.csv") as tmp:
+        trials.to_csv(tmp, index=False)
+    with atomic_path(folder / "verdict.csv") as tmp:
+        rows.to_csv(tmp, index=False)
+    plots = []
+    for draw in (_plot_lr_sensitivity, _plot_tuning_curve, _plot_tuned_axis):
+        try:
+            path = draw(plan, results, trials, folder)
+        except Exception as err:  # noqa: BLE001 (a plot that cannot be drawn must not lose the tables)
+            path = None
+            print(f"warning: {draw.__name__[1:]} not drawn: {type(err).__name__}: {err}")
+        if path is not None:
+            plots.append(path)
+    write_text_atomic(folder / "verdict.md", verdict_markdown(plan, results, rows, trials, plots))
+    written = [folder / "verdict.csv", folder / "verdict.md", folder / "trials.csv", *plots]
+    finish_parent_run(plan, storage, artifacts=written)
+    return folder
+
+
+def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, plots: list[Path]) -> str:
+    cfg = plan.config
+    tune = trials[trials["stage"] == "tune"] if len(trials) else trials
+    ran = tune[tune["state"].isin(["COMPLETE", "PRUNED", "FAIL"]) & tune["duplicate_of"].isna()] if len(tune) else tune
+    grid = ", ".join(f"{r:.3g}" for r in plan.lr_grid)
+    lines = [f"# Fair comparison: {plan.name}", "", *([plan.description, ""] if plan.description else []),
+             f"- **model**: {cfg['model']}; **training data**: {cfg['train_data']}; **tasks**: {', '.join(cfg['tasks'])}"
+             + (f" (at most {cfg['limit']} items each)" if cfg.get("limit") else ""),
+             f"- **the same for every method**: {cfg['max_steps'] or str(cfg['epochs']) + ' epoch(s)'} steps, batch "
+             f"{cfg['batch_size']}, rank {cfg['rank']}, alpha {cfg['alpha']:g}; learning-rate grid {grid} "
+             f"(extended by at most {plan.extend} step(s) on a side where the best rate is the edge); tuning "
+             f"seed(s) {', '.join(map(str, plan.seeds))} per rate",
+             f"- **selection**: each method's rate has the best mean validation score over its tuning seeds "
+             f"({len(ran)} tuning trials in all, every one on the validation split"
+             + (f", pruned on validation every {plan.intermediate_every} steps" if plan.intermediate_every else "")
+             + "). Nothing was chosen on the test split.",
+             f"- **final runs**: each method retrained at its chosen rate with the fresh seeds "
+             f"{', '.join(map(str, plan.final_seeds))} and scored on the test split once; no test score exists "
+             "for any other rate.", "",
+             "| method | chosen lr | grid searched | validation | test mean ± std | seeds | gain vs LoRA [95% interval] "
+             "| p (Holm) | MDE | verdict |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for _, r in rows.iterrows():
+        gain = _signed(r["gain_vs_lora"]) + (f" [{_signed(r['gain_low'])}, {_signed(r['gain_high'])}]"
+                                             if r["gain_low"] == r["gain_low"] else "")
+        lines.append(
+            f"| `{r['method']}` | {_g(r['chosen_lr'])} | {_g(r['grid_low'])} – {_g(r['grid_high'])} | "
+            f"{_pct(r['valid_score'])} | {_pct(r['test_mean'], r['test_std'])} | {r['seeds'] or '–'} | {gain} | "
+            f"{_g(r['p_holm'])} | {_pct(r['mde'])} | {r['verdict']} |")
+    lines += ["", "Scores are average accuracy (%) over the tasks. " + interval_sentence(plan),
+              "The gain compares a method with " + ("LoRA" if len({r.reference for r in results} - {None}) <= 1
+                                                     else "the LoRA point with the same options (e.g. the same rank)")
+              + " on the final seeds both completed; p is Holm-adjusted over the comparisons with LoRA; MDE is the "
+              "smallest gain this many seeds would detect with 80% power at the 5% level; the verdict is better, "
+              "worse or no detectable difference at that level."]
+    notes = [f"- `{r['method']}`: {r['note']}" for _, r in rows.iterrows() if r["note"]]
+    if notes:
+        lines += ["", "Notes (grid extensions, rates at the edge, failed or missing seeds):", "", *notes]
+    lines += ["", "Files: verdict.csv (this table), trials.csv (every trial, tuning and final, with its split)"
+              + "".join(f", {p.name}" for p in plots) + ". Each trial is a nested MLflow run under `study-"
+              + plan.name + "`.", ""]
+    return "\n".join(lines)
+
+
+def interval_sentence(plan) -> str:
+    """What the gain's interval covers, said where the numbers are shown (a fair study has at least 2 final seeds)."""
+    return ("The 95% interval is a Student-t interval over the final seeds: each seed's paired difference on the "
+            "full test set, the training run as the unit of replication, so it covers run-to-run variation "
+            "(and the test-item noise each run's score carries); it does not cover the choice of learning rate, "
+            "which was made on validation before any test score existed.")
+
+
+def _signed(value) -> str:
+    return "–" if value is None or value != value else f"{100 * value:+.1f}"
+
+
+def _g(value) -> str:
+    return "–" if value is None or value != value else f"{value:.3g}"
+
+
+def _plot_lr_sensitivity(plan, results, trials, folder: Path) -> Path | None:
+    """Validation score against learning rate per method: mean over tuning seeds, band from lowest to highest seed."""
+    from ablations import fair
+
+    if not any(r.tuning.scores for r in results):
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, r in enumerate(results):
+        positions = sorted(r.tuning.scores)
+        if not positions:
+            continue
+        xs = [fair.lr_at(plan.lr_grid, p) for p in positions]
+        values = [list(r.tuning.scores[p].values()) for p in positions]
+        colour = f"C{i % 10}"
+        ax.plot(xs, [100 * _mean(v) for v in values], "-o", color=colour, label=r.spec)
+        if len(plan.seeds) > 1:
+            ax.fill_between(xs, [100 * min(v) for v in values], [100 * max(v) for v in values], color=colour,
+                            alpha=0.15)
+        if r.chosen_lr is not None:
+            ax.plot([r.chosen_lr], [100 * r.valid_score], "*", color=colour, markersize=14)
+    for edge in (plan.lr_grid[0], plan.lr_grid[-1]):
+        ax.axvline(edge, color="0.7", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (dotted: the grid's ends; star: chosen)")
+    ax.set_ylabel("validation accuracy (%)")
+    band = f"band: lowest to highest of {len(plan.seeds)} tuning seeds" if len(plan.seeds) > 1 else "1 tuning seed"
+    ax.set_title(f"{plan.name}: learning-rate sensitivity ({band})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, folder / "lr_sensitivity.png", dpi=120)
+
+
+def tuning_curves(trials: pd.DataFrame) -> dict[str, list[float]]:
+    """Per method, the best validation score after each finished tuning trial, in the order they finished."""
+    if not len(trials):
+        return {}
+    tune = trials[(trials["stage"] == "tune") & trials["duplicate_of"].isna()
+                  & trials["state"].isin(["COMPLETE", "PRUNED", "FAIL"])]
+    curves = {}
+    for spec, mine in tune.groupby("spec", sort=False):
+        mine = mine.sort_values(["finished", "trial"], na_position="last")
+        mine = mine[~((mine["state"] == "FAIL") & _retried(mine))]  # a killed trial's retry stands for it
+        best, curve = math.nan, []
+        for _, t in mine.iterrows():
+            if t["state"] == "COMPLETE" and not (t["average_accuracy"] <= best):
+                best = t["average_accuracy"]
+            curve.append(best)
+        curves[spec] = curve
+    return curves
+
+
+def _plot_tuning_curve(plan, results, trials, folder: Path) -> Path | None:
+    curves = tuning_curves(trials)
+    if not curves:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, r in enumerate(results):
+        curve = curves.get(r.spec)
+        if curve:
+            ax.step(range(1, len(curve) + 1), [100 * v for v in curve], where="post", marker="o", color=f"C{i % 10}",
+                    label=r.spec)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("tuning trials finished (pruned and failed ones count)")
+    ax.set_ylabel("best validation accuracy so far (%)")
+    ax.set_title(f"{plan.name}: tuning curve per method", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, folder / "tuning_curve.png", dpi=120)
+
+
+def _plot_tuned_axis(plan, results, trials, folder: Path) -> Path | None:
+    """Grid studies run with --tune-lr: the test score against the study's axis, each point at its own rate."""
+    if plot_axis(plan) == "method" or not len(trials):
+        return None
+    finals = trials[(trials["stage"] == "final") & trials["duplicate_of"].isna()]
+    return _plot_axis(plan, None, finals, point_table(plan, finals), folder)

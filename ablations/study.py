@@ -61,16 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tuning studies: trials per method (overrides the file's n_trials; may grow on resume)")
     group.add_argument("--max-trials", type=int, default=None, metavar="N",
                        help="run at most N trials in this process, then report (default: until the queue is empty)")
+    fair = parser.add_argument_group("fair protocol (the fair study, or any grid study with --tune-lr)")
+    fair.add_argument("--tune-lr", action="store_true", default=False,
+                      help="grid studies: give every grid point its own learning rate, chosen on validation "
+                           "from the fair study's grid, then test it on fresh seeds (the fair protocol)")
+    fair.add_argument("--lr-grid", default=None, metavar="RATES",
+                      help="learning rates every method is tuned over, comma-separated, e.g. 1e-4,3e-4,1e-3 "
+                           "(default: the fair study's, quarter-decade steps from 1e-4 to 10^-2.5)")
+    fair.add_argument("--final-seeds", default=None, metavar="N|SEEDS",
+                      help="final runs at each method's chosen rate: a count of fresh seeds (default 3) or a "
+                           "list; never a tuning seed (--seeds are the tuning seeds)")
     group.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="SECONDS",
                        help="a RUNNING trial without a heartbeat for this long belongs to a dead worker: it is "
                             f"marked FAILED and queued again (default: {DEFAULT_STALE_AFTER_S:g})")
     return parser
 
 
-def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | None, n_trials: int | None) -> StudyPlan:
+def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | None, n_trials: int | None, *,
+                 tune_lr: bool = False, lr_grid: str | None = None, final_seeds: str | None = None) -> StudyPlan:
     """The study file's options, then --config, then the command line, resolved into a StudyPlan."""
     from harness.config import config_from_dict, config_to_dict, load_config_yaml
 
+    study = fair_study(study, typed, tune_lr, lr_grid, final_seeds)
     values: dict[str, Any] = dict(study.run)
     if config_file:  # a run's config.yaml works too: its methods and run name are the study's to set
         values.update({k: v for k, v in load_config_yaml(config_file).items() if k not in ("methods", "run_name")})
@@ -92,11 +104,76 @@ def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | Non
     plan = StudyPlan(name=study.name, kind=study.kind, config=config, seeds=list(cfg.seeds), points=study.points,
                      description=study.description, n_trials=n_trials or study.n_trials, lr=study.lr,
                      pruner=study.pruner, intermediate_every=study.intermediate_every, plot_x=study.plot_x)
+    if study.kind == "fair":
+        from ablations import fair
+
+        where = "--final-seeds" if final_seeds is not None else f"{study.source}: final_seeds"
+        plan.lr_grid, plan.extend = study.lr_grid, study.extend
+        plan.final_seeds = fair.final_seeds_from(study.final_seeds, plan.seeds, where)
     from harness.adapters.spec import parse_spec
 
     for spec in plan.specs():  # the study's common options (rank, targets ...) with each point's own
         parse_spec(spec, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
     return plan
+
+
+def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: str | None,
+               final_seeds: str | None) -> StudyFile:
+    """The study with the fair protocol's options applied: --tune-lr, --lr-grid, --final-seeds, fair's --methods.
+
+    ``--tune-lr`` turns a grid study into a fair one over the same points, named ``<study>_tuned_lr``
+    (its own storage entry and results folder), with the built-in fair study's grid and seeds.
+    """
+    import dataclasses
+
+    from ablations import fair
+
+    if tune_lr:
+        if study.kind != "grid":
+            raise UserError(f"--tune-lr: only grid studies take it ({study.name!r} is kind {study.kind}"
+                            + ("; it tunes the rate already)" if study.kind == "fair" else ")"))
+        if any("lr" in p for p in study.points):
+            raise UserError(f"--tune-lr: {study.name!r} fixes lr in its space; remove it there")
+        fair.check_references(study.points, f"--tune-lr: {study.source or study.name}")
+        protocol = load_study_file("fair")
+        study = dataclasses.replace(study, name=f"{study.name}_tuned_lr", kind="fair", seeds=protocol.seeds,
+                                    lr_grid=protocol.lr_grid, final_seeds=protocol.final_seeds,
+                                    extend=protocol.extend, intermediate_every=protocol.intermediate_every,
+                                    pruner=protocol.pruner)
+    if study.kind != "fair":
+        for flag, value in (("--lr-grid", lr_grid), ("--final-seeds", final_seeds)):
+            if value is not None:
+                raise UserError(f"{flag}: only the fair protocol takes it (a kind fair study, or --tune-lr)")
+        return study
+    if "methods" in typed:
+        study = dataclasses.replace(study, points=points_of_methods(typed.pop("methods")))
+    if lr_grid is not None:
+        study = dataclasses.replace(study, lr_grid=fair.lr_grid_from(lr_grid, "--lr-grid"))
+    if final_seeds is not None:
+        study = dataclasses.replace(study, final_seeds=final_seeds)
+    return study
+
+
+def points_of_methods(specs: list[str]) -> list[dict[str, Any]]:
+    """``--methods lora,linchain:n=3`` as a fair study's space; every method is compared with lora."""
+    import yaml
+
+    from ablations import fair
+    from ablations.studyfile import enumerate_points
+
+    templates = []
+    for spec in specs:
+        method, _, rest = spec.partition(":")
+        template: dict[str, Any] = {"method": method.strip().lower()}
+        for item in filter(None, (i.strip() for i in rest.split(","))):
+            key, _, value = item.partition("=")
+            template[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else value
+        if "lr" in template:
+            raise UserError(f"--methods: {spec!r} fixes lr, which the fair study tunes itself; remove lr=")
+        templates.append(template)
+    points = enumerate_points(templates, lambda key, what: UserError(f"--methods: {what}"))
+    fair.check_references(points, "--methods")
+    return points
 
 
 def _absolute_tracking_uri(uri: str | None) -> str:
@@ -134,14 +211,16 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
 
         RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name).log_params(
             {**run_params(plan.config), "points": len(plan.points), "seeds": plan.seeds,
-             "n_trials": plan.n_trials, "description": plan.description})
+             "n_trials": plan.n_trials, "description": plan.description,
+             **({"lr_grid": plan.lr_grid, "final_seeds": plan.final_seeds, "extend": plan.extend}
+                if plan.kind == "fair" else {})})
         log(f"study {plan.name!r}: created in {redact(url)}")
     for name in names:
         if name in existing:
             study = optuna.load_study(study_name=name, storage=storage)
             study.set_user_attr(PLAN_ATTR, plan.to_attr())  # a grown tuning budget, the same everything else
             fail_stale_trials(study, storage, plan, stale_after, log)
-            queued = top_up(study, plan, retry_failed)
+            queued = top_up(study, plan, retry_failed, storage)
         else:
             study = optuna.create_study(study_name=name, storage=storage, directions=plan.directions())
             study.set_user_attr(PLAN_ATTR, plan.to_attr())
@@ -152,10 +231,14 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
     return plan
 
 
-def top_up(study, plan: StudyPlan, retry_failed: bool) -> int:
+def top_up(study, plan: StudyPlan, retry_failed: bool, storage=None) -> int:
     """Queue what a resumed study still lacks: grid points with no live or finished trial, or the rest of the budget."""
     from optuna.trial import TrialState
 
+    if plan.kind == "fair":
+        from ablations import fair
+
+        return fair.top_up(study, storage, plan, retry_failed)
     alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
     trials = study.get_trials(deepcopy=False)
     if plan.kind == "tpe":
@@ -163,7 +246,7 @@ def top_up(study, plan: StudyPlan, retry_failed: bool) -> int:
                                         and not retry_failed) for t in trials)
         missing = max(0, (plan.n_trials or 0) - used)
         for _ in range(missing):
-            study.enqueue_trial({}, user_attrs={"spec": study.study_name.split("/", 1)[1]})
+            study.enqueue_trial({}, user_attrs={"spec": study.study_name.split("/", 1)[1], "split": "validation"})
         return missing
     by_index = defaultdict(list)
     for t in trials:
@@ -232,18 +315,20 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     name = args.pop("study")
     options = {k: args.pop(k) for k in ("storage", "create_only", "report_only", "retry_failed", "n_trials",
-                                        "max_trials", "stale_after")}
+                                        "max_trials", "stale_after", "tune_lr", "lr_grid", "final_seeds")}
     config_file = args.pop("config", None)
     url = resolve_storage_url(options["storage"])
     if options["report_only"]:
         from ablations.report import write_report
 
         storage = open_storage(url, create=False)
-        plan = load_plan(Path(name).stem if name.endswith((".yaml", ".yml")) else name, storage, url)
+        name = Path(name).stem if name.endswith((".yaml", ".yml")) else name
+        plan = load_plan(name + ("_tuned_lr" if options["tune_lr"] else ""), storage, url)
         print(f"report written to {write_report(plan, storage)}")
         return 0
     study_file = load_study_file(name)
-    plan = resolve_plan(study_file, args, config_file, options["n_trials"])
+    plan = resolve_plan(study_file, args, config_file, options["n_trials"], tune_lr=options["tune_lr"],
+                        lr_grid=options["lr_grid"], final_seeds=options["final_seeds"])
     storage = open_storage(url, create=True)
     plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"],
                             stale_after=options["stale_after"])

@@ -4,7 +4,7 @@ A study file (``ablations/studies/<name>.yaml``; copy one and edit it)::
 
     name: chain_length                  # the Optuna study name (default: the file name)
     description: LinChain n in 1..5 at fixed rank; LoRA as the reference point
-    kind: grid                          # grid | tpe | pareto
+    kind: grid                          # grid | tpe | pareto | fair
     run:                                # any harness.run option, fixed for every trial
       max_steps: 100
       tasks: [arithmetic]
@@ -26,6 +26,12 @@ study ``<name>/<spec>`` of ``n_trials`` trials, sampled by TPE in ``lr: {low, hi
 on intermediate evaluations every ``intermediate_every`` steps (``pruner: {n_startup_trials,
 n_warmup_steps}``, Optuna's MedianPruner). ``pareto`` studies are grids with two objectives:
 average accuracy (maximised) and trainable parameters (minimised).
+
+``fair`` studies compare every method with LoRA under the fair protocol (``ablations.fair``):
+each must state ``seeds`` (the tuning seeds), ``lr_grid`` (a list of rates, or ``{log10_low,
+log10_high, per_decade}``), ``final_seeds`` (a count or a list, disjoint from the tuning seeds),
+``extend`` (grid steps added at most per side when the best rate is at the edge) and a ``space``
+with ``lora``; ``intermediate_every`` and ``pruner`` prune tuning trials on validation.
 """
 
 from __future__ import annotations
@@ -41,9 +47,12 @@ from harness.errors import UserError
 # `ablations` as a namespace package, which never runs it.
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 
-KINDS = ("grid", "tpe", "pareto")
+KINDS = ("grid", "tpe", "pareto", "fair")
 TOP_KEYS = ("name", "description", "kind", "run", "seeds", "space", "n_trials", "lr", "pruner",
-            "intermediate_every", "plot")
+            "intermediate_every", "plot", "lr_grid", "final_seeds", "extend")
+# A fair study states its whole protocol: no key falls back on a default a reader cannot see.
+FAIR_REQUIRED = ("space", "seeds", "lr_grid", "final_seeds", "extend")
+FAIR_ONLY = ("lr_grid", "final_seeds", "extend")
 PRUNER_KEYS = ("n_startup_trials", "n_warmup_steps")
 LR_KEYS = ("low", "high", "log")
 # harness.run options a study may not fix: the study decides them per trial.
@@ -66,6 +75,9 @@ class StudyFile:
     intermediate_every: int | None = None
     plot_x: str | None = None
     source: str = ""
+    lr_grid: list[float] | None = None
+    final_seeds: int | list[int] | None = None  # a count or a list; resolved against the tuning seeds in the plan
+    extend: int = 0
 
 
 def builtin_studies() -> list[str]:
@@ -114,6 +126,10 @@ def parse_study(data: dict[str, Any], source: str = "study", default_name: str =
     kind = data.get("kind", "grid")
     if kind not in KINDS:
         raise fail("kind", f"must be one of {', '.join(KINDS)} (got {kind!r})")
+    for key in FAIR_REQUIRED if kind == "fair" else ():
+        if key not in data:
+            raise fail(key, "missing: a fair study needs " + ", ".join(FAIR_REQUIRED)
+                       + " (copy ablations/studies/fair.yaml)")
     name = str(data.get("name") or default_name)
     if not name.replace("_", "").replace("-", "").isalnum():
         raise fail("name", f"use letters, digits, '_' and '-' only (got {name!r})")
@@ -137,26 +153,23 @@ def parse_study(data: dict[str, Any], source: str = "study", default_name: str =
 
     study = StudyFile(name=name, kind=kind, description=str(data.get("description") or "").strip(), run=run,
                       seeds=list(seeds), points=points, source=source)
+    if kind == "fair":
+        _fair_protocol(study, data, fail)
     if kind == "tpe":
         study.n_trials = _positive_int(data.get("n_trials", 20), "n_trials", fail)
         study.lr = _lr_range(data.get("lr"), fail)
         study.intermediate_every = (None if data.get("intermediate_every") is None
                                     else _positive_int(data["intermediate_every"], "intermediate_every", fail))
-        pruner = data.get("pruner") or {}
-        if not isinstance(pruner, dict):
-            raise fail("pruner", f"must be a mapping with keys {', '.join(PRUNER_KEYS)}")
-        for key, value in pruner.items():
-            if key not in PRUNER_KEYS:
-                raise fail(f"pruner.{key}", f"unknown key; valid keys: {', '.join(PRUNER_KEYS)}")
-            if not isinstance(value, int) or value < 0:
-                raise fail(f"pruner.{key}", f"must be a non-negative integer (got {value!r})")
-        study.pruner = dict(pruner)
+        study.pruner = _pruner(data.get("pruner"), fail)
         if any("lr" in p for p in points):
             raise fail("space", "a tpe study tunes lr itself: remove lr from the space")
-    else:
+    elif kind != "fair":
         for key in ("n_trials", "lr", "pruner", "intermediate_every"):
             if key in data:
                 raise fail(key, f"only tpe studies take {key} (this study is kind {kind})")
+    for key in FAIR_ONLY if kind != "fair" else ():
+        if key in data:
+            raise fail(key, f"only fair studies take {key} (this study is kind {kind}; or pass --tune-lr)")
     plot = data.get("plot") or {}
     if not isinstance(plot, dict) or set(plot) - {"x"}:
         raise fail("plot", "must be a mapping {x: AXIS}, e.g. {x: n}")
@@ -164,6 +177,31 @@ def parse_study(data: dict[str, Any], source: str = "study", default_name: str =
     if study.plot_x is not None and not any(study.plot_x in p for p in points):
         raise fail("plot.x", f"{study.plot_x!r} is not an option of any point in the space")
     return study
+
+
+def _fair_protocol(study: StudyFile, data: dict[str, Any], fail) -> None:
+    """A fair study's grid, final seeds, extensions and pruning, checked; every method is compared with lora."""
+    from ablations import fair
+
+    def check(key, parse):
+        try:
+            return parse()
+        except UserError as err:
+            raise fail(key, str(err).split(": ", 1)[-1]) from None
+
+    study.lr_grid = check("lr_grid", lambda: fair.lr_grid_from(data["lr_grid"], "lr_grid"))
+    study.final_seeds = data["final_seeds"]
+    check("final_seeds", lambda: fair.final_seeds_from(data["final_seeds"], study.seeds, "final_seeds"))
+    extend = data["extend"]
+    if not isinstance(extend, int) or isinstance(extend, bool) or extend < 0:
+        raise fail("extend", f"must be a non-negative integer: grid steps added per side at most (got {extend!r})")
+    study.extend = extend
+    if any("lr" in p for p in study.points):
+        raise fail("space", "a fair study tunes lr itself: remove lr from the space")
+    check("space", lambda: fair.check_references(study.points, "space"))
+    study.intermediate_every = (None if data.get("intermediate_every") is None
+                                else _positive_int(data["intermediate_every"], "intermediate_every", fail))
+    study.pruner = _pruner(data.get("pruner"), fail)
 
 
 def enumerate_points(space: list[Any], fail) -> list[dict[str, Any]]:
@@ -231,6 +269,18 @@ def _positive_int(value: Any, key: str, fail) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise fail(key, f"must be a positive integer (got {value!r})")
     return value
+
+
+def _pruner(value: Any, fail) -> dict[str, int]:
+    pruner = value or {}
+    if not isinstance(pruner, dict):
+        raise fail("pruner", f"must be a mapping with keys {', '.join(PRUNER_KEYS)}")
+    for key, item in pruner.items():
+        if key not in PRUNER_KEYS:
+            raise fail(f"pruner.{key}", f"unknown key; valid keys: {', '.join(PRUNER_KEYS)}")
+        if not isinstance(item, int) or item < 0:
+            raise fail(f"pruner.{key}", f"must be a non-negative integer (got {item!r})")
+    return dict(pruner)
 
 
 def _lr_range(value: Any, fail) -> dict[str, Any]:

@@ -7,7 +7,8 @@ budget), builds the trial's :class:`harness.config.RunConfig`, runs it through
 heartbeat thread stamps the trial every few seconds; a worker that finds a RUNNING trial whose
 stamp is older than ``stale_after`` seconds (its worker was killed) marks it FAILED and queues
 it again. A trial that fails (a NaN loss, a crash) is FAILED with its reason in the user
-attribute ``fail_reason``, and the study goes on.
+attribute ``fail_reason``, and the study goes on. Fair studies (``ablations.fair``) run through
+the same claim, objective and heartbeat; their own loop queues each stage as the one before settles.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class StudyPlan:
     intermediate_every: int | None = None
     plot_x: str | None = None
     mlflow_parent_run_id: str | None = None
+    # fair studies (ablations.fair): the learning-rate grid, the final seeds, the grid extensions allowed per side
+    lr_grid: list[float] | None = None
+    final_seeds: list[int] | None = None
+    extend: int = 0
 
     # ---- the Optuna studies that hold the trials
 
@@ -57,6 +62,10 @@ class StudyPlan:
         """One Optuna study for a grid; one per method for a tuning study (each method gets its own lr)."""
         if self.kind == "tpe":
             return [f"{self.name}/{spec}" for spec in self.specs()]
+        if self.kind == "fair":
+            from ablations import fair
+
+            return fair.optuna_names(self)
         return [self.name]
 
     def directions(self) -> list[str]:
@@ -88,7 +97,11 @@ class StudyPlan:
 
         if self.kind == "tpe":
             spec = optuna_name.split("/", 1)[1]
-            return [({}, {"spec": spec}) for _ in range(self.n_trials or 0)]
+            return [({}, {"spec": spec, "split": "validation"}) for _ in range(self.n_trials or 0)]
+        if self.kind == "fair":
+            from ablations import fair
+
+            return fair.initial_queue(self, optuna_name)
         return [({**point, "seed": seed}, {"grid_index": k, "spec": spec_of(point), "seed": seed})
                 for k, (point, seed) in enumerate(self.grid())]
 
@@ -101,20 +114,28 @@ class StudyPlan:
     def pruner_(self):
         import optuna
 
-        if self.kind != "tpe" or not self.intermediate_every:
+        if self.kind not in ("tpe", "fair") or not self.intermediate_every:
             return optuna.pruners.NopPruner()
         return optuna.pruners.MedianPruner(n_startup_trials=self.pruner.get("n_startup_trials", 3),
                                            n_warmup_steps=self.pruner.get("n_warmup_steps", 0))
 
     # ---- the trial's run configuration
 
-    def trial_config(self, spec: str, seeds: list[int], number: int, lr: float | None = None):
-        """The harness.run configuration of one trial: the study's options, one method, the trial's seeds."""
+    def intermediate_every_of(self, trial) -> int | None:
+        """Evaluate (and prune) every N steps: tuning trials only, never a fair study's final (test) runs."""
+        tuning = self.kind == "tpe" or (self.kind == "fair" and trial.user_attrs.get("stage") == "tune")
+        return self.intermediate_every if tuning else None
+
+    def trial_config(self, spec: str, seeds: list[int], number: int, lr: float | None = None,
+                     split: str | None = None):
+        """The harness.run configuration of one trial: the study's options, one method, the trial's seeds and split."""
         from harness.config import config_from_dict
 
         values = {**self.config, "methods": [spec], "seeds": seeds, "run_name": f"trial-{number}"}
         if lr is not None:
             values["lr"] = lr
+        if split is not None:
+            values["split"] = split
         return config_from_dict(values, source=f"study {self.name!r}")
 
     def to_attr(self) -> dict[str, Any]:
@@ -136,9 +157,9 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
 
     run_fn = run_fn or harness_run
     spec, seeds, lr = _suggest(trial, plan)
-    cfg = plan.trial_config(spec, seeds, trial.number, lr)
+    cfg = plan.trial_config(spec, seeds, trial.number, lr, split=trial.user_attrs.get("split"))
     tags = {"kind": "trial", "study": trial.study.study_name, "trial_number": trial.number, "spec": spec,
-            "seeds": ",".join(map(str, seeds))}
+            "seeds": ",".join(map(str, seeds)), "split": cfg.split}
     pruned = False
     with tracker.run(f"trial-{trial.number}", parent=parent, tags=tags) as handle:
         handle.log_params({**trial.params, "spec": spec, "trial_number": trial.number, "lr": cfg.lr,
@@ -146,8 +167,8 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
         started = time.perf_counter()
         try:
             outcome = run_fn(cfg, parent=handle, tracker=tracker, write_results=False, evaluate_base=False,
-                             progress=False, log=log, intermediate_every=plan.intermediate_every if
-                             plan.kind == "tpe" else None, on_intermediate=_pruning_callback(trial, plan, cfg))
+                             progress=False, log=log, intermediate_every=plan.intermediate_every_of(trial),
+                             on_intermediate=_pruning_callback(trial, plan, cfg))
         except Pruned:
             handle.set_tags({"optuna_state": "PRUNED"})
             pruned = True
@@ -176,6 +197,10 @@ def _suggest(trial, plan: StudyPlan) -> tuple[str, list[int], float | None]:
     if plan.kind == "tpe":
         lr = trial.suggest_float("lr", plan.lr["low"], plan.lr["high"], log=plan.lr["log"])
         return trial.user_attrs["spec"], list(plan.seeds), lr
+    if plan.kind == "fair":
+        from ablations import fair
+
+        return fair.suggest(trial, plan)
     point, seed = plan.grid()[trial.user_attrs["grid_index"]]
     choices = plan.choices()
     for key in point:  # records the options as parameters (dashboard, importances); the values are the queued ones
@@ -186,7 +211,7 @@ def _suggest(trial, plan: StudyPlan) -> tuple[str, list[int], float | None]:
 
 def _pruning_callback(trial, plan: StudyPlan, cfg):
     """Report intermediate scores to Optuna and stop the run when the pruner says so (single objective only)."""
-    if plan.kind != "tpe" or not plan.intermediate_every:
+    if not plan.intermediate_every_of(trial):
         return None
     from harness.run import Pruned
 
@@ -216,6 +241,10 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
     import optuna
     from harness.tracking import RunHandle, Tracker
 
+    if plan.kind == "fair":  # stages that unlock one another: its own loop, on the same claim and trial run
+        from ablations import fair
+
+        return fair.work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log)
     tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
     parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
     done = 0
@@ -355,10 +384,13 @@ def fail_stale_trials(study, storage, plan: StudyPlan, stale_after: float, log=p
 
 def requeue(study, frozen, plan: StudyPlan) -> None:
     """Queue a failed trial's configuration again (same grid point and seed, or the same sampled lr)."""
-    attrs = {k: v for k, v in frozen.user_attrs.items() if k in ("grid_index", "spec", "seed")}
+    attrs = {k: v for k, v in frozen.user_attrs.items()
+             if k in ("grid_index", "spec", "seed", "split", "stage", "lr", "lr_position")}
     attrs["retry_of"] = frozen.number
     if plan.kind == "tpe":
         params = dict(frozen.params)
+    elif plan.kind == "fair":  # from the slot, not frozen.params: a trial killed before it suggested has none
+        params = {"lr": attrs["lr"], "seed": attrs["seed"]}
     else:
         point, seed = plan.grid()[frozen.user_attrs["grid_index"]]
         params = {**point, "seed": seed}

@@ -55,7 +55,7 @@ def test_builtin_studies_enumerate_their_grids_exactly():
     assert sorted((p["method"], p["r"]) for p in rank.points) == sorted(
         (m, r) for m in ("lora", "moslora", "linchain") for r in (4, 8, 16, 32))
     init = load_study_file("init")
-    assert {(p["method"], p["init"]) for p in init.points} == {
+    assert {(p["method"], p.get("init")) for p in init.points} == {("lora", None)} | {
         (m, i) for m in ("moslora", "linchain", "mtlora") for i in ("kaiming", "orthogonal", "identity")}
     structures = load_study_file("mtlora_structure")
     assert [p.get("structure") for p in structures.points] == [None, "shim", "icfm", "ctcm", "dtsm"]
@@ -396,18 +396,19 @@ def test_two_workers_on_sqlite_run_every_grid_point_once_and_report(tmp_path):
     assert parent.info.status == "FINISHED"
 
 
-def signal_mid_trial(tmp_path, signum):
-    """Start the MINI study in a worker; once a trial has finished and another runs, send ``signum``.
+def signal_mid_trial(tmp_path, signum, data=MINI, extra=(), watch=None):
+    """Start a study (MINI unless ``data``) in a worker; once a trial has finished and another runs, send ``signum``.
 
-    Returns the study command, the trial that was running and the ended worker process.
+    ``extra`` are more command-line options; ``watch`` is the Optuna study to watch (default: the
+    study's name). Returns the study command, the trial that was running and the ended worker process.
     """
     import optuna
 
     from ablations.storage import open_storage
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study_file = write_study(tmp_path, MINI)
-    command = [sys.executable, "-m", "ablations.study", str(study_file), "--storage", url, *SMOKE,
+    study_file = write_study(tmp_path, data)
+    command = [sys.executable, "-m", "ablations.study", str(study_file), "--storage", url, *SMOKE, *extra,
                "--output-dir", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     log = tmp_path / "first_worker.log"
     with log.open("w") as out:
@@ -419,7 +420,7 @@ def signal_mid_trial(tmp_path, signum):
             time.sleep(0.2)
             try:  # read the way workers do: without creating anything, waiting for the write lock
                 storage = storage or open_storage(url, create=False)
-                trials = optuna.load_study(study_name="mini", storage=storage).get_trials()
+                trials = optuna.load_study(study_name=watch or data["name"], storage=storage).get_trials()
             except Exception as err:  # noqa: BLE001 (the study is still being created)
                 last_error = err
                 continue
