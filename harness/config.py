@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 from harness.errors import UserError
 from harness.fsutil import write_text_atomic
-from harness.models import DEFAULT_MODEL
+from harness.models import DEFAULT_MODEL, PRECISIONS
 
 # The adapter methods the harness knows (mirrors harness.adapters.spec.METHODS; kept here so the
 # configuration, its tests and --help do not import the adapters and, through them, torch and peft).
@@ -124,6 +124,10 @@ class RunConfig:
     warmup_ratio: float = _opt("fraction of the steps with linear learning-rate warmup", 0.1, metavar="FRACTION")
     weight_decay: float = _opt("AdamW weight decay on the adapter weights", 0.0)
     max_grad_norm: float = _opt("clip the gradient norm to this value (0 disables clipping)", 1.0, metavar="NORM")
+    precision: str = _opt(
+        "arithmetic precision of training and evaluation: 'auto' is bf16 where the hardware runs it fast "
+        "(a CUDA GPU with bf16, a CPU with AVX512_BF16 or AMX) and fp32 elsewhere; with bf16 the frozen base "
+        "is stored in bf16 and the adapter parameters stay fp32", "auto", choices=PRECISIONS)
     seeds: list[int] = _opt(
         "random seeds, comma-separated; each method trains once per seed, and the same seed gives every "
         "method the same data order and the same initial A", factory=lambda: [0], metavar="SEEDS")
@@ -172,6 +176,7 @@ def _validate(cfg: RunConfig) -> None:
     need(cfg.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
     need(cfg.num_beams >= 1, "num_beams", "must be at least 1")
     need(cfg.prompt_format in PROMPT_FORMATS, "prompt_format", f"must be one of {', '.join(PROMPT_FORMATS)}")
+    need(cfg.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
     need(bool(cfg.output_dir), "output_dir", "must not be empty")
     need(cfg.run_name is None or (cfg.run_name.strip() and "/" not in cfg.run_name and cfg.run_name not in (".", "..")),
          "run_name", "must be a plain folder name")

@@ -16,6 +16,7 @@ from harness.data.files import resolve_data_dir
 from harness.data.prompts import PROMPT_FORMATS
 from harness.data.records import TEST_SETS
 from harness.errors import UserError, cli_entry
+from harness.models import autocast_for
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 PRIMARY_FILTER = "answer"  # the filter every generation task scores with; multiple choice has "none"
@@ -84,8 +85,12 @@ def expand_tasks(tasks: list[str], manager, data_dir: Path | str | None = None) 
 
 def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | str | None = None,
              limit: int | None = None, batch_size: int | str = 1, num_beams: int = 1,
-             prompt_format: str = "alpaca", log_samples: bool = True, max_batch_size: int = 64) -> EvalResult:
+             prompt_format: str = "alpaca", log_samples: bool = True, max_batch_size: int = 64,
+             precision: str = "fp32") -> EvalResult:
     """Run lm-eval on an in-memory model.
+
+    ``precision`` is the training's (``fp32``, ``bf16`` or ``auto``, see
+    :func:`harness.models.resolve_precision`): with bf16 the model runs under bf16 autocast, as in training.
 
     ``limit`` takes the first N items of each task; ``batch_size`` is a number or ``"auto"``;
     ``num_beams=4`` is the papers' decoding (greedy, 1, is the default: faster). ``prompt_format``
@@ -110,18 +115,20 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
     manager = task_manager(data_dir, prompt_format)
     names = expand_tasks(list(tasks or DEFAULT_TASKS), manager, data_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size)
+    autocast = autocast_for(next(model.parameters()).device, precision)  # the training's precision
     was_training = model.training
     # lm-eval is told not to reseed, but it still draws from the global generators; restore them so
     # an evaluation in the middle of training leaves the training's random stream as it was.
     rng_state = _rng_state()
     try:
-        output = simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples,
-            gen_kwargs={"num_beams": num_beams, "do_sample": False} if num_beams > 1 else None,
-            apply_chat_template=prompt_format == "chat",
-            random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
-            bootstrap_iters=0, verbosity="ERROR",
-        )
+        with autocast:
+            output = simple_evaluate(
+                model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples,
+                gen_kwargs={"num_beams": num_beams, "do_sample": False} if num_beams > 1 else None,
+                apply_chat_template=prompt_format == "chat",
+                random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
+                bootstrap_iters=0, verbosity="ERROR",
+            )
     finally:
         model.train(was_training)
         _set_rng_state(rng_state)
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from harness.models import DEFAULT_MODEL, load_model
+    from harness.models import DEFAULT_MODEL, PRECISIONS, load_model, resolve_precision, storage_dtype
 
     parser = argparse.ArgumentParser(prog="python -m harness.evaluate", description="Score a model on tasks/.")
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -204,13 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", default=None, help="a number or auto (default: the harness's pick)")
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--prompt-format", default="alpaca", choices=PROMPT_FORMATS)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 where the hardware runs it fast, else fp32 (default: auto)")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    model, tokenizer = load_model(args.model)
+    precision = resolve_precision(args.precision, "cpu")
+    model, tokenizer = load_model(args.model, dtype=storage_dtype(precision))
     batch_size = args.batch_size or default_batch_size(model)
     batch_size = int(batch_size) if str(batch_size).isdigit() else batch_size
     result = evaluate(model, tokenizer, tasks, args.data_dir, args.limit, batch_size, args.num_beams,
-                      args.prompt_format, log_samples=False)
+                      args.prompt_format, log_samples=False, precision=precision)
     print(json.dumps({"scores": result.scores, "metrics": result.flat_metrics()}, indent=1))
     return 0
 
