@@ -16,7 +16,7 @@ from harness.data.files import resolve_data_dir
 from harness.data.prompts import PROMPT_FORMATS
 from harness.data.records import TEST_SETS
 from harness.errors import UserError, cli_entry
-from harness.models import autocast_for
+from harness.models import resolve_precision
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 PRIMARY_FILTER = "answer"  # the filter every generation task scores with; multiple choice has "none"
@@ -106,6 +106,7 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
         raise UserError(f"limit={limit} must be a positive number of items")
     import logging
 
+    import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -114,21 +115,24 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
 
     manager = task_manager(data_dir, prompt_format)
     names = expand_tasks(list(tasks or DEFAULT_TASKS), manager, data_dir)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size)
-    autocast = autocast_for(next(model.parameters()).device, precision)  # the training's precision
+    # lm-eval wraps every forward in its own autocast (disabled unless given a dtype): pass the training's
+    # precision through it; log-softmax over the vocabulary stays fp32
+    bf16 = resolve_precision(precision, next(model.parameters()).device) == "bf16"
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              max_batch_size=max_batch_size, mixed_precision_dtype=torch.bfloat16 if bf16 else None,
+              softmax_dtype=torch.float32 if bf16 else None)
     was_training = model.training
     # lm-eval is told not to reseed, but it still draws from the global generators; restore them so
     # an evaluation in the middle of training leaves the training's random stream as it was.
     rng_state = _rng_state()
     try:
-        with autocast:
-            output = simple_evaluate(
-                model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples,
-                gen_kwargs={"num_beams": num_beams, "do_sample": False} if num_beams > 1 else None,
-                apply_chat_template=prompt_format == "chat",
-                random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
-                bootstrap_iters=0, verbosity="ERROR",
-            )
+        output = simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples,
+            gen_kwargs={"num_beams": num_beams, "do_sample": False} if num_beams > 1 else None,
+            apply_chat_template=prompt_format == "chat",
+            random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
+            bootstrap_iters=0, verbosity="ERROR",
+        )
     finally:
         model.train(was_training)
         _set_rng_state(rng_state)

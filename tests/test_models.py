@@ -69,3 +69,39 @@ def test_embedded_model_loads_offline_and_generates(monkeypatch):
     ids = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0][ids["input_ids"].shape[1]:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Precision
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16", "amx_tile"}, "bf16"),
+                                             ({"avx2", "avx512f"}, "fp32"), (set(), "fp32")])
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch, flags, expected):
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    assert models.resolve_precision("auto", "cpu") == expected
+    assert models.resolve_precision("fp32", "cpu") == "fp32"
+    assert models.storage_dtype(expected) == (torch.bfloat16 if expected == "bf16" else torch.float32)
+
+
+def test_bf16_where_the_hardware_lacks_it_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2"})
+    with pytest.raises(UserError, match=r"--precision bf16: .*no fast bf16.*use --precision fp32"):
+        models.resolve_precision("bf16", "cpu")
+
+
+def test_run_with_unsupported_bf16_exits_before_any_model_work(monkeypatch, tmp_path, capsys):
+    from harness import run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code = run.main(["--model", "tiny-random", "--methods", "lora", "--precision", "bf16", "--max-steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --precision bf16:"), err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_tiny_random_loads_in_the_requested_dtype():
+    model, _ = models.load_model(models.TINY_MODEL, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
