@@ -67,6 +67,7 @@ class TrainSettings:
     seed: int = 0
     precision: str = "auto"  # auto, fp32 or bf16: see harness.models.resolve_precision
     length_window: int = LENGTH_WINDOW  # micro-batches regrouped by length; 1 keeps the seeded order as is
+    selected_logits: bool = True  # False: logits at every position, the model's own loss (benchmarks compare)
 
 
 @dataclass
@@ -184,7 +185,7 @@ def train(
     step_model = _wrap_distributed(model) if ctx.distributed else model
     precision = resolve_precision(settings.precision, device)
     autocast = autocast_for(device, precision)
-    head = selected_logits_head(model)
+    head = selected_logits_head(model) if settings.selected_logits else None
 
     result = TrainResult(precision=precision)
     clipped = 0
