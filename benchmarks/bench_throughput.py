@@ -114,6 +114,7 @@ def accuracy(args, cfg, bases, tokenizer, examples, collate, folder: Path):
     print(f"\n2. accuracy after {args.steps} steps, seed 0, tasks arithmetic"
           + (f" (first {args.limit} items per task)" if args.limit else ""))
     systems: dict[tuple[str, str], SystemResult] = {}
+    timings: dict[tuple[str, str], tuple[float, float]] = {}  # (training, evaluation) seconds
     kept = None
     for method in ("lora", "linchain"):
         spec = resolve_spec(method, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
@@ -127,6 +128,7 @@ def accuracy(args, cfg, bases, tokenizer, examples, collate, folder: Path):
                                             batch_size=cfg.eval_batch_size, precision=precision)
             eval_seconds = time.perf_counter() - start
             leaf = {t: s for t, s in evaluation.scores.items() if t in evaluation.samples}
+            timings[method, precision] = (trained.train_seconds, eval_seconds)
             systems[method, precision] = SystemResult(
                 method=f"{method}-{precision}", seed=0, scores=leaf,
                 correct={t: {s.doc_id: float(s.correct) for s in v} for t, v in evaluation.samples.items()})
@@ -144,6 +146,13 @@ def accuracy(args, cfg, bases, tokenizer, examples, collate, folder: Path):
         differences[method] = gain
         print(f"  {method}: bf16 - fp32 = {100 * gain.estimate:+.1f} points, 95% paired-bootstrap interval "
               f"[{100 * gain.low:+.1f}, {100 * gain.high:+.1f}] over the test items", flush=True)
+    # the default run (base, lora, moslora, linchain) from these parts, an estimate: MoSLoRA costs what
+    # LoRA does (bench_adapters: x0.995 per step) and the base model is taken to evaluate as fast as LoRA
+    for precision in ("fp32", "bf16"):
+        lora, linchain = timings["lora", precision], timings["linchain", precision]
+        estimate = lora[1] + 2 * sum(lora) + sum(linchain)
+        print(f"  default run estimate in {precision} (training and evaluation, without start-up): "
+              f"{estimate / 60:.1f} min", flush=True)
     return differences, kept
 
 
