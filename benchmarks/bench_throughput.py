@@ -175,6 +175,7 @@ def eval_throughput(args, cfg, bases, tokenizer, adapter_dir) -> dict[str, float
                   f"accuracy {100 * scores[precision]:.1f}%)", flush=True)
     ratios = {"eval bf16/fp32": median_ratio(rates, "bf16", "fp32")}
     print(f"  eval bf16/fp32: x{ratios['eval bf16/fp32']:.2f}")
+    print_lengths(result, tokenizer)
     sweep = [int(b) for b in args.eval_batch_sizes.split(",") if b.strip()]
     for batch_size in sweep:
         start = time.perf_counter()
@@ -185,6 +186,18 @@ def eval_throughput(args, cfg, bases, tokenizer, adapter_dir) -> dict[str, float
         print(f"  bf16, batch {batch_size:>3}: {items / seconds:6.2f} items/s, accuracy "
               f"{100 * result.scores['arithmetic']:.1f}%", flush=True)
     return ratios
+
+
+def print_lengths(result, tokenizer) -> None:
+    """Where generation time goes: prompt tokens (each computed once, in the prefill) against answer tokens."""
+    prompts, answers = [], []
+    for samples in result.raw["samples"].values():
+        for sample in samples:
+            prompts.append(len(tokenizer(sample["arguments"][0][0])["input_ids"]))
+            answers.append(len(tokenizer(sample["resps"][0][0], add_special_tokens=False)["input_ids"]))
+    preamble = len(tokenizer(hdata.format_prompt({"instruction": "", "input": ""}, "alpaca", tokenizer))["input_ids"])
+    print(f"  prompt tokens per item: mean {statistics.mean(prompts):.1f} (an empty alpaca prompt alone: {preamble}); "
+          f"answer tokens before the stop: mean {statistics.mean(answers):.1f}, max {max(answers)} (limit 32)")
 
 
 def main() -> None:
