@@ -288,3 +288,23 @@ def test_bf16_training_keeps_the_adapter_fp32_and_it_merges_exactly_onto_the_fp3
         merged = merged_model(input_ids=ids).logits
     assert all(p.dtype == torch.float32 for p in merged_model.parameters())
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+
+
+def test_a_run_logs_gradient_norms_clipping_and_precision_to_mlflow(tmp_path, mlflow_runs_of):
+    import mlflow
+
+    from harness.config import config_from_args
+    from harness.run import run as run_job
+
+    cfg = config_from_args(["--model", "tiny-random", "--methods", "lora", "--max-steps", "3", "--limit", "1",
+                            "--batch-size", "4", "--tasks", "arithmetic_add_sub", "--precision", "fp32",
+                            "--max-grad-norm", "1e-6", "--output-dir", str(tmp_path / "results"),
+                            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    run_job(cfg, progress=False, evaluate_base=False, log=lambda *a, **k: None)
+    runs = mlflow_runs_of(tmp_path)
+    lora = runs[runs["tags.mlflow.runName"] == "lora-seed0"].iloc[0]
+    assert lora["metrics.clipped_fraction"] == 1.0 and lora["params.resolved_precision"] == "fp32"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(lora["run_id"], "grad_norm")
+    assert sorted(m.step for m in history) == [1, 2, 3] and all(m.value > 1e-6 for m in history)
+    assert "- **precision**: fp32" in next((tmp_path / "results").glob("*/summary.md")).read_text()
