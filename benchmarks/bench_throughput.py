@@ -159,14 +159,14 @@ def accuracy(args, cfg, bases, tokenizer, examples, collate, folder: Path):
 def eval_throughput(args, cfg, bases, tokenizer, adapter_dir) -> dict[str, float]:
     print(f"\n3. evaluation items/s, the fp32-trained LoRA on tasks arithmetic, batch {cfg.eval_batch_size}")
     models = {p: load_adapter_model(copy.deepcopy(bases[p]), adapter_dir) for p in ("fp32", "bf16")}
+    limit = args.timing_limit or args.limit
     rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
     scores: dict[str, float] = {}
     for round_ in range(args.eval_rounds):
         for precision in (("fp32", "bf16") if round_ % 2 == 0 else ("bf16", "fp32")):
             start = time.perf_counter()
             result = hevaluate.evaluate(models[precision], tokenizer, ["arithmetic"], args.data_dir,
-                                        limit=args.limit, batch_size=cfg.eval_batch_size, precision=precision,
-                                        log_samples=True)
+                                        limit=limit, batch_size=cfg.eval_batch_size, precision=precision)
             seconds = time.perf_counter() - start
             items = sum(len(v) for v in result.samples.values())
             rates[precision].append(items / seconds)
@@ -179,8 +179,8 @@ def eval_throughput(args, cfg, bases, tokenizer, adapter_dir) -> dict[str, float
     sweep = [int(b) for b in args.eval_batch_sizes.split(",") if b.strip()]
     for batch_size in sweep:
         start = time.perf_counter()
-        result = hevaluate.evaluate(models["bf16"], tokenizer, ["arithmetic"], args.data_dir, limit=args.limit,
-                                    batch_size=batch_size, precision="bf16", log_samples=True)
+        result = hevaluate.evaluate(models["bf16"], tokenizer, ["arithmetic"], args.data_dir, limit=limit,
+                                    batch_size=batch_size, precision="bf16")
         seconds = time.perf_counter() - start
         items = sum(len(v) for v in result.samples.values())
         print(f"  bf16, batch {batch_size:>3}: {items / seconds:6.2f} items/s, accuracy "
@@ -210,6 +210,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="training steps of the accuracy comparison")
     parser.add_argument("--limit", type=int, default=None, help="test items per task (default: all)")
     parser.add_argument("--eval-rounds", type=int, default=2, help="interleaved evaluation-throughput rounds")
+    parser.add_argument("--timing-limit", type=int, default=None,
+                        help="test items per task when timing evaluation (default: --limit)")
     parser.add_argument("--eval-batch-sizes", default="16,64", help="bf16 evaluation batch sizes to sweep")
     args = parser.parse_args()
 
