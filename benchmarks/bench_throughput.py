@@ -96,8 +96,8 @@ def training_throughput(args, cfg, bases, examples, collate) -> dict[str, float]
         for condition in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotated order
             precision = CONDITIONS[condition][0]
             model = _fresh_adapter_model(bases[precision], spec, seed=100 + round_)
-            result = train(model, examples, collate, settings_for(cfg, spec, 100 + round_, condition, args.timing_steps),
-                           progress=False)
+            settings = settings_for(cfg, spec, 100 + round_, condition, args.timing_steps)
+            result = train(model, examples, collate, settings, progress=False)
             rates[condition].append(result.tokens_per_second)
             print(f"  round {round_ + 1} {condition:<7} {result.tokens_per_second:8.1f} tokens/s "
                   f"({result.seconds_per_step:.2f} s/step, {result.tokens} tokens)", flush=True)

@@ -226,7 +226,8 @@ def test_length_grouping_keeps_every_example_and_cuts_padding():
     assert padded(grouped) < 0.8 * padded(plain)
     # regrouping stays within windows of 8 micro-batches of the seeded order
     for start in range(0, 40, 8):
-        assert sorted(i for b in grouped[start:start + 8] for i in b) == sorted(i for b in plain[start:start + 8] for i in b)
+        window = slice(start, start + 8)
+        assert sorted(i for b in grouped[window] for i in b) == sorted(i for b in plain[window] for i in b)
 
 
 def test_length_grouping_depends_on_the_seed_and_the_data_only():
