@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--timing-limit", type=int, default=None,
                         help="test items per task when timing evaluation (default: --limit)")
     parser.add_argument("--eval-batch-sizes", default="16,64", help="bf16 evaluation batch sizes to sweep")
+    parser.add_argument("--training-only", action="store_true", help="measure training throughput (part 1) only")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -221,9 +222,11 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores")
     cfg, bases, tokenizer, examples, collate = load(args)
     train_ratios = training_throughput(args, cfg, bases, examples, collate)
-    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as folder:
-        differences, adapter_dir = accuracy(args, cfg, bases, tokenizer, examples, collate, Path(folder))
-        eval_ratios = eval_throughput(args, cfg, bases, tokenizer, adapter_dir)
+    differences, eval_ratios = {}, {}
+    if not args.training_only:
+        with tempfile.TemporaryDirectory(prefix="bench-throughput-") as folder:
+            differences, adapter_dir = accuracy(args, cfg, bases, tokenizer, examples, collate, Path(folder))
+            eval_ratios = eval_throughput(args, cfg, bases, tokenizer, adapter_dir)
     print(f"\ndone in {time.perf_counter() - started:.0f} s, load average {os.getloadavg()[0]:.1f} (1 min)")
     parts = [f"{name} x{value:.2f}" for name, value in {**train_ratios, **eval_ratios}.items()]
     parts += [f"{m} bf16-fp32 {100 * g.estimate:+.1f} pts [{100 * g.low:+.1f}, {100 * g.high:+.1f}]"

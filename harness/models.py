@@ -10,8 +10,10 @@
   ``v_proj`` are not square) and a byte-level tokenizer, built in memory.
 - anything else: a Hugging Face model id or a local folder, loaded by transformers.
 
-Precision (``--precision``): :func:`resolve_precision` turns ``auto`` into ``bf16`` where the
-hardware runs bf16 fast (CUDA with bf16; CPUs with AVX512_BF16 or AMX) and ``fp32`` elsewhere;
+Precision (``--precision``): :func:`resolve_precision` turns ``auto`` into ``bf16`` on CUDA GPUs
+with bf16 and ``fp32`` elsewhere. CPUs with AVX512_BF16 or AMX accept ``bf16`` too, but ``auto`` does
+not pick it there: on the 2-core AVX512_BF16 development machine a 50-step run trained at 0.58x and
+evaluated at 0.48x fp32's speed (benchmarks/bench_throughput.py, README);
 :func:`storage_dtype` is the dtype the frozen base is loaded in for it (bf16 once, so training
 under autocast never casts the base weights again). Adapter parameters stay fp32 either way.
 """
@@ -80,12 +82,13 @@ def bf16_is_fast(device: torch.device | str) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``auto`` -> ``bf16`` where :func:`bf16_is_fast`, else ``fp32``; ``bf16`` where it is not is a UserError."""
+    """``auto`` -> ``bf16`` on a CUDA GPU with bf16, else ``fp32``; ``bf16`` where not :func:`bf16_is_fast`
+    is a UserError."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision: must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     device = torch.device(device)
-    if precision == "auto":
-        return "bf16" if bf16_is_fast(device) else "fp32"
+    if precision == "auto":  # on CPUs bf16 measured slower end to end than fp32 (see the module docstring)
+        return "bf16" if device.type == "cuda" and bf16_is_fast(device) else "fp32"
     if precision == "bf16" and not bf16_is_fast(device):
         where = "this GPU" if device.type == "cuda" else f"this {device.type.upper()}"
         raise UserError(f"--precision bf16: {where} has no fast bf16 (it needs a CUDA GPU with bf16 or a CPU "

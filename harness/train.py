@@ -281,7 +281,9 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], head: torch.nn.Module 
     hidden = out.hidden_states[-1]  # the final norm's output (transformers ties it to last_hidden_state)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep])
+    # selected in fp32: the backward of a boolean index into a bf16 tensor is slow on CPUs (measured: it cost
+    # more than the skipped logits saved); the head still runs in bf16 under autocast
+    logits = head(hidden[:, :-1].float()[keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
