@@ -281,8 +281,9 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], head: torch.nn.Module 
     hidden = out.hidden_states[-1]  # the final norm's output (transformers ties it to last_hidden_state)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    # selected in fp32: the backward of a boolean index into a bf16 tensor is slow on CPUs (measured: it cost
-    # more than the skipped logits saved); the head still runs in bf16 under autocast
+    # selected in fp32 (a no-op in fp32 runs): bf16 with selected logits measured slower than bf16 alone, and
+    # the backward of a boolean index into a bf16 tensor is the suspect (not yet re-measured); the head
+    # still runs in bf16 under autocast
     logits = head(hidden[:, :-1].float()[keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
