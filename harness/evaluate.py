@@ -16,6 +16,7 @@ from harness.data.files import resolve_data_dir
 from harness.data.prompts import PROMPT_FORMATS
 from harness.data.records import TEST_SETS
 from harness.errors import UserError, cli_entry
+from harness.models import resolve_precision
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"  # shipped inside the package (and its wheel)
 PRIMARY_FILTER = "answer"  # the filter every generation task scores with; multiple choice has "none"
@@ -113,8 +114,11 @@ def tasks_for_split(names: list[str], manager, split: str) -> list:
 def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | str | None = None,
              limit: int | None = None, batch_size: int | str = 1, num_beams: int = 1,
              prompt_format: str = "alpaca", log_samples: bool = True, max_batch_size: int = 64,
-             split: str = "test") -> EvalResult:
+             split: str = "test", precision: str = "fp32") -> EvalResult:
     """Run lm-eval on an in-memory model.
+
+    ``precision`` is the training's (``fp32``, ``bf16`` or ``auto``, see
+    :func:`harness.models.resolve_precision`): with bf16 the model runs under bf16 autocast, as in training.
 
     ``limit`` takes the first N items of each task; ``batch_size`` is a number or ``"auto"``;
     ``num_beams=4`` is the papers' decoding (greedy, 1, is the default: faster). ``prompt_format``
@@ -131,6 +135,7 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
         raise UserError(f"limit={limit} must be a positive number of items")
     import logging
 
+    import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -139,7 +144,12 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
 
     manager = task_manager(data_dir, prompt_format, split)
     names = tasks_for_split(expand_tasks(list(tasks or DEFAULT_TASKS), manager, data_dir), manager, split)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size)
+    # lm-eval wraps every forward in its own autocast (disabled unless given a dtype): pass the training's
+    # precision through it; log-softmax over the vocabulary stays fp32
+    bf16 = resolve_precision(precision, next(model.parameters()).device) == "bf16"
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              max_batch_size=max_batch_size, mixed_precision_dtype=torch.bfloat16 if bf16 else None,
+              softmax_dtype=torch.float32 if bf16 else None)
     was_training = model.training
     # lm-eval is told not to reseed, but it still draws from the global generators; restore them so
     # an evaluation in the middle of training leaves the training's random stream as it was.
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from harness.models import DEFAULT_MODEL, load_model
+    from harness.models import DEFAULT_MODEL, PRECISIONS, load_model, resolve_precision, storage_dtype
 
     parser = argparse.ArgumentParser(prog="python -m harness.evaluate", description="Score a model on tasks/.")
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -235,13 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--prompt-format", default="alpaca", choices=PROMPT_FORMATS)
     parser.add_argument("--split", default="test", choices=SPLITS, help="the split to score (default: test)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 where the hardware runs it fast, else fp32 (default: auto)")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    model, tokenizer = load_model(args.model)
+    precision = resolve_precision(args.precision, "cpu")
+    model, tokenizer = load_model(args.model, dtype=storage_dtype(precision))
     batch_size = args.batch_size or default_batch_size(model)
     batch_size = int(batch_size) if str(batch_size).isdigit() else batch_size
     result = evaluate(model, tokenizer, tasks, args.data_dir, args.limit, batch_size, args.num_beams,
-                      args.prompt_format, log_samples=False, split=args.split)
+                      args.prompt_format, log_samples=False, split=args.split, precision=precision)
     print(json.dumps({"scores": result.scores, "metrics": result.flat_metrics()}, indent=1))
     return 0
 

@@ -108,8 +108,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     from harness import distributed
     from harness import evaluate as hevaluate
     from harness.adapters import validate_against_model
-    from harness.models import load_model
     from harness.fingerprint import protocol_fingerprint, sha256_json
+    from harness.models import load_model, resolve_precision, storage_dtype
     from harness.report import SystemResult, default_run_name, unique_run_dir, write_report
     from harness.resultfile import RESULT_FILE, build_result, write_result_json
     from harness.tracking import Tracker, check_tracking_uri, run_params
@@ -121,13 +121,14 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         raise UserError("ablation trials run one process each: start more study workers instead of torchrun")
     if not ctx.is_main:
         log = _quiet
+    precision = resolve_precision(cfg.precision, ctx.device)  # bf16 on hardware without it fails here
     data_dir = hdata.resolve_data_dir(cfg.data_dir)
     eval_checksums = task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)  # also rejects unknown tasks
     records = training_records(cfg, data_dir)
     overlaps, contaminated = check_contamination(cfg, records, data_dir, log)
     if tracker is None and ctx.is_main:  # one process creates the SQLite schema; the others never track
         check_tracking_uri(cfg.tracking_uri)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, dtype=storage_dtype(precision))  # a bf16 base is stored so once
     for plan in plans:
         validate_against_model(model, plan.spec)
     plans = plan_methods(cfg, model)  # lora:match=... needs the layer shapes to choose its rank
@@ -144,24 +145,25 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                                        train_checksum=train_checksums.get("train_data")
                                        or sha256_json(train_checksums),
                                        eval_checksums=eval_checksums, data_dir=data_dir,
-                                       world_size=ctx.world_size)
+                                       world_size=ctx.world_size, precision=precision)
 
     run_name = cfg.run_name or default_run_name()
     run_dir = unique_run_dir(cfg.output_dir, run_name) if write_results else Path(tempfile.mkdtemp(prefix="run-"))
     tracker = tracker or Tracker(cfg.tracking_uri, cfg.experiment)
     outcome = RunOutcome(run_dir=run_dir, base=None, contamination=overlaps, contaminated=contaminated)
-    where = f"{device}" + (f", {ctx.world_size} ranks" if ctx.distributed else "")
+    where = f"{device}, {precision}" + (f", {ctx.world_size} ranks" if ctx.distributed else "")
     log(f"run {run_dir.name}: {len(plans)} method(s) x {len(cfg.seeds)} seed(s) on {cfg.model} ({where}), "
         f"{len(examples[cfg.seeds[0]])} training examples, tasks {', '.join(cfg.tasks)} ({cfg.split} split); "
         f"results in {run_dir}")
     eval_kwargs = dict(tasks=cfg.tasks, data_dir=data_dir, limit=cfg.limit, batch_size=cfg.eval_batch_size,
-                       num_beams=cfg.num_beams, prompt_format=cfg.prompt_format, split=cfg.split)
+                       num_beams=cfg.num_beams, prompt_format=cfg.prompt_format, split=cfg.split,
+                       precision=precision)
     finished = False
     try:
         top_name = run_dir.name if write_results else run_name
         with tracker.run(top_name, parent=parent, tags={"kind": "benchmark", "protocol": fingerprint["hash"]}) as top:
             outcome.parent_run_id = top.run_id
-            top.log_params(run_params(config_to_dict(cfg), checksums))
+            top.log_params({**run_params(config_to_dict(cfg), checksums), "resolved_precision": precision})
             top.client.log_dict(top.run_id, fingerprint, "protocol_fingerprint.json")
             if overlaps:
                 top.log_metrics({f"contamination/{task}": o.share for task, o in overlaps.items()})
@@ -190,7 +192,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                 written = write_report(run_dir, outcome.base, outcome.results, config=cfg,
                                        header={"protocol fingerprint": f"{fingerprint['hash']} (parts in result.json; "
                                                                        "compare runs with python -m harness.compare)",
-                                               **_data_header(cfg, overlaps, contaminated)})
+                                               "precision": precision, **_data_header(cfg, overlaps, contaminated)})
                 written[RESULT_FILE] = write_result_json(run_dir, build_result(
                     run_dir.name, config_to_dict(cfg), fingerprint, outcome.base, outcome.results))
                 for path in written.values():
@@ -306,7 +308,8 @@ def _train_settings(cfg: RunConfig, spec, seed: int):
 
     return TrainSettings(lr=spec.lr or cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          max_steps=cfg.max_steps, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
-                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed)
+                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed,
+                         precision=cfg.precision)
 
 
 def _fresh_adapter_model(base_model, spec, seed: int):
@@ -368,7 +371,8 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
         with tracker.run(name, parent=top, tags={"method": spec.method, "label": plan.label, "seed": seed}) as h:
             h.log_params({"spec": spec.canonical(), "method": spec.method, "label": plan.label, "seed": seed, "split": cfg.split,
                           "lr": settings.lr, "r": spec.r, "alpha": spec.alpha, "init": spec.init,
-                          "structure": spec.structure or "", "chain_widths": "-".join(map(str, spec.chain_widths or ()))})
+                          "structure": spec.structure or "", "chain_widths": "-".join(map(str, spec.chain_widths or ())),
+                          "resolved_precision": eval_kwargs["precision"]})
             peft_model = _fresh_adapter_model(base_model, spec, seed)
             result.trainable_params = trainable_parameters(peft_model)
             h.log_metrics({"trainable_params": result.trainable_params})
@@ -383,6 +387,8 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
                                 on_step=lambda s, loss, lr: steps.log(s, train_loss=loss, lr=lr),
                                 checkpoint_every=intermediate_every if on_intermediate else None,
                                 on_checkpoint=checkpoint if on_intermediate else None)
+                for step, norm in trained.grad_norms:
+                    steps.log(step, grad_norm=norm)
             result.loss_curve = trained.losses
             result.train_seconds = trained.train_seconds
             result.seconds_per_step = trained.seconds_per_step
@@ -391,7 +397,7 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
             result.grad_norm_median, result.clipped_fraction = grad_norm_summary(trained)
             h.log_metrics({"train_seconds": trained.train_seconds, "seconds_per_step": trained.seconds_per_step,
                            "tokens_per_second": trained.tokens_per_second, "peak_memory_mb": trained.peak_memory_mb,
-                           "final_train_loss": trained.final_loss})
+                           "final_train_loss": trained.final_loss, "clipped_fraction": trained.clipped_fraction})
             log(f"{name}: evaluating ...")
             evaluation = hevaluate.evaluate(peft_model, tokenizer, **eval_kwargs)
             result.scores, result.correct = _leaf_scores(evaluation), _correctness(evaluation)

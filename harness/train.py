@@ -1,9 +1,20 @@
 """The training loop: short enough to read in one sitting.
 
 AdamW on the trainable (adapter) parameters, linear warm-up then linear decay,
-gradient accumulation, gradient clipping, bf16 autocast on GPUs that support it
-and fp32 on CPU. The data order is drawn from a generator seeded with the run's
-seed, so every method given the same seed sees the same batches in the same order.
+gradient accumulation, gradient clipping. ``precision="bf16"`` trains under bf16 autocast
+(the caller stores the frozen base in bf16 once, :func:`harness.models.load_model`; the
+adapter parameters and AdamW's state stay fp32). The data order is drawn from a generator
+seeded with the run's seed, so every method given the same seed sees the same batches in
+the same order; within a window of a few micro-batches of that order, examples of similar
+length are batched together, which cuts padding without changing which examples are used.
+
+The loss is the mean cross-entropy over the label tokens, as transformers computes it, but
+the output layer is applied only at the positions whose next token has a label (the answer
+tokens of a default run): :func:`causal_lm_loss`.
+
+Per step the loop records the loss, the learning rate, the total gradient norm before
+clipping and the norm of each parameter group (:func:`parameter_group`), read from the
+device once per step.
 
 A non-finite loss stops training with :class:`NonFiniteLoss`; the caller marks that
 method's run as failed and goes on with the others.
@@ -26,6 +37,18 @@ from typing import Callable, Sequence
 
 import torch
 
+from harness.data.tokenize import IGNORE_INDEX
+from harness.models import autocast_for, resolve_precision
+
+# Parameter groups whose gradient norms are recorded, in the order of parameter_group's rules.
+PARAMETER_GROUPS = ("cond", "middle", "B", "A", "other")
+# Micro-batches of the seeded order that are regrouped by length together (see batch_order).
+LENGTH_WINDOW = 8
+# Model types whose *ForCausalLM forward is "decoder, final norm, lm_head, cross-entropy" with nothing
+# after the head (no logit scaling or soft-capping), checked in transformers 5.23: causal_lm_loss may
+# apply the head itself. Other models take the full path (logits at every position).
+SELECTED_LOGITS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
@@ -42,6 +65,9 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    precision: str = "auto"  # auto, fp32 or bf16: see harness.models.resolve_precision
+    length_window: int = LENGTH_WINDOW  # micro-batches regrouped by length; 1 keeps the seeded order as is
+    selected_logits: bool = True  # False: logits at every position, the model's own loss (benchmarks compare)
 
 
 @dataclass
@@ -52,6 +78,12 @@ class TrainResult:
     train_seconds: float = 0.0
     tokens: int = 0
     peak_memory_mb: float = 0.0
+    precision: str = "fp32"  # the precision trained in (auto resolved)
+    # (step, total gradient norm before clipping) per optimizer step
+    grad_norms: list[tuple[int, float]] = field(default_factory=list)
+    # (step, {group: gradient norm}) per optimizer step, for the groups of parameter_group that have parameters
+    group_grad_norms: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    clipped_fraction: float = 0.0  # share of steps whose gradient norm exceeded max_grad_norm (0 without clipping)
 
     @property
     def seconds_per_step(self) -> float:
@@ -74,13 +106,41 @@ def total_steps(n_examples: int, settings: TrainSettings, world_size: int = 1) -
     return max(1, math.ceil(settings.epochs * n_examples / per_step))
 
 
-def batch_order(n_examples: int, n_batches: int, batch_size: int, seed: int) -> list[list[int]]:
-    """Indices of each micro-batch: seeded shuffles of the data, repeated as often as needed."""
+def batch_order(n_examples: int, n_batches: int, batch_size: int, seed: int,
+                lengths: Sequence[int] | None = None, window: int = LENGTH_WINDOW) -> list[list[int]]:
+    """Indices of each micro-batch: seeded shuffles of the data, repeated as often as needed.
+
+    With ``lengths`` (one per example), each run of ``window`` consecutive micro-batches of that order
+    is sorted by length, cut into micro-batches again, and those micro-batches are shuffled with the
+    same generator: examples of similar length share a batch (less padding), every example is used
+    exactly as often as without regrouping, and the result depends on the seed and the data only, so
+    every method given the same seed still sees the same batches.
+    """
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     while len(order) < n_batches * batch_size:
         order.extend(torch.randperm(n_examples, generator=g).tolist())
+    order = order[:n_batches * batch_size]
+    if lengths is not None and window > 1:
+        span = window * batch_size
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: lengths[i])  # stable: ties keep the seeded order
+            batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            shuffled = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+            order[start:start + span] = [i for batch in shuffled for i in batch]
     return [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+
+
+def parameter_group(name: str) -> str:
+    """The group a parameter's gradient norm is reported under: cond, middle, B, A or other.
+
+    ``cond`` for CondLoRA's generating maps (``lora_cond``), ``middle`` for the middle matrices of
+    MoSLoRA, LinChain and MTLoRA, ``B`` and ``A`` for the LoRA factors, ``other`` for anything else.
+    """
+    for group, marker in (("cond", "lora_cond"), ("middle", "middle"), ("B", "lora_B"), ("A", "lora_A")):
+        if marker in name:
+            return group
+    return "other"
 
 
 def train(
@@ -112,19 +172,27 @@ def train(
     ctx = distributed.context()
     steps = total_steps(len(examples), settings, ctx.world_size)
     micro_batches = batch_order(len(examples), steps * settings.grad_accum * ctx.world_size, settings.batch_size,
-                                settings.seed)
+                                settings.seed, lengths=[len(e["input_ids"]) for e in examples],
+                                window=settings.length_window)
     micro_batches = micro_batches[ctx.rank::ctx.world_size]
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named]
+    groups = {g: [p for n, p in named if parameter_group(n) == g] for g in PARAMETER_GROUPS}
+    groups = {g: params for g, params in groups.items() if params}
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     step_model = _wrap_distributed(model) if ctx.distributed else model
-    autocast = autocast_for(device)
+    precision = resolve_precision(settings.precision, device)
+    autocast = autocast_for(device, precision)
+    head = selected_logits_head(model) if settings.selected_logits else None
 
-    result = TrainResult()
+    result = TrainResult(precision=precision)
+    clipped = 0
     _reset_peak_memory(device)
     model.train()
-    bar = tqdm(total=steps, desc=description, disable=not progress or not ctx.is_main, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=description, unit="step", disable=not progress or not ctx.is_main,
+               dynamic_ncols=True)
     start = time.perf_counter()
     try:
         for step in range(1, steps + 1):
@@ -138,15 +206,22 @@ def train(
                 # gradients are averaged across ranks once per step, on the last micro-batch
                 with contextlib.nullcontext() if last or not ctx.distributed else step_model.no_sync():
                     with autocast:
-                        loss = step_model(**batch).loss / settings.grad_accum
+                        loss = causal_lm_loss(step_model, batch, head) / settings.grad_accum
                     loss.backward()
                 step_loss += loss.detach()
-            step_loss = distributed.mean_over_ranks(step_loss, ctx).item()
+            # one host read per step: the loss and every group's gradient norm together
+            norms = _group_norms(groups)
+            values = torch.cat([distributed.mean_over_ranks(step_loss, ctx).reshape(1),
+                                norms.to(torch.float64)]).tolist()
+            step_loss, group_norms = values[0], dict(zip(groups, values[1:]))
             if not math.isfinite(step_loss):
                 raise NonFiniteLoss(f"loss became {step_loss} at step {step}: lower the learning rate "
                                     f"(now {settings.lr:g}) or check the data")
+            grad_norm = math.sqrt(sum(v * v for v in group_norms.values()))
             if settings.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+                # the total norm is the norm of the group norms: clip with it instead of computing it again
+                torch.nn.utils.clip_grads_with_norm_(trainable, settings.max_grad_norm, norms.square().sum().sqrt())
+                clipped += grad_norm > settings.max_grad_norm
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -155,6 +230,9 @@ def train(
             result.tokens += step_tokens * ctx.world_size
             result.losses.append((step, step_loss))
             result.learning_rates.append((step, lr))
+            result.grad_norms.append((step, grad_norm))
+            result.group_grad_norms.append((step, group_norms))
+            result.clipped_fraction = clipped / step
             if on_step is not None:
                 on_step(step, step_loss, lr)
             if on_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
@@ -172,11 +250,58 @@ def train(
     return result
 
 
-def autocast_for(device: torch.device):
-    """The mixed precision training uses: bf16 autocast on GPUs that support it, none elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+def _group_norms(groups: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    """The 2-norm of each group's gradients (one fused reduction per group), as one tensor on the device.
+
+    Parameters without a gradient count as zero, as in clip_grad_norm_.
+    """
+    norms = []
+    for params in groups.values():
+        grads = [p.grad for p in params if p.grad is not None]
+        norms.append(torch.nn.utils.get_total_norm(grads).to(torch.float32) if grads
+                     else torch.zeros((), device=params[0].device))
+    return torch.stack(norms)
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], head: torch.nn.Module | None) -> torch.Tensor:
+    """The mean cross-entropy over the label tokens, as transformers' causal-LM loss computes it.
+
+    With ``head`` (the model's output layer, from :func:`selected_logits_head`), the model returns its
+    final hidden states, logits only at the last position (``logits_to_keep=1``, the least transformers
+    computes), and ``head`` is applied only where the next token has a label: with the prompt masked,
+    most of the 49,152-way output layer's work of a step is never done. The forward still goes through
+    ``model`` itself, so PeftModel and DistributedDataParallel see an ordinary call. Without ``head``,
+    the model's own loss (logits everywhere).
+    """
+    if head is None:
+        return model(**batch).loss
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1]  # the final norm's output (transformers ties it to last_hidden_state)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    # selected in fp32 (a no-op in fp32 runs): bf16 with selected logits measured slower than bf16 alone, and
+    # the backward of a boolean index into a bf16 tensor is the suspect (not yet re-measured); the head
+    # still runs in bf16 under autocast
+    logits = head(hidden[:, :-1].float()[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def selected_logits_head(model) -> torch.nn.Module | None:
+    """The output layer :func:`causal_lm_loss` may apply itself, or None where the full path is needed.
+
+    Works through peft's PeftModel (and DDP's wrapper, since the caller passes the unwrapped model)
+    for the model types in SELECTED_LOGITS_MODEL_TYPES; any other model (e.g. Gemma's soft-capped or
+    Cohere's scaled logits) returns None and trains on the model's own loss.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in SELECTED_LOGITS_MODEL_TYPES:
+        return None
+    if getattr(config, "tie_last_hidden_states", True) is False:  # hidden_states[-1] would precede the norm
+        return None
+    return base.get_output_embeddings()
 
 
 def _wrap_distributed(model):

@@ -107,3 +107,19 @@ def test_cli_unknown_task_exits_2(capsys, data_dir):
     assert main(["--model", "tiny-random", "--tasks", "nope", "--data-dir", str(data_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown task nope") and err.count("\n") == 1
+
+
+def test_bf16_evaluation_runs_the_model_under_bf16_autocast(tiny_model, data_dir, monkeypatch):
+    from harness import models
+
+    monkeypatch.setattr(models, "bf16_is_fast", lambda device: True)
+    model, tok = tiny_model
+    seen = []
+    model.model.register_forward_hook(lambda *_: seen.append(torch.get_autocast_dtype("cpu")
+                                                             if torch.is_autocast_enabled("cpu") else None))
+    evaluate(model.to(torch.bfloat16), tok, ["arithmetic_add_sub", "llm_adapters_piqa_mc"], data_dir, limit=2,
+             batch_size=2, precision="bf16")
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    evaluate(model.float(), tok, ["arithmetic_add_sub"], data_dir, limit=2, batch_size=2, precision="fp32")
+    assert seen and set(seen) == {None}

@@ -69,3 +69,42 @@ def test_embedded_model_loads_offline_and_generates(monkeypatch):
     ids = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0][ids["input_ids"].shape[1]:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Precision
+
+
+@pytest.mark.parametrize("flags, native", [({"avx512f", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True),
+                                           ({"avx2", "avx512f"}, False), (set(), False)])
+def test_bf16_runs_on_cpus_with_native_bf16_and_auto_stays_fp32_on_cpus(monkeypatch, flags, native):
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    assert models.bf16_is_fast("cpu") is native
+    assert models.resolve_precision("auto", "cpu") == "fp32"  # measured slower end to end on CPUs
+    assert models.resolve_precision("fp32", "cpu") == "fp32"
+    if native:
+        assert models.resolve_precision("bf16", "cpu") == "bf16"
+    assert models.storage_dtype("bf16") == torch.bfloat16 and models.storage_dtype("fp32") == torch.float32
+
+
+def test_bf16_where_the_hardware_lacks_it_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2"})
+    with pytest.raises(UserError, match=r"--precision bf16: .*no fast bf16.*use --precision fp32"):
+        models.resolve_precision("bf16", "cpu")
+
+
+def test_run_with_unsupported_bf16_exits_before_any_model_work(monkeypatch, tmp_path, capsys):
+    from harness import run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code = run.main(["--model", "tiny-random", "--methods", "lora", "--precision", "bf16", "--max-steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --precision bf16:"), err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_tiny_random_loads_in_the_requested_dtype():
+    model, _ = models.load_model(models.TINY_MODEL, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
