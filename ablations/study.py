@@ -26,6 +26,7 @@ from typing import Any
 from ablations.storage import DEFAULT_STORAGE, load_existing_study, open_storage, redact, resolve_storage_url
 from ablations.studyfile import StudyFile, builtin_studies, load_study_file
 from ablations.trials import DEFAULT_STALE_AFTER_S, StudyPlan, fail_stale_trials, work
+from harness import quiet
 from harness.errors import UserError, cli_entry
 
 PLAN_ATTR = "plan"
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("MLFLOW_DISABLE_TELEMETRY", "true")):
         os.environ.setdefault(key, value)
     args = vars(build_parser().parse_args(argv))
+    quiet.configure(verbose=args.pop("verbose", False))
     name = args.pop("study")
     options = {k: args.pop(k) for k in ("storage", "create_only", "report_only", "retry_failed", "n_trials",
                                         "max_trials", "stale_after")}

@@ -19,6 +19,7 @@ import sys
 
 from ablations.storage import open_storage, redact, resolve_storage_url
 from ablations.trials import DEFAULT_STALE_AFTER_S, work
+from harness import quiet
 from harness.errors import cli_entry
 
 
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="SECONDS",
                         help="fail and re-queue RUNNING trials without a heartbeat for this long "
                              f"(default: {DEFAULT_STALE_AFTER_S:g})")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own warnings, log lines and progress bars, hidden by default")
     return parser
 
 
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("MLFLOW_DISABLE_TELEMETRY", "true")):
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
+    quiet.configure(verbose=args.verbose)
     url = resolve_storage_url(args.storage)
     storage = open_storage(url, create=False)
     plan = load_plan(args.study, storage, url)

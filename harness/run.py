@@ -14,7 +14,10 @@ The story of a run, top to bottom:
 Under ``torchrun`` every rank trains each method in step (data parallel); rank 0 alone
 evaluates, logs to MLflow and writes results/ (see :mod:`harness.distributed`).
 
-Ctrl-C marks the MLflow runs KILLED and removes the unfinished results folder.
+Ctrl-C marks the MLflow runs KILLED and removes the unfinished results folder. The folder is
+written under a hidden name and renamed at the end (:mod:`harness.rundir`), so even ``kill -9``
+leaves no partial ``results/<name>/``; the next run removes what such a run left and marks its
+MLflow runs KILLED (:meth:`harness.tracking.Tracker.reconcile`).
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from harness import quiet
 from harness.config import RunConfig, config_from_args, config_to_dict
 from harness.errors import UserError, cli_entry
 
@@ -101,7 +104,9 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     from harness import evaluate as hevaluate
     from harness.adapters import validate_against_model
     from harness.models import load_model
-    from harness.report import SystemResult, default_run_name, header_from_config, unique_run_dir, write_report
+    from harness import rundir
+    from harness.fsutil import check_writable_dir
+    from harness.report import SystemResult, default_run_name, header_from_config, write_report
     from harness.tracking import Tracker, check_tracking_uri, run_params
 
     # 1. Everything a user can get wrong, before any training.
@@ -115,6 +120,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     eval_checksums = task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format)  # also rejects unknown tasks
     if tracker is None and ctx.is_main:  # one process creates the SQLite schema; the others never track
         check_tracking_uri(cfg.tracking_uri)
+    if write_results and ctx.is_main:
+        check_writable_dir(cfg.output_dir, "--output-dir")
     records = hdata.load_records(cfg.train_data, data_dir, seed=cfg.seeds[0])
     model, tokenizer = load_model(cfg.model)
     for plan in plans:
@@ -130,12 +137,18 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         return RunOutcome(run_dir=None, base=None)
 
     run_name = cfg.run_name or default_run_name()
-    run_dir = unique_run_dir(cfg.output_dir, run_name) if write_results else Path(tempfile.mkdtemp(prefix="run-"))
-    tracker = tracker or Tracker(cfg.tracking_uri, cfg.experiment)
+    if tracker is None:  # a run of its own (not a study's trial): reconcile what killed runs left behind
+        tracker = Tracker(cfg.tracking_uri, cfg.experiment)
+        tracker.reconcile(log)
+        if write_results:
+            rundir.clean_partials(cfg.output_dir, log)
+    staged = rundir.reserve(cfg.output_dir, run_name, taken=tracker.names_in_use(run_name)) if write_results else None
+    run_dir = staged.path if staged else Path(tempfile.mkdtemp(prefix="run-"))
     outcome = RunOutcome(run_dir=run_dir, base=None)
     where = f"{device}" + (f", {ctx.world_size} ranks" if ctx.distributed else "")
     log(f"run {run_dir.name}: {len(plans)} method(s) x {len(cfg.seeds)} seed(s) on {cfg.model} ({where}), "
-        f"{len(examples)} training examples, tasks {', '.join(cfg.tasks)}; results in {run_dir}")
+        f"{len(examples)} training examples, tasks {', '.join(cfg.tasks)}; results in "
+        f"{staged.final if staged else run_dir}")
     eval_kwargs = dict(tasks=cfg.tasks, data_dir=data_dir, limit=cfg.limit, batch_size=cfg.eval_batch_size,
                        num_beams=cfg.num_beams, prompt_format=cfg.prompt_format)
     finished = False
@@ -169,14 +182,16 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                                        header=header_from_config(cfg))
                 for path in written.values():
                     top.log_artifact(path, "results")
-                log(f"\n{(run_dir / 'summary.md').read_text()}")
-                log(f"results written to {run_dir} ({', '.join(sorted(written))})")
+                summary = (run_dir / "summary.md").read_text()
+                outcome.run_dir = staged.publish()
+                log(f"\n{summary}")
+                log(f"results written to {outcome.run_dir} ({', '.join(sorted(written))})")
             if outcome.failed:
                 top.set_tags({"failed_runs": ", ".join(f"{r.method}/seed{r.seed}" for r in outcome.failed)})
         finished = True
     finally:
-        if not finished and write_results:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written stays in results/
+        if staged is not None and not finished:
+            staged.discard()  # nothing half-written stays in results/
         if not write_results:
             shutil.rmtree(run_dir, ignore_errors=True)
     return outcome
@@ -297,10 +312,13 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
 def task_data_checksums(tasks: Sequence[str], data_dir: Path, prompt_format: str) -> dict[str, str]:
     """SHA-256 of each evaluated task's documents: its data file, or the generated test split.
 
-    Also checks the task names: an unknown task is a one-line UserError listing the known ones.
+    Also checks the task names (an unknown task is a one-line UserError listing the known ones) and
+    reads every data file as the task will (missing, not UTF-8, malformed: one line now, not after
+    the base model's evaluation has started).
     """
     from harness import evaluate as hevaluate
-    from harness.data import TEST_SETS, generate
+    from harness.data import TEST_SETS, data_file, generate
+    from harness.data.records import TEST_KEYS, read_records
 
     manager = hevaluate.task_manager(data_dir, prompt_format)
     checksums: dict[str, str] = {}
@@ -319,10 +337,10 @@ def task_data_checksums(tasks: Sequence[str], data_dir: Path, prompt_format: str
             records = generate(meta["generator"], split="test", seed=int(meta.get("seed", 1234)))
             checksums[name] = records_checksum(records)
         elif meta.get("dataset") in TEST_SETS or meta.get("file"):
-            path = Path(meta.get("file") or TEST_SETS[meta["dataset"]])
-            path = path if path.is_absolute() else data_dir / path
-            if path.is_file():
-                checksums[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            relative = meta.get("file") or TEST_SETS[meta["dataset"]]
+            path = Path(relative) if Path(relative).is_absolute() else data_file(relative, data_dir)
+            read_records(path, TEST_KEYS)  # what tasks/utils.py's loader does
+            checksums[name] = hashlib.sha256(path.read_bytes()).hexdigest()
 
     for name in hevaluate.expand_tasks(list(tasks), manager, data_dir):
         visit(name)
@@ -372,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's concern
+    quiet.configure(verbose=quiet.verbose_requested(argv))
     from harness import distributed
 
     cfg = config_from_args(argv)
