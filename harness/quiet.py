@@ -47,6 +47,7 @@ def configure(verbose: bool = False) -> None:
     """Silence the libraries' routine output (or, ``verbose``, leave every library at its default)."""
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
+        os.environ.setdefault("LMEVAL_LOG_LEVEL", "WARNING")  # harness.evaluate asks lm-eval for errors only
         return
     if is_verbose():  # set by the user or by a parent command
         return

@@ -38,7 +38,7 @@ from typing import Sequence
 
 from harness import quiet
 from harness.config import RunConfig, config_from_args, config_to_dict
-from harness.errors import UserError, cli_entry
+from harness.errors import UserError, cli_entry, interruption
 
 
 @dataclass
@@ -397,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         outcome = run(cfg)
-    except KeyboardInterrupt:
-        print("\ninterrupted: MLflow runs marked KILLED; nothing was written to results/", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"\n{interruption(err)}: MLflow runs marked KILLED; nothing was written to results/", file=sys.stderr)
         return 130
     ctx = distributed.context()
     distributed.barrier(ctx)  # the other ranks wait for rank 0's last evaluation and report
