@@ -81,10 +81,10 @@ def test_a_run_killed_with_sigkill_is_reconciled_by_the_next_run(tmp_path, mlflo
     cfg = config_from_args(run_args(tmp_path, "--methods", "lora", "--run-name", "faulty", "--max-steps", "1"))
     outcome = run(cfg, progress=False, log=lambda *a: messages.append(" ".join(map(str, a))))
     runs = mlflow_runs_of(tmp_path)
-    killed = runs[runs["tags.harness.pid"] == str(proc.pid)]
-    assert sorted(killed["tags.mlflow.runName"]) == ["faulty", "lora-seed0"]  # base had finished before the kill
-    assert set(killed["status"]) == {"KILLED"}
-    assert all(f"pid {proc.pid}" in note and "KILLED" in note for note in killed["tags.mlflow.note.content"])
+    old = runs[runs["tags.harness.pid"] == str(proc.pid)].set_index("tags.mlflow.runName")
+    assert old["status"].to_dict() == {"faulty": "KILLED", "base": "FINISHED", "lora-seed0": "KILLED"}
+    for name in ("faulty", "lora-seed0"):
+        assert f"pid {proc.pid}" in old.loc[name, "tags.mlflow.note.content"] and "KILLED" in old.loc[name, "tags.error"]
     assert any("marked KILLED" in m for m in messages) and any(str(staged) in m for m in messages)
     assert not staged.exists()
     # the killed run's name stays taken: the new one is faulty-2, and results/ holds only finished runs
