@@ -351,8 +351,13 @@ def run_trial(study, storage, trial, plan: StudyPlan, tracker, parent, stale_aft
             return
     trial.set_user_attr("trial_seconds", time.perf_counter() - started)
     study.tell(trial, values)
-    shown = values if isinstance(values, tuple) else (values,)
-    log(f"[{study.study_name}] trial {trial.number}: " + ", ".join(f"{v:.4g}" for v in shown))
+    log(f"[{study.study_name}] trial {trial.number}: {describe_values(values)}")
+
+
+def describe_values(values) -> str:
+    """A trial's objective values with their names and units: ``average accuracy 57.5%[, 24,576 trainable params]``."""
+    average, *rest = values if isinstance(values, tuple) else (values,)
+    return ", ".join([f"average accuracy {100 * average:.1f}%", *(f"{int(p):,} trainable params" for p in rest)])
 
 
 def _fail(study, trial, reason: str, killed: bool = False) -> None:

@@ -411,6 +411,13 @@ def test_a_second_ctrl_c_during_clean_up_is_one_line(capsys):
     assert "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted (Ctrl-C)" in err
 
 
+def test_trial_results_are_printed_with_their_label_and_unit():
+    from ablations.trials import describe_values
+
+    assert describe_values(0.575) == "average accuracy 57.5%"
+    assert describe_values((0.0, 24576)) == "average accuracy 0.0%, 24,576 trainable params"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 8. quiet by default
 
