@@ -87,6 +87,26 @@ def point_table(plan, trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def missing_points(plan, trials: pd.DataFrame) -> list[tuple[str, Any, str]]:
+    """Grid points and seeds with no finished trial and no reported failure: (spec, seed, why), e.g. ``running``.
+
+    A report written while trials still run (``--no-wait``, ``--max-trials``, another worker) must not read
+    as complete: these are the holes.
+    """
+    from ablations.studyfile import spec_of
+
+    missing = []
+    for k, (point, seed) in enumerate(plan.grid()):
+        mine = trials[trials["grid_index"] == k] if len(trials) else trials
+        states = set(mine["state"]) if len(mine) else set()
+        failed = len(mine) and ((mine["state"] == "FAIL") & ~_retried(mine)).any()
+        if "COMPLETE" in states or failed:
+            continue  # a score, or a failure the table reports
+        why = "running" if "RUNNING" in states else "queued" if "WAITING" in states else "not run"
+        missing.append((spec_of(point), seed, why))
+    return missing
+
+
 def _retried(trials: pd.DataFrame) -> pd.Series:
     """FAILED trials whose configuration was queued again (killed workers): not failures of the configuration."""
     retried = set(trials["retry_of"].dropna().astype(int))
@@ -151,6 +171,10 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
         for _, row in points.iterrows():
             lines.append(f"| `{row['spec']}` | {row['seeds_done']} | {row['seeds_failed']} | "
                          f"{_fmt_int(row['trainable_params'])} | {_pct(row['mean'], row['std'])} |")
+        missing = missing_points(plan, trials)
+        if missing:
+            lines += ["", f"**Missing points** ({len(missing)} of {len(plan.grid())}; the table above is incomplete): "
+                      + ", ".join(f"`{spec}` seed {seed} ({why})" for spec, seed, why in missing)]
         if plan.kind == "pareto":
             front = pareto_front(points)
             lines += ["", "Pareto front (no other configuration is both more accurate and smaller): "

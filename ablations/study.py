@@ -10,8 +10,10 @@ The story:
    check it was created with the same settings and continue it: trials of dead workers are marked
    FAILED and queued again, finished trials are never run twice;
 3. run queued trials in this process until none is left (``python -m ablations.worker NAME
-   --storage URL`` adds workers on this or other machines);
-4. write results/ablations/<study>/ (trials.csv, summary.md, plots) and log it to MLflow.
+   --storage URL`` adds workers on this or other machines), then wait for trials other workers
+   still run (``--no-wait``: say how long instead, and exit 75 rather than report a hole as done);
+4. write results/ablations/<study>/ (trials.csv, summary.md, plots) and log it to MLflow; the
+   report marks the grid points that have no result yet.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from typing import Any
 
 from ablations.storage import DEFAULT_STORAGE, load_existing_study, open_storage, redact, resolve_storage_url
 from ablations.studyfile import StudyFile, builtin_studies, load_study_file
-from ablations.trials import DEFAULT_STALE_AFTER_S, StudyPlan, fail_stale_trials, work
-from harness.errors import UserError, cli_entry
+from ablations.trials import (DEFAULT_STALE_AFTER_S, StudyPlan, describe_running, fail_stale_trials,
+                              pending_trials, seconds_until_stale, work)
+from harness import quiet
+from harness.errors import UserError, cli_entry, interruption
 
 PLAN_ATTR = "plan"
+EXIT_TRY_LATER = 75  # EX_TEMPFAIL: --no-wait found trials still running elsewhere
 # Settings that may differ when a study is resumed: where reports go, and the tuning budget (it may grow).
 RESUMABLE_CHANGES = ("n_trials", "mlflow_parent_run_id", "description", "plot_x")
 
@@ -74,7 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="SECONDS",
                        help="a RUNNING trial without a heartbeat for this long belongs to a dead worker: it is "
                             f"marked FAILED and queued again (default: {DEFAULT_STALE_AFTER_S:g})")
+    group.add_argument("--no-wait", action="store_true", default=False,
+                       help="when only trials running in other workers are left, do not wait for them: say how "
+                            "long to wait, exit 75 and write the report with those points marked missing")
     return parser
+
+
+def check_study_options(stale_after: float | None = None, max_trials: int | None = None,
+                        n_trials: int | None = None) -> None:
+    """The study options no study could use, as one-line UserErrors (before anything is opened)."""
+    import math
+
+    if stale_after is not None and not (math.isfinite(stale_after) and stale_after > 0):
+        raise UserError(f"--stale-after: must be a positive number of seconds (got {stale_after!r}); at 0 "
+                        "workers would take each other's live trials for dead")
+    if max_trials is not None and max_trials < 1:
+        raise UserError(f"--max-trials: must be at least 1 (got {max_trials}); leave it out to run until the "
+                        "queue is empty")
+    if n_trials is not None and n_trials < 1:
+        raise UserError(f"--n-trials: must be at least 1 (got {n_trials})")
 
 
 def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | None, n_trials: int | None, *,
@@ -86,9 +109,11 @@ def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | Non
     values: dict[str, Any] = dict(study.run)
     if config_file:  # a run's config.yaml works too: its methods and run name are the study's to set
         values.update({k: v for k, v in load_config_yaml(config_file).items() if k not in ("methods", "run_name")})
-    for key in ("methods", "run_name"):
-        if key in typed:
-            raise UserError(f"--{key.replace('_', '-')}: a study sets it per trial; edit the study's 'space:' instead")
+    if "methods" in typed:
+        raise UserError("--methods: a study sets the method per trial; edit the study's 'space:' instead")
+    if "run_name" in typed:
+        raise UserError("--run-name: a study names its runs itself (study-NAME, trial-N); drop --run-name, or "
+                        "copy the study file under another name for a separate study")
     seeds = values.pop("seeds", None)
     values.update(typed)
     seeds = values.pop("seeds", seeds) or study.seeds
@@ -199,6 +224,11 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
     tracker = Tracker(plan.config["tracking_uri"], plan.config["experiment"])
     if stored is not None:
         _check_same(stored, plan, url)
+        for name in names:  # dead workers' trials first (their runs end FAILED), then other killed processes' runs
+            if name in existing:
+                fail_stale_trials(optuna.load_study(study_name=name, storage=storage), storage, plan, stale_after, log)
+    tracker.reconcile(log)
+    if stored is not None:
         plan.mlflow_parent_run_id = stored.mlflow_parent_run_id
         tracker.client.update_run(plan.mlflow_parent_run_id, status="RUNNING")
         log(f"study {plan.name!r}: continuing in {redact(url)}")
@@ -219,7 +249,6 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
         if name in existing:
             study = optuna.load_study(study_name=name, storage=storage)
             study.set_user_attr(PLAN_ATTR, plan.to_attr())  # a grown tuning budget, the same everything else
-            fail_stale_trials(study, storage, plan, stale_after, log)
             queued = top_up(study, plan, retry_failed, storage)
         else:
             study = optuna.create_study(study_name=name, storage=storage, directions=plan.directions())
@@ -313,9 +342,12 @@ def main(argv: list[str] | None = None) -> int:
                        ("MLFLOW_DISABLE_TELEMETRY", "true")):
         os.environ.setdefault(key, value)
     args = vars(build_parser().parse_args(argv))
+    quiet.configure(verbose=args.pop("verbose", False))
     name = args.pop("study")
     options = {k: args.pop(k) for k in ("storage", "create_only", "report_only", "retry_failed", "n_trials",
-                                        "max_trials", "stale_after", "tune_lr", "lr_grid", "final_seeds")}
+                                        "max_trials", "stale_after", "tune_lr", "lr_grid", "final_seeds",
+                                        "no_wait")}
+    check_study_options(options["stale_after"], options["max_trials"], options["n_trials"])
     config_file = args.pop("config", None)
     url = resolve_storage_url(options["storage"])
     if options["report_only"]:
@@ -329,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     study_file = load_study_file(name)
     plan = resolve_plan(study_file, args, config_file, options["n_trials"], tune_lr=options["tune_lr"],
                         lr_grid=options["lr_grid"], final_seeds=options["final_seeds"])
+    check_inputs(plan)
     storage = open_storage(url, create=True)
     plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"],
                             stale_after=options["stale_after"])
@@ -339,15 +372,39 @@ def main(argv: list[str] | None = None) -> int:
     from ablations.report import finish_parent_run, write_report
 
     try:
-        work(plan, storage, max_trials=options["max_trials"], stale_after=options["stale_after"])
-    except KeyboardInterrupt:
+        done = work(plan, storage, max_trials=options["max_trials"], stale_after=options["stale_after"],
+                    wait=not options["no_wait"])
+    except KeyboardInterrupt as err:
         finish_parent_run(plan, storage, interrupted=True)
-        print("\ninterrupted: the running trial is FAILED and queued again; run the same command to continue",
-              file=sys.stderr)
+        print(f"\n{interruption(err)}: the running trial is FAILED and queued again; run the same command to "
+              "continue", file=sys.stderr)
         return 130
+    waiting, running = pending_trials(plan, storage)
     folder = write_report(plan, storage)
     print(f"report written to {folder}; dashboard: optuna-dashboard {redact(url).removeprefix('journal:')}")
+    if running and options["no_wait"]:
+        print(f"error: study {plan.name!r} is not finished: {describe_running(running, options['stale_after'])}; "
+              f"run the same command again once it has finished, or in {seconds_until_stale(running, options['stale_after']):.0f} s "
+              "at the latest if its worker has died (the report marks its points missing)", file=sys.stderr)
+        return EXIT_TRY_LATER
+    if waiting or running:  # only --max-trials stops with trials left
+        print(f"stopped after --max-trials {options['max_trials']} trial(s) ({done} run here): {waiting} still queued, "
+              f"{len(running)} running elsewhere; run the same command to continue")
     return 0
+
+
+def check_inputs(plan: StudyPlan) -> None:
+    """What every trial would read or write, checked once before the study starts (one line each, exit 2)."""
+    from ablations.report import report_dir
+    from harness import data as hdata
+    from harness.fsutil import check_writable_dir
+    from harness.run import task_data_checksums
+
+    cfg = plan.trial_config(plan.specs()[0], plan.seeds, 0)
+    check_writable_dir(report_dir(plan), "--output-dir")
+    data_dir = hdata.resolve_data_dir(cfg.data_dir)
+    task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format)
+    hdata.load_records(cfg.train_data, data_dir, seed=cfg.seeds[0])
 
 
 if __name__ == "__main__":

@@ -5,10 +5,16 @@ seed is queued exactly once when the study is created; a tuning study queues its
 budget), builds the trial's :class:`harness.config.RunConfig`, runs it through
 :func:`harness.run.run` in a nested MLflow run, and tells Optuna the score. While it runs, a
 heartbeat thread stamps the trial every few seconds; a worker that finds a RUNNING trial whose
-stamp is older than ``stale_after`` seconds (its worker was killed) marks it FAILED and queues
-it again. A trial that fails (a NaN loss, a crash) is FAILED with its reason in the user
-attribute ``fail_reason``, and the study goes on. Fair studies (``ablations.fair``) run through
-the same claim, objective and heartbeat; their own loop queues each stage as the one before settles.
+stamp is older than ``stale_after`` seconds (its worker was killed), or whose worker's process
+is known to be gone (same host, pid no longer alive), marks it FAILED, closes its MLflow runs
+FAILED, and queues it again. A trial that fails (a NaN loss, a crash) is FAILED with its reason
+in the user attribute ``fail_reason``, and the study goes on. Fair studies (``ablations.fair``) run
+through the same claim, objective and heartbeat; their own loop queues each stage as the one before
+settles.
+
+A worker stops when nothing is left to claim. The study command (``wait=True``) also waits
+for trials still RUNNING in other workers, so that it never reports a grid with a silent hole:
+they either finish or, their worker dead, are reaped and run here.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from harness.errors import UserError
+from harness.errors import UserError, interruption
 
 HEARTBEAT_ATTR = "ablations:heartbeat"
+WORKER_ATTR = "ablations:worker"  # {"harness.host": ..., "harness.pid": ..., "harness.pid_start": ...}
+MLFLOW_RUN_ATTR = "mlflow_run_id"  # the trial's nested MLflow run
 DEFAULT_STALE_AFTER_S = 120.0
+WAIT_REPORT_EVERY_S = 30.0  # how often a waiting study says what it waits for
 
 
 class TrialFailed(Exception):
@@ -162,6 +171,7 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
             "seeds": ",".join(map(str, seeds)), "split": cfg.split}
     pruned = False
     with tracker.run(f"trial-{trial.number}", parent=parent, tags=tags) as handle:
+        trial.set_user_attr(MLFLOW_RUN_ATTR, handle.run_id)  # so a worker reaping this trial can close it
         handle.log_params({**trial.params, "spec": spec, "trial_number": trial.number, "lr": cfg.lr,
                            "seeds": seeds, "optuna_study": trial.study.study_name})
         started = time.perf_counter()
@@ -236,8 +246,12 @@ def _mean(values) -> float:
 
 
 def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after: float = DEFAULT_STALE_AFTER_S,
-         run_fn: Callable | None = None, log=print) -> int:
-    """Run queued trials of the study until none is left (or ``max_trials``); returns how many this worker ran."""
+         run_fn: Callable | None = None, log=print, wait: bool = False, poll_s: float | None = None) -> int:
+    """Run queued trials of the study until none is left (or ``max_trials``); returns how many this worker ran.
+
+    ``wait``: then also wait while trials run in other workers, until they finish or are found dead (reaped,
+    queued again and run here); a line every ``WAIT_REPORT_EVERY_S`` seconds says what it waits for.
+    """
     import optuna
     from harness.tracking import RunHandle, Tracker
 
@@ -247,23 +261,79 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
         return fair.work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log)
     tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
     parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
-    done = 0
-    for name in plan.optuna_names():
-        study = optuna.load_study(study_name=name, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
-        while max_trials is None or done < max_trials:
+    studies = [optuna.load_study(study_name=name, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
+               for name in plan.optuna_names()]
+    poll_s = poll_s if poll_s is not None else max(0.2, min(5.0, stale_after / 4))
+    done, last_report = 0, 0.0
+    while max_trials is None or done < max_trials:
+        ran = False
+        for study in studies:
             fail_stale_trials(study, storage, plan, stale_after, log)
             claimed = claim(study, storage)
-            if claimed is None:
+            if claimed is not None:
+                run_trial(study, storage, claimed, plan, tracker, parent, stale_after, run_fn, log)
+                done, ran = done + 1, True
                 break
-            run_trial(study, storage, claimed, plan, tracker, parent, stale_after, run_fn, log)
-            done += 1
+        if ran:
+            continue
+        running = running_elsewhere(studies)
+        if not wait or not running:
+            break
+        if time.monotonic() - last_report >= WAIT_REPORT_EVERY_S:
+            log(f"[{plan.name}] waiting for {describe_running(running, stale_after)}")
+            last_report = time.monotonic()
+        time.sleep(poll_s)
     return done
+
+
+def pending_trials(plan: StudyPlan, storage) -> tuple[int, list[tuple[str, Any]]]:
+    """How many trials are still queued, and the RUNNING ones (study name, frozen trial)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    studies = [optuna.load_study(study_name=name, storage=storage) for name in plan.optuna_names()]
+    waiting = sum(len(s.get_trials(deepcopy=False, states=(TrialState.WAITING,))) for s in studies)
+    return waiting, running_elsewhere(studies)
+
+
+def running_elsewhere(studies) -> list[tuple[str, Any]]:
+    """(study name, frozen trial) of every RUNNING trial: after this process's own trial ended, all are others'."""
+    from optuna.trial import TrialState
+
+    return [(s.study_name, t) for s in studies for t in s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+
+
+def describe_running(running, stale_after: float) -> str:
+    """``1 trial running in another worker (trial 5, heartbeat 3 s ago; lost if none for 120 s)``."""
+    now = time.time()
+    shown = []
+    for _, t in running[:3]:
+        last = _last_beat(t)
+        shown.append(f"trial {t.number}, heartbeat {now - last:.0f} s ago" if last is not None else f"trial {t.number}")
+    more = f", +{len(running) - 3} more" if len(running) > 3 else ""
+    return (f"{len(running)} trial(s) running in another worker ({'; '.join(shown)}{more}; a worker silent for "
+            f"{stale_after:g} s counts as dead)")
+
+
+def seconds_until_stale(running, stale_after: float) -> float:
+    """The longest any of ``running`` can still take to count as dead, if its worker died this moment."""
+    now = time.time()
+    return max((stale_after - (now - (_last_beat(t) or now)) for _, t in running), default=0.0)
+
+
+def _last_beat(frozen) -> float | None:
+    last = frozen.system_attrs.get(HEARTBEAT_ATTR)
+    if last is None and frozen.datetime_start is not None:
+        last = frozen.datetime_start.timestamp()
+    return last
 
 
 def claim(study, storage):
     """Take the next queued trial (WAITING -> RUNNING, atomically in the storage) or None if the queue is empty."""
     import optuna
     from optuna.trial import TrialState
+
+    from harness.tracking import owner_tags
 
     study_id = storage.get_study_id_from_name(study.study_name)
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
@@ -273,6 +343,7 @@ def claim(study, storage):
                 continue  # another worker took it first
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
+        storage.set_trial_system_attr(trial_id, WORKER_ATTR, owner_tags())
         return optuna.trial.Trial(study, trial_id)
     return None
 
@@ -295,8 +366,8 @@ def run_trial(study, storage, trial, plan: StudyPlan, tracker, parent, stale_aft
             study.tell(trial, state=TrialState.PRUNED)
             log(f"[{study.study_name}] trial {trial.number}: pruned")
             return
-        except KeyboardInterrupt:
-            _fail(study, trial, "interrupted (Ctrl-C); queued again", killed=True)
+        except KeyboardInterrupt as err:
+            _fail(study, trial, f"{interruption(err)}; queued again", killed=True)
             requeue(study, storage.get_trial(trial._trial_id), plan)
             raise
         except (TrialFailed, UserError) as err:
@@ -310,8 +381,13 @@ def run_trial(study, storage, trial, plan: StudyPlan, tracker, parent, stale_aft
             return
     trial.set_user_attr("trial_seconds", time.perf_counter() - started)
     study.tell(trial, values)
-    shown = values if isinstance(values, tuple) else (values,)
-    log(f"[{study.study_name}] trial {trial.number}: " + ", ".join(f"{v:.4g}" for v in shown))
+    log(f"[{study.study_name}] trial {trial.number}: {describe_values(values)}")
+
+
+def describe_values(values) -> str:
+    """A trial's objective values with their names and units: ``average accuracy 57.5%[, 24,576 trainable params]``."""
+    average, *rest = values if isinstance(values, tuple) else (values,)
+    return ", ".join([f"average accuracy {100 * average:.1f}%", *(f"{int(p):,} trainable params" for p in rest)])
 
 
 def _fail(study, trial, reason: str, killed: bool = False) -> None:
@@ -350,10 +426,12 @@ class Heartbeat:
 
 
 def fail_stale_trials(study, storage, plan: StudyPlan, stale_after: float, log=print) -> list[int]:
-    """Mark RUNNING trials without a heartbeat for ``stale_after`` seconds FAILED and queue them again.
+    """Mark FAILED, close in MLflow and queue again the RUNNING trials whose worker is gone.
 
-    Only the process whose FAIL write succeeds re-queues a trial (the storage makes that write
-    atomic), so two workers finding the same dead trial queue it once.
+    A worker is gone when its heartbeat is older than ``stale_after`` seconds, or at once when it ran
+    on this host and its process no longer exists. Only the process whose FAIL write succeeds
+    re-queues a trial (the storage makes that write atomic), so two workers finding the same dead
+    trial queue it once.
     """
     import optuna
     from optuna.trial import TrialState
@@ -362,24 +440,59 @@ def fail_stale_trials(study, storage, plan: StudyPlan, stale_after: float, log=p
     now = time.time()
     failed = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        last = frozen.system_attrs.get(HEARTBEAT_ATTR)
-        if last is None and frozen.datetime_start is not None:
-            last = frozen.datetime_start.timestamp()
-        if last is None or now - last <= stale_after:
+        reason = _lost_worker(frozen, now, stale_after)
+        if reason is None:
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
         try:
-            storage.set_trial_user_attr(trial_id, "fail_reason",
-                                        f"worker lost: no heartbeat for {now - last:.0f} s; queued again")
+            storage.set_trial_user_attr(trial_id, "fail_reason", f"worker lost: {reason}; queued again")
             storage.set_trial_user_attr(trial_id, "killed", True)
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
+        close_trial_runs(plan, frozen.user_attrs.get(MLFLOW_RUN_ATTR), f"worker lost: {reason}")
         requeue(study, frozen, plan)
         failed.append(frozen.number)
-        log(f"[{study.study_name}] trial {frozen.number}: its worker stopped; marked FAILED and queued again")
+        log(f"[{study.study_name}] trial {frozen.number}: its worker stopped ({reason}); marked FAILED and queued again")
     return failed
+
+
+def _lost_worker(frozen, now: float, stale_after: float) -> str | None:
+    """Why a RUNNING trial's worker counts as gone, or None while it may be alive."""
+    import socket
+
+    from harness.tracking import HOST_TAG, PID_START_TAG, PID_TAG, process_alive
+
+    owner = frozen.system_attrs.get(WORKER_ATTR) or {}
+    if owner.get(HOST_TAG) == socket.gethostname() and not process_alive(owner.get(PID_TAG), owner.get(PID_START_TAG)):
+        return f"its process (pid {owner.get(PID_TAG)}) has ended"
+    last = _last_beat(frozen)
+    if last is not None and now - last > stale_after:
+        return f"no heartbeat for {now - last:.0f} s"
+    return None
+
+
+def close_trial_runs(plan: StudyPlan, run_id: str | None, reason: str) -> None:
+    """End a reaped trial's MLflow run and its nested runs still RUNNING as FAILED, with the reason."""
+    if not run_id:
+        return
+    from mlflow.entities import RunTag
+
+    from harness.tracking import Tracker
+
+    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    client = tracker.client
+    ids, frontier = [], [run_id]
+    while frontier:  # the trial's run, harness.run's run under it, the method runs under that
+        current = frontier.pop()
+        ids.append(current)
+        frontier += [r.info.run_id for r in client.search_runs(
+            [tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{current}'", max_results=10_000)]
+    for i in ids:
+        if client.get_run(i).info.status == "RUNNING":
+            client.log_batch(i, tags=[RunTag("error", reason)])
+            client.set_terminated(i, status="FAILED")
 
 
 def requeue(study, frozen, plan: StudyPlan) -> None:

@@ -18,8 +18,9 @@ import os
 import sys
 
 from ablations.storage import open_storage, redact, resolve_storage_url
-from ablations.trials import DEFAULT_STALE_AFTER_S, work
-from harness.errors import cli_entry
+from ablations.trials import DEFAULT_STALE_AFTER_S, pending_trials, work
+from harness import quiet
+from harness.errors import cli_entry, interruption
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,30 +35,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="SECONDS",
                         help="fail and re-queue RUNNING trials without a heartbeat for this long "
                              f"(default: {DEFAULT_STALE_AFTER_S:g})")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own warnings, log lines and progress bars, hidden by default")
     return parser
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from ablations.study import load_plan
+    from ablations.study import check_study_options, load_plan
 
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
                        ("MLFLOW_DISABLE_TELEMETRY", "true")):
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
+    quiet.configure(verbose=args.verbose)
+    check_study_options(args.stale_after, args.max_trials)
     url = resolve_storage_url(args.storage)
     storage = open_storage(url, create=False)
     plan = load_plan(args.study, storage, url)
     print(f"worker {os.getpid()}: joined study {plan.name!r} in {redact(url)}", flush=True)
     try:
         done = work(plan, storage, max_trials=args.max_trials, stale_after=args.stale_after)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the running trial is FAILED and queued again", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"\n{interruption(err)}: the running trial is FAILED and queued again", file=sys.stderr)
         return 130
     from ablations.report import finish_parent_run
 
     finish_parent_run(plan, storage)  # the last worker to finish ends the study's MLflow run FINISHED
-    print(f"worker {os.getpid()}: ran {done} trial(s); nothing left to claim", flush=True)
+    waiting, running = pending_trials(plan, storage)
+    if waiting and args.max_trials is not None and done >= args.max_trials:
+        why = f"stopped at --max-trials {args.max_trials} with {waiting} trial(s) still queued"
+    else:
+        why = "nothing left to claim" + (f" ({len(running)} trial(s) still running in other workers)" if running else "")
+    print(f"worker {os.getpid()}: ran {done} trial(s); {why}", flush=True)
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -33,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 from harness.adapters.spec import DEFAULT_TARGETS  # the LinChain paper's target modules
 from harness.adapters.spec import METHODS as METHOD_NAMES  # spec.py imports neither torch nor peft
-from harness.errors import UserError
+from harness.errors import UserError, quote
 from harness.fsutil import write_text_atomic
 from harness.models import DEFAULT_MODEL, PRECISIONS
 
@@ -159,7 +160,11 @@ def _validate(cfg: RunConfig) -> None:
     """Reject values no run could use, with a one-line message naming the option."""
     def need(ok: bool, name: str, what: str) -> None:
         if not ok:
-            raise UserError(f"--{name.replace('_', '-')}: {what} (got {getattr(cfg, name)!r})")
+            raise UserError(f"--{name.replace('_', '-')}: {what} (got {quote(getattr(cfg, name))})")
+
+    for f in dataclasses.fields(cfg):  # inf or nan would pass every range check below and train on garbage
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f.name, "must be a finite number")
 
     need(len(cfg.methods) > 0 and all(isinstance(m, str) and m.strip() for m in cfg.methods),
          "methods", "give at least one method spec")
@@ -208,7 +213,7 @@ def split_methods(text: str) -> list[str]:
         if continues and specs:
             specs[-1] = f"{specs[-1]},{piece}"
         elif continues:
-            raise UserError(f"--methods: {piece!r} is an option with no method before it "
+            raise UserError(f"--methods: {quote(piece)} is an option with no method before it "
                             f"(write e.g. 'linchain:{piece}')")
         else:
             specs.append(piece)
@@ -271,7 +276,7 @@ def _scalar(value: Any, tp: type, name: str) -> Any:
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise UserError(f"{_flag(name)}: expected {kind}, got {value!r}")
+    raise UserError(f"{_flag(name)}: expected {kind}, got {quote(value)}")
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -330,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE",
                         help="read options from a YAML file (keys are the option names, e.g. max_steps: 50); "
                              "options on the command line win")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own warnings, log lines and progress bars (lm-eval, MLflow, "
+                             "transformers), hidden by default")
     types_ = _field_types()
     for f in dataclasses.fields(RunConfig):
         meta = f.metadata
@@ -374,6 +382,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> RunConfig:
     """
     args = vars(build_parser().parse_args(argv))
     yaml_path = args.pop("config", None)
+    args.pop("verbose", None)  # read by the entry points (harness.quiet), not part of the run's configuration
     values: dict[str, Any] = {}
     if yaml_path is not None:
         values.update(load_config_yaml(yaml_path))
@@ -405,7 +414,7 @@ def config_from_dict(values: Mapping[str, Any], source: str = "configuration") -
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in names:
-            raise UserError(f"{source}: unknown option {key!r}; valid options: {', '.join(names)}")
+            raise UserError(f"{source}: unknown option {quote(key)}; valid options: {', '.join(names)}")
         kwargs[name] = coerce(name, value)
     if "epochs" in kwargs and "max_steps" not in kwargs:
         kwargs["max_steps"] = None
@@ -421,6 +430,8 @@ def load_config_yaml(path: str | os.PathLike) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise UserError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text: save it as UTF-8") from err
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -435,7 +446,7 @@ def load_config_yaml(path: str | os.PathLike) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(RunConfig)}
     for key in data:
         if str(key).replace("-", "_") not in names:
-            raise UserError(f"config file {str(path)!r}: unknown option {key!r}; "
+            raise UserError(f"config file {str(path)!r}: unknown option {quote(key)}; "
                             f"valid options: {', '.join(sorted(names))}")
     # Type errors are reported by config_from_dict, with the option's name.
     return {str(k).replace("-", "_"): v for k, v in data.items()}

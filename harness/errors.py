@@ -8,12 +8,16 @@ traceback.
 SIGTERM (``kill``, a batch scheduler's pre-emption, ``docker stop``, torchrun stopping the
 other ranks) is handled like Ctrl-C: the commands' clean-up runs (MLflow runs end KILLED,
 no half-written results folder stays, a running Optuna trial is queued again) and the exit
-code is 143, the shell's code for a process ended by SIGTERM.
+code is 143, the shell's code for a process ended by SIGTERM. What is recorded and printed names
+the signal (:func:`interruption`), so a pre-empted job is not mistaken for a Ctrl-C. A second
+Ctrl-C during that clean-up ends the command with one line, not a traceback (what the clean-up did
+not finish, the next start reconciles: see :func:`harness.tracking.reconcile_stale_runs`).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import signal
 import sys
 import threading
@@ -30,6 +34,35 @@ class Terminated(KeyboardInterrupt):
     """Raised in the main thread when the process receives SIGTERM, so Ctrl-C's clean-up runs for it too."""
 
 
+QUOTE_LIMIT = 200  # characters of a user's input that an error line repeats
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of a user's input for an error line, cut to about ``limit`` characters.
+
+    A 100,000-character method spec must not come back as 200 KB on stderr; the start is enough to
+    recognise it, and the length says it was cut.
+    """
+    shown = repr(value)
+    if len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}... ({len(shown):,} characters)"
+
+
+def shorten_long_words(message: str, limit: int = QUOTE_LIMIT) -> str:
+    """Cut every run of more than ``limit`` non-space characters: the last guard, in :func:`cli_entry`, for
+    a message that repeats a user's input whole (the modules use :func:`quote`)."""
+    return re.sub(r"\S{%d,}" % (limit + 1), lambda m: f"{m.group()[:limit]}... ({len(m.group()):,} characters)",
+                  message)
+
+
+def interruption(err: BaseException | None = None) -> str:
+    """What stopped the process, in words: ``"terminated (SIGTERM)"`` or ``"interrupted (Ctrl-C)"``."""
+    if isinstance(err, Terminated) or (err is None and _received):
+        return "terminated (SIGTERM)"
+    return "interrupted (Ctrl-C)"
+
+
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what the commands return after Ctrl-C
 EXIT_SIGTERM = 128 + signal.SIGTERM
 _received: list[int] = []
@@ -37,7 +70,7 @@ _received: list[int] = []
 
 def _raise_terminated(signum, frame):
     _received.append(signum)
-    raise Terminated(f"received signal {signum}")
+    raise Terminated(f"received {signal.Signals(signum).name}")
 
 
 def cli_entry(main: F) -> F:
@@ -54,11 +87,15 @@ def cli_entry(main: F) -> F:
             # the command's own Ctrl-C handling ran for a SIGTERM: report it as such
             return EXIT_SIGTERM if _received and code == EXIT_INTERRUPTED else code
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {shorten_long_words(str(err))}", file=sys.stderr)
             return 2
         except Terminated:  # outside the command's own handling (e.g. while the model loads)
             print("\nterminated (SIGTERM)", file=sys.stderr)
             return EXIT_SIGTERM
+        except KeyboardInterrupt:  # e.g. a second Ctrl-C, during the command's own clean-up
+            print(f"\n{interruption()}; MLflow runs left RUNNING are marked KILLED by the next run",
+                  file=sys.stderr)
+            return EXIT_SIGTERM if _received else EXIT_INTERRUPTED
         finally:
             if in_main_thread and previous is not None:  # None: a handler installed outside Python
                 signal.signal(signal.SIGTERM, previous)

@@ -139,6 +139,10 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from harness.quiet import quiet_lm_eval
+
+    quiet_lm_eval()
+
     # lm-eval warns once per custom-loaded task that metadata can be passed; we pass it.
     logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
 

@@ -49,3 +49,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def check_writable_dir(path: str | os.PathLike, option: str) -> Path:
+    """Create ``path`` if needed and prove a file can be written in it, or raise a one-line UserError.
+
+    The write is tried, not inferred from permission bits: root ignores modes, and a read-only file
+    system, a path under a file or a pseudo file system (/proc, /sys) refuse writes whatever they say.
+    """
+    from harness.errors import UserError, quote
+
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = "it is a file, not a folder" if folder.is_file() else (err.strerror or type(err).__name__)
+        raise UserError(f"{option} {quote(str(folder))}: cannot write there ({reason}); "
+                        "pass a folder you can write to") from err
+    return folder

@@ -15,7 +15,10 @@ The story of a run, top to bottom:
 Under ``torchrun`` every rank trains each method in step (data parallel); rank 0 alone
 evaluates, logs to MLflow and writes results/ (see :mod:`harness.distributed`).
 
-Ctrl-C marks the MLflow runs KILLED and removes the unfinished results folder.
+Ctrl-C marks the MLflow runs KILLED and removes the unfinished results folder. The folder is
+written under a hidden name and renamed at the end (:mod:`harness.rundir`), so even ``kill -9``
+leaves no partial ``results/<name>/``; the next run removes what such a run left and marks its
+MLflow runs KILLED (:meth:`harness.tracking.Tracker.reconcile`).
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from harness import quiet
 from harness.config import RunConfig, config_from_args, config_to_dict
-from harness.errors import UserError, cli_entry
+from harness.errors import UserError, cli_entry, interruption
 
 
 @dataclass
@@ -108,9 +111,11 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     from harness import distributed
     from harness import evaluate as hevaluate
     from harness.adapters import validate_against_model
+    from harness import rundir
     from harness.fingerprint import protocol_fingerprint, sha256_json
+    from harness.fsutil import check_writable_dir
     from harness.models import load_model, resolve_precision, storage_dtype
-    from harness.report import SystemResult, default_run_name, unique_run_dir, write_report
+    from harness.report import SystemResult, default_run_name, write_report
     from harness.resultfile import RESULT_FILE, build_result, write_result_json
     from harness.tracking import Tracker, check_tracking_uri, run_params
 
@@ -128,6 +133,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     overlaps, contaminated = check_contamination(cfg, records, data_dir, log)
     if tracker is None and ctx.is_main:  # one process creates the SQLite schema; the others never track
         check_tracking_uri(cfg.tracking_uri)
+    if write_results and ctx.is_main:
+        check_writable_dir(cfg.output_dir, "--output-dir")
     model, tokenizer = load_model(cfg.model, dtype=storage_dtype(precision))  # a bf16 base is stored so once
     for plan in plans:
         validate_against_model(model, plan.spec)
@@ -148,13 +155,18 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                                        world_size=ctx.world_size, precision=precision)
 
     run_name = cfg.run_name or default_run_name()
-    run_dir = unique_run_dir(cfg.output_dir, run_name) if write_results else Path(tempfile.mkdtemp(prefix="run-"))
-    tracker = tracker or Tracker(cfg.tracking_uri, cfg.experiment)
+    if tracker is None:  # a run of its own (not a study's trial): reconcile what killed runs left behind
+        tracker = Tracker(cfg.tracking_uri, cfg.experiment)
+        tracker.reconcile(log)
+        if write_results:
+            rundir.clean_partials(cfg.output_dir, log)
+    staged = rundir.reserve(cfg.output_dir, run_name, taken=tracker.names_in_use(run_name)) if write_results else None
+    run_dir = staged.path if staged else Path(tempfile.mkdtemp(prefix="run-"))
     outcome = RunOutcome(run_dir=run_dir, base=None, contamination=overlaps, contaminated=contaminated)
     where = f"{device}, {precision}" + (f", {ctx.world_size} ranks" if ctx.distributed else "")
     log(f"run {run_dir.name}: {len(plans)} method(s) x {len(cfg.seeds)} seed(s) on {cfg.model} ({where}), "
         f"{len(examples[cfg.seeds[0]])} training examples, tasks {', '.join(cfg.tasks)} ({cfg.split} split); "
-        f"results in {run_dir}")
+        f"results in {staged.final if staged else run_dir}")
     eval_kwargs = dict(tasks=cfg.tasks, data_dir=data_dir, limit=cfg.limit, batch_size=cfg.eval_batch_size,
                        num_beams=cfg.num_beams, prompt_format=cfg.prompt_format, split=cfg.split,
                        precision=precision)
@@ -198,14 +210,16 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                 for path in written.values():
                     top.log_artifact(path, "results")
                 _log_summary_on_parent(top, run_dir / "summary.csv")
-                log(f"\n{(run_dir / 'summary.md').read_text()}")
-                log(f"results written to {run_dir} ({', '.join(sorted(written))})")
+                summary = (run_dir / "summary.md").read_text()
+                outcome.run_dir = staged.publish()
+                log(f"\n{summary}")
+                log(f"results written to {outcome.run_dir} ({', '.join(sorted(written))})")
             if outcome.failed:
                 top.set_tags({"failed_runs": ", ".join(f"{r.method}/seed{r.seed}" for r in outcome.failed)})
         finished = True
     finally:
-        if not finished and write_results:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written stays in results/
+        if staged is not None and not finished:
+            staged.discard()  # nothing half-written stays in results/
         if not write_results:
             shutil.rmtree(run_dir, ignore_errors=True)
     return outcome
@@ -428,10 +442,13 @@ def task_data_checksums(tasks: Sequence[str], data_dir: Path, prompt_format: str
     A validation split of an LLM-Adapters task also depends on the training set it is cut from
     (``validation_data``), whose checksum is added.
 
-    Also checks the task names: an unknown task is a one-line UserError listing the known ones.
+    Also checks the task names (an unknown task is a one-line UserError listing the known ones) and
+    reads every data file as the task will (missing, not UTF-8, malformed: one line now, not after
+    the base model's evaluation has started).
     """
     from harness import evaluate as hevaluate
-    from harness.data import TEST_SETS, TRAIN_SETS, generate
+    from harness.data import TEST_SETS, TRAIN_SETS, data_file, generate
+    from harness.data.records import TEST_KEYS, read_records
 
     manager = hevaluate.task_manager(data_dir, prompt_format, split)
     checksums: dict[str, str] = {}
@@ -450,13 +467,14 @@ def task_data_checksums(tasks: Sequence[str], data_dir: Path, prompt_format: str
             records = generate(meta["generator"], split=split, seed=int(meta.get("seed", 1234)))
             checksums[name] = records_checksum(records)
         elif meta.get("dataset") in TEST_SETS or meta.get("file"):
-            paths = [Path(meta.get("file") or TEST_SETS[meta["dataset"]])]
+            paths = [meta.get("file") or TEST_SETS[meta["dataset"]]]
             if split == "validation" and meta.get("validation_data") in TRAIN_SETS:
-                paths.append(Path(TRAIN_SETS[meta["validation_data"]]))
+                paths.append(TRAIN_SETS[meta["validation_data"]])
             digest = hashlib.sha256()
-            for path in (p if p.is_absolute() else data_dir / p for p in paths):
-                if not path.is_file():
-                    return
+            for i, relative in enumerate(paths):
+                path = Path(relative) if Path(relative).is_absolute() else data_file(relative, data_dir)
+                if i == 0:
+                    read_records(path, TEST_KEYS)  # what the task's loader does: a bad file fails here, in one line
                 digest.update(path.read_bytes())
             checksums[name] = digest.hexdigest()
 
@@ -508,15 +526,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's concern
+    quiet.configure(verbose=quiet.verbose_requested(argv))
     from harness import distributed
 
     cfg = config_from_args(argv)
     started = time.perf_counter()
     try:
         outcome = run(cfg)
-    except KeyboardInterrupt:
-        print("\ninterrupted: MLflow runs marked KILLED; nothing was written to results/", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"\n{interruption(err)}: MLflow runs marked KILLED; nothing was written to results/", file=sys.stderr)
         return 130
     ctx = distributed.context()
     distributed.barrier(ctx)  # the other ranks wait for rank 0's last evaluation and report

@@ -16,18 +16,28 @@ so the run loop reads as::
 
 A run that leaves its ``with`` block normally ends FINISHED; one left by an exception
 ends FAILED (the exception propagates, so the loop can go on with the next method);
-one left by Ctrl-C (``KeyboardInterrupt``) or ``SystemExit`` ends KILLED.
+one left by Ctrl-C (``KeyboardInterrupt``), SIGTERM or ``SystemExit`` ends KILLED, with
+the signal named in its ``error`` tag.
+
+A process killed outright (``kill -9``, the out-of-memory killer, a power cut) cannot end
+its runs: they would stay RUNNING forever. Every run therefore carries the host and pid of
+the process that opened it (tags ``harness.host``, ``harness.pid``, ``harness.pid_start``),
+and :meth:`Tracker.reconcile` (called when a run or a study starts) marks the runs of the
+experiment left RUNNING by a process of this host that no longer exists KILLED, with a
+note saying so. Runs opened on other hosts are left alone: their processes cannot be seen.
 
 The default store is ``sqlite:///mlflow.db`` in the working directory, with artifacts
 in ``mlruns/`` beside it. Creating MLflow's SQLite schema from several processes at
-once fails, so :func:`check_tracking_uri` creates it once, in the calling process,
-before workers start.
+once fails ("duplicate column name"), so the creation holds an exclusive lock on a file
+beside the database (``mlflow.db.lock``): a second process waits, then finds the schema.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import socket
 import subprocess
 import time
 import urllib.error
@@ -38,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from harness.errors import UserError
+from harness.errors import UserError, interruption, quote
 
 DEFAULT_TRACKING_DB = "mlflow.db"
 # MLflow's limits (mlflow.utils.validation): a param value is at most 6000 characters, a key at most
@@ -105,11 +115,31 @@ def check_tracking_uri(uri: str | None, timeout_s: float = 5.0) -> str:
         raise UserError(f"tracking URI {uri!r}: use sqlite:///path/mlflow.db or http://host:port "
                         "(MLflow's file store is deprecated)")
     try:
-        _mlflow().MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        with schema_lock(uri):
+            _mlflow().MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # MLflow raises many types here; the user needs one line either way.
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"tracking store {uri!r} is unreachable: {first_line}") from err
+        raise UserError(f"tracking store {quote(uri)} is unreachable: {first_line}") from err
     return uri
+
+
+@contextmanager
+def schema_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while MLflow may create its schema (see the module docstring).
+
+    ``flock`` is released by the kernel when the process dies, so a killed creator blocks nobody.
+    Other stores (a server, PostgreSQL) serialise the creation themselves: no lock.
+    """
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _check_http(uri: str, timeout_s: float) -> None:
@@ -281,7 +311,8 @@ class Tracker:
         mlflow = _mlflow()
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-        self.experiment_id = self._experiment_id(experiment)
+        with schema_lock(self.tracking_uri):  # the first access of a new store creates its schema
+            self.experiment_id = self._experiment_id(experiment)
 
     def _experiment_id(self, name: str) -> str:
         """Get or create the experiment; a SQLite store keeps artifacts in ``mlruns/`` beside the database."""
@@ -309,7 +340,7 @@ class Tracker:
         An exception marks the run FAILED, with its message in the ``error`` tag, and propagates;
         ``KeyboardInterrupt`` and ``SystemExit`` mark it KILLED and propagate.
         """
-        all_tags = {"mlflow.runName": name, **{k: str(v) for k, v in (tags or {}).items()}}
+        all_tags = {"mlflow.runName": name, **owner_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent.run_id
         created = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -319,11 +350,84 @@ class Tracker:
         except Exception as err:
             _end(handle, "FAILED", f"{type(err).__name__}: {err}")
             raise
-        except BaseException:  # KeyboardInterrupt, SystemExit: the user stopped it
-            _end(handle, "KILLED", "interrupted")
+        except BaseException as err:  # KeyboardInterrupt, SIGTERM, SystemExit: the user stopped it
+            _end(handle, "KILLED", interruption(err) if isinstance(err, KeyboardInterrupt) else "exited")
             raise
         else:
             _end(handle, handle._status or "FINISHED", None)
+
+    def names_in_use(self, name: str) -> set[str]:
+        """The names of this experiment's benchmark runs that start with ``name`` (finished or not)."""
+        if "'" in name or "\\" in name:  # not expressible in MLflow's filter syntax; the folders still decide
+            return set()
+        runs = self.client.search_runs([self.experiment_id], max_results=10_000,
+                                       filter_string=f"attributes.run_name LIKE '{name}%' and tags.kind = 'benchmark'")
+        return {r.info.run_name for r in runs}
+
+    def reconcile(self, log=print) -> list[str]:
+        """Mark KILLED the runs of this experiment left RUNNING by a process of this host that no longer exists.
+
+        Returns their ids. See the module docstring; runs of other hosts and of live processes are untouched.
+        """
+        from mlflow.entities import RunTag
+
+        host = socket.gethostname()
+        runs = self.client.search_runs([self.experiment_id], max_results=10_000,
+                                       filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'")
+        ended = []
+        for found in runs:
+            tags = found.data.tags
+            if process_alive(tags.get(PID_TAG), tags.get(PID_START_TAG)):
+                continue
+            note = (f"its process (pid {tags.get(PID_TAG)} on {host}) ended without closing the run (killed?); "
+                    f"marked KILLED by pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            self.client.log_batch(found.info.run_id, tags=[RunTag("error", note), RunTag("mlflow.note.content", note)])
+            self.client.set_terminated(found.info.run_id, status="KILLED")
+            ended.append(found.info.run_id)
+        if ended:
+            log(f"MLflow: {len(ended)} run(s) of experiment {self.experiment_id} left RUNNING by a killed process "
+                "marked KILLED")
+        return ended
+
+
+HOST_TAG, PID_TAG, PID_START_TAG = "harness.host", "harness.pid", "harness.pid_start"
+
+
+def owner_tags() -> dict[str, str]:
+    """The tags that say which process opened a run (see :meth:`Tracker.reconcile`)."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: process_start(os.getpid()) or ""}
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3 onwards of ``/proc/PID/stat`` (Linux), or None; the name in parentheses may hold spaces."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot, so a reused pid is not taken for the owner."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None  # field 22 of stat
+
+
+def process_alive(pid: str | int | None, start: str | None = None) -> bool:
+    """Whether the process ``pid`` of this host still exists (and, if ``start`` is known, is the same one)."""
+    try:
+        pid = int(pid)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return True  # no owner recorded: nothing can be said, leave the run alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, under another user
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc: the pid exists, trust it
+    return fields[0] != "Z" and (not start or fields[19] == start)  # a zombie has ended already
 
 
 def _end(handle: RunHandle, status: str, error: str | None) -> None:

@@ -446,6 +446,7 @@ def test_sigterm_fails_the_running_trial_and_queues_it_again(tmp_path):
     trials = optuna.load_study(study_name="mini", storage=f"sqlite:///{tmp_path / 'optuna.db'}").get_trials()
     lost = trials[victim.number]
     assert lost.state.name == "FAIL" and lost.user_attrs.get("killed")
+    assert "SIGTERM" in lost.user_attrs["fail_reason"]
     retry = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
     assert [t.state.name for t in retry] == ["WAITING"]
     assert retry[0].user_attrs["grid_index"] == lost.user_attrs["grid_index"]

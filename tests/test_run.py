@@ -109,7 +109,7 @@ def test_ctrl_c_marks_runs_killed_and_leaves_no_results(tmp_path, monkeypatch, m
     cfg = config_from_args(smoke_args(tmp_path, "--methods", "lora", "--run-name", "stopped"))
     with pytest.raises(KeyboardInterrupt):
         run(cfg, progress=False, log=lambda *a: None)
-    assert not (tmp_path / "results" / "stopped").exists()
+    assert not (tmp_path / "results" / "stopped").exists() and not list((tmp_path / "results").iterdir())
     runs = mlflow_runs_of(tmp_path).set_index("tags.mlflow.runName")
     assert runs.loc["stopped", "status"] == "KILLED" and runs.loc["lora-seed0", "status"] == "KILLED"
 
@@ -119,7 +119,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, mlflow_runs_of):
     command = [sys.executable, "-m", "harness.run", *smoke_args(tmp_path, "--methods", "lora", "--run-name", "term",
                                                                 "--max-steps", "1000000")]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base_samples = tmp_path / "results" / "term" / "samples" / "base.jsonl"
+    base_samples = tmp_path / "results" / ".term.partial" / "term" / "samples" / "base.jsonl"  # written out of sight
     try:
         deadline = time.time() + 300
         while not base_samples.exists() and proc.poll() is None and time.time() < deadline:
@@ -131,10 +131,11 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, mlflow_runs_of):
     finally:
         proc.kill()
     assert proc.returncode == 143, stderr[-2000:]
-    assert "interrupted" in stderr and "Traceback" not in stderr
-    assert not (tmp_path / "results" / "term").exists()
+    assert "terminated (SIGTERM): MLflow runs marked KILLED" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "results" / "term").exists() and not (tmp_path / "results" / ".term.partial").exists()
     runs = mlflow_runs_of(tmp_path).set_index("tags.mlflow.runName")
     assert runs.loc["term", "status"] == "KILLED" and runs.loc["lora-seed0", "status"] == "KILLED"
+    assert runs.loc["lora-seed0", "tags.error"] == "terminated (SIGTERM)"  # not "interrupted (Ctrl-C)"
 
 
 def test_an_existing_run_folder_is_never_overwritten(tmp_path):

@@ -102,6 +102,24 @@ def test_ctrl_c_marks_runs_killed(store):
                 raise KeyboardInterrupt
     runs = _runs(uri, "exp-killed")
     assert set(runs["status"]) == {"KILLED"}
+    assert set(runs["tags.error"]) == {"interrupted (Ctrl-C)"}
+    from harness.errors import Terminated
+
+    with pytest.raises(Terminated):
+        with tracker.run("pre-empted"):
+            raise Terminated("received SIGTERM")
+    runs = _runs(uri, "exp-killed").set_index("tags.mlflow.runName")
+    assert runs.loc["pre-empted", "tags.error"] == "terminated (SIGTERM)"
+
+
+def test_every_run_records_its_host_and_process(store):
+    import socket
+
+    uri, _ = store
+    with Tracker(uri, "exp-owner").run("bench"):
+        pass
+    run = _runs(uri, "exp-owner").iloc[0]
+    assert run["tags.harness.host"] == socket.gethostname() and run["tags.harness.pid"] == str(os.getpid())
 
 
 def test_unreachable_stores_fail_fast_in_one_line(tmp_path):

@@ -118,19 +118,41 @@ def subset(records: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
     return [records[i] for i in keep]
 
 
-def read_records(path: Path, required: tuple[str, ...] = TRAIN_KEYS) -> list[dict]:
-    """Read a JSON list or JSONL file into checked records (MAWPS' raw schema converted)."""
+def read_text(path: Path) -> str:
+    """A data file's text, or a one-line UserError (unreadable, or not UTF-8, which is what JSON is)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read data file {path}: {err.strerror or err}") from err
     try:
-        if path.suffix == ".jsonl":
-            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from err
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"data file {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}): "
+                        "save it as UTF-8 JSON") from err
+
+
+def parse_json(path: Path, text: str) -> object:
+    """A JSON document, or for ``.jsonl`` a list of one value per non-empty line; errors name the real line."""
+    if path.suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from err
+    values = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append(json.loads(line))
+        except json.JSONDecodeError as err:  # err.lineno counts within the line: always 1
+            raise UserError(f"{path} is not valid JSON Lines ({err.msg} at line {number}, column {err.colno})") from err
+    return values
+
+
+def read_records(path: Path, required: tuple[str, ...] = TRAIN_KEYS) -> list[dict]:
+    """Read a JSON list or JSONL file into checked records (MAWPS' raw schema converted)."""
+    raw = parse_json(path, read_text(path))
     if not isinstance(raw, list):
         raise UserError(f"{path} must hold a JSON list of records, not a {type(raw).__name__}")
     if not raw:
