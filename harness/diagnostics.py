@@ -49,7 +49,7 @@ RECORD_EVERY = 5
 HESSIAN_EXAMPLES = 64
 HESSIAN_MICRO_BATCH = 16
 HESSIAN_TOL = 1e-3
-HESSIAN_MAX_ITER = 60
+HESSIAN_MAX_ITER = 40
 FORGETTING_SEQUENCES = 16
 FORGETTING_TOKENS = 128
 CONFIDENCE = 0.95
@@ -426,7 +426,7 @@ def general_text_sample(tokenizer, n_sequences: int = FORGETTING_SEQUENCES,
     import sys
 
     text = general_text(max_chars=n_sequences * seq_len * 8)  # a token is well under 8 characters of prose
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no "longer than the model" note
     n = min(n_sequences, len(ids) // seq_len)
     if n == 0:
         raise ValueError(f"the general-text sample has only {len(ids)} tokens, fewer than {seq_len}")
@@ -620,7 +620,10 @@ class RunDiagnostics:
 
     def finish(self, probe: MethodProbe, peft_model, *, method: str, spec_method: str, seed: int,
                train_result) -> dict[str, float]:
-        """After training: the rows of this method and seed; returns the ``diag/`` metrics of its ``all`` row."""
+        """After training: the rows of this method and seed; returns the ``diag/`` metrics of its ``all`` row.
+
+        Log them at the last step: ``diag/delta_norm`` and ``diag/effective_rank`` are also the recorder's curves.
+        """
         probe.recorder.record(train_result.steps)
         if self.tokenizer is not None and self.sample is None:
             self.sample = general_text_sample(self.tokenizer)
@@ -719,8 +722,8 @@ class Comparison:
             return "supported"
         if (low > 0 and self.predicted < 0) or (high < 0 and self.predicted > 0):
             return "not supported"
-        if low == high == mean:  # every seed gave the same difference, e.g. 0
-            return "not supported" if mean * self.predicted <= 0 else "supported"
+        if low == high == 0.0:  # every seed gave exactly LoRA's value
+            return "not supported"
         return f"inconclusive at {n} seeds"
 
 

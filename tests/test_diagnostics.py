@@ -379,3 +379,41 @@ def test_diagnostics_option():
     assert config_from_args(["--diagnostics", "full"]).diagnostics == "full"
     with pytest.raises(UserError, match="--diagnostics"):
         config_from_args(["--diagnostics", "some"])
+
+
+def test_a_run_writes_diagnostics_and_logs_them(tmp_path, mlflow_runs_of):
+    from harness.run import run
+
+    cfg = config_from_args(["--model", "tiny-random", "--max-steps", "4", "--limit", "2", "--batch-size", "4",
+                            "--eval-batch-size", "8", "--tasks", "arithmetic_add_sub", "--methods",
+                            "linchain:n=2,lora", "--run-name", "diag", "--output-dir", str(tmp_path / "results"),
+                            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    outcome = run(cfg, progress=False, evaluate_base=False, log=lambda *a, **k: None)
+    assert not outcome.failed
+    with open(outcome.run_dir / "diagnostics.csv") as f:
+        rows = list(csv.DictReader(f))
+    totals = {r["method"]: r for r in rows if r["layer"] == "all"}
+    assert set(totals) == {"linchain-2", "lora"}
+    for row in totals.values():
+        assert float(row["delta_norm"]) > 0 and not math.isnan(float(row["forgetting"]))
+        assert math.isnan(float(row["lambda_max"]))  # basic: no Hessian
+    assert float(totals["lora"]["similarity_to_lora"]) == pytest.approx(1.0)
+    assert "The paper's claims, answered" in (outcome.run_dir / "diagnostics.md").read_text()
+    runs = mlflow_runs_of(tmp_path)
+    child = runs[runs["tags.mlflow.runName"] == "lora-seed0"].iloc[0]
+    assert child["metrics.diag/intruders"] == float(totals["lora"]["intruders"])
+    assert child["metrics.diag/delta_norm"] == pytest.approx(float(totals["lora"]["delta_norm"]), rel=1e-5)
+    parent = runs[runs["tags.mlflow.runName"] == "diag"].iloc[0]
+    assert parent["artifact_uri"]  # diagnostics files are logged with the report (checked on disk above)
+
+
+def test_level_full_measures_the_curvature_before_training(tiny_model):
+    from harness.adapters import get_adapter_model
+
+    model = get_adapter_model(tiny_model[0], "lora", r=2, alpha=4, targets=["k_proj"])
+    examples = tiny_examples(4)
+    run = D.RunDiagnostics("full", None, examples, tiny_collate, hessian_examples=4)
+    probe = run.start(model, seed=0)
+    expected = D.curvature_at_init(model, examples, tiny_collate, n_examples=4, seed=0)
+    assert probe.curvature.value == pytest.approx(expected.value, rel=1e-9) and probe.curvature.value > 0
+    assert D.RunDiagnostics("basic", None, examples, tiny_collate).start(model, seed=0).curvature is None
