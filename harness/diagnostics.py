@@ -772,8 +772,8 @@ def claim_comparisons(rows: Sequence[dict], traces: Sequence[Trace]) -> dict[str
     loss (the step where the smoothed loss first reaches the run's matched-loss target, nearest record).
     Claim 2 (more optimisation paths): the mean gradient norm reaching the adapter, a consequence the claim
     implies (more paths carrying gradient to the same factors). Claim 3 (faster convergence): steps to the
-    matched loss and steps to 90% of the method's own final loss reduction. The first comparison of each
-    claim is the one its verdict rests on.
+    matched loss and steps to 90% of the method's own final loss reduction. The verdict of a claim rests on
+    its first comparison that has data (the matched-loss rank needs the recorder's curve).
     """
     reference = _reference_label(rows)
     totals = {(r["method"], r["seed"]): r for r in rows if r["layer"] == ALL_LAYERS}
@@ -830,8 +830,8 @@ def claims_markdown(rows: Sequence[dict], traces: Sequence[Trace]) -> str:
     lines += [f"Each method is compared with `{reference}` trained with the same seed (paired differences, "
               f"method minus {reference}; 95% Student-t interval over seeds). A verdict is *supported* when "
               "the interval excludes 0 in the direction the claim predicts, *not supported* when it excludes "
-              "0 in the other direction, and *inconclusive* otherwise or below 2 seeds. The verdict rests on "
-              "the first measure of each claim. Matched training loss: per seed, the highest final "
+              "0 in the other direction, and *inconclusive* otherwise or below 2 seeds. The verdict (on its "
+              "row) rests on the first measure of each claim that was measured. Matched training loss: per seed, the highest final "
               "smoothed training loss among the methods (" + ", ".join(f"seed {s}: {v:.3f}"
                                                                      for s, v in sorted(targets.items()))
               + "), a loss every method reached.", ""]
@@ -840,11 +840,12 @@ def claims_markdown(rows: Sequence[dict], traces: Sequence[Trace]) -> str:
         lines += [f"### {title}", "", f"| method | measure | method | {reference} | difference (95% CI) | verdict |",
                   "|---|---|---|---|---|---|"]
         for method, comps in comparisons[key].items():
+            rests_on = next((i for i, comp in enumerate(comps) if comp.differences), 0)
             for i, comp in enumerate(comps):
                 mean, low, high = comp.interval()
                 ci = "n/a" if math.isnan(mean) else (f"{mean:+.3g}" + ("" if math.isnan(low)
                                                                           else f" [{low:+.3g}, {high:+.3g}]"))
-                verdict = comp.verdict() if i == 0 else ""
+                verdict = comp.verdict() if i == rests_on else ""
                 if key == "paths" and no_grads:
                     verdict = "not measured: the training loop recorded no gradient norms"
                 lines.append(f"| {method} | {comp.measure} | {_mean_sd(comp.method_values)} | "
@@ -929,6 +930,12 @@ def _colours(plt, methods: Sequence[str]) -> dict[str, Any]:
     return {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
 
 
+def _legend(ax) -> None:
+    """A legend when something labelled was drawn (matplotlib warns about an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def _mean_series(series: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[int], list[float]]:
     """The mean over runs of (step, value) series, at the steps they share."""
     common = sorted(set.intersection(*[{s for s, _ in one} for one in series])) if series else []
@@ -955,12 +962,13 @@ def plot_spectra(rows: Sequence[dict], path: str | os.PathLike) -> Path:
         erank = _nanmean(r["effective_rank"] for r in layers if r["method"] == method)
         ax.plot(range(1, width + 1), mean, marker="o", markersize=3, color=colours[method],
                 label=f"{method} (effective rank {erank:.1f})")
+    if layers and all(len(r["singular_values"].split()) <= 32 for r in layers):
+        ax.set_xticks(range(1, max(len(r["singular_values"].split()) for r in layers) + 1))
     ax.set_xlabel("singular value index i")
     ax.set_ylabel("s_i / s_1 (mean over layers and seeds)")
     ax.set_title("Normalised spectra of the updates dW", fontsize=10)
     ax.grid(True, alpha=0.3)
-    if methods:
-        ax.legend(fontsize=8)
+    _legend(ax)
     return save_figure(fig, path)
 
 
@@ -988,7 +996,7 @@ def plot_grad_norms(traces: Sequence[Trace], path: str | os.PathLike) -> Path:
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("gradient norm before clipping (mean over seeds)")
     if groups:
-        axes[0][0].legend(fontsize=8)
+        _legend(axes[0][0])
     else:
         axes[0][0].text(0.5, 0.5, "no per-group gradient norms were recorded", ha="center", va="center",
                         transform=axes[0][0].transAxes)
@@ -1028,8 +1036,7 @@ def plot_convergence(traces: Sequence[Trace], path: str | os.PathLike) -> Path:
     right.set_title("Size of the update", fontsize=10)
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
-        if methods:
-            ax.legend(fontsize=8)
+        _legend(ax)
     return save_figure(fig, path)
 
 
@@ -1059,7 +1066,7 @@ def plot_lr_vs_curvature(points: Iterable[Mapping[str, Any] | tuple[str, float, 
         ax.plot(xs, [2 * x for x in xs], color="0.5", linestyle=":", linewidth=1, label="lr = 2 / lambda_max")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        _legend(ax)
     ax.set_xlabel("1 / lambda_max (Hessian at initialisation)")
     ax.set_ylabel("chosen learning rate")
     ax.set_title("Chosen learning rate against curvature", fontsize=10)
