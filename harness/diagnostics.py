@@ -35,6 +35,7 @@ import hashlib
 import math
 import os
 import re
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -579,6 +580,7 @@ class MethodProbe:
 
     recorder: DiagnosticsRecorder
     curvature: Eigenvalue | None = None
+    problem: str | None = None  # why a measurement could not be made, for diagnostics.md
 
     def on_step(self, step: int, loss: float | None = None, lr: float | None = None) -> dict[str, float]:
         return self.recorder.on_step(step)
@@ -601,6 +603,7 @@ class RunDiagnostics:
         self.rows: list[dict] = []
         self.traces: list[Trace] = []
         self.failed: list[tuple[str, int]] = []
+        self.problems: list[str] = []
         self.sample: GeneralTextSample | None = None
         self._base_loss: float | None = None
         self._base_vectors: dict[str, torch.Tensor] = {}
@@ -612,18 +615,35 @@ class RunDiagnostics:
 
     def start(self, peft_model, seed: int) -> MethodProbe:
         """Before training: the recorder, and at level ``full`` the Hessian's lambda_max at initialisation."""
-        curvature = None
+        probe = MethodProbe(DiagnosticsRecorder(peft_model, self.record_every))
         if self.level == "full" and self.examples:
-            curvature = curvature_at_init(peft_model, self.examples, self.collate,
-                                          n_examples=self.hessian_examples, seed=seed)
-        return MethodProbe(DiagnosticsRecorder(peft_model, self.record_every), curvature)
+            try:
+                probe.curvature = curvature_at_init(peft_model, self.examples, self.collate,
+                                                    n_examples=self.hessian_examples, seed=seed)
+            except Exception as err:  # noqa: BLE001 (a measurement must not cost the method its run)
+                traceback.print_exc()
+                probe.problem = f"lambda_max not measured: {type(err).__name__}: {err}"
+        return probe
 
     def finish(self, probe: MethodProbe, peft_model, *, method: str, spec_method: str, seed: int,
                train_result) -> dict[str, float]:
         """After training: the rows of this method and seed; returns the ``diag/`` metrics of its ``all`` row.
 
         Log them at the last step: ``diag/delta_norm`` and ``diag/effective_rank`` are also the recorder's curves.
+        A measurement that fails is reported (traceback on stderr, a line in diagnostics.md) and costs the
+        method nothing else: its training and evaluation go on.
         """
+        if probe.problem:
+            self.problems.append(f"{method} seed {seed}: {probe.problem}")
+        try:
+            return self._measure(probe, peft_model, method, spec_method, seed, train_result)
+        except Exception as err:  # noqa: BLE001
+            traceback.print_exc()
+            self.problems.append(f"{method} seed {seed}: not measured: {type(err).__name__}: {err}")
+            return {}
+
+    def _measure(self, probe: MethodProbe, peft_model, method: str, spec_method: str, seed: int,
+                 train_result) -> dict[str, float]:
         probe.recorder.record(train_result.steps)
         if self.tokenizer is not None and self.sample is None:
             self.sample = general_text_sample(self.tokenizer)
@@ -669,7 +689,7 @@ class RunDiagnostics:
             return {}
         self.fill_similarity()
         return write_diagnostics(run_dir, self.rows, self.traces, failed=self.failed, level=self.level,
-                                 sample=self.sample.describe() if self.sample else None)
+                                 sample=self.sample.describe() if self.sample else None, problems=self.problems)
 
 
 def _reference_label(rows: Sequence[dict]) -> str | None:
@@ -876,7 +896,7 @@ def _table_markdown(rows: Sequence[dict]) -> list[str]:
 
 
 def diagnostics_markdown(rows: Sequence[dict], traces: Sequence[Trace], *, failed: Sequence[tuple[str, int]] = (),
-                         level: str = "basic", sample: str | None = None) -> str:
+                         level: str = "basic", sample: str | None = None, problems: Sequence[str] = ()) -> str:
     lines = ["# Diagnostics", "", claims_markdown(rows, traces), "## All measurements", "",
              "Means ± sd over seeds of the layer `all` rows of diagnostics.csv: delta_norm is ||dW||_F of the "
              "whole update, effective_rank and stable_rank are means over the adapted layers, intruders the "
@@ -894,12 +914,14 @@ def diagnostics_markdown(rows: Sequence[dict], traces: Sequence[Trace], *, faile
     if failed:
         lines += ["", "Failed runs (no diagnostics; not in the statistics): "
                   + ", ".join(f"{m} seed {s}" for m, s in failed) + "."]
+    if problems:
+        lines += ["", "Measurements that could not be made:", *[f"- {p}" for p in problems]]
     return "\n".join(lines) + "\n"
 
 
 def write_diagnostics(run_dir: str | os.PathLike, rows: Sequence[dict], traces: Sequence[Trace], *,
                       failed: Sequence[tuple[str, int]] = (), level: str = "basic",
-                      sample: str | None = None) -> dict[str, Path]:
+                      sample: str | None = None, problems: Sequence[str] = ()) -> dict[str, Path]:
     """Write diagnostics.csv, diagnostics.md, spectra.png, grad_norms.png and convergence.png, atomically."""
     import csv
 
@@ -915,7 +937,8 @@ def write_diagnostics(run_dir: str | os.PathLike, rows: Sequence[dict], traces: 
                               for r in rows])
     written["diagnostics.csv"] = run_dir / "diagnostics.csv"
     written["diagnostics.md"] = write_text_atomic(
-        run_dir / "diagnostics.md", diagnostics_markdown(rows, traces, failed=failed, level=level, sample=sample))
+        run_dir / "diagnostics.md",
+        diagnostics_markdown(rows, traces, failed=failed, level=level, sample=sample, problems=problems))
     written["spectra.png"] = plot_spectra(rows, run_dir / "spectra.png")
     written["grad_norms.png"] = plot_grad_norms(traces, run_dir / "grad_norms.png")
     written["convergence.png"] = plot_convergence(traces, run_dir / "convergence.png")

@@ -421,3 +421,20 @@ def test_level_full_measures_the_curvature_before_training(tiny_model):
     expected = D.curvature_at_init(model, examples, tiny_collate, n_examples=4, seed=0)
     assert probe.curvature.value == pytest.approx(expected.value, rel=1e-9) and probe.curvature.value > 0
     assert D.RunDiagnostics("basic", None, examples, tiny_collate).start(model, seed=0).curvature is None
+
+
+def test_a_failing_measurement_is_reported_not_raised(tiny_model, tmp_path, monkeypatch):
+    from harness.adapters import get_adapter_model
+
+    model = get_adapter_model(tiny_model[0], "lora", r=2, alpha=4, targets=["k_proj"])
+    run = D.RunDiagnostics("basic")
+    probe = run.start(model, seed=0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no delta weight for an affine chain")
+
+    monkeypatch.setattr(D, "layer_rows", broken)
+    assert run.finish(probe, model, method="linchain", spec_method="linchain", seed=0,
+                      train_result=fake_train_result(0, 0.3)) == {}
+    run.write(tmp_path)
+    assert "linchain seed 0: not measured: RuntimeError: no delta weight" in (tmp_path / "diagnostics.md").read_text()
