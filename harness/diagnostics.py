@@ -329,9 +329,12 @@ def hessian_lambda_max(loss_fn: Callable[[], torch.Tensor | Iterable[torch.Tenso
         total = torch.zeros_like(v)
         terms = loss_fn()
         for term in [terms] if isinstance(terms, torch.Tensor) else terms:
-            grads = torch.autograd.grad(term, params, create_graph=True)
+            # a parameter a term does not reach (or reaches linearly) contributes zeros, not an error
+            grads = torch.autograd.grad(term, params, create_graph=True, allow_unused=True, materialize_grads=True)
             dot = sum((g * piece).sum() for g, piece in zip(grads, pieces))
-            total += torch.cat([h.reshape(-1) for h in torch.autograd.grad(dot, params)])
+            if dot.requires_grad:
+                total += torch.cat([h.reshape(-1) for h in torch.autograd.grad(
+                    dot, params, allow_unused=True, materialize_grads=True)])
         return total
 
     generator = torch.Generator().manual_seed(seed)

@@ -438,3 +438,12 @@ def test_a_failing_measurement_is_reported_not_raised(tiny_model, tmp_path, monk
                       train_result=fake_train_result(0, 0.3)) == {}
     run.write(tmp_path)
     assert "linchain seed 0: not measured: RuntimeError: no delta weight" in (tmp_path / "diagnostics.md").read_text()
+
+
+def test_lambda_max_with_a_parameter_the_loss_does_not_curve_in():
+    # L = 0.5 x^T H x + 3 y: y enters linearly, so its Hessian rows are zero; lambda_max is H's.
+    h = quadratic([2.0, 1.0, -4.0], seed=4)
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    y = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    result = D.hessian_lambda_max(lambda: 0.5 * x @ h @ x + 3 * y.sum(), [x, y], tol=1e-6)
+    assert result.value == pytest.approx(2.0, rel=1e-3)
