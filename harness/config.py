@@ -46,6 +46,8 @@ PROMPT_FORMATS = ("alpaca", "chat")
 # Mirrors harness.evaluate.SPLITS: the splits a run can score.
 SPLITS = ("validation", "test")
 DEFAULT_TRACKING_DB = "mlflow.db"
+# Mirrors harness.diagnostics.LEVELS (kept here so --help does not import torch).
+DIAGNOSTICS_LEVELS = ("none", "basic", "full")
 
 # Why max_steps=50 and dropout=0 by default: the embedded default run (3 methods, 1 seed, SmolLM2-135M
 # on 2 CPU cores) must finish in about 15 minutes. The alpaca prompt makes a default example ~58 tokens,
@@ -151,6 +153,11 @@ class RunConfig:
         f"MLflow tracking URI, e.g. http://localhost:5000 "
         f"(default: sqlite:///{DEFAULT_TRACKING_DB} in the working directory)", None, metavar="URI")
     experiment: str = _opt("MLflow experiment name", "lora-harness", metavar="NAME")
+    diagnostics: str = _opt(
+        "mechanism diagnostics after each method and seed (docs/diagnostics.md): 'basic' measures the "
+        "update's spectrum, intruder dimensions, similarity to LoRA, convergence and forgetting; 'full' adds "
+        "the Hessian's largest eigenvalue at initialisation (costly: several training steps' worth per method)",
+        "basic", choices=DIAGNOSTICS_LEVELS)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -187,6 +194,7 @@ def _validate(cfg: RunConfig) -> None:
     need(cfg.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
     need(cfg.num_beams >= 1, "num_beams", "must be at least 1")
     need(cfg.split in SPLITS, "split", f"unknown split: use one of {', '.join(SPLITS)}")
+    need(cfg.diagnostics in DIAGNOSTICS_LEVELS, "diagnostics", f"must be one of {', '.join(DIAGNOSTICS_LEVELS)}")
     need(cfg.prompt_format in PROMPT_FORMATS, "prompt_format", f"must be one of {', '.join(PROMPT_FORMATS)}")
     need(cfg.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
     need(bool(cfg.output_dir), "output_dir", "must not be empty")

@@ -170,6 +170,10 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     eval_kwargs = dict(tasks=cfg.tasks, data_dir=data_dir, limit=cfg.limit, batch_size=cfg.eval_batch_size,
                        num_beams=cfg.num_beams, prompt_format=cfg.prompt_format, split=cfg.split,
                        precision=precision)
+    from harness.diagnostics import RunDiagnostics  # --- diagnostics (harness.diagnostics)
+
+    # one fixed batch for the curvature probe: the first seed's training examples
+    diagnostics = RunDiagnostics(cfg.diagnostics, tokenizer, examples[cfg.seeds[0]], collate)
     finished = False
     try:
         top_name = run_dir.name if write_results else run_name
@@ -195,7 +199,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                 for plan in plans:
                     result = _run_method(cfg, plan, seed, model, tokenizer, examples[seed], collate, eval_kwargs,
                                          tracker, top, run_dir, progress, log, intermediate_every, on_intermediate,
-                                         data_parallel=ctx.distributed)
+                                         data_parallel=ctx.distributed, diagnostics=diagnostics)
                     result.contaminated = set(contaminated)
                     outcome.results.append(result)
 
@@ -205,6 +209,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                                        header={"protocol fingerprint": f"{fingerprint['hash']} (parts in result.json; "
                                                                        "compare runs with python -m harness.compare)",
                                                "precision": precision, **_data_header(cfg, overlaps, contaminated)})
+                written.update(diagnostics.write(run_dir))
                 written[RESULT_FILE] = write_result_json(run_dir, build_result(
                     run_dir.name, config_to_dict(cfg), fingerprint, outcome.base, outcome.results))
                 for path in written.values():
@@ -364,7 +369,7 @@ def _follow_main_rank(cfg: RunConfig, plans, base_model, examples, collate) -> N
 
 
 def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_kwargs, tracker, top, run_dir,
-                progress, log, intermediate_every=None, on_intermediate=None, data_parallel=False):
+                progress, log, intermediate_every=None, on_intermediate=None, data_parallel=False, diagnostics=None):
     """Train and evaluate one method with one seed in its own nested MLflow run; a failure is recorded, not raised.
 
     Under torchrun (``data_parallel``) a crash before training has finished ends the whole job instead: the
@@ -396,9 +401,14 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
                 h.log_metrics({"intermediate_average_accuracy": average}, step=step)
                 on_intermediate(plan.label, seed, step, average)
 
+            # --- diagnostics: the curvature at init (level full) before training, ||dW|| every few steps
+            probe = diagnostics.start(peft_model, seed) if diagnostics and diagnostics.enabled else None
             with h.step_logger() as steps:
+                def on_step(s, loss, lr):
+                    steps.log(s, train_loss=loss, lr=lr, **(probe.on_step(s) if probe else {}))
+
                 trained = train(peft_model, examples, collate, settings, progress=progress, description=name,
-                                on_step=lambda s, loss, lr: steps.log(s, train_loss=loss, lr=lr),
+                                on_step=on_step,
                                 checkpoint_every=intermediate_every if on_intermediate else None,
                                 on_checkpoint=checkpoint if on_intermediate else None)
                 for step, norm in trained.grad_norms:
@@ -412,6 +422,9 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
             h.log_metrics({"train_seconds": trained.train_seconds, "seconds_per_step": trained.seconds_per_step,
                            "tokens_per_second": trained.tokens_per_second, "peak_memory_mb": trained.peak_memory_mb,
                            "final_train_loss": trained.final_loss, "clipped_fraction": trained.clipped_fraction})
+            if probe:  # --- diagnostics: dW, intruders, forgetting, convergence (before the adapter is deleted)
+                h.log_metrics(diagnostics.finish(probe, peft_model, method=plan.label, spec_method=spec.method,
+                                                 seed=seed, train_result=trained), step=trained.steps)
             log(f"{name}: evaluating ...")
             evaluation = hevaluate.evaluate(peft_model, tokenizer, **eval_kwargs)
             result.scores, result.correct = _leaf_scores(evaluation), _correctness(evaluation)
@@ -420,6 +433,8 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
             h.log_artifacts(adapter_dir, "adapter")
         log(f"{name}: " + _score_line(result.scores) + f" ({result.train_seconds:.0f} s training)")
     except NonFiniteLoss as err:
+        if diagnostics:
+            diagnostics.record_failure(plan.label, seed)
         result.error = str(err)
         log(f"{name}: FAILED: {err}")
     except (KeyboardInterrupt, UserError, Pruned):
@@ -428,6 +443,8 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
         if data_parallel and trained is None:
             raise
         result.error = f"{type(err).__name__}: {err}"
+        if diagnostics:
+            diagnostics.record_failure(plan.label, seed)
         traceback.print_exc()
         log(f"{name}: FAILED: {result.error}; going on with the other methods")
     finally:
