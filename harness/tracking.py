@@ -61,6 +61,9 @@ LIBRARIES = ("torch", "transformers", "peft", "lm_eval", "mlflow", "optuna", "da
 _DISTRIBUTIONS = {"lm_eval": "lm-eval"}  # import name -> distribution name where they differ
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 def _mlflow():
     """Import mlflow lazily with telemetry off (importing this module must not touch the network)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -325,7 +328,9 @@ class Tracker:
         # MLflow's default artifact root for a SQLite store is ./mlruns of whatever the cwd is; tie it to the db.
         location = (db.resolve().parent / "mlruns").as_uri() if db is not None else None
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            # The tag makes MLflow 3's UI open the experiment on its training runs, not its GenAI overview.
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException:
             found = self.client.get_experiment_by_name(name)  # another process created it meanwhile
             if found is None:

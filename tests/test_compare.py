@@ -170,6 +170,11 @@ def test_compare_two_real_runs_by_folder_and_by_mlflow_run_id(tmp_path, data_dir
     parent = runs[runs["run_id"] == outcomes[0].parent_run_id].iloc[0]
     assert parent["tags.protocol"] == load_result_json(first)["fingerprint"]["hash"]
     assert parent["metrics.average/moslora"] == pytest.approx(summary.loc["moslora", "average"])
+    # the UI opens the experiment on its training runs (MLflow 3 shows a GenAI overview otherwise)
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(uri).get_experiment_by_name("lora-harness")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     # a run with another loss masking is refused, naming that part
     changed = tmp_path / "changed"
     shutil.copytree(second, changed)
