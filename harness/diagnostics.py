@@ -1016,7 +1016,8 @@ def plot_grad_norms(traces: Sequence[Trace], path: str | os.PathLike) -> Path:
             if series:
                 steps, values = _mean_series(series)
                 ax.plot(steps, values, color=colours[method], label=method, linewidth=1)
-        ax.set_yscale("log")
+        if any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
+            ax.set_yscale("log")  # (a group whose gradients are all zero, e.g. LoRA's A at step 1, stays linear)
         ax.set_title(f"group {group}", fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(True, alpha=0.3)
