@@ -224,7 +224,7 @@ def tuning_state(plan, trials) -> Tuning:
         complete = {p: v for p, v in state.scores.items() if len(v) == len(plan.seeds)}
         if not complete:
             return state
-        state.best = max(complete, key=lambda p: (_mean(complete[p].values()), -p))
+        state.best = max(complete, key=lambda p: (mean_of(complete[p].values()), -p))
         if state.best == low and low > -plan.extend:
             low -= 1
         elif state.best == high and high < len(plan.lr_grid) - 1 + plan.extend:
@@ -233,7 +233,8 @@ def tuning_state(plan, trials) -> Tuning:
             return state
 
 
-def _mean(values) -> float:
+def mean_of(values) -> float:
+    """The mean, NaN for no values (shared with ablations.report)."""
     values = list(values)
     return sum(values) / len(values) if values else math.nan
 
@@ -415,7 +416,7 @@ def method_results(plan, storage) -> list[MethodResult]:
             grid_low=lr_at(plan.lr_grid, tuning.low), grid_high=lr_at(plan.lr_grid, tuning.high),
             extended_low=-tuning.low, extended_high=tuning.high - (len(plan.lr_grid) - 1),
             chosen_lr=lr_at(plan.lr_grid, tuning.best) if tuning.best is not None else None,
-            valid_score=_mean(tuning.scores[tuning.best].values()) if tuning.best is not None else math.nan,
+            valid_score=mean_of(tuning.scores[tuning.best].values()) if tuning.best is not None else math.nan,
             test={s: v for (_, s), v in found.items() if isinstance(v, float)},
             failed={s: reasons.get(s, "failed") for (_, s), v in found.items() if v == "failed"},
             pending=[s for (_, s), v in found.items() if v == "pending"]))
@@ -444,8 +445,8 @@ def verdict_rows(plan, results: list[MethodResult], alpha: float = 0.05) -> list
     rows = []
     for r in results:
         row = {"method": r.spec, "reference": r.reference or "", "chosen_lr": r.chosen_lr, "grid_low": r.grid_low,
-               "grid_high": r.grid_high, "valid_score": r.valid_score, "test_mean": _mean(r.test.values()),
-               "test_std": _std(r.test.values()), "seeds": ",".join(map(str, sorted(r.test))),
+               "grid_high": r.grid_high, "valid_score": r.valid_score, "test_mean": mean_of(r.test.values()),
+               "test_std": std_of(r.test.values()), "seeds": ",".join(map(str, sorted(r.test))),
                "failed_seeds": ",".join(map(str, sorted(r.failed))), "gain_vs_lora": math.nan,
                "gain_low": math.nan, "gain_high": math.nan, "p_holm": math.nan, "mde": math.nan,
                "verdict": "reference" if r.reference is None else NOT_COMPARED, "note": _note(r)}
@@ -479,9 +480,10 @@ def _note(r: MethodResult) -> str:
     return "; ".join(notes)
 
 
-def _std(values) -> float:
+def std_of(values) -> float:
+    """The sample standard deviation, NaN below two values (shared with ablations.report)."""
     values = list(values)
     if len(values) < 2:
         return math.nan
-    m = _mean(values)
+    m = mean_of(values)
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))

@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from ablations.fair import mean_of, std_of
 from harness.report import atomic_path, pyplot, save_figure, write_text_atomic
 
 
@@ -82,7 +83,7 @@ def point_table(plan, trials: pd.DataFrame) -> pd.DataFrame:
         params = [p for p in (done["trainable_params"] if len(done) else []) if p == p and p is not None]
         rows.append({"spec": spec, **{f"axis_{a}": v for a, v in point.items()}, "seeds_done": len(scores),
                      "seeds_failed": int(((mine["state"] == "FAIL") & ~_retried(mine)).sum()) if len(mine) else 0,
-                     "mean": _mean(scores), "std": _std(scores),
+                     "mean": mean_of(scores), "std": std_of(scores),
                      "trainable_params": int(params[0]) if params else None, "point": k})
     return pd.DataFrame(rows)
 
@@ -111,19 +112,6 @@ def _retried(trials: pd.DataFrame) -> pd.Series:
     """FAILED trials whose configuration was queued again (killed workers): not failures of the configuration."""
     retried = set(trials["retry_of"].dropna().astype(int))
     return trials["trial"].isin(retried)
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else math.nan
-
-
-def _std(values) -> float:
-    values = list(values)
-    if len(values) < 2:
-        return math.nan
-    m = _mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 def write_report(plan, storage) -> Path:
@@ -514,7 +502,7 @@ def _plot_lr_sensitivity(plan, results, trials, folder: Path) -> Path | None:
         xs = [fair.lr_at(plan.lr_grid, p) for p in positions]
         values = [list(r.tuning.scores[p].values()) for p in positions]
         colour = f"C{i % 10}"
-        ax.plot(xs, [100 * _mean(v) for v in values], "-o", color=colour, label=r.spec)
+        ax.plot(xs, [100 * mean_of(v) for v in values], "-o", color=colour, label=r.spec)
         if len(plan.seeds) > 1:
             ax.fill_between(xs, [100 * min(v) for v in values], [100 * max(v) for v in values], color=colour,
                             alpha=0.15)
