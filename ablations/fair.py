@@ -339,17 +339,26 @@ def work(plan, storage, *, max_trials: int | None = None, stale_after: float, ru
     studies = [optuna.load_study(study_name=n, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
                for n in optuna_names(plan)]
     done, waiting_said = 0, False
+
+    def running() -> int:
+        return sum(len(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) for s in studies)
+
     while max_trials is None or done < max_trials:
+        # Counted before the top-up: a trial that another worker finishes after this pass's top-up
+        # may settle a spec, so this worker stops only after a pass that began with nothing running.
+        running_before = running()
         for study in studies:
             fail_stale_trials(study, storage, plan, stale_after, log)
             top_up(study, storage, plan)
         claimed = next(((s, t) for s in studies if (t := claim(s, storage)) is not None), None)
         if claimed is None:
-            running = sum(len(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) for s in studies)
-            if not running:
+            running_now = running()
+            if not running_now and not running_before:
                 break
+            if not running_now:
+                continue  # it finished during this pass: top up once more before deciding
             if not waiting_said:
-                log(f"[{plan.name}] nothing queued; waiting for {running} running trial(s) of other workers")
+                log(f"[{plan.name}] nothing queued; waiting for {running_now} running trial(s) of other workers")
                 waiting_said = True
             time.sleep(poll_s)
             continue

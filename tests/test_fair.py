@@ -298,6 +298,33 @@ def test_an_idle_worker_waits_for_another_workers_trial_then_runs_the_finals_it_
     assert sorted(c[1] for c in fake.calls if c[0] == "lora" and c[3] == "test") == [1, 2]
 
 
+def test_a_trial_finished_by_another_worker_between_top_up_and_claim_still_unlocks_its_finals(tmp_path, monkeypatch):
+    """The race CI once hit: the other worker's trial ends after this pass topped up and before it
+    counted the running trials; nothing is queued and nothing runs, yet the finals are still due."""
+    import optuna
+
+    from ablations import fair, trials
+
+    fake = ProtocolRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)})
+    plan, storage, _ = fair_plan(tmp_path)
+    run_all(plan, storage, fake, max_trials=2)
+    lora = optuna.load_study(study_name="tiny_fair/lora", storage=storage)
+    held = trials.claim(lora, storage)
+    real_claim, told = trials.claim, []
+
+    def claim_then_finish_the_held_trial(study, store):
+        trial = real_claim(study, store)
+        if trial is None and not told and study.study_name == fair.optuna_names(plan)[-1]:
+            lora.tell(held, fake.score("lora", held.user_attrs["lr"], 0, "validation"))
+            told.append(True)
+        return trial
+
+    monkeypatch.setattr(trials, "claim", claim_then_finish_the_held_trial)
+    fair.work(plan, storage, stale_after=600, run_fn=fake, log=lambda *a: None, poll_s=0.01)
+    assert told
+    assert sorted(c[1] for c in fake.calls if c[0] == "lora" and c[3] == "test") == [1, 2]
+
+
 def test_resume_after_a_dead_worker_reruns_only_its_trial(tmp_path):
     import optuna
     import time
