@@ -52,8 +52,9 @@ from harness import evaluate as hevaluate  # noqa: E402
 from harness.adapters import load_adapter_model, resolve_spec, save_adapter  # noqa: E402
 from harness.config import RunConfig  # noqa: E402
 from harness.models import DEFAULT_MODEL, load_model, resolve_precision, storage_dtype  # noqa: E402
-from harness.report import SystemResult, paired_bootstrap  # noqa: E402
+from harness.report import SystemResult  # noqa: E402
 from harness.run import _fresh_adapter_model, _train_settings  # noqa: E402
+from harness.stats import item_interval  # noqa: E402
 from harness.train import train  # noqa: E402
 
 CONDITIONS = {  # name: (precision, selected logits, length window)
@@ -142,7 +143,7 @@ def accuracy(args, cfg, bases, tokenizer, examples, collate, folder: Path):
             gc.collect()
     differences = {}
     for method in ("lora", "linchain"):
-        gain = paired_bootstrap([systems[method, "bf16"]], [systems[method, "fp32"]])
+        gain = item_interval({0: systems[method, "bf16"].correct}, {0: systems[method, "fp32"].correct})
         differences[method] = gain
         print(f"  {method}: bf16 - fp32 = {100 * gain.estimate:+.1f} points, 95% paired-bootstrap interval "
               f"[{100 * gain.low:+.1f}, {100 * gain.high:+.1f}] over the test items", flush=True)

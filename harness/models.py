@@ -108,10 +108,30 @@ def storage_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else None
+
+
+def contiguous_head_input(model) -> None:
+    """Make the output layer's input contiguous before the product (a forward pre-hook; idempotent).
+
+    Generation asks for logits at the last position only, ``hidden[:, -1:, :]``, a strided view. On
+    CPU, torch 2.13 multiplies a strided 3-d input by a 2-d weight as a batched product that first
+    copies the weight once per sequence: for the embedded model's 49,152 x 576 head at batch 32,
+    3.5 s in bf16 (5 ms once contiguous) and 167 ms in fp32 (19 ms), once per generated batch.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not getattr(head, "_harness_contiguous_input", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._harness_contiguous_input = True
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)`` for an embedded name, a local folder or a Hugging Face id, in ``dtype``."""
     if name == TINY_MODEL:
-        return tiny_random_model().to(dtype), tiny_tokenizer()
+        model = tiny_random_model().to(dtype)
+        contiguous_head_input(model)
+        return model, tiny_tokenizer()
     if name == EMBEDDED_MODEL:
         folder = embedded_model_folder()
     else:
@@ -129,6 +149,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
+    contiguous_head_input(model)
     return model, tokenizer
 
 

@@ -108,3 +108,29 @@ def test_run_with_unsupported_bf16_exits_before_any_model_work(monkeypatch, tmp_
 def test_tiny_random_loads_in_the_requested_dtype():
     model, _ = models.load_model(models.TINY_MODEL, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_the_output_layer_gets_a_contiguous_input_and_the_same_logits(tmp_path):
+    """Generation passes hidden[:, -1:, :], a strided view; the head must see it contiguous (CPU speed),
+    with logits unchanged, also after peft wraps the model and after a deep copy."""
+    import copy
+
+    from harness.adapters import get_adapter_model
+
+    model, _ = models.load_model(models.TINY_MODEL)
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    hidden = torch.randn(3, 5, head.in_features)
+    strided = hidden[:, -1:, :]
+    assert not strided.is_contiguous()
+    expected = strided.reshape(3, -1) @ head.weight.T
+    torch.testing.assert_close(head(strided).reshape(3, -1), expected)
+    assert seen == [True]
+    wrapped = copy.deepcopy(get_adapter_model(model, "lora", r=2))
+    seen_copy = []
+    wrapped.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen_copy.append(a[0].is_contiguous()))
+    wrapped.get_output_embeddings()(strided)
+    assert seen_copy == [True]
+    models.contiguous_head_input(model)  # idempotent: one hook, not two
+    assert sum(h is models._contiguous_input for h in head._forward_pre_hooks.values()) == 1

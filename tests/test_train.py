@@ -192,7 +192,11 @@ def test_selected_logits_give_the_same_loss_and_gradients(spec, prompt_masked):
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     ref_loss, ref_grads = loss_and_grads(lambda: reference_loss(model, batch))
+    head_rows = []
+    hook = head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].numel() // args[0].shape[-1]))
     new_loss, new_grads = loss_and_grads(lambda: causal_lm_loss(model, batch, head))
+    hook.remove()
+    assert head_rows == [int((batch["labels"][:, 1:] != -100).sum())]  # the head ran at the labelled positions only
     assert new_loss == pytest.approx(ref_loss, rel=1e-6)
     assert any(g.abs().sum() > 0 for g in ref_grads.values())
     for name, grad in ref_grads.items():
