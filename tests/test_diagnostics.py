@@ -455,6 +455,47 @@ def test_lr_against_curvature_plot(tmp_path):
     assert path.stat().st_size > 0
 
 
+def test_a_fair_study_plots_its_chosen_rates_against_the_curvature(tmp_path):
+    from test_fair import FAIR, ProtocolRun, fair_plan, run_all
+
+    from ablations import fair
+    from ablations.report import write_report
+
+    class CurvatureRun(ProtocolRun):
+        """Also logs what harness.run logs at --diagnostics full: diag/lambda_max in the method's run, nested
+        under harness.run's run, nested under the trial's run; the value depends on spec and seed, not on lr."""
+
+        lam = {"lora": 40.0, "moslora": 10.0}
+
+        def __call__(self, cfg, *, parent, tracker, **kwargs):
+            outcome = super().__call__(cfg, parent=parent, tracker=tracker, **kwargs)
+            (spec,), (seed,) = cfg.methods, cfg.seeds
+            with tracker.run(cfg.run_name, parent=parent) as top, tracker.run(f"{spec}-seed{seed}", parent=top) as h:
+                h.log_metrics({"diag/lambda_max": self.lam[spec] + seed, "diag/delta_norm": 1.0})
+            return outcome
+
+    optimum = {"lora": math.log10(1e-3), "moslora": math.log10(1e-2)}
+    plan, storage, _ = fair_plan(tmp_path, typed={"diagnostics": "full"})
+    run_all(plan, storage, CurvatureRun(optimum))
+    # every seed a spec ran with, tuning (0) and final (1, 2), once each
+    assert fair.curvatures(plan, storage) == {"lora": {0: 40.0, 1: 41.0, 2: 42.0},
+                                              "moslora": {0: 10.0, 1: 11.0, 2: 12.0}}
+    folder = write_report(plan, storage)
+    assert (folder / "lr_vs_curvature.png").stat().st_size > 0
+    text = (folder / "verdict.md").read_text()
+    assert "| `lora` | 0.001 | 41 | 3 | 0.041 |" in text and "| `moslora` | 0.01 | 11 | 3 | 0.11 |" in text
+    assert "lr_vs_curvature.png." in text.split("Files:")[1]
+
+    # at the default level the report says in one line what the plot needs, and draws nothing
+    (tmp_path / "basic").mkdir()
+    basic, storage, _ = fair_plan(tmp_path / "basic")
+    run_all(basic, storage, CurvatureRun(optimum))
+    folder = write_report(basic, storage)
+    assert not (folder / "lr_vs_curvature.png").exists()
+    needs = [line for line in (folder / "verdict.md").read_text().splitlines() if "lr_vs_curvature.png" in line]
+    assert len(needs) == 1 and "needs `diagnostics: full`" in needs[0]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Configuration and the run
 
