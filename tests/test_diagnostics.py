@@ -137,7 +137,7 @@ def test_top_left_cosines_match_the_full_svd(shape, rank, scale):
     expected = reference_cosines(w0, w0 + b @ a, 10)
     got = D.top_left_cosines(D.base_spectrum(w0), w0, b, a, k=10)
     assert got.shape == (10,)
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-4)
     # the counts at three thresholds (every cosine is at least 1e-3 from each: no borderline case)
     counts = [D.update_intruders(D.base_spectrum(w0), w0, b, a, threshold=th) for th in (0.3, 0.5, 0.7)]
     assert counts == [D.intruder_dimensions(w0, w0 + b @ a, threshold=th) for th in (0.3, 0.5, 0.7)]
@@ -154,7 +154,7 @@ def test_top_left_cosines_of_a_rank_deficient_update():
                                                                                    dtype=torch.float64) * 3], 1)
     a = torch.randn(4, 12, generator=g, dtype=torch.float64) / math.sqrt(12)
     expected = reference_cosines(w0, w0 + b @ a, 8)
-    assert torch.allclose(D.top_left_cosines(D.base_spectrum(w0), w0, b, a, k=8), expected, atol=1e-5)
+    assert torch.allclose(D.top_left_cosines(D.base_spectrum(w0), w0, b, a, k=8), expected, rtol=0, atol=1e-4)
 
 
 def test_intruder_count_agrees_with_peft_reduce_intruder_dimension(tiny_model):
