@@ -18,8 +18,8 @@ rate, the grid searched, the validation score, the test score over final seeds a
 LoRA with its interval, Holm-adjusted p-value, minimum detectable effect and verdict),
 ``trials.csv`` (every trial, tuning and final, with its split), ``lr_sensitivity.png``,
 ``tuning_curve.png`` and, when the trials run with ``diagnostics: full``, ``lr_vs_curvature.png``
-(the chosen rate against 1 / lambda_max per method) instead; a grid study run with ``--tune-lr`` adds its ``score_vs_<axis>.png``
-of the final test scores.
+(the chosen rate against 1 / lambda_max per method) instead; a grid study run with ``--tune-lr``
+adds its ``score_vs_<axis>.png`` of the final test scores.
 """
 
 from __future__ import annotations

@@ -190,19 +190,17 @@ def top_left_cosines(base: BaseSpectrum, w0: torch.Tensor, b: torch.Tensor, a: t
     m, p = u0.shape
     b = b.detach().to(torch.float64)
     a = a.detach().to(torch.float64)
-    beta = u0.T @ b
-    coords_b, coords_c = [beta], [u0.T @ (w0.detach().to(torch.float64) @ a.T)]
-    extra = 0
+    c = w0.detach().to(torch.float64) @ a.T
+    coords_b, coords_c = [u0.T @ b], [u0.T @ c]
     if m > p:  # U0 does not span R^m: range(W) may leave it along b
-        rest = b - u0 @ beta
+        rest = b - u0 @ coords_b[0]
         rest = rest - u0 @ (u0.T @ rest)  # twice: orthogonal to U0 to working precision
         q, sv, _ = torch.linalg.svd(rest, full_matrices=False)
         scale = float(torch.linalg.matrix_norm(b, 2)) if b.numel() else 0.0
         q = q[:, sv > OUTSIDE_RANGE_TOL * scale] if scale > 0 else q[:, :0]
-        extra = q.shape[1]
-        if extra:
+        if q.shape[1]:
             coords_b.append(q.T @ b)
-            coords_c.append(q.T @ (w0.detach().to(torch.float64) @ a.T))
+            coords_c.append(q.T @ c)
     coords_b, coords_c = torch.cat(coords_b), torch.cat(coords_c)
     cross = coords_c @ coords_b.T
     gram = cross + cross.T + coords_b @ (a @ a.T) @ coords_b.T

@@ -353,7 +353,8 @@ def test_recorder_follows_the_update_during_training(tiny_model):
     assert recorded["diag/delta_norm"] == pytest.approx(
         math.sqrt(sum(float(d.norm()) ** 2 for d in D.delta_weights(model).values())), rel=1e-5)
     assert [s for s, _ in recorder.delta_norms] == [1, 4]
-    assert D.RECORD_EVERY == 10 and D.DiagnosticsRecorder(model).on_step(10) and not D.DiagnosticsRecorder(model).on_step(5)
+    every_ten = D.DiagnosticsRecorder(model)  # the default: every 10 steps
+    assert D.RECORD_EVERY == 10 and every_ten.on_step(10) and not every_ten.on_step(5)
 
 
 def test_recorder_from_grams_equals_the_full_products(tiny_model):
