@@ -432,6 +432,52 @@ def method_results(plan, storage) -> list[MethodResult]:
     return results
 
 
+LAMBDA_MAX_METRIC = "diag/lambda_max"  # logged by harness.run for every method and seed at --diagnostics full
+
+
+def curvatures(plan, storage) -> dict[str, dict[int, float]]:
+    """Per spec and seed, the lambda_max its trials logged to MLflow; empty unless the runs use ``diagnostics: full``.
+
+    lambda_max is the Hessian's largest eigenvalue at initialisation (harness.diagnostics), before the learning
+    rate plays any part, so every trial of a spec with a given seed measures the same value: one trial per seed
+    is read (final trials first, then tuning trials; completed or pruned, both measured it before training).
+    """
+    import optuna
+
+    from ablations.trials import MLFLOW_RUN_ATTR
+    from harness.tracking import Tracker
+
+    if plan.config.get("diagnostics") != "full":
+        return {}
+    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    found: dict[str, dict[int, float]] = {}
+    for spec in plan.specs():
+        mine = found.setdefault(spec, {})
+        for name in (final_name(plan, spec), tune_name(plan, spec)):
+            for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+                seed, run_id = t.user_attrs.get("seed"), t.user_attrs.get(MLFLOW_RUN_ATTR)
+                if seed in mine or run_id is None or t.state.name not in ("COMPLETE", "PRUNED"):
+                    continue
+                value = _logged_below(tracker, run_id, LAMBDA_MAX_METRIC)
+                if value is not None:
+                    mine[seed] = value
+    return {spec: values for spec, values in found.items() if values}
+
+
+def _logged_below(tracker, run_id: str, key: str) -> float | None:
+    """The first finite value of metric ``key`` in the runs nested under ``run_id`` (harness.run's, its methods')."""
+    frontier = [run_id]
+    while frontier:
+        current = frontier.pop()
+        for child in tracker.client.search_runs([tracker.experiment_id], max_results=10_000,
+                                                filter_string=f"tags.mlflow.parentRunId = '{current}'"):
+            value = child.data.metrics.get(key)
+            if value is not None and math.isfinite(value):
+                return float(value)
+            frontier.append(child.info.run_id)
+    return None
+
+
 NOT_COMPARED = "not compared"  # no final seed that both the method and its reference completed (yet)
 VERDICT_COLUMNS = ("method", "reference", "chosen_lr", "grid_low", "grid_high", "valid_score", "test_mean",
                    "test_std", "seeds", "failed_seeds", "gain_vs_lora", "gain_low", "gain_high", "p_holm", "mde",

@@ -16,9 +16,10 @@ by any machine, while workers are still running; each file is written atomically
 Fair studies (``ablations.fair``) write ``verdict.csv`` and ``verdict.md`` (per method: the chosen
 rate, the grid searched, the validation score, the test score over final seeds and the gain over
 LoRA with its interval, Holm-adjusted p-value, minimum detectable effect and verdict),
-``trials.csv`` (every trial, tuning and final, with its split), ``lr_sensitivity.png`` and
-``tuning_curve.png`` instead; a grid study run with ``--tune-lr`` adds its ``score_vs_<axis>.png``
-of the final test scores.
+``trials.csv`` (every trial, tuning and final, with its split), ``lr_sensitivity.png``,
+``tuning_curve.png`` and, when the trials run with ``diagnostics: full``, ``lr_vs_curvature.png``
+(the chosen rate against 1 / lambda_max per method) instead; a grid study run with ``--tune-lr``
+adds its ``score_vs_<axis>.png`` of the final test scores.
 """
 
 from __future__ import annotations
@@ -421,13 +422,21 @@ def write_fair_report(plan, storage) -> Path:
             print(f"warning: {draw.__name__[1:]} not drawn: {type(err).__name__}: {err}")
         if path is not None:
             plots.append(path)
-    write_text_atomic(folder / "verdict.md", verdict_markdown(plan, results, rows, trials, plots))
+    try:
+        path, curvature = _plot_lr_vs_curvature(plan, storage, results, folder)
+    except Exception as err:  # noqa: BLE001 (MLflow unreadable, say: the verdict does not depend on it)
+        path, curvature = None, [f"lr_vs_curvature.png not drawn: {type(err).__name__}: {err}"]
+        print(f"warning: {curvature[0]}")
+    if path is not None:
+        plots.append(path)
+    write_text_atomic(folder / "verdict.md", verdict_markdown(plan, results, rows, trials, plots, curvature))
     written = [folder / "verdict.csv", folder / "verdict.md", folder / "trials.csv", *plots]
     finish_parent_run(plan, storage, artifacts=written)
     return folder
 
 
-def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, plots: list[Path]) -> str:
+def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, plots: list[Path],
+                     curvature: list[str] = ()) -> str:
     cfg = plan.config
     tune = trials[trials["stage"] == "tune"] if len(trials) else trials
     ran = tune[tune["state"].isin(["COMPLETE", "PRUNED", "FAIL"]) & tune["duplicate_of"].isna()] if len(tune) else tune
@@ -465,6 +474,8 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
     notes = [f"- `{r['method']}`: {r['note']}" for _, r in rows.iterrows() if r["note"]]
     if notes:
         lines += ["", "Notes (grid extensions, rates at the edge, failed or missing seeds):", "", *notes]
+    if curvature:
+        lines += ["", *curvature]
     lines += ["", "Files: verdict.csv (this table), trials.csv (every trial, tuning and final, with its split)"
               + "".join(f", {p.name}" for p in plots) + ". Each trial is a nested MLflow run under `study-"
               + plan.name + "`.", ""]
@@ -518,6 +529,34 @@ def _plot_lr_sensitivity(plan, results, trials, folder: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, folder / "lr_sensitivity.png", dpi=120)
+
+
+def _plot_lr_vs_curvature(plan, storage, results, folder: Path) -> tuple[Path | None, list[str]]:
+    """Each method's chosen rate against 1 / lambda_max (harness.diagnostics.plot_lr_vs_curvature), and the lines
+    verdict.md says about it: a table of the values, or why there is no plot."""
+    from ablations import fair
+    from harness.diagnostics import plot_lr_vs_curvature
+
+    if plan.config.get("diagnostics") != "full":
+        return None, ["The chosen rate against 1 / lambda_max (lr_vs_curvature.png) needs `diagnostics: full` in the "
+                      "study's run options: lambda_max, the Hessian's largest eigenvalue at initialisation, is "
+                      "measured only at that level."]
+    measured = fair.curvatures(plan, storage)
+    chosen = [(r, measured[r.spec]) for r in results if r.chosen_lr is not None and r.spec in measured]
+    if not chosen:
+        return None, ["lr_vs_curvature.png: not drawn yet: no method has both a chosen rate and a measured "
+                      "lambda_max."]
+    points = [(r.spec, r.chosen_lr, value) for r, values in chosen for _, value in sorted(values.items())]
+    path = plot_lr_vs_curvature(points, folder / "lr_vs_curvature.png")
+    lines = ["Curvature (lr_vs_curvature.png): lambda_max is the largest eigenvalue of the training loss's Hessian "
+             "w.r.t. the adapter at initialisation (it does not depend on the rate), mean over the seeds measured. "
+             "The \"Learning Rate Matters\" study ties a method's best rate to 1 / lambda_max: where that holds, "
+             "lr x lambda_max is about the same for every method.", "",
+             "| method | chosen lr | lambda_max | seeds | lr x lambda_max |", "|---|---:|---:|---:|---:|"]
+    for r, values in chosen:
+        mean = mean_of(values.values())
+        lines.append(f"| `{r.spec}` | {_g(r.chosen_lr)} | {_g(mean)} | {len(values)} | {_g(r.chosen_lr * mean)} |")
+    return path, lines
 
 
 def tuning_curves(trials: pd.DataFrame) -> dict[str, list[float]]:

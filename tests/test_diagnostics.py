@@ -94,6 +94,69 @@ def test_intruder_count_of_a_constructed_example():
     assert D.intruder_dimensions(w0, w0) == 0
 
 
+def hadamard_example(n=16):
+    """The example above in factored form: W0 and dW = b @ a (rank 3)."""
+    w0 = torch.diag(torch.linspace(2.0, 1.0, n, dtype=torch.float64))
+    h = hadamard(n) / math.sqrt(n)
+    near = torch.zeros(n, dtype=torch.float64)
+    near[0], near[2] = 2 ** -0.5, -(2 ** -0.5)
+    b = torch.stack([100 * h[0], 80 * h[1], 60 * near], dim=1)
+    a = torch.stack([h[5], h[9], h[3]])
+    return w0, b, a
+
+
+def test_intruders_from_the_factors_equal_the_full_svd_count():
+    w0, b, a = hadamard_example()
+    base = D.base_spectrum(w0)
+    assert D.update_intruders(base, w0, b, a) == 2 == D.intruder_dimensions(w0, w0 + b @ a)
+    assert D.update_intruders(base, w0, b, a, threshold=0.2) == 0
+    assert D.update_intruders(base, w0, b, a, k=1) == 1
+    assert D.update_intruders(base, w0, b * 0, a) == 0
+
+
+def reference_cosines(w0, w, k):
+    """Max |cosine| of each top-k left singular vector of w with w0's, by two float64 full SVDs."""
+    u0 = torch.linalg.svd(w0, full_matrices=False)[0]
+    u = torch.linalg.svd(w, full_matrices=False)
+    assert bool((u.S[:k] - u.S[1:k + 1]).min() > 1e-3 * u.S[0])  # distinct: the vectors are well defined
+    return (u.U[:, :k].T @ u0).abs().max(dim=1).values
+
+
+@pytest.mark.parametrize("shape, rank, scale", [
+    ((30, 30), 4, 3.0),    # square
+    ((24, 60), 5, 4.0),    # wide: U0 spans R^m
+    ((60, 18), 4, 4.0),    # tall: range(b) leaves range(W0), the extra basis directions matter
+    ((60, 18), 4, 0.3),    # tall, a small update: mostly W0's own directions
+])
+def test_top_left_cosines_match_the_full_svd(shape, rank, scale):
+    m, n = shape
+    g = torch.Generator().manual_seed(m * n + rank)
+    w0 = with_spectrum(torch.linspace(6.0, 0.5, min(m, n)).tolist(), rows=m, cols=n, seed=m)
+    b = torch.randn(m, rank, generator=g, dtype=torch.float64) * scale
+    a = torch.randn(rank, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    expected = reference_cosines(w0, w0 + b @ a, 10)
+    got = D.top_left_cosines(D.base_spectrum(w0), w0, b, a, k=10)
+    assert got.shape == (10,)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-4)
+    # the counts at three thresholds (every cosine is at least 1e-3 from each: no borderline case)
+    counts = [D.update_intruders(D.base_spectrum(w0), w0, b, a, threshold=th) for th in (0.3, 0.5, 0.7)]
+    assert counts == [D.intruder_dimensions(w0, w0 + b @ a, threshold=th) for th in (0.3, 0.5, 0.7)]
+    if scale > 1:
+        assert counts[1] > 0  # the example is not vacuous
+
+
+def test_top_left_cosines_of_a_rank_deficient_update():
+    # b with a repeated column and a zero one: range(b) has rank 2, in a tall layer (the extra basis is cut to 2)
+    g = torch.Generator().manual_seed(7)
+    w0 = with_spectrum(torch.linspace(5.0, 1.0, 12).tolist(), rows=40, cols=12, seed=3)
+    col = torch.randn(40, 1, generator=g, dtype=torch.float64) * 4
+    b = torch.cat([col, col, torch.zeros(40, 1, dtype=torch.float64), torch.randn(40, 1, generator=g,
+                                                                                   dtype=torch.float64) * 3], 1)
+    a = torch.randn(4, 12, generator=g, dtype=torch.float64) / math.sqrt(12)
+    expected = reference_cosines(w0, w0 + b @ a, 8)
+    assert torch.allclose(D.top_left_cosines(D.base_spectrum(w0), w0, b, a, k=8), expected, rtol=0, atol=1e-4)
+
+
 def test_intruder_count_agrees_with_peft_reduce_intruder_dimension(tiny_model):
     from peft.tuners.lora.intruders import reduce_intruder_dimension
 
@@ -290,6 +353,25 @@ def test_recorder_follows_the_update_during_training(tiny_model):
     assert recorded["diag/delta_norm"] == pytest.approx(
         math.sqrt(sum(float(d.norm()) ** 2 for d in D.delta_weights(model).values())), rel=1e-5)
     assert [s for s, _ in recorder.delta_norms] == [1, 4]
+    every_ten = D.DiagnosticsRecorder(model)  # the default: every 10 steps
+    assert D.RECORD_EVERY == 10 and every_ten.on_step(10) and not every_ten.on_step(5)
+
+
+def test_recorder_from_grams_equals_the_full_products(tiny_model):
+    # ||dW||_F and the mean effective rank from r x r Gram matrices, against SVDs of the formed d_out x d_in dW
+    from harness.adapters import get_adapter_model
+
+    torch.manual_seed(2)
+    model = trained_look(get_adapter_model(tiny_model[0], "linchain:n=2", r=4, alpha=8,
+                                           targets=["q_proj", "k_proj", "down_proj"]), seed=2)
+    deltas = {name: d.double() for name, d in D.delta_weights(model).items()}
+    assert len({d.shape for d in deltas.values()}) == 3  # three shapes of layer
+    norm, rank = D.update_norm_and_rank(D.adapted_layers(model), "default")
+    assert norm == pytest.approx(math.sqrt(sum(float(d.norm()) ** 2 for d in deltas.values())), rel=1e-9)
+    # (the r non-zero singular values: the float32 product's rounding adds tiny ones beyond rank r)
+    ranks = [D.effective_rank(torch.linalg.svdvals(d)[:4]) for d in deltas.values()]
+    assert rank == pytest.approx(sum(ranks) / len(ranks), rel=1e-6)
+    assert 1.5 < rank < 4  # not a degenerate spectrum
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,6 +454,47 @@ def test_lr_against_curvature_plot(tmp_path):
     path = D.plot_lr_vs_curvature([("lora", 2e-3, 40.0), {"method": "linchain", "lr": 5e-3, "lambda_max": 9.0}],
                                   tmp_path / "lr_vs_curvature.png")
     assert path.stat().st_size > 0
+
+
+def test_a_fair_study_plots_its_chosen_rates_against_the_curvature(tmp_path):
+    from test_fair import FAIR, ProtocolRun, fair_plan, run_all
+
+    from ablations import fair
+    from ablations.report import write_report
+
+    class CurvatureRun(ProtocolRun):
+        """Also logs what harness.run logs at --diagnostics full: diag/lambda_max in the method's run, nested
+        under harness.run's run, nested under the trial's run; the value depends on spec and seed, not on lr."""
+
+        lam = {"lora": 40.0, "moslora": 10.0}
+
+        def __call__(self, cfg, *, parent, tracker, **kwargs):
+            outcome = super().__call__(cfg, parent=parent, tracker=tracker, **kwargs)
+            (spec,), (seed,) = cfg.methods, cfg.seeds
+            with tracker.run(cfg.run_name, parent=parent) as top, tracker.run(f"{spec}-seed{seed}", parent=top) as h:
+                h.log_metrics({"diag/lambda_max": self.lam[spec] + seed, "diag/delta_norm": 1.0})
+            return outcome
+
+    optimum = {"lora": math.log10(1e-3), "moslora": math.log10(1e-2)}
+    plan, storage, _ = fair_plan(tmp_path, typed={"diagnostics": "full"})
+    run_all(plan, storage, CurvatureRun(optimum))
+    # every seed a spec ran with, tuning (0) and final (1, 2), once each
+    assert fair.curvatures(plan, storage) == {"lora": {0: 40.0, 1: 41.0, 2: 42.0},
+                                              "moslora": {0: 10.0, 1: 11.0, 2: 12.0}}
+    folder = write_report(plan, storage)
+    assert (folder / "lr_vs_curvature.png").stat().st_size > 0
+    text = (folder / "verdict.md").read_text()
+    assert "| `lora` | 0.001 | 41 | 3 | 0.041 |" in text and "| `moslora` | 0.01 | 11 | 3 | 0.11 |" in text
+    assert "lr_vs_curvature.png." in text.split("Files:")[1]
+
+    # at the default level the report says in one line what the plot needs, and draws nothing
+    (tmp_path / "basic").mkdir()
+    basic, storage, _ = fair_plan(tmp_path / "basic")
+    run_all(basic, storage, CurvatureRun(optimum))
+    folder = write_report(basic, storage)
+    assert not (folder / "lr_vs_curvature.png").exists()
+    needs = [line for line in (folder / "verdict.md").read_text().splitlines() if "lr_vs_curvature.png" in line]
+    assert len(needs) == 1 and "needs `diagnostics: full`" in needs[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
