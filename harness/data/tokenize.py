@@ -37,6 +37,12 @@ def build_train_dataset(records: list[dict], tokenizer, prompt_format: str = "al
     return examples
 
 
+def collate_for(tokenizer):
+    """The collator of a run: :func:`collate` with the tokenizer's pad id (its EOS id when it has none)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return lambda batch: collate(batch, pad)
+
+
 def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest sequence: pad ids, -100 labels, zero attention."""
     width = max(len(example["input_ids"]) for example in batch)
