@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
     peft_model = get_adapter_model(copy.deepcopy(model), args.method, r=cfg.rank, alpha=cfg.alpha,
                                    targets=cfg.targets)
-    settings = TrainSettings(lr=cfg.lr, batch_size=cfg.batch_size, max_steps=args.steps, seed=0)
+    settings = dataclasses.replace(TrainSettings.from_config(cfg, None, 0), max_steps=args.steps)
     result = train(peft_model, examples, collate, settings, progress=False)
     train_per_step = result.train_seconds / result.steps
     default_training = train_per_step * DEFAULT_RUN_STEPS

@@ -53,8 +53,7 @@ from harness.adapters import fresh_adapter_model, load_adapter_model, resolve_sp
 from harness.config import RunConfig  # noqa: E402
 from harness.models import DEFAULT_MODEL, load_model, resolve_precision, storage_dtype  # noqa: E402
 from harness.report import SystemResult, paired_bootstrap  # noqa: E402
-from harness.run import _train_settings  # noqa: E402
-from harness.train import train  # noqa: E402
+from harness.train import TrainSettings, train  # noqa: E402
 
 CONDITIONS = {  # name: (precision, selected logits, length window)
     "old": ("fp32", False, 1),
@@ -78,7 +77,7 @@ def load(args):
 
 def settings_for(cfg, spec, seed, condition, steps):
     precision, selected, window = CONDITIONS[condition]
-    settings = _train_settings(cfg, spec, seed)
+    settings = TrainSettings.from_config(cfg, spec, seed)
     return dataclasses.replace(settings, precision=precision, selected_logits=selected, max_steps=steps,
                                length_window=window or settings.length_window)
 
@@ -121,7 +120,7 @@ def accuracy(args, cfg, bases, tokenizer, examples, collate, folder: Path):
         for precision in ("fp32", "bf16"):
             model = fresh_adapter_model(bases[precision], spec, seed=0)
             # the run's own settings, the new path in both: only the precision differs
-            settings = dataclasses.replace(_train_settings(cfg, spec, 0), precision=precision, max_steps=args.steps)
+            settings = dataclasses.replace(TrainSettings.from_config(cfg, spec, 0), precision=precision, max_steps=args.steps)
             trained = train(model, examples, collate, settings, progress=False)
             start = time.perf_counter()
             evaluation = hevaluate.evaluate(model, tokenizer, ["arithmetic"], args.data_dir, limit=args.limit,

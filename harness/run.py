@@ -389,15 +389,6 @@ def _examples_by_seed(records: dict[int, list[dict]], tokenizer, cfg: RunConfig)
     return examples
 
 
-def _train_settings(cfg: RunConfig, spec, seed: int):
-    from harness.train import TrainSettings
-
-    return TrainSettings(lr=spec.lr or cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                         max_steps=cfg.max_steps, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
-                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed,
-                         precision=cfg.precision)
-
-
 def _quiet(*args, **kwargs) -> None:
     """The log of ranks other than 0: rank 0 speaks for the job."""
 
@@ -447,11 +438,11 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
     from harness.adapters import fresh_adapter_model, save_adapter, trainable_parameters
     from harness.report import method_settings, score_line
     from harness.tracking import log_evaluation
-    from harness.train import NonFiniteLoss, train
+    from harness.train import NonFiniteLoss, TrainSettings, train
 
     name = f"{plan.label}-seed{seed}"
     spec, log, diagnostics = plan.spec, context.log, context.diagnostics
-    settings = _train_settings(cfg, spec, seed)
+    settings = TrainSettings.from_config(cfg, spec, seed)
     result = MethodResult(method=plan.label, seed=seed, settings=method_settings(spec, settings.lr, cfg.train_on_inputs),
                           contaminated=set(context.contaminated))
     peft_model = None

@@ -426,10 +426,11 @@ def _tiny_examples(n=16, length=12):
 
 
 def _harness_train(model, steps=4):
+    from harness.config import RunConfig
     from harness.train import TrainSettings, train
 
-    settings = TrainSettings(lr=1e-2, batch_size=4, grad_accum=1, max_steps=steps, epochs=1.0, warmup_ratio=0.0,
-                             weight_decay=0.0, max_grad_norm=1.0, seed=0)
+    settings = TrainSettings.from_config(RunConfig(lr=1e-2, batch_size=4, grad_accum=1, max_steps=steps, epochs=1.0,
+                                                   warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0), None, 0)
     stack = lambda batch: {k: torch.stack([x[k] for x in batch]) for k in batch[0]}  # noqa: E731
     return train(model, _tiny_examples(), stack, settings, progress=False)
 

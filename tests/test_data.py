@@ -265,9 +265,11 @@ def test_train_example_is_prompt_response_eos(tiny_tokenizer, prompt_format):
 
 
 def test_cutoff_and_collate(tiny_tokenizer):
-    examples = build_train_dataset([RECORD, {**RECORD, "output": "5"}], tiny_tokenizer, cutoff_len=20)
+    examples = build_train_dataset([RECORD, {**RECORD, "output": "5"}], tiny_tokenizer, "alpaca", train_on_inputs=True,
+                                   cutoff_len=20)
     assert [len(e["input_ids"]) for e in examples] == [20, 20]
-    long, short = build_train_dataset([RECORD, {**RECORD, "instruction": "1+1?"}], tiny_tokenizer, cutoff_len=512)
+    long, short = build_train_dataset([RECORD, {**RECORD, "instruction": "1+1?"}], tiny_tokenizer, "alpaca",
+                                      train_on_inputs=True, cutoff_len=512)
     batch = collate([long, short], pad_token_id=tiny_tokenizer.pad_token_id)
     width = len(long["input_ids"])
     assert batch["input_ids"].shape == (2, width)
