@@ -172,7 +172,7 @@ class RunInputs:
 
 @dataclass
 class MethodContext:
-    """What every method's run shares, built once by :func:`run` (the worker is ``_run_method(cfg, plan, seed, context)``).
+    """What every method's run shares, built once by :func:`run`: ``_run_method(cfg, plan, seed, context)``.
 
     On the ranks other than 0 of a torchrun job ``is_main`` is False: the tracker records nothing
     (:class:`harness.tracking.NoTracking`) and there is no parent run, results folder or diagnostics.
@@ -458,7 +458,8 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
             h.log_metrics({"trainable_params": result.trainable_params})
 
             def checkpoint(step: int) -> None:
-                quick = hevaluate.evaluate(peft_model, context.tokenizer, **{**context.eval_kwargs, "log_samples": False})
+                quick = hevaluate.evaluate(peft_model, context.tokenizer,
+                                           **{**context.eval_kwargs, "log_samples": False})
                 average = sum(quick.scores.values()) / max(len(quick.scores), 1)
                 h.log_metrics({"intermediate_average_accuracy": average}, step=step)
                 context.on_intermediate(plan.label, seed, step, average)
@@ -472,8 +473,8 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
                 pruning = context.on_intermediate is not None
                 trained = result.training = train(
                     peft_model, context.examples[seed], context.collate, settings, progress=context.progress,
-                    description=name, on_step=on_step, checkpoint_every=context.intermediate_every if pruning else None,
-                    on_checkpoint=checkpoint if pruning else None)
+                    description=name, on_step=on_step, on_checkpoint=checkpoint if pruning else None,
+                    checkpoint_every=context.intermediate_every if pruning else None)
                 for step, norm in trained.grad_norms:
                     steps.log(step, grad_norm=norm)
             h.log_metrics({"train_seconds": trained.train_seconds, "seconds_per_step": trained.seconds_per_step,

@@ -6,7 +6,11 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -228,3 +232,15 @@ def test_a_result_file_written_with_the_repr_of_a_set_reads_back_the_set():
     content["systems"][0]["contaminated"], content["systems"][1]["contaminated"] = "{'t'}", "set()"
     base_again, again = systems_of(content)
     assert base_again.contaminated == {"t"} and again[0].contaminated == set()
+
+
+def test_command_line_is_one_line_in_a_real_process(tmp_path):
+    """The one real process of ``python -m harness.compare``: the entry point, exit 2 and one line, no traceback
+    (the other command-line checks call ``main(argv)`` in this process)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "harness.compare", str(tmp_path), str(tmp_path / "missing")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a results folder" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

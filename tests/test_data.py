@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -301,3 +305,15 @@ def test_cli_preview(capsys):
     assert main(["arithmetic:n=5", "--show", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "5 train records from arithmetic:n=5" and json.loads(out[1])["answer"]
+
+
+def test_command_line_is_one_line_in_a_real_process(tmp_path):
+    """The one real process of ``python -m harness.data``: the entry point, exit 2 and one line, no traceback
+    (the other command-line checks call ``main(argv)`` in this process)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "harness.data", "no_such_set"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a named set" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

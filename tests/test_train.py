@@ -48,6 +48,7 @@ def run(spec, examples, seed=0, device="cpu", **kw):
     return model, train(model, examples, collate_fn, settings, progress=False)
 
 
+@pytest.mark.integration
 def test_same_seed_gives_the_same_losses_on_cpu(examples):
     _, a = run("linchain", examples)
     _, b = run("linchain", examples)
@@ -56,6 +57,7 @@ def test_same_seed_gives_the_same_losses_on_cpu(examples):
     assert c.losses != a.losses
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spec", ["lora", "linchain", "mtlora:structure=icfm", "condlora"])
 def test_training_lowers_the_loss_on_every_device(examples, spec, device):
@@ -95,6 +97,7 @@ def test_batch_order_covers_the_data_before_repeating():
     assert sorted(flat[:10]) == list(range(10)) and len(flat) == 20
 
 
+@pytest.mark.integration
 def test_warmup_then_decay_and_gradient_accumulation(examples):
     _, result = run("lora", examples, max_steps=10, warmup_ratio=0.3, grad_accum=2)
     lrs = [lr for _, lr in result.learning_rates]
@@ -261,6 +264,7 @@ def test_length_grouping_depends_on_the_seed_and_the_data_only():
     assert batch_order(30, 12, 4, seed=0, lengths=lengths, window=1) == batch_order(30, 12, 4, seed=0)
 
 
+@pytest.mark.integration
 def test_every_method_trains_on_the_same_length_grouped_batches():
     g = torch.Generator().manual_seed(5)
     varied = []
@@ -283,6 +287,7 @@ def test_every_method_trains_on_the_same_length_grouped_batches():
 # bf16
 
 
+@pytest.mark.integration
 def test_bf16_training_keeps_the_adapter_fp32_and_it_merges_exactly_onto_the_fp32_base(examples, tmp_path,
                                                                                          monkeypatch):
     from harness import models
@@ -314,6 +319,7 @@ def test_bf16_training_keeps_the_adapter_fp32_and_it_merges_exactly_onto_the_fp3
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_a_run_logs_gradient_norms_clipping_and_precision_to_mlflow(tmp_path, mlflow_runs_of):
     import mlflow
 
