@@ -398,7 +398,7 @@ def check_inputs(plan: StudyPlan) -> None:
     from ablations.report import report_dir
     from harness import data as hdata
     from harness.fsutil import check_writable_dir
-    from harness.run import task_data_checksums
+    from harness.evaluate import task_data_checksums
 
     cfg = plan.trial_config(plan.specs()[0], plan.seeds, 0)
     check_writable_dir(report_dir(plan), "--output-dir")

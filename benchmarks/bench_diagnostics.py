@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -95,7 +96,7 @@ def main() -> None:
         torch.manual_seed(0)
         return get_adapter_model(copy.deepcopy(model), method, r=cfg.rank, alpha=cfg.alpha, targets=cfg.targets)
 
-    settings = TrainSettings(lr=cfg.lr, batch_size=cfg.batch_size, max_steps=args.steps, seed=0)
+    settings = dataclasses.replace(TrainSettings.from_config(cfg, None, 0), max_steps=args.steps)
     parts = {name: Timed(name) for name in ("update_norm_and_rank", "base_spectrum", "update_intruders",
                                             "mean_token_loss", "general_text_sample")}
     run = D.RunDiagnostics("basic", tokenizer, examples, collate)

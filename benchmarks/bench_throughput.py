@@ -49,13 +49,12 @@ import torch  # noqa: E402
 
 from harness import data as hdata  # noqa: E402
 from harness import evaluate as hevaluate  # noqa: E402
-from harness.adapters import load_adapter_model, resolve_spec, save_adapter  # noqa: E402
+from harness.adapters import fresh_adapter_model, load_adapter_model, resolve_spec, save_adapter  # noqa: E402
 from harness.config import RunConfig  # noqa: E402
 from harness.models import DEFAULT_MODEL, load_model, resolve_precision, storage_dtype  # noqa: E402
 from harness.report import SystemResult  # noqa: E402
-from harness.run import _fresh_adapter_model, _train_settings  # noqa: E402
 from harness.stats import item_interval  # noqa: E402
-from harness.train import train  # noqa: E402
+from harness.train import TrainSettings, train  # noqa: E402
 
 CONDITIONS = {  # name: (precision, selected logits, length window)
     "old": ("fp32", False, 1),
@@ -79,7 +78,7 @@ def load(args):
 
 def settings_for(cfg, spec, seed, condition, steps):
     precision, selected, window = CONDITIONS[condition]
-    settings = _train_settings(cfg, spec, seed)
+    settings = TrainSettings.from_config(cfg, spec, seed)
     return dataclasses.replace(settings, precision=precision, selected_logits=selected, max_steps=steps,
                                length_window=window or settings.length_window)
 
@@ -96,7 +95,7 @@ def training_throughput(args, cfg, bases, examples, collate) -> dict[str, float]
     for round_ in range(args.rounds):
         for condition in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotated order
             precision = CONDITIONS[condition][0]
-            model = _fresh_adapter_model(bases[precision], spec, seed=100 + round_)
+            model = fresh_adapter_model(bases[precision], spec, seed=100 + round_)
             settings = settings_for(cfg, spec, 100 + round_, condition, args.timing_steps)
             result = train(model, examples, collate, settings, progress=False)
             rates[condition].append(result.tokens_per_second)
@@ -120,9 +119,9 @@ def accuracy(args, cfg, bases, tokenizer, examples, collate, folder: Path):
     for method in ("lora", "linchain"):
         spec = resolve_spec(method, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
         for precision in ("fp32", "bf16"):
-            model = _fresh_adapter_model(bases[precision], spec, seed=0)
+            model = fresh_adapter_model(bases[precision], spec, seed=0)
             # the run's own settings, the new path in both: only the precision differs
-            settings = dataclasses.replace(_train_settings(cfg, spec, 0), precision=precision, max_steps=args.steps)
+            settings = dataclasses.replace(TrainSettings.from_config(cfg, spec, 0), precision=precision, max_steps=args.steps)
             trained = train(model, examples, collate, settings, progress=False)
             start = time.perf_counter()
             evaluation = hevaluate.evaluate(model, tokenizer, ["arithmetic"], args.data_dir, limit=args.limit,

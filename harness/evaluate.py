@@ -53,6 +53,17 @@ class EvalResult:
         """All metrics of all tasks in one dict, ready for ``mlflow.log_metrics``."""
         return {name: value for task_metrics in self.metrics.values() for name, value in task_metrics.items()}
 
+    def leaf_scores(self) -> dict[str, float]:
+        """Primary scores of the evaluated tasks themselves (not groups): what a run's average is taken over.
+
+        Group aggregates stay in MLflow only, so the average over tasks does not count a group's items twice.
+        """
+        return {task: score for task, score in self.scores.items() if task in self.samples}
+
+    def correctness(self) -> dict[str, dict[int, float]]:
+        """Per task, each scored item's 0/1 verdict keyed by document id (for the paired bootstrap)."""
+        return {task: {s.doc_id: float(s.correct) for s in samples} for task, samples in self.samples.items()}
+
 
 def default_batch_size(model) -> int | str:
     """The batch size the harness picks: 16 on CPU (measured in benchmarks/bench_eval.py); lm-eval's "auto" on a GPU."""
@@ -88,6 +99,55 @@ def expand_tasks(tasks: list[str], manager, data_dir: Path | str | None = None) 
         if group in tasks and extra not in tasks and hellaswag.is_file():
             expanded.append(extra)
     return expanded
+
+
+def task_data_checksums(tasks: list[str], data_dir: Path | str | None, prompt_format: str,
+                        split: str = "test") -> dict[str, str]:
+    """SHA-256 of each evaluated task's documents in ``split``: its data file(s), or the generated split.
+
+    A validation split of an LLM-Adapters task also depends on the training set it is cut from
+    (``validation_data``), whose checksum is added.
+
+    Also checks the task names (an unknown task is a one-line UserError listing the known ones) and
+    reads every data file as the task will (missing, not UTF-8, malformed: one line now, not after
+    the base model's evaluation has started).
+    """
+    import hashlib
+
+    from harness.data import TRAIN_SETS, data_file, generate, records_checksum
+    from harness.data.records import TEST_KEYS, read_records
+
+    manager = task_manager(data_dir, prompt_format, split)
+    checksums: dict[str, str] = {}
+
+    def visit(name: str) -> None:
+        entry = manager.task_index.get(name)
+        if entry is None:
+            return
+        cfg = entry.cfg
+        if "group" in cfg:
+            for sub in cfg.get("task", []):
+                visit(sub if isinstance(sub, str) else sub.get("task", ""))
+            return
+        meta = cfg.get("metadata") or {}
+        if meta.get("generator"):
+            records = generate(meta["generator"], split=split, seed=int(meta.get("seed", 1234)))
+            checksums[name] = records_checksum(records)
+        elif meta.get("dataset") in TEST_SETS or meta.get("file"):
+            paths = [meta.get("file") or TEST_SETS[meta["dataset"]]]
+            if split == "validation" and meta.get("validation_data") in TRAIN_SETS:
+                paths.append(TRAIN_SETS[meta["validation_data"]])
+            digest = hashlib.sha256()
+            for i, relative in enumerate(paths):
+                path = Path(relative) if Path(relative).is_absolute() else data_file(relative, data_dir)
+                if i == 0:
+                    read_records(path, TEST_KEYS)  # what the task's loader does: a bad file fails here, in one line
+                digest.update(path.read_bytes())
+            checksums[name] = digest.hexdigest()
+
+    for name in expand_tasks(list(tasks), manager, data_dir):
+        visit(name)
+    return checksums
 
 
 def tasks_for_split(names: list[str], manager, split: str) -> list:

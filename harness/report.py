@@ -106,6 +106,14 @@ def grad_norm_summary(trained: Any) -> tuple[float, float]:
     return median, float(getattr(trained, "clipped_fraction", float("nan")))
 
 
+def score_line(scores: Mapping[str, float]) -> str:
+    """One line of a run's log: each task's score and the average, in percent."""
+    if not scores:
+        return "no scores"
+    avg = sum(scores.values()) / len(scores)
+    return ", ".join(f"{t} {100 * s:.1f}%" for t, s in scores.items()) + f" (average {100 * avg:.1f}%)"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Statistics
 

@@ -19,6 +19,7 @@ objects, ignoring fields it does not know (files written by a newer harness stil
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import time
@@ -41,7 +42,12 @@ def _git() -> dict[str, Any]:
 
 
 def _system(result) -> dict[str, Any]:
-    entry = dataclasses.asdict(result)
+    """One entry of ``systems``: every :class:`~harness.report.SystemResult` field of ``result`` (a SystemResult,
+    or a :class:`harness.run.MethodResult`, which reads the same attributes from its training and evaluation)."""
+    from harness.report import SystemResult
+
+    entry = {f.name: getattr(result, f.name) for f in dataclasses.fields(SystemResult)}
+    entry["contaminated"] = sorted(entry["contaminated"] or ())  # a list in JSON (a set is not JSON)
     entry["label"] = result.method
     entry["ok"] = result.ok
     entry["correct"] = {task: {str(doc): value for doc, value in items.items()}
@@ -101,6 +107,10 @@ def systems_of(content: Mapping[str, Any]):
         values = {k: v for k, v in entry.items() if k in known}
         values["method"] = entry.get("label") or entry.get("method")
         values["loss_curve"] = [tuple(p) for p in values.get("loss_curve") or []]
+        contaminated = values.get("contaminated") or ()
+        if isinstance(contaminated, str):  # written before it was a list: the set's repr, "set()" or "{'task'}"
+            contaminated = ast.literal_eval(contaminated)
+        values["contaminated"] = set(contaminated)
         system = SystemResult(**values)
         if system.method == BASE:
             base = system

@@ -23,23 +23,86 @@ MLflow runs KILLED (:meth:`harness.tracking.Tracker.reconcile`).
 
 from __future__ import annotations
 
-import copy
 import gc
-import hashlib
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable
 
 from harness import quiet
 from harness.config import RunConfig, config_from_args, config_to_dict
 from harness.errors import UserError, cli_entry, interruption
+
+NAN = float("nan")
+
+
+@dataclass
+class MethodResult:
+    """One evaluated system of a run: the base model (``method="base"``, no seed, no training) or one method
+    trained with one seed.
+
+    It holds what training and evaluation returned (:class:`harness.train.TrainResult`,
+    :class:`harness.evaluate.EvalResult`; None where that step did not run or failed) and reads the
+    attributes of :class:`harness.report.SystemResult`, which the report, result.json and the studies
+    use, from them: ``scores`` and ``correct`` from the evaluation, the timings, ``loss_curve`` and the
+    gradient-norm summary from the training. ``error`` is set when the run failed.
+    """
+
+    method: str  # the label that names it in tables, plots and MLflow
+    seed: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # what ran: harness.report.method_settings
+    trainable_params: int = 0
+    training: Any = None  # harness.train.TrainResult
+    evaluation: Any = None  # harness.evaluate.EvalResult
+    error: str | None = None
+    contaminated: set[str] = field(default_factory=set)  # tasks whose scores are marked contaminated
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return self.evaluation.leaf_scores() if self.evaluation is not None else {}
+
+    @property
+    def correct(self) -> dict[str, dict[int, float]]:
+        return self.evaluation.correctness() if self.evaluation is not None else {}
+
+    @property
+    def loss_curve(self) -> list[tuple[int, float]]:
+        return self.training.losses if self.training is not None else []
+
+    @property
+    def train_seconds(self) -> float:
+        return self.training.train_seconds if self.training is not None else NAN
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.training.seconds_per_step if self.training is not None else NAN
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.training.tokens_per_second if self.training is not None else NAN
+
+    @property
+    def peak_memory_mb(self) -> float:
+        return self.training.peak_memory_mb if self.training is not None else NAN
+
+    @property
+    def grad_norm_median(self) -> float:
+        from harness.report import grad_norm_summary
+
+        return grad_norm_summary(self.training)[0] if self.training is not None else NAN
+
+    @property
+    def clipped_fraction(self) -> float:
+        return self.training.clipped_fraction if self.training is not None else NAN
 
 
 @dataclass
@@ -85,16 +148,52 @@ def plan_methods(cfg: RunConfig, model=None) -> list[MethodPlan]:
     return [MethodPlan(spec, label) for spec, label in zip(specs, labels)]
 
 
-def records_checksum(records: Sequence[dict]) -> str:
-    """SHA-256 of the training records' content (files and generated data alike)."""
-    digest = hashlib.sha256()
-    for record in records:
-        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
-    return digest.hexdigest()
-
-
 class Pruned(Exception):
     """Raised by an ``on_intermediate`` callback to stop a run early (an ablation study pruning a trial)."""
+
+
+@dataclass
+class RunInputs:
+    """What step 1 resolved and checked: everything the rest of the run reads besides the configuration."""
+
+    plans: list[MethodPlan]
+    model: Any  # the base model, on the run's device; every method trains a copy
+    tokenizer: Any
+    examples: dict[int, list]  # each seed's tokenised training examples
+    collate: Callable
+    precision: str  # resolved: fp32 or bf16
+    data_dir: Path
+    eval_kwargs: dict[str, Any]  # harness.evaluate.evaluate's keyword arguments: tasks, split, decoding, ...
+    train_checksums: dict[str, str]
+    eval_checksums: dict[str, str]
+    overlaps: dict  # task -> harness.contamination.Overlap
+    contaminated: set[str]
+
+
+@dataclass
+class MethodContext:
+    """What every method's run shares, built once by :func:`run`: ``_run_method(cfg, plan, seed, context)``.
+
+    On the ranks other than 0 of a torchrun job ``is_main`` is False: the tracker records nothing
+    (:class:`harness.tracking.NoTracking`) and there is no parent run, results folder or diagnostics.
+    """
+
+    model: Any  # the base model
+    tokenizer: Any
+    examples: dict[int, list]  # by seed
+    collate: Callable
+    eval_kwargs: dict[str, Any]
+    tracker: Any  # harness.tracking.Tracker or NoTracking
+    parent: Any  # the run's MLflow run (harness.tracking.RunHandle), or None
+    run_dir: Path | None  # samples/ and adapters/ go here
+    contaminated: set[str]  # marked on every result
+    progress: bool
+    log: Callable
+    intermediate_every: int | None  # with on_intermediate(label, seed, step, average): a study's pruning
+    on_intermediate: Callable | None
+    data_parallel: bool  # a torchrun job: a crash before training has finished ends the whole job
+    diagnostics: Any  # harness.diagnostics.RunDiagnostics, or None
+    is_main: bool
 
 
 def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True, progress: bool = True,
@@ -107,53 +206,34 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     ``on_intermediate(label, seed, step, average_score)`` is called every ``intermediate_every`` training
     steps after a quick evaluation (with ``cfg.limit`` items); raising :class:`Pruned` there stops the run.
     """
-    from harness import data as hdata
-    from harness import distributed
-    from harness import evaluate as hevaluate
-    from harness.adapters import validate_against_model
-    from harness import rundir
+    from harness import distributed, rundir
+    from harness.diagnostics import RunDiagnostics
     from harness.fingerprint import protocol_fingerprint, sha256_json
-    from harness.fsutil import check_writable_dir
-    from harness.models import load_model, resolve_precision, storage_dtype
-    from harness.report import SystemResult, default_run_name, write_report
-    from harness.resultfile import RESULT_FILE, build_result, write_result_json
-    from harness.tracking import Tracker, check_tracking_uri, run_params
+    from harness.report import default_run_name
+    from harness.tracking import NoTracking, Tracker, run_params
+
+    job = distributed.context()
+    if job.distributed and on_intermediate is not None:
+        raise UserError("ablation trials run one process each: start more study workers instead of torchrun")
+    if not job.is_main:
+        log = _quiet
 
     # 1. Everything a user can get wrong, before any training.
-    plans = plan_methods(cfg)
-    ctx = distributed.context()
-    if ctx.distributed and on_intermediate is not None:
-        raise UserError("ablation trials run one process each: start more study workers instead of torchrun")
-    if not ctx.is_main:
-        log = _quiet
-    precision = resolve_precision(cfg.precision, ctx.device)  # bf16 on hardware without it fails here
-    data_dir = hdata.resolve_data_dir(cfg.data_dir)
-    eval_checksums = task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)  # also rejects unknown tasks
-    records = training_records(cfg, data_dir)
-    overlaps, contaminated = check_contamination(cfg, records, data_dir, log)
-    if tracker is None and ctx.is_main:  # one process creates the SQLite schema; the others never track
-        check_tracking_uri(cfg.tracking_uri)
-    if write_results and ctx.is_main:
-        check_writable_dir(cfg.output_dir, "--output-dir")
-    model, tokenizer = load_model(cfg.model, dtype=storage_dtype(precision))  # a bf16 base is stored so once
-    for plan in plans:
-        validate_against_model(model, plan.spec)
-    plans = plan_methods(cfg, model)  # lora:match=... needs the layer shapes to choose its rank
-    examples = _examples_by_seed(hdata, records, tokenizer, cfg)
-    device = ctx.device
-    model.to(device)
-    collate = _collate_for(hdata, tokenizer)
-    train_checksums = training_checksums(records)
-    checksums = {**train_checksums, **eval_checksums}
-    if not ctx.is_main:
-        _follow_main_rank(cfg, plans, model, examples, collate)
+    inputs = _resolve_and_check(cfg, job, check_tracking=tracker is None, check_output=write_results, log=log)
+    shared = dict(model=inputs.model, tokenizer=inputs.tokenizer, examples=inputs.examples, collate=inputs.collate,
+                  eval_kwargs=inputs.eval_kwargs, contaminated=inputs.contaminated, log=log,
+                  intermediate_every=intermediate_every, on_intermediate=on_intermediate,
+                  data_parallel=job.distributed, is_main=job.is_main)
+    if not job.is_main:  # train every method in step with rank 0, which evaluates, tracks and reports for the job
+        _every_method(cfg, inputs.plans, MethodContext(**shared, tracker=NoTracking(), parent=None, run_dir=None,
+                                                       progress=False, diagnostics=None))
         return RunOutcome(run_dir=None, base=None)
-    fingerprint = protocol_fingerprint(cfg, model=model, tokenizer=tokenizer,
-                                       train_checksum=train_checksums.get("train_data")
-                                       or sha256_json(train_checksums),
-                                       eval_checksums=eval_checksums, data_dir=data_dir,
-                                       world_size=ctx.world_size, precision=precision)
 
+    fingerprint = protocol_fingerprint(cfg, model=inputs.model, tokenizer=inputs.tokenizer,
+                                       train_checksum=inputs.train_checksums.get("train_data")
+                                       or sha256_json(inputs.train_checksums),
+                                       eval_checksums=inputs.eval_checksums, data_dir=inputs.data_dir,
+                                       world_size=job.world_size, precision=inputs.precision)
     run_name = cfg.run_name or default_run_name()
     if tracker is None:  # a run of its own (not a study's trial): reconcile what killed runs left behind
         tracker = Tracker(cfg.tracking_uri, cfg.experiment)
@@ -162,63 +242,36 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
             rundir.clean_partials(cfg.output_dir, log)
     staged = rundir.reserve(cfg.output_dir, run_name, taken=tracker.names_in_use(run_name)) if write_results else None
     run_dir = staged.path if staged else Path(tempfile.mkdtemp(prefix="run-"))
-    outcome = RunOutcome(run_dir=run_dir, base=None, contamination=overlaps, contaminated=contaminated)
-    where = f"{device}, {precision}" + (f", {ctx.world_size} ranks" if ctx.distributed else "")
-    log(f"run {run_dir.name}: {len(plans)} method(s) x {len(cfg.seeds)} seed(s) on {cfg.model} ({where}), "
-        f"{len(examples[cfg.seeds[0]])} training examples, tasks {', '.join(cfg.tasks)} ({cfg.split} split); "
+    outcome = RunOutcome(run_dir=run_dir, base=None, contamination=inputs.overlaps, contaminated=inputs.contaminated)
+    where = f"{job.device}, {inputs.precision}" + (f", {job.world_size} ranks" if job.distributed else "")
+    log(f"run {run_dir.name}: {len(inputs.plans)} method(s) x {len(cfg.seeds)} seed(s) on {cfg.model} ({where}), "
+        f"{len(inputs.examples[cfg.seeds[0]])} training examples, tasks {', '.join(cfg.tasks)} ({cfg.split} split); "
         f"results in {staged.final if staged else run_dir}")
-    eval_kwargs = dict(tasks=cfg.tasks, data_dir=data_dir, limit=cfg.limit, batch_size=cfg.eval_batch_size,
-                       num_beams=cfg.num_beams, prompt_format=cfg.prompt_format, split=cfg.split,
-                       precision=precision)
-    from harness.diagnostics import RunDiagnostics  # --- diagnostics (harness.diagnostics)
-
     # one fixed batch for the curvature probe: the first seed's training examples
-    diagnostics = RunDiagnostics(cfg.diagnostics, tokenizer, examples[cfg.seeds[0]], collate)
+    diagnostics = RunDiagnostics(cfg.diagnostics, inputs.tokenizer, inputs.examples[cfg.seeds[0]], inputs.collate)
     finished = False
     try:
         top_name = run_dir.name if write_results else run_name
         with tracker.run(top_name, parent=parent, tags={"kind": "benchmark", "protocol": fingerprint["hash"]}) as top:
             outcome.parent_run_id = top.run_id
-            top.log_params({**run_params(config_to_dict(cfg), checksums), "resolved_precision": precision})
+            checksums = {**inputs.train_checksums, **inputs.eval_checksums}
+            top.log_params({**run_params(config_to_dict(cfg), checksums), "resolved_precision": inputs.precision})
             top.client.log_dict(top.run_id, fingerprint, "protocol_fingerprint.json")
-            if overlaps:
-                top.log_metrics({f"contamination/{task}": o.share for task, o in overlaps.items()})
+            if inputs.overlaps:
+                top.log_metrics({f"contamination/{task}": o.share for task, o in inputs.overlaps.items()})
+            context = MethodContext(**shared, tracker=tracker, parent=top, run_dir=run_dir, progress=progress,
+                                    diagnostics=diagnostics)
 
             # 2. The base model, once.
             if evaluate_base:
-                with tracker.run("base", parent=top, tags={"method": "base"}) as handle:
-                    log("evaluating the base model ...")
-                    evaluation = hevaluate.evaluate(model, tokenizer, **eval_kwargs)
-                    outcome.base = SystemResult(method="base", scores=_leaf_scores(evaluation),
-                                                correct=_correctness(evaluation), contaminated=set(contaminated))
-                    _log_evaluation(handle, evaluation, run_dir / "samples" / "base.jsonl")
-                log("base: " + _score_line(outcome.base.scores))
+                outcome.base = _evaluate_base(context)
 
             # 3. Every method and seed, each from a fresh copy of the base model.
-            for seed in cfg.seeds:
-                for plan in plans:
-                    result = _run_method(cfg, plan, seed, model, tokenizer, examples[seed], collate, eval_kwargs,
-                                         tracker, top, run_dir, progress, log, intermediate_every, on_intermediate,
-                                         data_parallel=ctx.distributed, diagnostics=diagnostics)
-                    result.contaminated = set(contaminated)
-                    outcome.results.append(result)
+            outcome.results = _every_method(cfg, inputs.plans, context)
 
             # 4. The report.
             if write_results:
-                written = write_report(run_dir, outcome.base, outcome.results, config=cfg,
-                                       header={"protocol fingerprint": f"{fingerprint['hash']} (parts in result.json; "
-                                                                       "compare runs with python -m harness.compare)",
-                                               "precision": precision, **_data_header(cfg, overlaps, contaminated)})
-                written.update(diagnostics.write(run_dir))
-                written[RESULT_FILE] = write_result_json(run_dir, build_result(
-                    run_dir.name, config_to_dict(cfg), fingerprint, outcome.base, outcome.results))
-                for path in written.values():
-                    top.log_artifact(path, "results")
-                _log_summary_on_parent(top, run_dir / "summary.csv")
-                summary = (run_dir / "summary.md").read_text()
-                outcome.run_dir = staged.publish()
-                log(f"\n{summary}")
-                log(f"results written to {outcome.run_dir} ({', '.join(sorted(written))})")
+                outcome.run_dir = _report(cfg, inputs, fingerprint, outcome, context, staged)
             if outcome.failed:
                 top.set_tags({"failed_runs": ", ".join(f"{r.method}/seed{r.seed}" for r in outcome.failed)})
         finished = True
@@ -230,25 +283,47 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     return outcome
 
 
-def _log_summary_on_parent(top, summary_csv: Path) -> None:
-    """Put the per-method summary on the parent run, so the MLflow UI compares methods without expanding runs.
+# ----------------------------------------------------------------------------------------------------------
+# 1. Resolve and check
 
-    Metrics ``average/<label>``, ``gain_vs_lora/<label>`` (and the interval bounds) show in the
-    experiment's chart view and runs table at parent level, one chart section per quantity with a chart per
-    method, so separately launched runs compare side by side; ``summary_table.json`` is the same table
-    as an MLflow table artifact (the UI renders it, ``mlflow.load_table`` reads it back).
+
+def _resolve_and_check(cfg: RunConfig, job, *, check_tracking: bool, check_output: bool, log) -> RunInputs:
+    """Method specs, precision, tasks and their data, training data, contamination, the tracking store, the
+    output folder, the base model and the specs against its layers: every check before any training.
+
+    Only rank 0 (``job.is_main``) checks the tracking store (it alone creates the SQLite schema and tracks)
+    and the output folder.
     """
-    import pandas as pd
+    from harness import data as hdata
+    from harness.adapters import validate_against_model
+    from harness.evaluate import task_data_checksums
+    from harness.fsutil import check_writable_dir
+    from harness.models import load_model, resolve_precision, storage_dtype
+    from harness.tracking import check_tracking_uri
 
-    table = pd.read_csv(summary_csv)
-    metrics = {}
-    for _, row in table.iterrows():
-        for column in ("average", "gain_vs_base", "gain_vs_lora", "gain_vs_lora_low", "gain_vs_lora_high",
-                       "trainable_params"):
-            if column in row and pd.notna(row[column]):
-                metrics[f"{column}/{row['method']}"] = float(row[column])
-    top.log_metrics(metrics)
-    top.client.log_table(top.run_id, data=table, artifact_file="summary_table.json")
+    plans = plan_methods(cfg)
+    precision = resolve_precision(cfg.precision, job.device)  # bf16 on hardware without it fails here
+    data_dir = hdata.resolve_data_dir(cfg.data_dir)
+    eval_checksums = task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)  # also rejects unknown tasks
+    records = training_records(cfg, data_dir)
+    overlaps, contaminated = check_contamination(cfg, records, data_dir, log)
+    if check_tracking and job.is_main:
+        check_tracking_uri(cfg.tracking_uri)
+    if check_output and job.is_main:
+        check_writable_dir(cfg.output_dir, "--output-dir")
+    model, tokenizer = load_model(cfg.model, dtype=storage_dtype(precision))  # a bf16 base is stored so once
+    for plan in plans:
+        validate_against_model(model, plan.spec)
+    plans = plan_methods(cfg, model)  # lora:match=... needs the layer shapes to choose its rank
+    examples = _examples_by_seed(records, tokenizer, cfg)
+    model.to(job.device)
+    eval_kwargs = dict(tasks=cfg.tasks, data_dir=data_dir, limit=cfg.limit, batch_size=cfg.eval_batch_size,
+                       num_beams=cfg.num_beams, prompt_format=cfg.prompt_format, split=cfg.split,
+                       precision=precision)
+    return RunInputs(plans=plans, model=model, tokenizer=tokenizer, examples=examples,
+                     collate=hdata.collate_for(tokenizer), precision=precision, data_dir=data_dir,
+                     eval_kwargs=eval_kwargs, train_checksums=training_checksums(records),
+                     eval_checksums=eval_checksums, overlaps=overlaps, contaminated=contaminated)
 
 
 def training_records(cfg: RunConfig, data_dir: Path) -> dict[int, list[dict]]:
@@ -270,6 +345,8 @@ def training_records(cfg: RunConfig, data_dir: Path) -> dict[int, list[dict]]:
 
 def training_checksums(records: dict[int, list[dict]]) -> dict[str, str]:
     """``train_data`` when every seed trains on the same records, else ``train_data_seed<N>`` per seed."""
+    from harness.data import records_checksum
+
     sums = {seed: records_checksum(r) for seed, r in records.items()}
     if len(set(sums.values())) == 1:
         return {"train_data": next(iter(sums.values()))}
@@ -297,109 +374,95 @@ def check_contamination(cfg: RunConfig, records: dict[int, list[dict]], data_dir
     return overlaps, contaminated
 
 
-def _data_header(cfg: RunConfig, overlaps: dict, contaminated: set) -> dict[str, str]:
-    """The summary header lines saying which split was scored and how much of it the training data holds."""
-    worst = max(overlaps.values(), key=lambda o: o.share, default=None)
-    header = {"scored split": cfg.split + ("" if cfg.split == "test" else " (for tuning: not a final result)")}
-    if contaminated:
-        header["contaminated"] = ", ".join(f"{t} ({100 * overlaps[t].share:.1f}% of its items in training)"
-                                           for t in sorted(contaminated))
-    elif worst is not None:
-        header["contamination"] = f"none above 1% (largest: {worst.task} {100 * worst.share:.1f}%)"
-    return header
-
-
-def _examples_by_seed(hdata, records: dict[int, list[dict]], tokenizer, cfg: RunConfig) -> dict[int, list]:
+def _examples_by_seed(records: dict[int, list[dict]], tokenizer, cfg: RunConfig) -> dict[int, list]:
     """Tokenised training examples per seed; seeds sharing one list of records share its examples."""
+    from harness.data import build_train_dataset
+
     built: dict[int, list] = {}
     examples = {}
     for seed, seed_records in records.items():
         if id(seed_records) not in built:
-            built[id(seed_records)] = hdata.build_train_dataset(
+            built[id(seed_records)] = build_train_dataset(
                 seed_records, tokenizer, prompt_format=cfg.prompt_format, train_on_inputs=cfg.train_on_inputs,
                 cutoff_len=cfg.cutoff_len)
         examples[seed] = built[id(seed_records)]
     return examples
 
 
-def _train_settings(cfg: RunConfig, spec, seed: int):
-    from harness.train import TrainSettings
-
-    return TrainSettings(lr=spec.lr or cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                         max_steps=cfg.max_steps, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
-                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed,
-                         precision=cfg.precision)
-
-
-def _fresh_adapter_model(base_model, spec, seed: int):
-    """A copy of the base model with the method's adapter; the same seed gives every method the same initial A."""
-    import torch
-
-    from harness.adapters import get_adapter_model
-
-    torch.manual_seed(seed)
-    return get_adapter_model(copy.deepcopy(base_model), spec)
-
-
 def _quiet(*args, **kwargs) -> None:
     """The log of ranks other than 0: rank 0 speaks for the job."""
 
 
-def _follow_main_rank(cfg: RunConfig, plans, base_model, examples, collate) -> None:
-    """A rank other than 0 of a torchrun job: train every method in step with rank 0, nothing else.
+# ----------------------------------------------------------------------------------------------------------
+# 2. The base model
 
-    ``examples`` maps each seed to its training examples, as on rank 0.
 
-    The order (seeds, then methods) and each method's start are rank 0's, so the ranks meet in the same
-    collectives. A non-finite loss is seen by every rank at the same step (the check uses the mean over
-    ranks); rank 0 records that failure and all go on with the next method.
+def _evaluate_base(context: MethodContext) -> MethodResult:
+    """The base model's row, evaluated once, in its own nested MLflow run."""
+    from harness import evaluate as hevaluate
+    from harness.report import score_line
+    from harness.tracking import log_evaluation
+
+    with context.tracker.run("base", parent=context.parent, tags={"method": "base"}) as handle:
+        context.log("evaluating the base model ...")
+        evaluation = hevaluate.evaluate(context.model, context.tokenizer, **context.eval_kwargs)
+        base = MethodResult(method="base", evaluation=evaluation, contaminated=set(context.contaminated))
+        log_evaluation(handle, evaluation, context.run_dir / "samples" / "base.jsonl")
+    context.log("base: " + score_line(base.scores))
+    return base
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Every method and seed
+
+
+def _every_method(cfg: RunConfig, plans: list[MethodPlan], context: MethodContext) -> list[MethodResult]:
+    """Each seed, then each method of that seed: one result each.
+
+    Every rank of a torchrun job goes through this same loop, so the ranks train each method in step
+    and meet in the same collectives; only rank 0 evaluates and tracks (``context.is_main``). A
+    non-finite loss is seen by every rank at the same step (the check uses the mean over ranks):
+    rank 0 records that failure and all go on with the next method.
     """
-    from harness.train import NonFiniteLoss, train
-
-    for seed in cfg.seeds:
-        for plan in plans:
-            model = _fresh_adapter_model(base_model, plan.spec, seed)
-            try:
-                train(model, examples[seed], collate, _train_settings(cfg, plan.spec, seed), progress=False)
-            except NonFiniteLoss:
-                pass
-            finally:
-                del model
-                gc.collect()
+    return [_run_method(cfg, plan, seed, context) for seed in cfg.seeds for plan in plans]
 
 
-def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_kwargs, tracker, top, run_dir,
-                progress, log, intermediate_every=None, on_intermediate=None, data_parallel=False, diagnostics=None):
+def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodContext) -> MethodResult:
     """Train and evaluate one method with one seed in its own nested MLflow run; a failure is recorded, not raised.
 
-    Under torchrun (``data_parallel``) a crash before training has finished ends the whole job instead: the
-    other ranks cannot know about it and would wait for this one forever.
+    Under torchrun (``context.data_parallel``) a crash before training has finished ends the whole job
+    instead: the other ranks cannot know about it and would wait for this one forever. The ranks other
+    than 0 only train.
     """
     from harness import evaluate as hevaluate
-    from harness.adapters import save_adapter, trainable_parameters
-    from harness.report import SystemResult, grad_norm_summary, method_settings
-    from harness.train import NonFiniteLoss, train
+    from harness.adapters import fresh_adapter_model, save_adapter, trainable_parameters
+    from harness.report import method_settings, score_line
+    from harness.tracking import log_evaluation
+    from harness.train import NonFiniteLoss, TrainSettings, train
 
     name = f"{plan.label}-seed{seed}"
-    spec = plan.spec
-    settings = _train_settings(cfg, spec, seed)
-    result = SystemResult(method=plan.label, seed=seed, settings=method_settings(spec, settings.lr, cfg.train_on_inputs))
+    spec, log, diagnostics = plan.spec, context.log, context.diagnostics
+    settings = TrainSettings.from_config(cfg, spec, seed)
+    result = MethodResult(method=plan.label, seed=seed, settings=method_settings(spec, settings.lr, cfg.train_on_inputs),
+                          contaminated=set(context.contaminated))
     peft_model = None
-    trained = None
     try:
-        with tracker.run(name, parent=top, tags={"method": spec.method, "label": plan.label, "seed": seed}) as h:
+        with context.tracker.run(name, parent=context.parent,
+                                 tags={"method": spec.method, "label": plan.label, "seed": seed}) as h:
             h.log_params({"spec": spec.canonical(), "method": spec.method, "label": plan.label, "seed": seed, "split": cfg.split,
                           "lr": settings.lr, "r": spec.r, "alpha": spec.alpha, "init": spec.init,
                           "structure": spec.structure or "", "chain_widths": "-".join(map(str, spec.chain_widths or ())),
-                          "resolved_precision": eval_kwargs["precision"]})
-            peft_model = _fresh_adapter_model(base_model, spec, seed)
+                          "resolved_precision": context.eval_kwargs["precision"]})
+            peft_model = fresh_adapter_model(context.model, spec, seed)
             result.trainable_params = trainable_parameters(peft_model)
             h.log_metrics({"trainable_params": result.trainable_params})
+
             def checkpoint(step: int) -> None:
-                quick = hevaluate.evaluate(peft_model, tokenizer, **{**eval_kwargs, "log_samples": False})
+                quick = hevaluate.evaluate(peft_model, context.tokenizer,
+                                           **{**context.eval_kwargs, "log_samples": False})
                 average = sum(quick.scores.values()) / max(len(quick.scores), 1)
                 h.log_metrics({"intermediate_average_accuracy": average}, step=step)
-                on_intermediate(plan.label, seed, step, average)
+                context.on_intermediate(plan.label, seed, step, average)
 
             # --- diagnostics: the curvature at init (level full) before training, ||dW|| every few steps
             probe = diagnostics.start(peft_model, seed) if diagnostics and diagnostics.enabled else None
@@ -407,31 +470,26 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
                 def on_step(s, loss, lr):
                     steps.log(s, train_loss=loss, lr=lr, **(probe.on_step(s) if probe else {}))
 
-                trained = train(peft_model, examples, collate, settings, progress=progress, description=name,
-                                on_step=on_step,
-                                checkpoint_every=intermediate_every if on_intermediate else None,
-                                on_checkpoint=checkpoint if on_intermediate else None)
+                pruning = context.on_intermediate is not None
+                trained = result.training = train(
+                    peft_model, context.examples[seed], context.collate, settings, progress=context.progress,
+                    description=name, on_step=on_step, on_checkpoint=checkpoint if pruning else None,
+                    checkpoint_every=context.intermediate_every if pruning else None)
                 for step, norm in trained.grad_norms:
                     steps.log(step, grad_norm=norm)
-            result.loss_curve = trained.losses
-            result.train_seconds = trained.train_seconds
-            result.seconds_per_step = trained.seconds_per_step
-            result.tokens_per_second = trained.tokens_per_second
-            result.peak_memory_mb = trained.peak_memory_mb
-            result.grad_norm_median, result.clipped_fraction = grad_norm_summary(trained)
             h.log_metrics({"train_seconds": trained.train_seconds, "seconds_per_step": trained.seconds_per_step,
                            "tokens_per_second": trained.tokens_per_second, "peak_memory_mb": trained.peak_memory_mb,
                            "final_train_loss": trained.final_loss, "clipped_fraction": trained.clipped_fraction})
             if probe:  # --- diagnostics: dW, intruders, forgetting, convergence (before the adapter is deleted)
                 h.log_metrics(diagnostics.finish(probe, peft_model, method=plan.label, spec_method=spec.method,
                                                  seed=seed, train_result=trained), step=trained.steps)
-            log(f"{name}: evaluating ...")
-            evaluation = hevaluate.evaluate(peft_model, tokenizer, **eval_kwargs)
-            result.scores, result.correct = _leaf_scores(evaluation), _correctness(evaluation)
-            _log_evaluation(h, evaluation, run_dir / "samples" / f"{name}.jsonl")
-            adapter_dir = save_adapter(peft_model, run_dir / "adapters" / name)
-            h.log_artifacts(adapter_dir, "adapter")
-        log(f"{name}: " + _score_line(result.scores) + f" ({result.train_seconds:.0f} s training)")
+            if context.is_main:  # the other ranks of a torchrun job only train
+                log(f"{name}: evaluating ...")
+                result.evaluation = hevaluate.evaluate(peft_model, context.tokenizer, **context.eval_kwargs)
+                log_evaluation(h, result.evaluation, context.run_dir / "samples" / f"{name}.jsonl")
+                adapter_dir = save_adapter(peft_model, context.run_dir / "adapters" / name)
+                h.log_artifacts(adapter_dir, "adapter")
+        log(f"{name}: " + score_line(result.scores) + f" ({result.train_seconds:.0f} s training)")
     except NonFiniteLoss as err:
         if diagnostics:
             diagnostics.record_failure(plan.label, seed)
@@ -440,7 +498,7 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
     except (KeyboardInterrupt, UserError, Pruned):
         raise
     except Exception as err:  # noqa: BLE001 (a crash in one method must not lose the others)
-        if data_parallel and trained is None:
+        if context.data_parallel and result.training is None:
             raise
         result.error = f"{type(err).__name__}: {err}"
         if diagnostics:
@@ -453,89 +511,48 @@ def _run_method(cfg, plan, seed, base_model, tokenizer, examples, collate, eval_
     return result
 
 
-def task_data_checksums(tasks: Sequence[str], data_dir: Path, prompt_format: str, split: str = "test") -> dict[str, str]:
-    """SHA-256 of each evaluated task's documents in ``split``: its data file(s), or the generated split.
+# ----------------------------------------------------------------------------------------------------------
+# 4. The report
 
-    A validation split of an LLM-Adapters task also depends on the training set it is cut from
-    (``validation_data``), whose checksum is added.
 
-    Also checks the task names (an unknown task is a one-line UserError listing the known ones) and
-    reads every data file as the task will (missing, not UTF-8, malformed: one line now, not after
-    the base model's evaluation has started).
+def _report(cfg: RunConfig, inputs: RunInputs, fingerprint: dict, outcome: RunOutcome, context: MethodContext,
+            staged) -> Path:
+    """Write the results folder (summary, plots, diagnostics, result.json), log it on the parent run, publish it.
+
+    Returns the published folder.
     """
-    from harness import evaluate as hevaluate
-    from harness.data import TEST_SETS, TRAIN_SETS, data_file, generate
-    from harness.data.records import TEST_KEYS, read_records
+    from harness.report import write_report
+    from harness.resultfile import RESULT_FILE, build_result, write_result_json
+    from harness.tracking import log_summary
 
-    manager = hevaluate.task_manager(data_dir, prompt_format, split)
-    checksums: dict[str, str] = {}
-
-    def visit(name: str) -> None:
-        entry = manager.task_index.get(name)
-        if entry is None:
-            return
-        cfg = entry.cfg
-        if "group" in cfg:
-            for sub in cfg.get("task", []):
-                visit(sub if isinstance(sub, str) else sub.get("task", ""))
-            return
-        meta = cfg.get("metadata") or {}
-        if meta.get("generator"):
-            records = generate(meta["generator"], split=split, seed=int(meta.get("seed", 1234)))
-            checksums[name] = records_checksum(records)
-        elif meta.get("dataset") in TEST_SETS or meta.get("file"):
-            paths = [meta.get("file") or TEST_SETS[meta["dataset"]]]
-            if split == "validation" and meta.get("validation_data") in TRAIN_SETS:
-                paths.append(TRAIN_SETS[meta["validation_data"]])
-            digest = hashlib.sha256()
-            for i, relative in enumerate(paths):
-                path = Path(relative) if Path(relative).is_absolute() else data_file(relative, data_dir)
-                if i == 0:
-                    read_records(path, TEST_KEYS)  # what the task's loader does: a bad file fails here, in one line
-                digest.update(path.read_bytes())
-            checksums[name] = digest.hexdigest()
-
-    for name in hevaluate.expand_tasks(list(tasks), manager, data_dir):
-        visit(name)
-    return checksums
+    run_dir, top = context.run_dir, context.parent
+    header = {"protocol fingerprint": f"{fingerprint['hash']} (parts in result.json; "
+                                      "compare runs with python -m harness.compare)",
+              "precision": inputs.precision, **_data_header(cfg, inputs.overlaps, inputs.contaminated)}
+    written = write_report(run_dir, outcome.base, outcome.results, config=cfg, header=header)
+    written.update(context.diagnostics.write(run_dir))
+    written[RESULT_FILE] = write_result_json(run_dir, build_result(
+        run_dir.name, config_to_dict(cfg), fingerprint, outcome.base, outcome.results))
+    for path in written.values():
+        top.log_artifact(path, "results")
+    log_summary(top, run_dir / "summary.csv")
+    summary = (run_dir / "summary.md").read_text()
+    published = staged.publish()
+    context.log(f"\n{summary}")
+    context.log(f"results written to {published} ({', '.join(sorted(written))})")
+    return published
 
 
-def _leaf_scores(evaluation) -> dict[str, float]:
-    """Primary scores of the evaluated tasks themselves; group aggregates stay in MLflow only, so the
-    average over tasks does not count a group's items twice."""
-    return {task: score for task, score in evaluation.scores.items() if task in evaluation.samples}
-
-
-def _correctness(evaluation) -> dict[str, dict[int, float]]:
-    """Per task, each test item's 0/1 verdict keyed by document id (for the paired bootstrap)."""
-    return {task: {s.doc_id: float(s.correct) for s in samples} for task, samples in evaluation.samples.items()}
-
-
-def _log_evaluation(handle, evaluation, samples_path: Path) -> None:
-    """Task metrics, the average, and lm-eval's per-item samples as an artifact."""
-    metrics = evaluation.flat_metrics()
-    leaf = _leaf_scores(evaluation)
-    if leaf:
-        metrics["average_accuracy"] = sum(leaf.values()) / len(leaf)
-    handle.log_metrics(metrics)
-    samples_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(samples_path, "w") as f:
-        for task, samples in evaluation.samples.items():
-            for sample in samples:
-                f.write(json.dumps({"task": task, **asdict(sample)}, default=str) + "\n")
-    handle.log_artifact(samples_path, "samples")
-
-
-def _score_line(scores: dict) -> str:
-    if not scores:
-        return "no scores"
-    avg = sum(scores.values()) / len(scores)
-    return ", ".join(f"{t} {100 * s:.1f}%" for t, s in scores.items()) + f" (average {100 * avg:.1f}%)"
-
-
-def _collate_for(hdata, tokenizer):
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return lambda batch: hdata.collate(batch, pad)
+def _data_header(cfg: RunConfig, overlaps: dict, contaminated: set) -> dict[str, str]:
+    """The summary header lines saying which split was scored and how much of it the training data holds."""
+    worst = max(overlaps.values(), key=lambda o: o.share, default=None)
+    header = {"scored split": cfg.split + ("" if cfg.split == "test" else " (for tuning: not a final result)")}
+    if contaminated:
+        header["contaminated"] = ", ".join(f"{t} ({100 * overlaps[t].share:.1f}% of its items in training)"
+                                           for t in sorted(contaminated))
+    elif worst is not None:
+        header["contamination"] = f"none above 1% (largest: {worst.task} {100 * worst.share:.1f}%)"
+    return header
 
 
 @cli_entry

@@ -35,6 +35,7 @@ beside the database (``mlflow.db.lock``): a second process waits, then finds the
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import socket
@@ -44,7 +45,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -296,6 +297,45 @@ class RunHandle:
         self._status = "FAILED"
 
 
+def log_evaluation(handle: RunHandle, evaluation: Any, samples_path: str | os.PathLike) -> None:
+    """An evaluation (:class:`harness.evaluate.EvalResult`) in a run: task metrics, the average over the
+    evaluated tasks (``average_accuracy``), and lm-eval's per-item samples written to ``samples_path``
+    (JSON lines) and logged as an artifact."""
+    metrics = evaluation.flat_metrics()
+    leaf = evaluation.leaf_scores()
+    if leaf:
+        metrics["average_accuracy"] = sum(leaf.values()) / len(leaf)
+    handle.log_metrics(metrics)
+    samples_path = Path(samples_path)
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(samples_path, "w") as f:
+        for task, samples in evaluation.samples.items():
+            for sample in samples:
+                f.write(json.dumps({"task": task, **asdict(sample)}, default=str) + "\n")
+    handle.log_artifact(samples_path, "samples")
+
+
+def log_summary(handle: RunHandle, summary_csv: str | os.PathLike) -> None:
+    """Put a run's per-method summary on its parent run, so the MLflow UI compares methods without expanding runs.
+
+    Metrics ``average/<label>``, ``gain_vs_lora/<label>`` (and the interval bounds) show in the
+    experiment's chart view and runs table at parent level, one chart section per quantity with a chart per
+    method, so separately launched runs compare side by side; ``summary_table.json`` is the same table
+    as an MLflow table artifact (the UI renders it, ``mlflow.load_table`` reads it back).
+    """
+    import pandas as pd
+
+    table = pd.read_csv(summary_csv)
+    metrics = {}
+    for _, row in table.iterrows():
+        for column in ("average", "gain_vs_base", "gain_vs_lora", "gain_vs_lora_low", "gain_vs_lora_high",
+                       "trainable_params"):
+            if column in row and pd.notna(row[column]):
+                metrics[f"{column}/{row['method']}"] = float(row[column])
+    handle.log_metrics(metrics)
+    handle.client.log_table(handle.run_id, data=table, artifact_file="summary_table.json")
+
+
 def _is_number(value: Any) -> bool:
     """True for ints, floats and numeric scalars such as numpy's (not for strings or None)."""
     if isinstance(value, (str, bytes)) or value is None:
@@ -396,6 +436,50 @@ class Tracker:
 
 
 HOST_TAG, PID_TAG, PID_START_TAG = "harness.host", "harness.pid", "harness.pid_start"
+
+
+class NoTracking:
+    """A tracker that records nothing, for the ranks other than 0 of a torchrun job (rank 0 tracks the job).
+
+    Its runs take every call a :class:`RunHandle` takes and do nothing; exceptions pass through.
+    """
+
+    @contextmanager
+    def run(self, name: str, parent: Any = None, tags: Mapping[str, Any] | None = None) -> Iterator["_NoRun"]:
+        yield _NoRun(name)
+
+
+@dataclass
+class _NoRun:
+    name: str
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    @contextmanager
+    def step_logger(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        yield _NoSteps()
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, folder: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def fail(self, message: str) -> None:
+        pass
+
+
+class _NoSteps:
+    def log(self, step: int, **metrics: float) -> None:
+        pass
 
 
 def owner_tags() -> dict[str, str]:

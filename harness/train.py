@@ -57,18 +57,37 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class TrainSettings:
-    lr: float = 2e-3
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int | None = 150
-    epochs: float = 1.0
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    precision: str = "auto"  # auto, fp32 or bf16: see harness.models.resolve_precision
-    length_window: int = LENGTH_WINDOW  # micro-batches regrouped by length; 1 keeps the seeded order as is
-    selected_logits: bool = True  # False: logits at every position, the model's own loss (benchmarks compare)
+    """How one method trains with one seed: built from the run's configuration by :meth:`from_config`.
+
+    No field has a default of its own: every default is :class:`harness.config.RunConfig`'s.
+    ``length_window`` and ``selected_logits`` are not run options (``from_config`` sets the harness's
+    choice; benchmarks compare others with ``dataclasses.replace``).
+    """
+
+    lr: float
+    batch_size: int
+    grad_accum: int
+    max_steps: int | None
+    epochs: float
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    precision: str  # auto, fp32 or bf16: see harness.models.resolve_precision
+    length_window: int  # micro-batches regrouped by length; 1 keeps the seeded order as is
+    selected_logits: bool  # False: logits at every position, the model's own loss (benchmarks compare)
+
+    @classmethod
+    def from_config(cls, cfg, spec, seed: int) -> "TrainSettings":
+        """The settings of the run ``cfg`` (a :class:`~harness.config.RunConfig`) for one method and seed.
+
+        ``spec`` is the method's :class:`~harness.adapters.AdapterSpec`, whose ``lr=`` option wins over
+        ``cfg.lr``; None trains at ``cfg.lr``.
+        """
+        return cls(lr=getattr(spec, "lr", None) or cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                   max_steps=cfg.max_steps, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
+                   weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed,
+                   precision=cfg.precision, length_window=LENGTH_WINDOW, selected_logits=True)
 
 
 @dataclass

@@ -100,6 +100,7 @@ def test_malformed_study_file_names_the_key(change, key):
 
 
 def test_unknown_study_is_one_line_in_a_real_process(tmp_path):
+    """A real process: the entry point and its one-line error (the other command-line checks call main here)."""
     done = subprocess.run([sys.executable, "-m", "ablations.study", "chain_lenght"], cwd=tmp_path, env=env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
@@ -194,6 +195,7 @@ def states_by_index(storage, name):
     return found, trials
 
 
+@pytest.mark.integration
 def test_nan_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path):
     from ablations.report import write_report
     from ablations.trials import work
@@ -216,6 +218,7 @@ def test_nan_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path):
     assert len(table) == 6 and set(table["state"]) == {"COMPLETE", "FAIL"}
 
 
+@pytest.mark.integration
 def test_journal_storage_runs_the_grid_and_a_worker_joins_it(tmp_path):
     from ablations.study import load_plan
     from ablations.trials import work
@@ -228,6 +231,7 @@ def test_journal_storage_runs_the_grid_and_a_worker_joins_it(tmp_path):
     assert found == {k: ["COMPLETE"] for k in range(6)}
 
 
+@pytest.mark.integration
 def test_resume_retries_killed_trials_and_never_reruns_finished_ones(tmp_path):
     import optuna
     from optuna.trial import TrialState
@@ -263,6 +267,7 @@ def test_resume_retries_killed_trials_and_never_reruns_finished_ones(tmp_path):
         make_plan(tmp_path, MINI, max_steps=7)
 
 
+@pytest.mark.integration
 def test_two_processes_claim_every_queued_trial_exactly_once(tmp_path):
     """The claim itself, stressed: 2 processes race for 120 queued trials on one SQLite file."""
     import optuna
@@ -286,6 +291,7 @@ def test_two_processes_claim_every_queued_trial_exactly_once(tmp_path):
     assert all(out.split() for out, _ in outs)  # both processes took part
 
 
+@pytest.mark.integration
 def test_tuning_study_prunes_on_intermediate_scores_and_keeps_its_budget(tmp_path):
     import optuna
 
@@ -312,6 +318,7 @@ def test_tuning_study_prunes_on_intermediate_scores_and_keeps_its_budget(tmp_pat
     assert (folder / "param_importances.png").is_file()  # lr varies in every method's study
 
 
+@pytest.mark.integration
 def test_pareto_study_has_two_objectives_and_a_front(tmp_path):
     import optuna
 
@@ -333,13 +340,14 @@ def test_pareto_study_has_two_objectives_and_a_front(tmp_path):
 
 
 def run_two_workers(tmp_path: Path, storage_url: str) -> list[subprocess.CompletedProcess]:
-    """Create the study once, then start two workers on it at the same time; return their results."""
+    """Create the study once (in this process), then start two worker processes on it at the same time;
+    return their results."""
+    from ablations import study as study_cli
+
     study_file = write_study(tmp_path, MINI)
-    create = subprocess.run([sys.executable, "-m", "ablations.study", str(study_file), "--storage", storage_url,
-                             "--create-only", *SMOKE, "--output-dir", str(tmp_path / "results"),
-                             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
-    assert create.returncode == 0, create.stderr[-3000:]
+    assert study_cli.main([str(study_file), "--storage", storage_url, "--create-only", *SMOKE,
+                           "--output-dir", str(tmp_path / "results"),
+                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     procs = [subprocess.Popen([sys.executable, "-m", "ablations.worker", "mini", "--storage", storage_url],
                               cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -377,13 +385,15 @@ def mlflow_runs(tmp_path: Path):
     return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
 
 
-def test_two_workers_on_sqlite_run_every_grid_point_once_and_report(tmp_path):
+@pytest.mark.integration
+def test_two_workers_on_sqlite_run_every_grid_point_once_and_report(tmp_path, monkeypatch):
+    from ablations import study as study_cli
+
+    monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     workers = run_two_workers(tmp_path, url)
     check_every_point_ran_once(tmp_path, url, workers)
-    done = subprocess.run([sys.executable, "-m", "ablations.study", "mini", "--storage", url, "--report-only"],
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert study_cli.main(["mini", "--storage", url, "--report-only"]) == 0
     folder = tmp_path / "results" / "ablations" / "mini"
     for name in ("trials.csv", "summary.md", "score_vs_n.png"):
         assert (folder / name).is_file(), name
@@ -438,6 +448,7 @@ def signal_mid_trial(tmp_path, signum, data=MINI, extra=(), watch=None):
     return command, victim, proc
 
 
+@pytest.mark.integration
 def test_sigterm_fails_the_running_trial_and_queues_it_again(tmp_path):
     import optuna
 
@@ -452,16 +463,19 @@ def test_sigterm_fails_the_running_trial_and_queues_it_again(tmp_path):
     assert retry[0].user_attrs["grid_index"] == lost.user_attrs["grid_index"]
 
 
-def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path):
+@pytest.mark.integration
+def test_a_worker_killed_mid_trial_loses_only_that_trial(tmp_path, monkeypatch):
     import optuna
+
+    from ablations import study as study_cli
 
     command, victim, _ = signal_mid_trial(tmp_path, signal.SIGKILL)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     finished_before = {t.number for t in optuna.load_study(study_name="mini", storage=url).get_trials()
                        if t.state.name == "COMPLETE"}
-    again = subprocess.run([*command, "--stale-after", "1"], cwd=tmp_path, env=env(), capture_output=True,
-                           text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    assert command[1:3] == ["-m", "ablations.study"]
+    assert study_cli.main([*command[3:], "--stale-after", "1"]) == 0  # the same command again, in this process
     trials = optuna.load_study(study_name="mini", storage=url).get_trials()
     by_index = Counter(t.user_attrs["grid_index"] for t in trials if t.state.name == "COMPLETE")
     assert by_index == Counter(range(6))  # every point and seed finished exactly once
@@ -520,6 +534,8 @@ def postgres_url():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_two_workers_on_postgresql_run_every_grid_point_once(tmp_path, postgres_url):
+@pytest.mark.integration
+def test_two_workers_on_postgresql_run_every_grid_point_once(tmp_path, postgres_url, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     workers = run_two_workers(tmp_path, postgres_url)
     check_every_point_ran_once(tmp_path, postgres_url, workers)

@@ -151,6 +151,7 @@ def test_merge_is_exact_and_leaves_the_base_architecture(base, ids, trained, spe
     assert rel_err(logits(merged, ids), expected) < 1e-5
 
 
+@pytest.mark.integration
 def test_export_lora_loads_in_plain_peft_without_harness(base, ids, trained, tmp_path):
     """A separate process that never imports harness loads each export with plain peft: same logits."""
     base_dir = tmp_path / "base"
@@ -320,6 +321,7 @@ def test_condlora_refuses_layers_of_one_type_with_different_shapes():
 
 
 def test_command_line_reports_a_bad_spec_in_one_line_without_traceback():
+    """The one real process of ``python -m harness.adapters``."""
     done = subprocess.run([sys.executable, "-m", "harness.adapters", "linchain:n=0", "--model", "tiny-random"],
                           capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 2
@@ -328,11 +330,12 @@ def test_command_line_reports_a_bad_spec_in_one_line_without_traceback():
     assert "Traceback" not in done.stderr
 
 
-def test_command_line_describes_a_spec(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "harness.adapters", "linchain:r=8,widths=8-16-8",
-                           "--model", "tiny-random"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stderr
-    assert "linchain-8-16-8" in done.stdout and "trainable parameters" in done.stdout
+def test_command_line_describes_a_spec(capsys):
+    from harness.adapters.__main__ import main
+
+    assert main(["linchain:r=8,widths=8-16-8", "--model", "tiny-random"]) == 0
+    out = capsys.readouterr().out
+    assert "linchain-8-16-8" in out and "trainable parameters" in out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,10 +429,11 @@ def _tiny_examples(n=16, length=12):
 
 
 def _harness_train(model, steps=4):
+    from harness.config import RunConfig
     from harness.train import TrainSettings, train
 
-    settings = TrainSettings(lr=1e-2, batch_size=4, grad_accum=1, max_steps=steps, epochs=1.0, warmup_ratio=0.0,
-                             weight_decay=0.0, max_grad_norm=1.0, seed=0)
+    settings = TrainSettings.from_config(RunConfig(lr=1e-2, batch_size=4, grad_accum=1, max_steps=steps, epochs=1.0,
+                                                   warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0), None, 0)
     stack = lambda batch: {k: torch.stack([x[k] for x in batch]) for k in batch[0]}  # noqa: E731
     return train(model, _tiny_examples(), stack, settings, progress=False)
 
@@ -484,6 +488,7 @@ def test_bias_adapter_refuses_merge_and_export_in_one_line(base, ids, trained, s
 
 
 @pytest.mark.filterwarnings("ignore:Unexpected keyword arguments", "ignore:Found missing adapter keys")
+@pytest.mark.integration
 def test_bias_adapter_trains_saves_reloads_and_evaluates(base, ids, tmp_path, data_dir):
     from harness.evaluate import evaluate
     from harness.models import load_model

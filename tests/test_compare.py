@@ -5,7 +5,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -191,3 +196,51 @@ def test_systems_of_ignores_unknown_fields():
     content["systems"][1]["a_field_from_the_future"] = 1
     _, again = systems_of(content)
     assert dataclasses.asdict(again[0])["method"] == "lora"
+
+
+def test_a_run_result_writes_what_its_training_and_evaluation_hold_and_reads_back():
+    """harness.run's MethodResult holds the TrainResult and EvalResult; result.json has their numbers, flat."""
+    from harness.evaluate import EvalResult, Sample
+    from harness.run import MethodResult
+    from harness.train import TrainResult
+
+    training = TrainResult(steps=4, losses=[(1, 2.0), (2, 1.5), (3, 1.2), (4, 1.0)], train_seconds=8.0, tokens=400,
+                           peak_memory_mb=50.0, grad_norms=[(1, 3.0), (2, 1.0), (3, 2.0), (4, 0.5)],
+                           clipped_fraction=0.25)
+    samples = {"t": [Sample(doc_id=i, target="1", response="1" if i < 3 else "2", correct=int(i < 3))
+                     for i in range(4)]}
+    evaluation = EvalResult(scores={"t": 0.75, "group": 0.75}, samples=samples)  # a group has no samples of its own
+    result = MethodResult(method="lora", seed=0, trainable_params=10, training=training, evaluation=evaluation,
+                          contaminated={"t"})
+    assert result.scores == {"t": 0.75} and result.correct == {"t": {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.0}}
+    assert (result.train_seconds, result.seconds_per_step, result.tokens_per_second) == (8.0, 2.0, 50.0)
+    assert result.grad_norm_median == 1.5 and result.clipped_fraction == 0.25 and result.loss_curve == training.losses
+    failed = MethodResult(method="moslora", seed=0, error="NonFiniteLoss: loss became nan at step 2")
+    assert not failed.ok and failed.scores == {} and failed.loss_curve == [] and math.isnan(failed.train_seconds)
+
+    content = json.loads(json.dumps(build_result("r", {}, FP, None, [result, failed]), default=str))
+    _, (again, again_failed) = systems_of(content)
+    assert again.scores == result.scores and again.correct == {"t": {"0": 1.0, "1": 1.0, "2": 1.0, "3": 0.0}}
+    assert again.loss_curve == training.losses and again.seconds_per_step == 2.0 and again.grad_norm_median == 1.5
+    assert again.contaminated == {"t"} and again_failed.contaminated == set()  # sets, not their repr
+    assert again_failed.error == failed.error and again_failed.loss_curve == []
+
+
+def test_a_result_file_written_with_the_repr_of_a_set_reads_back_the_set():
+    base, results = _systems()
+    content = json.loads(json.dumps(build_result("r", {}, FP, base, results), default=str))
+    content["systems"][0]["contaminated"], content["systems"][1]["contaminated"] = "{'t'}", "set()"
+    base_again, again = systems_of(content)
+    assert base_again.contaminated == {"t"} and again[0].contaminated == set()
+
+
+def test_command_line_is_one_line_in_a_real_process(tmp_path):
+    """The one real process of ``python -m harness.compare``: the entry point, exit 2 and one line, no traceback
+    (the other command-line checks call ``main(argv)`` in this process)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "harness.compare", str(tmp_path), str(tmp_path / "missing")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a results folder" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -114,6 +114,7 @@ def test_run_stops_before_training_on_a_contaminated_test_split(tmp_path, data_d
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()  # nothing started
 
 
+@pytest.mark.integration
 def test_allowed_contamination_is_recorded_and_marked(tmp_path, data_dir, mlflow_runs_of):
     from harness.config import config_from_args
     from harness.data import load_records
@@ -162,6 +163,7 @@ def test_a_data_file_is_the_same_for_every_seed(tmp_path):
     assert set(training_checksums(generated)) == {"train_data_seed3", "train_data_seed4"}
 
 
+@pytest.mark.integration
 def test_a_validation_run_scores_and_records_the_validation_split(tmp_path, mlflow_runs_of):
     from harness.config import config_from_args
     from harness.data import generate

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -265,9 +269,11 @@ def test_train_example_is_prompt_response_eos(tiny_tokenizer, prompt_format):
 
 
 def test_cutoff_and_collate(tiny_tokenizer):
-    examples = build_train_dataset([RECORD, {**RECORD, "output": "5"}], tiny_tokenizer, cutoff_len=20)
+    examples = build_train_dataset([RECORD, {**RECORD, "output": "5"}], tiny_tokenizer, "alpaca", train_on_inputs=True,
+                                   cutoff_len=20)
     assert [len(e["input_ids"]) for e in examples] == [20, 20]
-    long, short = build_train_dataset([RECORD, {**RECORD, "instruction": "1+1?"}], tiny_tokenizer, cutoff_len=512)
+    long, short = build_train_dataset([RECORD, {**RECORD, "instruction": "1+1?"}], tiny_tokenizer, "alpaca",
+                                      train_on_inputs=True, cutoff_len=512)
     batch = collate([long, short], pad_token_id=tiny_tokenizer.pad_token_id)
     width = len(long["input_ids"])
     assert batch["input_ids"].shape == (2, width)
@@ -299,3 +305,15 @@ def test_cli_preview(capsys):
     assert main(["arithmetic:n=5", "--show", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "5 train records from arithmetic:n=5" and json.loads(out[1])["answer"]
+
+
+def test_command_line_is_one_line_in_a_real_process(tmp_path):
+    """The one real process of ``python -m harness.data``: the entry point, exit 2 and one line, no traceback
+    (the other command-line checks call ``main(argv)`` in this process)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "harness.data", "no_such_set"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a named set" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -252,6 +252,7 @@ def tiny_collate(batch):
     return collate(batch, 2)
 
 
+@pytest.mark.integration
 def test_curvature_at_init_equals_the_largest_eigenvalue_of_the_full_hessian(tiny_model):
     from torch.func import functional_call
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -397,6 +398,7 @@ def fake_train_result(seed, speed, steps=20):
                            grad_norms=[(t, 0.3 * speed) for t in range(1, steps + 1)])
 
 
+@pytest.mark.integration
 def test_run_diagnostics_write_the_claims_table_and_files(tiny_model, tiny_tokenizer, tmp_path):
     from harness.adapters import get_adapter_model
 
@@ -508,6 +510,7 @@ def test_diagnostics_option():
         config_from_args(["--diagnostics", "some"])
 
 
+@pytest.mark.integration
 def test_a_run_writes_diagnostics_and_logs_them(tmp_path, mlflow_runs_of):
     from harness.run import run
 
@@ -534,6 +537,7 @@ def test_a_run_writes_diagnostics_and_logs_them(tmp_path, mlflow_runs_of):
     assert parent["artifact_uri"]  # diagnostics files are logged with the report (checked on disk above)
 
 
+@pytest.mark.integration
 def test_level_full_measures_the_curvature_before_training(tiny_model):
     from harness.adapters import get_adapter_model
 

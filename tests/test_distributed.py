@@ -32,6 +32,7 @@ def two_ranks_and_one(tmp_path_factory):
     return (ddp, done_ddp), (single, done_single)
 
 
+@pytest.mark.integration
 def test_two_ranks_write_one_set_of_results_and_one_mlflow_run(two_ranks_and_one, mlflow_runs_of):
     (ddp, done), _ = two_ranks_and_one
     assert done.returncode == 0, done.stderr[-4000:]
@@ -45,6 +46,7 @@ def test_two_ranks_write_one_set_of_results_and_one_mlflow_run(two_ranks_and_one
     assert len(runs) == 4  # nothing from rank 1
 
 
+@pytest.mark.integration
 def test_two_ranks_train_exactly_as_one_process_accumulating_two_micro_batches(two_ranks_and_one, mlflow_runs_of):
     """Same batches, gradients averaged over ranks = over accumulated micro-batches: the same adapter."""
     from safetensors.torch import load_file

@@ -16,6 +16,7 @@ from harness.errors import UserError
 from harness.evaluate import TASKS_DIR, evaluate, mlflow_name
 
 
+@pytest.mark.integration
 def test_result_has_mlflow_safe_metrics_scores_and_samples(tiny_model, data_dir):
     model, tok = tiny_model
     result = evaluate(model, tok, ["arithmetic", "llm_adapters_aqua", "llm_adapters_boolq_mc"], data_dir,
@@ -33,6 +34,7 @@ def test_result_has_mlflow_safe_metrics_scores_and_samples(tiny_model, data_dir)
         assert result.scores[task] == pytest.approx(sum(s.correct for s in samples) / 3)
 
 
+@pytest.mark.integration
 def test_batched_generation_scores_like_one_at_a_time(tiny_model, data_dir):
     model, tok = tiny_model
     tasks = ["arithmetic_add_sub", "llm_adapters_boolq", "llm_adapters_piqa_mc"]
@@ -84,6 +86,7 @@ def test_mlflow_names():
     assert mlflow_name("x", "alias") is None
 
 
+@pytest.mark.integration
 def test_tasks_run_under_lm_eval_command_line(tiny_model, data_dir, tmp_path):
     model, tok = tiny_model
     folder = tmp_path / "tiny"
@@ -123,3 +126,16 @@ def test_bf16_evaluation_runs_the_model_under_bf16_autocast(tiny_model, data_dir
     seen.clear()
     evaluate(model.float(), tok, ["arithmetic_add_sub"], data_dir, limit=2, batch_size=2, precision="fp32")
     assert seen and set(seen) == {None}
+
+
+@pytest.mark.integration
+def test_command_line_is_one_line_in_a_real_process(tmp_path):
+    """The one real process of ``python -m harness.evaluate``: the entry point, exit 2 and one line, no traceback
+    (the other command-line checks call ``main(argv)`` in this process)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "harness.evaluate", "--model", "tiny-random", "--tasks", "nope"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown task nope" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -147,6 +147,7 @@ def test_fair_flags_are_one_line_errors(tmp_path, capsys, monkeypatch):
 # The protocol with a stand-in for harness.run
 
 
+@pytest.mark.integration
 def test_rates_are_chosen_on_validation_and_only_the_chosen_one_is_tested(tmp_path):
     fake = ProtocolRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)})
     plan, storage, _ = fair_plan(tmp_path)
@@ -165,6 +166,7 @@ def test_rates_are_chosen_on_validation_and_only_the_chosen_one_is_tested(tmp_pa
     assert Counter(c[:3] for c in fake.calls).most_common(1)[0][1] == 1  # no slot ran twice
 
 
+@pytest.mark.integration
 def test_the_grid_grows_at_the_edge_at_most_extend_times_and_the_report_says_so(tmp_path):
     from ablations.fair import method_results
 
@@ -188,6 +190,7 @@ def test_the_grid_grows_at_the_edge_at_most_extend_times_and_the_report_says_so(
     assert math.isclose(verdict.loc["lora", "grid_low"], 1e-3 / 3)
 
 
+@pytest.mark.integration
 def test_verdict_files_have_their_columns_and_a_failed_seed_is_reported(tmp_path):
     from ablations.report import write_report
 
@@ -219,6 +222,7 @@ def test_verdict_files_have_their_columns_and_a_failed_seed_is_reported(tmp_path
     assert len(trials[trials["stage"] == "tune"]) == 2 * 3
 
 
+@pytest.mark.integration
 def test_tuning_trials_are_pruned_on_validation_and_final_runs_never(tmp_path):
     import optuna
 
@@ -238,6 +242,7 @@ def test_tuning_trials_are_pruned_on_validation_and_final_runs_never(tmp_path):
     assert math.isclose(lora.chosen_lr, 1e-3 / 3)  # a pruned rate is never chosen; the edge was extended
 
 
+@pytest.mark.integration
 def test_without_a_lora_score_nothing_is_called_better_or_worse(tmp_path):
     from ablations.fair import method_results, verdict_rows
 
@@ -249,6 +254,7 @@ def test_without_a_lora_score_nothing_is_called_better_or_worse(tmp_path):
     assert rows["moslora"]["verdict"] == "not compared" and math.isnan(rows["moslora"]["gain_vs_lora"])
 
 
+@pytest.mark.integration
 def test_a_slot_queued_twice_runs_once(tmp_path):
     """Two workers that settle a spec at the same moment both queue its finals: the lower trial runs."""
     import optuna
@@ -270,6 +276,7 @@ def test_a_slot_queued_twice_runs_once(tmp_path):
     assert Counter((s, seed) for s, seed, _, split in fake.calls if split == "test")[("lora", 1)] == 1
 
 
+@pytest.mark.integration
 def test_an_idle_worker_waits_for_another_workers_trial_then_runs_the_finals_it_unlocks(tmp_path):
     import threading
     import time
@@ -298,6 +305,7 @@ def test_an_idle_worker_waits_for_another_workers_trial_then_runs_the_finals_it_
     assert sorted(c[1] for c in fake.calls if c[0] == "lora" and c[3] == "test") == [1, 2]
 
 
+@pytest.mark.integration
 def test_a_trial_finished_by_another_worker_between_top_up_and_claim_still_unlocks_its_finals(tmp_path, monkeypatch):
     """The race CI once hit: the other worker's trial ends after this pass topped up and before it
     counted the running trials; nothing is queued and nothing runs, yet the finals are still due."""
@@ -325,6 +333,7 @@ def test_a_trial_finished_by_another_worker_between_top_up_and_claim_still_unloc
     assert sorted(c[1] for c in fake.calls if c[0] == "lora" and c[3] == "test") == [1, 2]
 
 
+@pytest.mark.integration
 def test_resume_after_a_dead_worker_reruns_only_its_trial(tmp_path):
     import optuna
     import time
@@ -349,6 +358,7 @@ def test_resume_after_a_dead_worker_reruns_only_its_trial(tmp_path):
         fair_plan(tmp_path, final_seeds="5,6")
 
 
+@pytest.mark.integration
 def test_tune_lr_gives_every_grid_point_its_own_rate(tmp_path):
     from ablations.report import write_report
 
@@ -377,6 +387,7 @@ def test_each_point_is_compared_with_the_lora_point_of_its_options():
     assert reference_of(two[2], two) is None  # ambiguous: check_references asks for lora with its options
 
 
+@pytest.mark.integration
 def test_the_lr_tuning_study_scores_validation_only(tmp_path):
     data = {"name": "tune", "kind": "tpe", "seeds": [0], "space": [{"method": "lora"}], "n_trials": 3,
             "lr": {"low": 1e-4, "high": 1e-2, "log": True}}
@@ -395,6 +406,7 @@ def test_the_lr_tuning_study_scores_validation_only(tmp_path):
 # End to end on tiny-random: real trials, a worker killed mid-trial, the same command resumes
 
 
+@pytest.mark.integration
 def test_fair_study_end_to_end_with_a_killed_worker(tmp_path):
     import signal
 

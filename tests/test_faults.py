@@ -50,6 +50,7 @@ def a_dead_pid() -> int:
 # 1. kill -9: the next start reconciles MLflow and the partial results folder
 
 
+@pytest.mark.integration
 def test_a_run_killed_with_sigkill_is_reconciled_by_the_next_run(tmp_path, mlflow_runs_of):
     from harness.config import config_from_args
     from harness.run import run
@@ -93,6 +94,7 @@ def test_a_run_killed_with_sigkill_is_reconciled_by_the_next_run(tmp_path, mlflo
     assert set(runs[runs["tags.mlflow.runName"] == "faulty-2"]["status"]) == {"FINISHED"}
 
 
+@pytest.mark.integration
 def test_an_interrupted_run_does_not_free_its_name(tmp_path, monkeypatch, mlflow_runs_of):
     import harness.train
     from harness.config import config_from_args
@@ -203,6 +205,7 @@ def _study_with_one_trial_running_elsewhere(tmp_path: Path, host: str, pid: int)
     return plan, storage, url, trial.number, (trial_run, method_run)
 
 
+@pytest.mark.integration
 def test_study_rerun_inside_the_stale_window_waits_for_the_lost_trial_and_runs_it(tmp_path):
     import optuna
     from mlflow import MlflowClient
@@ -226,6 +229,7 @@ def test_study_rerun_inside_the_stale_window_waits_for_the_lost_trial_and_runs_i
     assert "Missing points" not in (write_report(plan, storage) / "summary.md").read_text()
 
 
+@pytest.mark.integration
 def test_a_trial_whose_worker_died_on_this_host_is_reaped_at_once(tmp_path):
     import optuna
 
@@ -237,6 +241,7 @@ def test_a_trial_whose_worker_died_on_this_host_is_reaped_at_once(tmp_path):
     assert "has ended" in study.trials[number].user_attrs["fail_reason"]
 
 
+@pytest.mark.integration
 def test_study_no_wait_says_how_long_and_does_not_exit_0_with_a_hole(tmp_path, capsys):
     from ablations import study as study_cli
     from ablations.report import report_dir
@@ -255,6 +260,7 @@ def test_study_no_wait_says_how_long_and_does_not_exit_0_with_a_hole(tmp_path, c
 # 3. two processes creating one new SQLite MLflow store
 
 
+@pytest.mark.integration
 def test_two_processes_creating_one_sqlite_store_both_succeed(tmp_path):
     script = ("import sys, time\nfrom harness.tracking import Tracker, check_tracking_uri\n"
               "uri, start = sys.argv[1], float(sys.argv[2])\n"
@@ -377,6 +383,7 @@ def test_study_options_are_checked_in_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "optuna.db").exists()  # refused before the study was created
 
 
+@pytest.mark.integration
 def test_worker_says_why_it_stops(tmp_path, capsys, monkeypatch):
     import harness.run
     from ablations import study as study_cli
@@ -427,6 +434,7 @@ LIBRARY_LINES = ["`pretrained` model kwarg is not of type `str`", "Passed an alr
 UNLABELLED_BAR = re.compile(r"(^|\r)\s*\d+%\|")  # tqdm without a description starts with the percentage
 
 
+@pytest.mark.integration
 def test_the_smoke_command_prints_none_of_the_libraries_lines(tmp_path):
     command = [sys.executable, "-m", "harness.run", "--model", "tiny-random", "--max-steps", "3", "--limit", "5",
                "--methods", "lora,linchain"]

@@ -266,6 +266,7 @@ def test_fair_study_methods_drops_hand_set_learning_rates_and_keeps_lora_first()
     assert fair_study_methods(["lora:r=8", "moslora"]) == "lora:r=8,moslora"  # already has its reference
 
 
+@pytest.mark.integration
 def test_a_run_reports_what_each_method_trained_with(tmp_path):
     """The issue's case end to end: --rank 16 with lora:r=8 and a per-method lr, on tiny-random."""
     from harness.config import config_from_args

@@ -1,4 +1,8 @@
-"""The main job end to end on tiny-random: train, lm-eval, MLflow, results; and its failure modes."""
+"""The main job end to end on tiny-random: train, lm-eval, MLflow, results; and its failure modes.
+
+One test (the smoke run) starts ``python -m harness.run`` as a user would, and one sends a real process
+SIGTERM; the command-line checks call ``main(argv)`` in this process.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ def smoke_run(tmp_path_factory):
     return tmp_path, done
 
 
+@pytest.mark.integration
 def test_smoke_run_completes_and_writes_results(smoke_run):
     tmp_path, done = smoke_run
     assert done.returncode == 0, done.stderr[-3000:]
@@ -50,6 +55,7 @@ def test_smoke_run_completes_and_writes_results(smoke_run):
     assert again.methods == ["lora", "moslora", "linchain:n=2"] and again.max_steps == 3 and again.limit == 4
 
 
+@pytest.mark.integration
 def test_smoke_run_is_readable_from_mlflow(smoke_run, mlflow_runs_of):
     tmp_path, done = smoke_run
     assert done.returncode == 0, done.stderr[-3000:]
@@ -73,6 +79,7 @@ def test_smoke_run_is_readable_from_mlflow(smoke_run, mlflow_runs_of):
     assert {"adapter", "samples"} <= artifacts
 
 
+@pytest.mark.integration
 def test_same_seed_reproduces_the_same_numbers(tmp_path):
     from harness.run import run
 
@@ -85,6 +92,7 @@ def test_same_seed_reproduces_the_same_numbers(tmp_path):
     assert a.loss_curve == b.loss_curve and a.scores == b.scores and a.correct == b.correct
 
 
+@pytest.mark.integration
 def test_a_failing_method_does_not_lose_the_others(tmp_path, mlflow_runs_of):
     from harness.run import run
 
@@ -98,6 +106,7 @@ def test_a_failing_method_does_not_lose_the_others(tmp_path, mlflow_runs_of):
     assert runs.loc["linchain-3-seed0", "status"] == "FAILED" and runs.loc["lora-seed0", "status"] == "FINISHED"
 
 
+@pytest.mark.integration
 def test_ctrl_c_marks_runs_killed_and_leaves_no_results(tmp_path, monkeypatch, mlflow_runs_of):
     import harness.train
     from harness.run import run
@@ -114,6 +123,7 @@ def test_ctrl_c_marks_runs_killed_and_leaves_no_results(tmp_path, monkeypatch, m
     assert runs.loc["stopped", "status"] == "KILLED" and runs.loc["lora-seed0", "status"] == "KILLED"
 
 
+@pytest.mark.integration
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, mlflow_runs_of):
     """`kill` or a scheduler's pre-emption mid-training: exit 143, runs KILLED, no half-written results folder."""
     command = [sys.executable, "-m", "harness.run", *smoke_args(tmp_path, "--methods", "lora", "--run-name", "term",
@@ -138,6 +148,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, mlflow_runs_of):
     assert runs.loc["lora-seed0", "tags.error"] == "terminated (SIGTERM)"  # not "interrupted (Ctrl-C)"
 
 
+@pytest.mark.integration
 def test_an_existing_run_folder_is_never_overwritten(tmp_path):
     from harness.run import run
 
@@ -158,13 +169,15 @@ def test_an_existing_run_folder_is_never_overwritten(tmp_path):
     (["--rank", "0"], "--rank"),
     (["--targets", "nope_proj"], "target module 'nope_proj' not found"),
 ])
-def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, args, message):
-    done = subprocess.run([sys.executable, "-m", "harness.run", *smoke_args(tmp_path), *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
+def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path, monkeypatch, capsys, args, message):
+    from harness.run import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*smoke_args(tmp_path), *args]) == 2  # an exception other than UserError would fail the test
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
 
 

@@ -3,13 +3,15 @@ gradient norms, the loss on selected logits, length-grouped batches and bf16 tra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
 import pytest
 import torch
 
-from harness.adapters import get_adapter_model, load_adapter_model, save_adapter
+from harness.adapters import get_adapter_model, load_adapter_model, resolve_spec, save_adapter
+from harness.config import RunConfig
 from harness.data.tokenize import IGNORE_INDEX, collate
 from harness.models import tiny_random_model
 from harness.train import (NonFiniteLoss, TrainSettings, batch_order, causal_lm_loss, parameter_group,
@@ -33,14 +35,20 @@ def examples():
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def settings_of(seed=0, **kw) -> TrainSettings:
+    """The settings harness.run trains with under RunConfig's defaults, with the test's values replaced."""
+    return dataclasses.replace(TrainSettings.from_config(RunConfig(), None, seed), **kw)
+
+
 def run(spec, examples, seed=0, device="cpu", **kw):
     torch.manual_seed(seed)
     model = get_adapter_model(tiny_random_model().to(device), spec, r=4)
     collate_fn = kw.pop("collate", stack)
-    settings = TrainSettings(**{"lr": 1e-2, "batch_size": 4, "max_steps": 6, "seed": seed, "precision": "fp32", **kw})
+    settings = settings_of(seed, **{"lr": 1e-2, "batch_size": 4, "max_steps": 6, "precision": "fp32", **kw})
     return model, train(model, examples, collate_fn, settings, progress=False)
 
 
+@pytest.mark.integration
 def test_same_seed_gives_the_same_losses_on_cpu(examples):
     _, a = run("linchain", examples)
     _, b = run("linchain", examples)
@@ -49,6 +57,7 @@ def test_same_seed_gives_the_same_losses_on_cpu(examples):
     assert c.losses != a.losses
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spec", ["lora", "linchain", "mtlora:structure=icfm", "condlora"])
 def test_training_lowers_the_loss_on_every_device(examples, spec, device):
@@ -66,18 +75,35 @@ def test_every_method_sees_the_same_batches_in_the_same_order(examples):
     assert len(set(first.values())) == 1
 
 
+def test_train_settings_come_from_the_run_configuration_alone():
+    """TrainSettings has no defaults of its own: a default can only live in RunConfig."""
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(TrainSettings))
+    with pytest.raises(TypeError):
+        TrainSettings()  # type: ignore[call-arg]
+    cfg = RunConfig(lr=3e-3, batch_size=5, grad_accum=3, max_steps=7, epochs=2.5, warmup_ratio=0.2,
+                    weight_decay=0.01, max_grad_norm=0.5, precision="fp32")
+    settings = TrainSettings.from_config(cfg, resolve_spec("lora"), seed=4)
+    shared = [f.name for f in dataclasses.fields(TrainSettings) if f.name in {g.name for g in dataclasses.fields(cfg)}]
+    assert len(shared) == 9 and all(getattr(settings, name) == getattr(cfg, name) for name in shared), shared
+    assert settings.seed == 4 and settings.length_window > 1 and settings.selected_logits
+    assert TrainSettings.from_config(cfg, resolve_spec("linchain:lr=5e-4"), seed=0).lr == 5e-4  # the spec wins
+    assert TrainSettings.from_config(RunConfig(), None, seed=0).max_steps == RunConfig().max_steps
+
+
 def test_batch_order_covers_the_data_before_repeating():
     batches = batch_order(10, 5, 4, seed=0)
     flat = [i for b in batches for i in b]
     assert sorted(flat[:10]) == list(range(10)) and len(flat) == 20
 
 
+@pytest.mark.integration
 def test_warmup_then_decay_and_gradient_accumulation(examples):
     _, result = run("lora", examples, max_steps=10, warmup_ratio=0.3, grad_accum=2)
     lrs = [lr for _, lr in result.learning_rates]
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(1e-2) and lrs[-1] < max(lrs)
     assert result.tokens == 10 * 2 * 4 * 12  # steps x accumulation x batch x tokens
-    assert total_steps(100, TrainSettings(max_steps=None, epochs=2, batch_size=8, grad_accum=2)) == 13
+    assert total_steps(100, settings_of(max_steps=None, epochs=2, batch_size=8, grad_accum=2)) == 13
 
 
 def test_non_finite_loss_stops_training_with_a_clear_message(examples):
@@ -88,7 +114,7 @@ def test_non_finite_loss_stops_training_with_a_clear_message(examples):
             if "down_proj.lora_" in name:
                 p.fill_(float("nan"))
     with pytest.raises(NonFiniteLoss, match="loss became nan at step 1"):
-        train(model, examples, stack, TrainSettings(batch_size=4, max_steps=3), progress=False)
+        train(model, examples, stack, settings_of(batch_size=4, max_steps=3), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,6 +268,7 @@ def test_length_grouping_depends_on_the_seed_and_the_data_only():
     assert batch_order(30, 12, 4, seed=0, lengths=lengths, window=1) == batch_order(30, 12, 4, seed=0)
 
 
+@pytest.mark.integration
 def test_every_method_trains_on_the_same_length_grouped_batches():
     g = torch.Generator().manual_seed(5)
     varied = []
@@ -264,6 +291,7 @@ def test_every_method_trains_on_the_same_length_grouped_batches():
 # bf16
 
 
+@pytest.mark.integration
 def test_bf16_training_keeps_the_adapter_fp32_and_it_merges_exactly_onto_the_fp32_base(examples, tmp_path,
                                                                                          monkeypatch):
     from harness import models
@@ -274,7 +302,7 @@ def test_bf16_training_keeps_the_adapter_fp32_and_it_merges_exactly_onto_the_fp3
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.base_layer.weight.dtype == torch.bfloat16
     _, fp32 = run("linchain", examples, max_steps=1)
-    result = train(model, examples, stack, TrainSettings(lr=1e-2, batch_size=4, max_steps=6, precision="bf16"),
+    result = train(model, examples, stack, settings_of(lr=1e-2, batch_size=4, max_steps=6, precision="bf16"),
                    progress=False)
     assert result.precision == "bf16" and all(math.isfinite(loss) for _, loss in result.losses)
     assert result.losses[0][1] == pytest.approx(fp32.losses[0][1], rel=2e-2)  # B = 0: the base's loss, in bf16
@@ -295,6 +323,7 @@ def test_bf16_training_keeps_the_adapter_fp32_and_it_merges_exactly_onto_the_fp3
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_a_run_logs_gradient_norms_clipping_and_precision_to_mlflow(tmp_path, mlflow_runs_of):
     import mlflow
 

@@ -23,6 +23,7 @@ from harness.adapters.spec import DEFAULT_TARGETS, INITS, METHODS, STRUCTURES, A
 _API = (
     "export_lora",
     "expected_parameters",
+    "fresh_adapter_model",
     "get_adapter_model",
     "load_adapter_model",
     "peft_config_for",

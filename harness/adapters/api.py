@@ -64,6 +64,17 @@ def get_adapter_model(model: nn.Module, spec: str | AdapterSpec, *, adapter_name
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
+def fresh_adapter_model(base_model: nn.Module, spec: AdapterSpec, seed: int):
+    """A copy of ``base_model`` with the method's adapter, ``base_model`` untouched.
+
+    The generator is seeded with ``seed`` first, so the same seed gives every method the same initial A.
+    """
+    import copy
+
+    torch.manual_seed(seed)
+    return get_adapter_model(copy.deepcopy(base_model), spec)
+
+
 def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default",
                        is_trainable: bool = False):
     """Load a saved adapter onto ``base_model``, restoring its method and options from adapter_config.json.

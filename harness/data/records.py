@@ -118,6 +118,14 @@ def subset(records: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
     return [records[i] for i in keep]
 
 
+def records_checksum(records: list[dict]) -> str:
+    """SHA-256 of records' content (files and generated data alike): what the protocol fingerprint hashes."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
 def read_text(path: Path) -> str:
     """A data file's text, or a one-line UserError (unreadable, or not UTF-8, which is what JSON is)."""
     try:

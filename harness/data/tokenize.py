@@ -9,14 +9,15 @@ from harness.data.prompts import format_prompt
 IGNORE_INDEX = -100  # label value the loss skips
 
 
-def build_train_dataset(records: list[dict], tokenizer, prompt_format: str = "alpaca", train_on_inputs: bool = True,
-                        cutoff_len: int = 256) -> list[dict]:
+def build_train_dataset(records: list[dict], tokenizer, prompt_format: str, *, train_on_inputs: bool,
+                        cutoff_len: int) -> list[dict]:
     """Tokenise ``prompt + output + EOS`` for each record.
 
     The prompt and the response are tokenised separately, so the prompt's ids are exactly those
-    lm-eval feeds at evaluation. ``train_on_inputs=True`` (upstream's default) puts the loss on the
-    whole sequence; ``False`` masks the prompt with -100. As upstream, a sequence is cut at
-    ``cutoff_len`` tokens and EOS is appended when there is room.
+    lm-eval feeds at evaluation. ``train_on_inputs=True`` (upstream LLM-Adapters' default) puts the loss
+    on the whole sequence; ``False`` (the harness's default) masks the prompt with -100. As upstream, a
+    sequence is cut at ``cutoff_len`` tokens and EOS is appended when there is room. No argument has a
+    default here: the run's defaults are :class:`harness.config.RunConfig`'s.
     """
     if cutoff_len < 2:
         from harness.errors import UserError
@@ -35,6 +36,12 @@ def build_train_dataset(records: list[dict], tokenizer, prompt_format: str = "al
             labels[:masked] = [IGNORE_INDEX] * masked
         examples.append({"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)})
     return examples
+
+
+def collate_for(tokenizer):
+    """The collator of a run: :func:`collate` with the tokenizer's pad id (its EOS id when it has none)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return lambda batch: collate(batch, pad)
 
 
 def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
