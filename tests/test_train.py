@@ -302,9 +302,14 @@ def test_bf16_training_keeps_the_adapter_fp32_and_it_merges_exactly_onto_the_fp3
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.base_layer.weight.dtype == torch.bfloat16
     _, fp32 = run("linchain", examples, max_steps=1)
+    config = model.get_base_model().config
+    seen = []
+    model.get_base_model().model.register_forward_pre_hook(lambda m, a: seen.append(config._attn_implementation))
     result = train(model, examples, stack, settings_of(lr=1e-2, batch_size=4, max_steps=6, precision="bf16"),
                    progress=False)
     assert result.precision == "bf16" and all(math.isfinite(loss) for _, loss in result.losses)
+    # bf16 training on CPU runs eager attention (SDPA's backward is slow there); evaluation gets SDPA back
+    assert seen and set(seen) == {"eager"} and config._attn_implementation == "sdpa"
     assert result.losses[0][1] == pytest.approx(fp32.losses[0][1], rel=2e-2)  # B = 0: the base's loss, in bf16
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(p.dtype == torch.float32 for p in trained.values())
