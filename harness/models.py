@@ -11,11 +11,15 @@
 - anything else: a Hugging Face model id or a local folder, loaded by transformers.
 
 Precision (``--precision``): :func:`resolve_precision` turns ``auto`` into ``bf16`` on CUDA GPUs
-with bf16 and ``fp32`` elsewhere. CPUs with AVX512_BF16 or AMX accept ``bf16`` too, but ``auto`` does
-not pick it there: on the 2-core AVX512_BF16 development machine a 50-step run trained at 0.58x and
-evaluated at 0.48x fp32's speed (benchmarks/bench_throughput.py, README);
-:func:`storage_dtype` is the dtype the frozen base is loaded in for it (bf16 once, so training
-under autocast never casts the base weights again). Adapter parameters stay fp32 either way.
+with bf16 and ``fp32`` elsewhere. CPUs with AVX512_BF16 or AMX accept ``bf16`` too, and it is the
+faster choice there (2-core AVX512_BF16 development machine, benchmarks/bench_throughput.py, README):
+evaluation x1.56 the items per second of fp32, a training step x1.36 with bf16 alone and more with
+eager attention (harness.train). ``auto`` still does not pick it on CPUs: after 50 steps with the same
+seed, LoRA scored 3.2 points lower in bf16 (95% item interval [-6.5, -0.2]; LinChain-3 +0.0
+[-2.2, +2.0]), one seed, so whether that is bf16 or an ordinary seed-to-seed change is not known;
+a comparison over seeds decides. :func:`storage_dtype` is the dtype the frozen base is loaded in
+for it (bf16 once, so training under autocast never casts the base weights again). Adapter
+parameters stay fp32 either way.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if precision not in PRECISIONS:
         raise UserError(f"--precision: must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     device = torch.device(device)
-    if precision == "auto":  # on CPUs bf16 measured slower end to end than fp32 (see the module docstring)
+    if precision == "auto":  # on CPUs bf16 is faster but not yet shown equal in accuracy (module docstring)
         return "bf16" if device.type == "cuda" and bf16_is_fast(device) else "fp32"
     if precision == "bf16" and not bf16_is_fast(device):
         where = "this GPU" if device.type == "cuda" else f"this {device.type.upper()}"
