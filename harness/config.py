@@ -134,9 +134,9 @@ class RunConfig:
     weight_decay: float = _opt("AdamW weight decay on the adapter weights", 0.0)
     max_grad_norm: float = _opt("clip the gradient norm to this value (0 disables clipping)", 1.0, metavar="NORM")
     precision: str = _opt(
-        "arithmetic precision of training and evaluation: 'auto' is bf16 on a CUDA GPU with bf16 and fp32 "
-        "elsewhere; 'bf16' also runs on CPUs with AVX512_BF16 or AMX (faster there, not yet shown equal in accuracy, so "
-        "'auto' keeps fp32 on CPUs); with bf16 the frozen base is stored in bf16 and the adapter parameters stay fp32", "auto", choices=PRECISIONS)
+        "arithmetic precision of training and evaluation: 'auto' is bf16 where the hardware runs it natively "
+        "(a CUDA GPU with bf16, a CPU with AVX512_BF16 or AMX) and fp32 elsewhere; with bf16 the frozen base is "
+        "stored in bf16 and the adapter parameters stay fp32", "auto", choices=PRECISIONS)
     seeds: list[int] = _opt(
         "random seeds, comma-separated; each method trains once per seed, and the same seed gives every "
         "method the same data order and the same initial A", factory=lambda: [0], metavar="SEEDS")

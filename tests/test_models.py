@@ -77,10 +77,10 @@ def test_embedded_model_loads_offline_and_generates(monkeypatch):
 
 @pytest.mark.parametrize("flags, native", [({"avx512f", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True),
                                            ({"avx2", "avx512f"}, False), (set(), False)])
-def test_bf16_runs_on_cpus_with_native_bf16_and_auto_stays_fp32_on_cpus(monkeypatch, flags, native):
+def test_auto_is_bf16_on_cpus_with_native_bf16_and_fp32_on_the_others(monkeypatch, flags, native):
     monkeypatch.setattr(models, "cpu_flags", lambda: flags)
     assert models.bf16_is_fast("cpu") is native
-    assert models.resolve_precision("auto", "cpu") == "fp32"  # faster in bf16, accuracy not yet shown equal
+    assert models.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
     assert models.resolve_precision("fp32", "cpu") == "fp32"
     if native:
         assert models.resolve_precision("bf16", "cpu") == "bf16"
