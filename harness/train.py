@@ -205,7 +205,7 @@ def train(
     step_model = _wrap_distributed(model) if ctx.distributed else model
     precision = resolve_precision(settings.precision, device)
     autocast = autocast_for(device, precision)
-    head = selected_logits_head(model) if settings.selected_logits else None
+    selected = settings.selected_logits and selected_logits_head(model) is not None
 
     result = TrainResult(precision=precision)
     clipped = 0
@@ -227,7 +227,7 @@ def train(
                 # gradients are averaged across ranks once per step, on the last micro-batch
                 with contextlib.nullcontext() if last or not ctx.distributed else step_model.no_sync():
                     with autocast:
-                        loss = causal_lm_loss(step_model, batch, head) / settings.grad_accum
+                        loss = causal_lm_loss(step_model, batch, selected) / settings.grad_accum
                     loss.backward()
                 step_loss += loss.detach()
             # one host read per step: the loss and every group's gradient norm together
@@ -331,7 +331,10 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], selected) -> torch.Ten
 
 
 def selected_logits_head(model) -> torch.nn.Module | None:
-    """The output layer :func:`causal_lm_loss` may apply itself, or None where the full path is needed.
+    """The output layer where :func:`causal_lm_loss` may ask for selected logits, or None where the full path is needed.
+
+    The model still applies it (through a boolean ``logits_to_keep``); a non-None result only says that
+    this model type computes its logits as ``head(final hidden states)`` with nothing after the head.
 
     Works through peft's PeftModel (and DDP's wrapper, since the caller passes the unwrapped model)
     for the model types in SELECTED_LOGITS_MODEL_TYPES; any other model (e.g. Gemma's soft-capped or
