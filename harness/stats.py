@@ -100,6 +100,32 @@ class SeedComparison:
         return self.low <= value <= self.high
 
 
+def finite_values(values) -> list[float]:
+    """The values that are numbers (not None, not NaN or infinite), as floats: what a mean over runs averages."""
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def mean(values) -> float:
+    """The arithmetic mean; NaN for no values. A NaN among the values makes it NaN (filter with :func:`finite_values`)."""
+    values = list(values)
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def sample_sd(values) -> float:
+    """The sample standard deviation (n - 1 in the denominator); NaN below two values."""
+    values = list(values)
+    if len(values) < 2:
+        return math.nan
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values (NaN where there are too few)."""
+    finite = finite_values(values)
+    return mean(finite), sample_sd(finite)
+
+
 def _seed_order(seed: Seed) -> tuple:
     """Seeds in numeric order (2 before 10), anything else after them by its text."""
     return (0, seed, "") if isinstance(seed, (int, float)) else (1, 0, str(seed))

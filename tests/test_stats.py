@@ -238,3 +238,15 @@ def test_verdict():
     assert verdict(up, 0.01) == BETTER and verdict(down, 0.01) == WORSE
     assert verdict(up, 0.2) == NO_DIFFERENCE and verdict(up, 0.05) == NO_DIFFERENCE
     assert verdict(up, 0.04, alpha=0.01) == NO_DIFFERENCE
+
+
+def test_mean_and_sample_sd_match_the_textbook_formulas():
+    from harness import stats
+    values = [1.0, 2.0, 4.0, 9.0]
+    m = (1 + 2 + 4 + 9) / 4
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / 3)
+    assert stats.mean(values) == pytest.approx(m)
+    assert stats.sample_sd(values) == pytest.approx(sd)
+    assert math.isnan(stats.mean([])) and math.isnan(stats.sample_sd([3.0]))
+    assert math.isnan(stats.mean([1.0, math.nan]))
+    assert stats.mean_sd([1.0, None, math.nan, 2.0, 4.0, 9.0]) == pytest.approx((m, sd))
