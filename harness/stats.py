@@ -242,7 +242,8 @@ def holm(p_values: Mapping[str, float]) -> dict[str, float]:
     return adjusted
 
 
-def minimum_detectable_effect(sd: float, n_seeds: int, alpha: float = 0.05, power: float = 0.8) -> float:
+def minimum_detectable_effect(sd: float, n_seeds: int, alpha: float = 0.05, power: float = 0.8,
+                              comparisons: int = 1) -> float:
     """The smallest true mean difference a two-sided paired t-test over ``n_seeds`` seeds detects with ``power``.
 
     Solved exactly from the noncentral t distribution of the test statistic (df = n - 1, both
@@ -251,22 +252,29 @@ def minimum_detectable_effect(sd: float, n_seeds: int, alpha: float = 0.05, powe
     itself uncertain. (The common shortcut (t_{1-alpha/2} + t_{power}) sd / sqrt(n) would claim
     80% power where the test has 73% at 2 seeds and 77% at 3.) NaN with fewer than 2 seeds, and
     when the observed spread is 0 (seeds that all gave the same difference say nothing about it).
-    ``alpha`` is per comparison: Holm's first step tests at ``alpha / m``.
+    ``alpha`` is per comparison; ``comparisons = m`` tests at ``alpha / m``, the level of Holm's first
+    step (the smallest p-value of a family of m), so the figure is what the family can promise.
     """
     if n_seeds < 2 or sd is None or not math.isfinite(sd) or sd == 0:
         return math.nan
     df = n_seeds - 1
+    alpha = alpha / comparisons
     critical = stats.t.ppf(1 - alpha / 2, df)
 
     def shortfall(nc: float) -> float:
-        lower = stats.nct.cdf(-critical, df, nc)  # the wrong-sign tail; scipy gives NaN where it is below 1e-15
-        return stats.nct.sf(critical, df, nc) + (0.0 if math.isnan(lower) else lower) - power
+        return _t_test_power(nc, df, critical) - power
 
     high = critical + stats.t.ppf(power, df)
     while shortfall(high) < 0:
         high *= 2
     noncentrality = optimize.brentq(shortfall, 0.0, high, xtol=1e-10)
     return float(noncentrality * sd / math.sqrt(n_seeds))
+
+
+def _t_test_power(noncentrality: float, df: float, critical: float) -> float:
+    """P(|T| > critical) for T noncentral t(df, noncentrality): the two-sided t-test's rejection rate."""
+    lower = stats.nct.cdf(-critical, df, noncentrality)  # the wrong-sign tail; scipy gives NaN below about 1e-15
+    return float(stats.nct.sf(critical, df, noncentrality) + (0.0 if math.isnan(lower) else lower))
 
 
 def detectable_effect(comparison: SeedComparison, alpha: float = 0.05, power: float = 0.8) -> float:
