@@ -250,3 +250,51 @@ def test_mean_and_sample_sd_match_the_textbook_formulas():
     assert math.isnan(stats.mean([])) and math.isnan(stats.sample_sd([3.0]))
     assert math.isnan(stats.mean([1.0, math.nan]))
     assert stats.mean_sd([1.0, None, math.nan, 2.0, 4.0, 9.0]) == pytest.approx((m, sd))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fair study's four-way verdict, TOST, power planning, the smoothed lr choice
+
+from harness import stats as _st  # noqa: E402
+
+
+def test_tost_is_two_one_sided_t_tests_and_the_90_interval():
+    a = {0: 0.52, 1: 0.53, 2: 0.51, 3: 0.525}
+    b = {0: 0.515, 1: 0.52, 2: 0.515, 3: 0.52}
+    c = seed_comparison(a, b)
+    tost = _st.equivalence_test(c, delta=0.02)
+    d = np.array([a[s] - b[s] for s in range(4)])
+    se = d.std(ddof=1) / 2
+    assert tost.p_lower == pytest.approx(1 - sps.t.cdf((d.mean() + 0.02) / se, 3))
+    assert tost.p_upper == pytest.approx(sps.t.cdf((d.mean() - 0.02) / se, 3))
+    assert tost.equivalent == (-0.02 < tost.low and tost.high < 0.02)
+    assert _st.fair_verdict(c)[0] == _st.EQUIVALENT
+
+
+def test_one_pair_and_zero_spread_verdicts():
+    one = seed_comparison({0: 0.6}, {0: 0.5})
+    assert _st.fair_verdict(one)[0] == _st.INCONCLUSIVE
+    rounding = seed_comparison({0: 0.3, 1: 0.7, 2: 0.9}, {0: 0.2, 1: 0.6, 2: 0.8})  # +10 points, spread ~1e-17
+    word, reason = _st.fair_verdict(rounding)
+    assert word == _st.INCONCLUSIVE and "same difference" in reason
+    same = seed_comparison({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6})
+    assert _st.fair_verdict(same)[0] == _st.EQUIVALENT
+
+
+def test_equivalence_power_matches_a_simulation():
+    rng = np.random.default_rng(7)
+    n, sd, delta = 8, 0.025, 0.02
+    d = rng.normal(0.0, sd, size=(20000, n))
+    half = sps.t.ppf(0.95, n - 1) * d.std(1, ddof=1) / math.sqrt(n)
+    simulated = np.mean((d.mean(1) - half > -delta) & (d.mean(1) + half < delta))
+    assert _st.equivalence_power(sd, n, delta) == pytest.approx(simulated, abs=0.012)
+    assert _st.power_of(0.02, 0.025, 8) == pytest.approx(_simulated_power(0.8, 8), abs=0.012)
+
+
+def test_smoothed_choice_ignores_a_spike_at_the_edge():
+    lrs = 10 ** np.linspace(-4, -2.5, 7)
+    spiky = [0.50, 0.56, 0.60, 0.62, 0.61, 0.58, 0.63]  # the raw argmax is the top edge
+    choice = _st.smoothed_lr_choice(zip(lrs, spiky))
+    assert choice.index == 3 and not choice.at_edge
+    rising = _st.smoothed_lr_choice(zip(lrs, [0.50, 0.52, 0.54, 0.56, 0.58, 0.60, 0.62]))
+    assert rising.index == 6 and rising.at_edge
