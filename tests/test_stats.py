@@ -298,3 +298,24 @@ def test_smoothed_choice_ignores_a_spike_at_the_edge():
     assert choice.index == 3 and not choice.at_edge
     rising = _st.smoothed_lr_choice(zip(lrs, [0.50, 0.52, 0.54, 0.56, 0.58, 0.60, 0.62]))
     assert rising.index == 6 and rising.at_edge
+
+
+def test_variance_components_recover_known_components():
+    rng = np.random.default_rng(11)
+    S, I, su, sv, sw = 6, 300, 0.02, 0.3, 0.5
+    est = []
+    for _ in range(40):
+        d = rng.normal(0, su, (S, 1)) + rng.normal(0, sv, (1, I)) + rng.normal(0, sw, (S, I))
+        vc = _st.variance_components(_correctness(d), _correctness(np.zeros((S, I))))
+        est.append((vc.seeds, vc.items, vc.interaction))
+    seeds, items, inter = np.mean(est, axis=0)
+    assert seeds == pytest.approx(su ** 2 / S, rel=0.35)
+    assert items == pytest.approx(sv ** 2 / I, rel=0.15)
+    assert inter == pytest.approx(sw ** 2 / (S * I), rel=0.05)
+
+
+def test_pooled_sd_is_the_pooled_formula():
+    groups = [[1.0, 2.0, 4.0], [0.0, 3.0], [5.0]]
+    ss = sum(sum((x - np.mean(g)) ** 2 for x in g) for g in groups if len(g) > 1)
+    pooled = _st.pooled_sd(groups)
+    assert pooled.df == 3 and pooled.sd == pytest.approx(math.sqrt(ss / 3)) and pooled.low < pooled.sd < pooled.high
