@@ -49,6 +49,10 @@ DEFAULT_TRACKING_DB = "mlflow.db"
 # Mirrors harness.diagnostics.LEVELS (kept here so --help does not import torch).
 DIAGNOSTICS_LEVELS = ("none", "basic", "full")
 
+MAX_SEED = 2**32  # numpy's seeding range; torch's generator overflows above 2**63
+MAX_RUN_NAME_BYTES = 200  # a folder name is at most 255 bytes; ".<name>.partial" and suffixes need the rest
+MAX_VALUE_CHARS = 500  # a configuration value longer than this is not a name or a path a run could use
+
 # Why max_steps=50 and dropout=0 by default: the embedded default run (3 methods, 1 seed, SmolLM2-135M
 # on 2 CPU cores) must finish in about 15 minutes. The alpaca prompt makes a default example ~58 tokens,
 # and one step on 16 of them takes ~4 s here without adapter dropout and ~5.2 s with 0.05 (peft draws a
@@ -160,6 +164,11 @@ class RunConfig:
         "basic", choices=DIAGNOSTICS_LEVELS)
 
     def __post_init__(self) -> None:
+        # "~/results" means the home folder, as in a shell: expanded once here, so every later step (the
+        # staged folder, summary.csv read back by pandas) sees the same path.
+        self.output_dir = os.path.expanduser(self.output_dir)
+        if self.data_dir:
+            self.data_dir = os.path.expanduser(self.data_dir)
         _validate(self)
 
 
@@ -172,11 +181,19 @@ def _validate(cfg: RunConfig) -> None:
     for f in dataclasses.fields(cfg):  # inf or nan would pass every range check below and train on garbage
         value = getattr(cfg, f.name)
         need(not isinstance(value, float) or math.isfinite(value), f.name, "must be a finite number")
+        texts = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] \
+            if isinstance(value, (list, tuple)) else []
+        # A NUL byte cannot be part of a path or an MLflow value; a value longer than MLflow's parameter limit
+        # would fail when logged, after the model loaded.
+        need(not any("\x00" in t for t in texts), f.name, "must not contain a NUL byte")
+        need(all(len(t) <= MAX_VALUE_CHARS for t in texts), f.name,
+             f"must be at most {MAX_VALUE_CHARS:,} characters")
 
     need(len(cfg.methods) > 0 and all(isinstance(m, str) and m.strip() for m in cfg.methods),
          "methods", "give at least one method spec")
     need(len(cfg.tasks) > 0, "tasks", "give at least one task")
     need(len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds), "seeds", "give distinct seeds")
+    need(all(0 <= s < MAX_SEED for s in cfg.seeds), "seeds", "each seed must be in [0, 2**32) (numpy's and torch's range)")
     need(len(cfg.targets) > 0, "targets", "give at least one target module")
     need(cfg.rank >= 1, "rank", "must be at least 1")
     need(cfg.alpha > 0, "alpha", "must be positive")
@@ -200,6 +217,9 @@ def _validate(cfg: RunConfig) -> None:
     need(bool(cfg.output_dir), "output_dir", "must not be empty")
     need(cfg.run_name is None or (cfg.run_name.strip() and "/" not in cfg.run_name and cfg.run_name not in (".", "..")),
          "run_name", "must be a plain folder name")
+    need(cfg.run_name is None or len(cfg.run_name.encode()) <= MAX_RUN_NAME_BYTES, "run_name",
+         f"must be at most {MAX_RUN_NAME_BYTES} bytes (file systems allow 255 per name, and the run's staged "
+         "folder adds a prefix and a suffix)")
 
 
 # ----------------------------------------------------------------------------------------------------------

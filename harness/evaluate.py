@@ -292,6 +292,17 @@ def _sample(sample: dict) -> Sample:
                   correct=int(round(float(sample[metric]))))
 
 
+def _batch_size_arg(text: str) -> int | str:
+    """``--batch-size``: a positive whole number or ``auto``; argparse prints the refusal as one line, exit 2."""
+    if text == "auto":
+        return text
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 or 'auto' (got {text!r})")
+    return int(text)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.evaluate --model tiny-random --tasks arithmetic --limit 5``: print scores as JSON."""
@@ -305,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks or groups")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--batch-size", default=None, help="a number or auto (default: the harness's pick)")
+    parser.add_argument("--batch-size", default=None, type=_batch_size_arg,
+                        help="a number or auto (default: the harness's pick)")
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--prompt-format", default="alpaca", choices=PROMPT_FORMATS)
     parser.add_argument("--split", default="test", choices=SPLITS, help="the split to score (default: test)")

@@ -16,8 +16,9 @@ Per step the loop records the loss, the learning rate, the total gradient norm b
 clipping and the norm of each parameter group (:func:`parameter_group`), read from the
 device once per step.
 
-A non-finite loss stops training with :class:`NonFiniteLoss`; the caller marks that
-method's run as failed and goes on with the others.
+A non-finite loss stops training with :class:`NonFiniteLoss`, and adapter weights that are not
+finite at the end with :class:`NonFiniteAdapter` (a subclass); the caller marks that method's run
+as failed and goes on with the others.
 
 Data parallel: under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in
 DistributedDataParallel and each rank takes every WORLD_SIZE-th micro-batch of the
@@ -53,6 +54,10 @@ SELECTED_LOGITS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+
+class NonFiniteAdapter(NonFiniteLoss):
+    """Training ended with NaN or infinite adapter weights; handled as a diverged run, like a non-finite loss."""
 
 
 @dataclass
@@ -263,6 +268,12 @@ def train(
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{result.tokens / elapsed:.0f}", refresh=False)
             bar.update(1)
+        # A finite loss does not prove finite weights (an infinite rate can leave NaN in a factor that the loss
+        # of the last step did not see yet): a run must never report a score for a NaN adapter.
+        bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteAdapter(f"{len(bad)} adapter tensor(s) hold NaN or inf after training (first: {bad[0]}): "
+                                   f"lower the learning rate (now {settings.lr:g})")
     finally:
         bar.close()
         result.train_seconds = time.perf_counter() - start

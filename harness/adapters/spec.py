@@ -34,6 +34,8 @@ against a model live in :func:`harness.adapters.api.validate_against_model`.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -341,7 +343,7 @@ def _number(name: str, value, text: str, low=None, high=None, low_open=False, hi
         x = float(value)
     except (TypeError, ValueError):
         raise UserError(f"{name} must be a number (got {value!r}) in spec {text!r}") from None
-    bad = (x != x or (low is not None and (x < low or (low_open and x == low)))
+    bad = (not math.isfinite(x) or (low is not None and (x < low or (low_open and x == low)))
            or (high is not None and (x > high or (high_open and x == high))))
     if bad:
         lo = "" if low is None else ("(" if low_open else "[") + _fmt(low)
