@@ -20,29 +20,14 @@ splits are disjoint by construction, see ``harness.data.arithmetic``).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from harness.data.keys import normalise, record_key, record_keys  # noqa: F401  (re-exported)
 from harness.errors import UserError
 
 LIMIT = 0.01  # an overlap above 1% of a test split stops the run
-
-
-def normalise(text: str) -> str:
-    """Lower case, runs of white space collapsed to one space, no space at either end."""
-    return " ".join(str(text).lower().split())
-
-
-def record_key(record: Mapping) -> bytes:
-    """A 16-byte hash of a record's normalised instruction and input (the question, not the answer)."""
-    text = normalise(record.get("instruction", "")) + "\n" + normalise(record.get("input") or "")
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
-
-
-def record_keys(records: Iterable[Mapping]) -> set[bytes]:
-    return {record_key(r) for r in records}
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from harness import quiet
 from harness.config import RunConfig, config_from_args, config_to_dict
-from harness.errors import UserError, cli_entry, interruption
+from harness.errors import EXIT_INTERRUPTED, UserError, cli_entry, interruption
 
 NAN = float("nan")
 
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(cfg)
     except KeyboardInterrupt as err:
         print(f"\n{interruption(err)}: MLflow runs marked KILLED; nothing was written to results/", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     ctx = distributed.context()
     distributed.barrier(ctx)  # the other ranks wait for rank 0's last evaluation and report
     distributed.shutdown(ctx)

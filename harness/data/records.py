@@ -21,7 +21,7 @@ import re
 import urllib.error
 from pathlib import Path
 
-from harness.contamination import record_key
+from harness.data.keys import record_key
 from harness.data import arithmetic
 from harness.data.files import data_file, download_file, resolve_data_dir
 from harness.errors import UserError
@@ -93,7 +93,7 @@ def split_validation(records: list[dict]) -> tuple[list[dict], list[dict]]:
     """``(train, validation)``: a seeded slice of min(500, 10%) records held out, in file order.
 
     The slice depends on the number of records only, never on a run's seed. Records asking a
-    held-out question (same :func:`~harness.contamination.record_key`) leave training as well.
+    held-out question (same :func:`~harness.data.keys.record_key`) leave training as well.
     """
     size = min(VALIDATION_MAX, int(len(records) * VALIDATION_SHARE))
     chosen = set(random.Random(f"validation-{VALIDATION_SEED}").sample(range(len(records)), size))

@@ -30,7 +30,7 @@ try:
 except ImportError:  # lm_eval run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.contamination import record_key
+from harness.data.keys import record_key
 from harness.data import arithmetic, prompts
 from harness.data.files import data_file, resolve_data_dir
 from harness.data.records import TEST_KEYS, TEST_SETS, TRAIN_SETS, load_records, load_test_records, read_records
