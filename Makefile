@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    installs into .venv (once) and runs the main job on the embedded model
 #   make test   installs into .venv (once) and runs the test suite
+# While developing: make lint (ruff, configured in pyproject.toml) and make test-fast (no integration tests)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean
+.PHONY: run test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -24,6 +25,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not integration" -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV)

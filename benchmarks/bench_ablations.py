@@ -12,8 +12,8 @@
 
 Measures, does not assert. Usage::
 
-    python benchmarks/bench_ablations.py                       # tiny-random and the embedded model
-    python benchmarks/bench_ablations.py --models tiny-random --throughput-seeds 3
+    python -m benchmarks.bench_ablations                       # tiny-random and the embedded model
+    python -m benchmarks.bench_ablations --models tiny-random --throughput-seeds 3
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SPACE = [{"method": "lora"}, {"method": "linchain", "n": [1, 2]}]
 
 

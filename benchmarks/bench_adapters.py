@@ -1,7 +1,7 @@
 """Step time and memory of every adapter method against peft's own LoRA, in one process.
 
-    python benchmarks/bench_adapters.py                 # embedded SmolLM2-135M, batch 16 x 64, 8 rounds
-    python benchmarks/bench_adapters.py --model tiny-random --rounds 3   # a quick check of the script
+    python -m benchmarks.bench_adapters                 # embedded SmolLM2-135M, batch 16 x 64, 8 rounds
+    python -m benchmarks.bench_adapters --model tiny-random --rounds 3   # a quick check of the script
 
 Each round runs one training step (forward, backward, AdamW) of every method on the
 same batch, in a rotated order, so that machine noise hits all methods alike; a
@@ -21,7 +21,7 @@ model from ``--model``'s config.json alone, with random weights: step times do n
 weights' values, so a large architecture (a folder holding just its config.json) can be timed
 without downloading it:
 
-    python benchmarks/bench_adapters.py --model configs/llama-3.2-1b --random-weights --seq-len 256
+    python -m benchmarks.bench_adapters --model configs/llama-3.2-1b --random-weights --seq-len 256
 """
 
 from __future__ import annotations
@@ -31,16 +31,14 @@ import copy
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.adapters import get_adapter_model, trainable_parameters  # noqa: E402
-from harness.models import DEFAULT_MODEL, load_model  # noqa: E402
-from harness.train import autocast_for  # noqa: E402
+from harness.adapters import get_adapter_model, trainable_parameters
+from harness.models import DEFAULT_MODEL, load_model
+from harness.train import autocast_for
 
 METHODS = ["lora", "moslora", "linchain", "mtlora:structure=shim", "mtlora:structure=icfm",
            "mtlora:structure=ctcm", "mtlora:structure=dtsm", "condlora"]
@@ -143,7 +141,7 @@ def main(argv=None) -> int:
                         "activations_mb": saved_activation_bytes(model, batch) / 2**20}
 
     def step(spec):
-        model, opt = models[spec], optims[spec]
+        model, opt = models[spec], optims[spec]  # noqa: F821 (called before the del below)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             resident = torch.cuda.memory_allocated()

@@ -1,7 +1,7 @@
 """What the diagnostics cost, as a share of a default run, measured in one process against a ``none`` reference.
 
-    python benchmarks/bench_diagnostics.py                          # embedded SmolLM2-135M, the default run's methods
-    python benchmarks/bench_diagnostics.py --model tiny-random      # a quick check of the script
+    python -m benchmarks.bench_diagnostics                          # embedded SmolLM2-135M, the default run's methods
+    python -m benchmarks.bench_diagnostics --model tiny-random      # a quick check of the script
 
 A default run (``python -m harness.run --methods lora,moslora,linchain``) trains each method 50 steps
 with batch 16, r 16 and the LinChain paper's targets on the generated arithmetic data. Here every
@@ -30,20 +30,18 @@ import argparse
 import copy
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import data as hdata  # noqa: E402
-from harness import diagnostics as D  # noqa: E402
-from harness.adapters import get_adapter_model  # noqa: E402
-from harness.config import RunConfig  # noqa: E402
-from harness.models import DEFAULT_MODEL, load_model  # noqa: E402
-from harness.train import TrainSettings, train  # noqa: E402
+from harness import data as hdata
+from harness import diagnostics as D
+from harness.adapters import get_adapter_model
+from harness.config import RunConfig
+from harness.models import DEFAULT_MODEL, load_model
+from harness.train import TrainSettings, train
 
 DEFAULT_RUN_STEPS = 50
 

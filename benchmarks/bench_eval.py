@@ -1,7 +1,7 @@
 """Time lm-eval on the embedded model: one generation and one log-likelihood task, 200 items each,
 at batch size 1 and at the batch size the harness picks; print items per second and the speed-up.
 
-    .venv/bin/python benchmarks/bench_eval.py [--model smollm2-135m-instruct] [--items 200]
+    .venv/bin/python -m benchmarks.bench_eval [--model smollm2-135m-instruct] [--items 200]
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from harness.data import resolve_data_dir  # noqa: E402
-from harness.evaluate import default_batch_size, evaluate  # noqa: E402
-from harness.models import EMBEDDED_MODEL, load_model  # noqa: E402
+from harness.data import resolve_data_dir
+from harness.evaluate import default_batch_size, evaluate
+from harness.models import EMBEDDED_MODEL, load_model
 
 TASKS = {"generation": "arithmetic_add_sub", "log-likelihood": "llm_adapters_boolq_mc"}
 

@@ -1,7 +1,7 @@
 """Training and evaluation throughput of today's path against the new one, and what bf16 does to accuracy.
 
-    python benchmarks/bench_throughput.py                       # embedded SmolLM2-135M, the default run's settings
-    python benchmarks/bench_throughput.py --model tiny-random --rounds 1 --timing-steps 2 --steps 3 --limit 4
+    python -m benchmarks.bench_throughput                       # embedded SmolLM2-135M, the default run's settings
+    python -m benchmarks.bench_throughput --model tiny-random --rounds 1 --timing-steps 2 --steps 3 --limit 4
 
 Everything runs in one process, interleaved, so that machine noise hits every condition alike;
 a ratio is the median over rounds of the paired per-round ratios. Only ratios are meant to be
@@ -33,7 +33,6 @@ import dataclasses
 import gc
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -43,7 +42,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from harness import stats
-from harness.fsutil import atomic_path, write_text_atomic  # noqa: F401 (re-exported for callers)
+from harness.fsutil import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
     import pandas as pd

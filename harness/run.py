@@ -458,7 +458,7 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
             h.log_metrics({"trainable_params": result.trainable_params})
 
             def checkpoint(step: int) -> None:
-                quick = hevaluate.evaluate(peft_model, context.tokenizer,
+                quick = hevaluate.evaluate(peft_model, context.tokenizer,  # noqa: F821 (called before the del below)
                                            **{**context.eval_kwargs, "log_samples": False})
                 average = sum(quick.scores.values()) / max(len(quick.scores), 1)
                 h.log_metrics({"intermediate_average_accuracy": average}, step=step)
@@ -497,7 +497,7 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
         log(f"{name}: FAILED: {err}")
     except (KeyboardInterrupt, UserError, Pruned):
         raise
-    except Exception as err:  # noqa: BLE001 (a crash in one method must not lose the others)
+    except Exception as err:  # a crash in one method must not lose the others
         if context.data_parallel and result.training is None:
             raise
         result.error = f"{type(err).__name__}: {err}"

@@ -7,8 +7,10 @@ option would otherwise surface only when someone needs the figures.
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,10 +32,27 @@ def test_every_benchmark_has_a_quick_check():
     assert sorted(QUICK) == sorted(p.name for p in (ROOT / "benchmarks").glob("bench_*.py"))
 
 
+@pytest.mark.parametrize("script", sorted(QUICK))
+def test_benchmark_runs_as_a_module_and_explains_itself(script, monkeypatch, capsys):
+    """``python -m benchmarks.bench_X --help`` prints the usage and exits 0 (in process: the imports are paid once)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    saved_env = dict(os.environ)
+    try:
+        with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_:
+            runpy.run_module(f"benchmarks.{script.removesuffix('.py')}", run_name="__main__", alter_sys=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("script", sorted(QUICK))
 def test_benchmark_runs_on_the_tiny_model(script, tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *QUICK[script]], cwd=tmp_path,
-                          env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{script.removesuffix('.py')}", *QUICK[script]],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.strip(), "a benchmark that prints nothing measured nothing"

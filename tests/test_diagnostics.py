@@ -459,7 +459,7 @@ def test_lr_against_curvature_plot(tmp_path):
 
 
 def test_a_fair_study_plots_its_chosen_rates_against_the_curvature(tmp_path):
-    from test_fair import FAIR, ProtocolRun, fair_plan, run_all
+    from test_fair import ProtocolRun, fair_plan, run_all
 
     from ablations import fair
     from ablations.report import write_report

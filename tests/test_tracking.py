@@ -9,8 +9,8 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from harness.errors import UserError  # noqa: E402
-from harness.tracking import (  # noqa: E402
+from harness.errors import UserError
+from harness.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     Tracker,
     check_tracking_uri,
