@@ -1,7 +1,7 @@
 """The LinChain paper's three mechanism claims, each answered from the run's diagnostics with its evidence.
 
 Each method is compared with the reference (LoRA) trained with the same seed: paired differences and their
-Student-t interval over seeds, from :func:`harness.stats.seed_comparison`.
+Student-t interval over seeds (see :meth:`Comparison.interval`).
 """
 
 from __future__ import annotations
@@ -36,30 +36,30 @@ class Comparison:
     lora_values: list
     predicted: int  # +1: the claim predicts the method's value is larger than LoRA's; -1: smaller
 
-    def _pairs(self) -> list[tuple[float, float]]:
-        """The seeds (positions) where both values are numbers."""
-        return [(m, l) for m, l in zip(self.method_values, self.lora_values) if math.isfinite(m) and math.isfinite(l)]
-
     @property
     def differences(self) -> list[float]:
-        return [m - l for m, l in self._pairs()]
-
-    def comparison(self) -> stats.SeedComparison:
-        """The paired comparison over those seeds, as :func:`harness.stats.seed_comparison` makes it."""
-        pairs = self._pairs()
-        return stats.seed_comparison({i: m for i, (m, _) in enumerate(pairs)},
-                                     {i: l for i, (_, l) in enumerate(pairs)}, confidence=stats.CONFIDENCE)
+        """Per seed (position), method minus LoRA, skipping seeds where either value is NaN."""
+        return [m - l for m, l in zip(self.method_values, self.lora_values)
+                if not (math.isnan(m) or math.isnan(l))]
 
     def interval(self) -> tuple[float, float, float]:
         """Mean paired difference and its 95% Student-t interval over seeds (NaN bounds below 2 seeds).
 
-        When every seed gives the same difference the interval is that one point (stats leaves it NaN, as
-        there is no spread to test against; a verdict still needs to know which side of 0 it is on).
+        When every seed gives the same difference the interval is that one point (a zero-width interval, so
+        that a verdict still knows which side of 0 it is on; :func:`harness.stats.seed_comparison` leaves it
+        NaN instead, which is why this does not call it).
         """
-        c = self.comparison()
-        if c.n_seeds >= 2 and c.se == 0:
-            return c.estimate, c.estimate, c.estimate
-        return c.estimate, c.low, c.high
+        d = self.differences
+        if not d:
+            return math.nan, math.nan, math.nan
+        mean = sum(d) / len(d)
+        if len(d) < 2:
+            return mean, math.nan, math.nan
+        from scipy.stats import t as t_distribution  # (scipy only when a claim is answered)
+
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+        half = float(t_distribution.ppf(0.5 + stats.CONFIDENCE / 2, len(d) - 1)) * sd / math.sqrt(len(d))
+        return mean, mean - half, mean + half
 
     def verdict(self) -> str:
         """supported / not supported when the interval excludes 0 (in the predicted / the other direction)."""
@@ -77,12 +77,18 @@ class Comparison:
 
 
 def mean_sd_text(values: Sequence[float]) -> str:
-    """``mean ± sd`` of the values that are numbers (:func:`harness.stats.mean_sd`), the mean alone for one,
-    ``n/a`` for none."""
-    mean, sd = stats.mean_sd(values)
-    if math.isnan(mean):
+    """``mean ± sd`` (sample sd) of the values that are not NaN, the mean alone for one, ``n/a`` for none.
+
+    Only NaN (a missing value) is dropped: an infinite value makes the mean infinite, as it should show.
+    """
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
         return "n/a"
-    return f"{mean:.3g}" if math.isnan(sd) else f"{mean:.3g} ± {sd:.2g}"
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return f"{mean:.3g}"
+    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+    return f"{mean:.3g} ± {sd:.2g}"
 
 
 def _at_step(series: Sequence[tuple[int, float]], step: float) -> float:

@@ -15,7 +15,6 @@ from typing import Any, Mapping
 
 import torch
 
-from harness import stats
 
 INTRUDER_TOP_K = 10
 INTRUDER_THRESHOLD = 0.5
@@ -212,7 +211,8 @@ def update_norm_and_rank(layers: Mapping[str, Any], adapter: str) -> tuple[float
             lam, vec = torch.linalg.eigh(gb)
             root = vec @ torch.diag_embed(lam.clamp(min=0).sqrt()) @ vec.transpose(1, 2)
             ranks += [effective_rank(s) for s in torch.linalg.eigvalsh(root @ ga @ root).clamp(min=0).sqrt()]
-    return math.sqrt(max(squares, 0.0)), stats.mean(stats.finite_values(ranks))
+    finite = [x for x in ranks if not math.isnan(x)]
+    return math.sqrt(max(squares, 0.0)), (sum(finite) / len(finite) if finite else math.nan)
 
 
 class DiagnosticsRecorder:
