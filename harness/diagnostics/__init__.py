@@ -37,7 +37,7 @@ The package, by job (docs/diagnostics.md explains every number):
 - :mod:`~harness.diagnostics.convergence`: smoothed loss curves and steps to a loss;
 - :mod:`~harness.diagnostics.curvature`: Lanczos and the Hessian's lambda_max at initialisation;
 - :mod:`~harness.diagnostics.forgetting`: the general-text sample and its loss;
-- :mod:`~harness.diagnostics.claims`: the paper's claims, with :mod:`harness.stats`' paired intervals;
+- :mod:`~harness.diagnostics.claims`: the paper's claims, each with a paired Student-t interval over seeds;
 - :mod:`~harness.diagnostics.files` and :mod:`~harness.diagnostics.plots`: what is written;
 - here: one method and seed's rows (:func:`diagnose`) and a whole run (:class:`RunDiagnostics`).
 """
