@@ -155,7 +155,8 @@ def top_left_cosines(base: BaseSpectrum, w0: torch.Tensor, b: torch.Tensor, a: t
 
 def update_intruders(base: BaseSpectrum, w0: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                      k: int = INTRUDER_TOP_K, threshold: float = INTRUDER_THRESHOLD) -> int:
-    """:func:`intruder_dimensions` of W0 + b a, from W0's cached SVD and the update's factors (no m x n SVD)."""
+    """The intruder count of W0 + b a (the definition by two full SVDs: top-k left singular vectors of W0 + b a with
+    |cosine| below ``threshold`` with every one of W0's), from W0's cached SVD and the update's factors (no m x n SVD)."""
     return int((top_left_cosines(base, w0, b, a, k) < threshold).sum())
 
 
