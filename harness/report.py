@@ -39,6 +39,7 @@ import numpy as np
 
 from harness import stats
 from harness.fsutil import atomic_path, write_text_atomic
+from harness.plots import method_colour, pyplot, save_figure
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -488,30 +489,6 @@ def header_from_config(cfg: "RunConfig", results: Sequence[SystemResult] = ()) -
 # Plots
 
 
-def pyplot():
-    """matplotlib with the non-interactive Agg backend, imported only when a plot is drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: str | os.PathLike, dpi: int | None = None) -> Path:
-    """Lay out ``fig``, write it as PNG atomically (no half-written file on a crash) and close it."""
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    pyplot().close(fig)
-    return Path(path)
-
-
-def _method_colour(plt: Any, methods: Sequence[str], method: str) -> Any:
-    """The same colour for a method in every plot: its position among the run's methods in tab10."""
-    return plt.get_cmap("tab10")(methods.index(method) % 10)
-
-
 def plot_loss_curves(results: Sequence[SystemResult], path: str | os.PathLike, smooth: int | None = None) -> Path:
     """Training loss against step, one colour per method: the mean over seeds (bold, smoothed) and each seed (thin).
 
@@ -526,7 +503,7 @@ def plot_loss_curves(results: Sequence[SystemResult], path: str | os.PathLike, s
     methods = [m for m in all_methods if any(r.loss_curve for r in results if r.method == m)]
     window_used = 1
     for method in methods:
-        colour = _method_colour(plt, all_methods, method)
+        colour = method_colour(plt, all_methods, method)
         runs = [r for r in results if r.method == method and r.loss_curve]
         curves = {str(r.seed): pd.Series(dict(r.loss_curve), dtype=float) for r in runs}
         frame = pd.DataFrame(curves).sort_index()
@@ -568,7 +545,7 @@ def plot_scores(table: "pd.DataFrame", tasks: Sequence[str], path: str | os.Path
     for i, (_, row) in enumerate(table.iterrows()):
         heights = np.array([row[g] for g in groups], dtype=float) * 100
         errors = np.nan_to_num(np.array([row[f"{g}_std"] for g in groups], dtype=float) * 100)
-        colour = "0.6" if row["method"] == BASE else _method_colour(plt, all_methods, row["method"])
+        colour = "0.6" if row["method"] == BASE else method_colour(plt, all_methods, row["method"])
         bars = ax.bar(x - 0.4 + width * (i + 0.5), np.nan_to_num(heights), width, yerr=errors, capsize=3,
                       color=colour, label=row["method"], edgecolor="white", linewidth=0.5)
         for bar, h, e in zip(bars, heights, errors):

@@ -50,10 +50,20 @@ def test_spectrum_from_factors_equals_the_full_product():
     g = torch.Generator().manual_seed(1)
     b, a = torch.randn(40, 6, generator=g), torch.randn(6, 30, generator=g)
     full = torch.linalg.svdvals((b @ a).double())[:6]
-    assert torch.allclose(D.product_singular_values(b, a), full, rtol=1e-6)
-    u = D.product_left_vectors(b, a, 3)
+    u, values = D.product_svd(b, a)
+    assert u.shape == (40, 6) and values.shape == (6,)
+    assert torch.allclose(values, full, rtol=1e-6)
+    u = u[:, :3]
     u_full = torch.linalg.svd((b @ a).double())[0][:, :3]
     assert torch.allclose((u.T @ u_full).abs(), torch.eye(3, dtype=torch.float64), atol=1e-6)
+
+
+def subspace_similarity(dw_a, dw_b, k):
+    """Hu et al. 2021's subspace similarity of two full updates: the overlap of their top-k left singular vectors,
+    by float64 full SVDs (a reference, not the product's path through the factors)."""
+    u_a = torch.linalg.svd(dw_a.double(), full_matrices=False)[0][:, :k]
+    u_b = torch.linalg.svd(dw_b.double(), full_matrices=False)[0][:, :k]
+    return D.subspace_overlap(u_a, u_b)
 
 
 def test_subspace_similarity_of_known_subspaces():
@@ -64,7 +74,7 @@ def test_subspace_similarity_of_known_subspaces():
     # the same column space, different row spaces and scales: similarity 1
     dw = with_spectrum([3.0, 2.0, 1.0], rows=8, cols=10)
     other = dw @ torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))[0] * 7
-    assert D.subspace_similarity(dw, other, k=3) == pytest.approx(1.0)
+    assert subspace_similarity(dw, other, k=3) == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,6 +88,14 @@ def hadamard(n):
     return h
 
 
+def intruder_dimensions(w0, w, k=D.INTRUDER_TOP_K, threshold=D.INTRUDER_THRESHOLD):
+    """The definition by two full SVDs (Shuttleworth et al. 2024, as peft's reduce_intruder_dimension): how many of
+    w's top-k left singular vectors have |cosine| below ``threshold`` with every left singular vector of w0."""
+    u0 = torch.linalg.svd(w0.double(), full_matrices=False)[0]
+    u = torch.linalg.svd(w.double(), full_matrices=False)[0][:, :k]
+    return int(((u.T @ u0).abs().max(dim=1).values < threshold).sum())
+
+
 def test_intruder_count_of_a_constructed_example():
     # W0 = diag(2 .. 1): its left singular vectors are the standard basis. dW adds two large directions that are
     # spread evenly over that basis (Hadamard rows / 4: |cosine| 1/4 with every e_i) and a third,
@@ -88,10 +106,10 @@ def test_intruder_count_of_a_constructed_example():
     near = torch.zeros(n, dtype=torch.float64)
     near[0], near[2] = 2 ** -0.5, -(2 ** -0.5)
     dw = 100 * torch.outer(h[0], h[5]) + 80 * torch.outer(h[1], h[9]) + 60 * torch.outer(near, h[3])
-    assert D.intruder_dimensions(w0, w0 + dw) == 2  # the two spread directions, not the third
-    assert D.intruder_dimensions(w0, w0 + dw, threshold=0.2) == 0  # 1/4 >= 0.2: no longer "below every"
-    assert D.intruder_dimensions(w0, w0 + dw, k=1) == 1
-    assert D.intruder_dimensions(w0, w0) == 0
+    assert intruder_dimensions(w0, w0 + dw) == 2  # the two spread directions, not the third
+    assert intruder_dimensions(w0, w0 + dw, threshold=0.2) == 0  # 1/4 >= 0.2: no longer "below every"
+    assert intruder_dimensions(w0, w0 + dw, k=1) == 1
+    assert intruder_dimensions(w0, w0) == 0
 
 
 def hadamard_example(n=16):
@@ -108,7 +126,7 @@ def hadamard_example(n=16):
 def test_intruders_from_the_factors_equal_the_full_svd_count():
     w0, b, a = hadamard_example()
     base = D.base_spectrum(w0)
-    assert D.update_intruders(base, w0, b, a) == 2 == D.intruder_dimensions(w0, w0 + b @ a)
+    assert D.update_intruders(base, w0, b, a) == 2 == intruder_dimensions(w0, w0 + b @ a)
     assert D.update_intruders(base, w0, b, a, threshold=0.2) == 0
     assert D.update_intruders(base, w0, b, a, k=1) == 1
     assert D.update_intruders(base, w0, b * 0, a) == 0
@@ -140,7 +158,7 @@ def test_top_left_cosines_match_the_full_svd(shape, rank, scale):
     assert torch.allclose(got, expected, rtol=0, atol=1e-4)
     # the counts at three thresholds (every cosine is at least 1e-3 from each: no borderline case)
     counts = [D.update_intruders(D.base_spectrum(w0), w0, b, a, threshold=th) for th in (0.3, 0.5, 0.7)]
-    assert counts == [D.intruder_dimensions(w0, w0 + b @ a, threshold=th) for th in (0.3, 0.5, 0.7)]
+    assert counts == [intruder_dimensions(w0, w0 + b @ a, threshold=th) for th in (0.3, 0.5, 0.7)]
     if scale > 1:
         assert counts[1] > 0  # the example is not vacuous
 
@@ -295,6 +313,13 @@ def test_general_text_sample_is_fixed_prose(tiny_tokenizer):
     assert "::=" not in text and len(text.split()) > 2000 and "The " in text
 
 
+def delta_weights(model):
+    """Each adapted layer's exact dW as peft merges it (get_delta_weight), by layer name: the reference the
+    diagnostics' factored computations are checked against."""
+    with torch.no_grad():
+        return {name: layer.get_delta_weight("default").detach() for name, layer in D.adapted_layers(model).items()}
+
+
 def trained_look(model, seed=0, scale=0.5):
     """Give every adapted layer a non-zero B (and CondLoRA a non-zero Theta_B), as training would."""
     g = torch.Generator().manual_seed(seed)
@@ -314,7 +339,7 @@ def test_diagnose_rows_describe_the_exact_update(tiny_model, tiny_tokenizer, spe
     sample = D.general_text_sample(tiny_tokenizer, 2, 32)
     losses = [(t, 2.0 - t / 10) for t in range(1, 11)]
     rows = D.diagnose(model, method=spec, seed=0, losses=losses, forgetting_sample=sample)
-    deltas = D.delta_weights(model)
+    deltas = delta_weights(model)
     assert [r["layer"] for r in rows] == [*deltas, "all"] and len(deltas) == 4
     for row in rows[:-1]:
         dw = deltas[row["layer"]].double()
@@ -352,7 +377,7 @@ def test_recorder_follows_the_update_during_training(tiny_model):
     assert recorder.on_step(3) == {}
     recorded = recorder.on_step(4)
     assert recorded["diag/delta_norm"] == pytest.approx(
-        math.sqrt(sum(float(d.norm()) ** 2 for d in D.delta_weights(model).values())), rel=1e-5)
+        math.sqrt(sum(float(d.norm()) ** 2 for d in delta_weights(model).values())), rel=1e-5)
     assert [s for s, _ in recorder.delta_norms] == [1, 4]
     every_ten = D.DiagnosticsRecorder(model)  # the default: every 10 steps
     assert D.RECORD_EVERY == 10 and every_ten.on_step(10) and not every_ten.on_step(5)
@@ -365,7 +390,7 @@ def test_recorder_from_grams_equals_the_full_products(tiny_model):
     torch.manual_seed(2)
     model = trained_look(get_adapter_model(tiny_model[0], "linchain:n=2", r=4, alpha=8,
                                            targets=["q_proj", "k_proj", "down_proj"]), seed=2)
-    deltas = {name: d.double() for name, d in D.delta_weights(model).items()}
+    deltas = {name: d.double() for name, d in delta_weights(model).items()}
     assert len({d.shape for d in deltas.values()}) == 3  # three shapes of layer
     norm, rank = D.update_norm_and_rank(D.adapted_layers(model), "default")
     assert norm == pytest.approx(math.sqrt(sum(float(d.norm()) ** 2 for d in deltas.values())), rel=1e-9)

@@ -1,0 +1,211 @@
+"""The LinChain paper's three mechanism claims, each answered from the run's diagnostics with its evidence.
+
+Each method is compared with the reference (LoRA) trained with the same seed: paired differences and their
+Student-t interval over seeds (see :meth:`Comparison.interval`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from harness import stats
+from harness.diagnostics.convergence import smoothed, steps_to_loss
+from harness.diagnostics.measures import ALL_LAYERS, Trace, nan_mean
+
+
+def reference_label(rows: Sequence[dict]) -> str | None:
+    """The method that stands for LoRA: the label ``lora`` if present, else the first plain-LoRA method."""
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    if "lora" in labels:
+        return "lora"
+    return next((r["method"] for r in rows if r["spec_method"] == "lora"), None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper's claims, answered
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A method against LoRA on one measure, paired by seed: the differences and what they say."""
+
+    measure: str
+    method_values: list
+    lora_values: list
+    predicted: int  # +1: the claim predicts the method's value is larger than LoRA's; -1: smaller
+
+    @property
+    def differences(self) -> list[float]:
+        """Per seed (position), method minus LoRA, skipping seeds where either value is NaN."""
+        return [m - l for m, l in zip(self.method_values, self.lora_values)
+                if not (math.isnan(m) or math.isnan(l))]
+
+    def interval(self) -> tuple[float, float, float]:
+        """Mean paired difference and its 95% Student-t interval over seeds (NaN bounds below 2 seeds).
+
+        When every seed gives the same difference the interval is that one point (a zero-width interval, so
+        that a verdict still knows which side of 0 it is on; :func:`harness.stats.seed_comparison` leaves it
+        NaN instead, which is why this does not call it).
+        """
+        d = self.differences
+        if not d:
+            return math.nan, math.nan, math.nan
+        mean = sum(d) / len(d)
+        if len(d) < 2:
+            return mean, math.nan, math.nan
+        from scipy.stats import t as t_distribution  # (scipy only when a claim is answered)
+
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+        half = float(t_distribution.ppf(0.5 + stats.CONFIDENCE / 2, len(d) - 1)) * sd / math.sqrt(len(d))
+        return mean, mean - half, mean + half
+
+    def verdict(self) -> str:
+        """supported / not supported when the interval excludes 0 (in the predicted / the other direction)."""
+        n = len(self.differences)
+        mean, low, high = self.interval()
+        if n < 2 or math.isnan(low):
+            return f"inconclusive at {n} seed{'s' if n != 1 else ''}"
+        if (low > 0 and self.predicted > 0) or (high < 0 and self.predicted < 0):
+            return "supported"
+        if (low > 0 and self.predicted < 0) or (high < 0 and self.predicted > 0):
+            return "not supported"
+        if low == high == 0.0:  # every seed gave exactly LoRA's value
+            return "not supported"
+        return f"inconclusive at {n} seeds"
+
+
+def mean_sd_text(values: Sequence[float]) -> str:
+    """``mean ± sd`` (sample sd) of the values that are not NaN, the mean alone for one, ``n/a`` for none.
+
+    Only NaN (a missing value) is dropped: an infinite value makes the mean infinite, as it should show.
+    """
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "n/a"
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return f"{mean:.3g}"
+    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+    return f"{mean:.3g} ± {sd:.2g}"
+
+
+def _at_step(series: Sequence[tuple[int, float]], step: float) -> float:
+    """The recorded value nearest to ``step`` (NaN without records or for a NaN step)."""
+    if not series or math.isnan(step):
+        return float("nan")
+    return min(series, key=lambda item: abs(item[0] - step))[1]
+
+
+def matched_loss_targets(traces: Sequence[Trace]) -> dict[int, float]:
+    """Per seed, the highest final (smoothed) training loss among the methods: a loss every method reached."""
+    targets: dict[int, float] = {}
+    for trace in traces:
+        if trace.losses:
+            final = smoothed(trace.losses)[-1][1]
+            targets[trace.seed] = max(targets.get(trace.seed, -math.inf), final)
+    return targets
+
+
+def _mean_grad_norm(trace: Trace) -> float:
+    """Mean over steps of the adapter's total gradient norm before clipping (from the groups if need be)."""
+    if trace.grad_norms:
+        return nan_mean(v for _, v in trace.grad_norms)
+    if trace.group_grad_norms:
+        return nan_mean(math.sqrt(sum(v ** 2 for g, v in groups.items() if g != "other"))
+                        for _, groups in trace.group_grad_norms)
+    return float("nan")
+
+
+def claim_comparisons(rows: Sequence[dict], traces: Sequence[Trace]) -> dict[str, dict[str, list[Comparison]]]:
+    """For each of the three claims and each method other than LoRA, its comparisons with LoRA (paired by seed).
+
+    Claim 1 (effective rank of updates): the mean effective rank of dW at the end, and at matched training
+    loss (the step where the smoothed loss first reaches the run's matched-loss target, nearest record).
+    Claim 2 (more optimisation paths): the mean gradient norm reaching the adapter, a consequence the claim
+    implies (more paths carrying gradient to the same factors). Claim 3 (faster convergence): steps to the
+    matched loss and steps to 90% of the method's own final loss reduction. The verdict of a claim rests on
+    its first comparison that has data (the matched-loss rank needs the recorder's curve).
+    """
+    reference = reference_label(rows)
+    totals = {(r["method"], r["seed"]): r for r in rows if r["layer"] == ALL_LAYERS}
+    by_key = {(t.method, t.seed): t for t in traces}
+    targets = matched_loss_targets(traces)
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != reference]
+    claims: dict[str, dict[str, list[Comparison]]] = {"rank": {}, "paths": {}, "convergence": {}}
+    if reference is None:
+        return claims
+    for method in methods:
+        seeds = sorted(s for (m, s) in totals if m == method and (reference, s) in totals)
+
+        def values(fn, who):
+            return [fn(who, s) for s in seeds]
+
+        def total(col):
+            return lambda who, s: float(totals[(who, s)][col])
+
+        def trace_value(fn):
+            return lambda who, s: fn(by_key[(who, s)], s) if (who, s) in by_key else float("nan")
+
+        rank_at_match = trace_value(lambda t, s: _at_step(t.effective_ranks, steps_to_loss(t.losses, targets[s])))
+        steps_at_match = trace_value(lambda t, s: steps_to_loss(t.losses, targets[s]))
+        grad = trace_value(lambda t, s: _mean_grad_norm(t))
+
+        def compare(name, fn, predicted):
+            return Comparison(name, values(fn, method), values(fn, reference), predicted)
+
+        claims["rank"][method] = [compare("effective rank of dW at matched training loss", rank_at_match, +1),
+                                  compare("effective rank of dW at the end of training", total("effective_rank"), +1)]
+        claims["paths"][method] = [compare("mean gradient norm reaching the adapter (before clipping)", grad, +1)]
+        claims["convergence"][method] = [compare("steps to the matched training loss", steps_at_match, -1),
+                                         compare("steps to 90% of its own final loss reduction",
+                                                 total("steps_to_90"), -1)]
+    return claims
+
+
+CLAIMS = {
+    "rank": "LinChain \"expands the effective rank of updates\"",
+    "paths": "LinChain gives \"more optimization paths\"",
+    "convergence": "LinChain gives \"faster convergence\"",
+}
+
+
+def claims_markdown(rows: Sequence[dict], traces: Sequence[Trace]) -> str:
+    """The section that opens diagnostics.md: each claim, the evidence per method, a verdict."""
+    comparisons = claim_comparisons(rows, traces)
+    reference = reference_label(rows)
+    lines = ["## The paper's claims, answered", ""]
+    if reference is None:
+        return "\n".join(lines + ["LoRA is not in this run, so none of the claims (each is relative to LoRA) "
+                                  "can be checked. Add `lora` to `--methods`.", ""])
+    targets = matched_loss_targets(traces)
+    lines += [f"Each method is compared with `{reference}` trained with the same seed (paired differences, "
+              f"method minus {reference}; 95% Student-t interval over seeds). A verdict is *supported* when "
+              "the interval excludes 0 in the direction the claim predicts, *not supported* when it excludes "
+              "0 in the other direction, and *inconclusive* otherwise or below 2 seeds. The verdict (on its "
+              "row) rests on the first measure of each claim that was measured. Matched training loss: per seed, the highest final "
+              "smoothed training loss among the methods (" + ", ".join(f"seed {s}: {v:.3f}"
+                                                                     for s, v in sorted(targets.items()))
+              + "), a loss every method reached.", ""]
+    no_grads = all(not t.grad_norms and not t.group_grad_norms for t in traces)
+    for key, title in CLAIMS.items():
+        lines += [f"### {title}", "", f"| method | measure | method | {reference} | difference (95% CI) | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for method, comps in comparisons[key].items():
+            rests_on = next((i for i, comp in enumerate(comps) if comp.differences), 0)
+            for i, comp in enumerate(comps):
+                mean, low, high = comp.interval()
+                ci = "n/a" if math.isnan(mean) else (f"{mean:+.3g}" + ("" if math.isnan(low)
+                                                                          else f" [{low:+.3g}, {high:+.3g}]"))
+                verdict = comp.verdict() if i == rests_on else ""
+                if key == "paths" and no_grads:
+                    verdict = "not measured: the training loop recorded no gradient norms"
+                lines.append(f"| {method} | {comp.measure} | {mean_sd_text(comp.method_values)} | "
+                             f"{mean_sd_text(comp.lora_values)} | {ci} | {verdict} |")
+        lines.append("")
+    lines += ["Every method here reaches the same set of updates (rank(B T A) <= r, each exports to a plain "
+              "rank-r LoRA), so a difference can only come from training dynamics: the scale the middle "
+              "matrices give the update, the curvature at initialisation (lambda_max, level `full`), the "
+              "learning rate each method was given.", ""]
+    return "\n".join(lines)
