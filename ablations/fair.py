@@ -263,12 +263,27 @@ def initial_queue(plan, optuna_name: str) -> list[tuple[dict[str, Any], dict[str
     return []
 
 
-def top_up(study, storage, plan, retry_failed: bool = False) -> int:
+def crashed_slots(trials) -> list[tuple]:
+    """The slots whose only outcome is a crash (an exception in the trial, not a divergence): no live,
+    finished or pruned trial, and every failed one (killed ones aside) marked ``crashed``."""
+    by_slot: dict[tuple, list] = {}
+    for t in trials:
+        if t.user_attrs.get("duplicate_of") is None:
+            by_slot.setdefault(slot_of(t.user_attrs), []).append(t)
+    slots = []
+    for key, mine in by_slot.items():
+        failed = [t for t in mine if t.state.name == "FAIL" and not t.user_attrs.get("killed")]
+        if failed and all(t.state.name == "FAIL" for t in mine) and all(t.user_attrs.get("crashed") for t in failed):
+            slots.append(key)
+    return slots
+
+
+def top_up(study, storage, plan, retry_failed: bool = False, log=None) -> int:
     """Queue what one of the plan's studies lacks now: tuning slots the grid needs, or the final seeds once settled.
 
-    ``retry_failed`` queues failed final seeds again. Failed tuning trials are kept: at a given rate
-    they usually mean divergence, which is the answer, and re-running them after the finals started
-    could change the choice those finals were run for.
+    ``retry_failed`` queues failed final seeds again, and tuning trials that crashed (an exception,
+    not a divergence). Diverged tuning trials are kept: a non-finite loss at a rate is that rate's
+    answer, and re-running it after the finals started could change the choice they were run for.
     """
     import optuna
 
@@ -277,6 +292,11 @@ def top_up(study, storage, plan, retry_failed: bool = False) -> int:
                                                   storage=storage).get_trials(deepcopy=False))
     if study.study_name == tune_name(plan, spec):
         queue = [tune_trial(plan, spec, p, s) for _, p, s in tuning.missing]
+        if retry_failed:
+            crashed = [key for key in crashed_slots(study.get_trials(deepcopy=False)) if key[0] == "tune"]
+            queue += [tune_trial(plan, spec, p, s) for _, p, s in crashed]
+            if log is not None:
+                log(f"[{study.study_name}] --retry-failed: {len(crashed)} crashed tuning trial(s) queued again")
     elif tuning.best is not None and tuning.settled:
         found = outcomes(study.get_trials(deepcopy=False))
         wanted = [s for s in plan.final_seeds if ("final", s) not in found

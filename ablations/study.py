@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--report-only", action="store_true", default=False,
                        help="write results/ablations/NAME/ from the storage without running trials")
     group.add_argument("--retry-failed", action="store_true", default=False,
-                       help="queue again the grid points whose trials failed (NaN, crash); killed trials are "
-                            "always queued again")
+                       help="queue again the grid points whose trials failed (NaN, crash); in a fair study the "
+                            "final seeds that failed and the tuning trials that crashed (a diverged tuning "
+                            "trial is that rate's outcome, kept); killed trials are always queued again")
     group.add_argument("--n-trials", type=int, default=None, metavar="N",
                        help="tuning studies: trials per method (overrides the file's n_trials; may grow on resume)")
     group.add_argument("--max-trials", type=int, default=None, metavar="N",
@@ -249,7 +250,7 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
         if name in existing:
             study = optuna.load_study(study_name=name, storage=storage)
             study.set_user_attr(PLAN_ATTR, plan.to_attr())  # a grown tuning budget, the same everything else
-            queued = top_up(study, plan, retry_failed, storage)
+            queued = top_up(study, plan, retry_failed, storage, log=log)
         else:
             study = optuna.create_study(study_name=name, storage=storage, directions=plan.directions())
             study.set_user_attr(PLAN_ATTR, plan.to_attr())
@@ -260,14 +261,14 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
     return plan
 
 
-def top_up(study, plan: StudyPlan, retry_failed: bool, storage=None) -> int:
+def top_up(study, plan: StudyPlan, retry_failed: bool, storage=None, log=None) -> int:
     """Queue what a resumed study still lacks: grid points with no live or finished trial, or the rest of the budget."""
     from optuna.trial import TrialState
 
     if plan.kind == "fair":
         from ablations import fair
 
-        return fair.top_up(study, storage, plan, retry_failed)
+        return fair.top_up(study, storage, plan, retry_failed, log=log)
     alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
     trials = study.get_trials(deepcopy=False)
     if plan.kind == "tpe":

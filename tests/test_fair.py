@@ -437,3 +437,46 @@ def test_fair_study_end_to_end_with_a_killed_worker(tmp_path):
     assert set(zip(table["stage"], table["split"])) == {("tune", "validation"), ("final", "test")}
     for name in ("verdict.md", "lr_sensitivity.png", "tuning_curve.png"):
         assert (folder / name).is_file(), name
+
+
+class CrashingRun(ProtocolRun):
+    """A ProtocolRun whose first call at ``crash`` (spec, seed, lr) fails with an exception's error, as
+    harness.run records a crash (``TypeError: ...``), not a non-finite loss."""
+
+    def __init__(self, optimum, crash, nan=()):
+        super().__init__(optimum, nan)
+        self.crash, self.crashed = crash, False
+
+    def __call__(self, cfg, **kwargs):
+        outcome = super().__call__(cfg, **kwargs)
+        (spec,), (seed,) = cfg.methods, cfg.seeds
+        if not self.crashed and (spec, seed) == self.crash[:2] and math.isclose(cfg.lr, self.crash[2]):
+            self.crashed = True
+            outcome.results[0].error, outcome.results[0].scores = "RuntimeError: CUDA error: device-side assert", {}
+        return outcome
+
+
+def test_retry_failed_queues_crashed_tuning_trials_again_and_keeps_diverged_ones(tmp_path):
+    import optuna
+
+    from ablations.fair import tune_name
+    from ablations.study import create_or_resume
+
+    fake = CrashingRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)}, crash=("lora", 0, 3e-3),
+                       nan={("moslora", 0)})
+    plan, storage, url = fair_plan(tmp_path)
+    run_all(plan, storage, fake)
+    tune = {s: optuna.load_study(study_name=tune_name(plan, s), storage=storage) for s in ("lora", "moslora")}
+    crashed = [t for t in tune["lora"].get_trials() if t.state.name == "FAIL"]
+    assert len(crashed) == 1 and crashed[0].user_attrs["crashed"] is True
+    assert all(not t.user_attrs.get("crashed") for t in tune["moslora"].get_trials() if t.state.name == "FAIL")
+    lines = []
+    create_or_resume(plan, storage, url, retry_failed=True, log=lines.append)
+    assert f"[{tune_name(plan, 'lora')}] --retry-failed: 1 crashed tuning trial(s) queued again" in lines
+    assert f"[{tune_name(plan, 'moslora')}] --retry-failed: 0 crashed tuning trial(s) queued again" in lines
+    waiting = [t for t in tune["lora"].get_trials() if t.state.name == "WAITING"]
+    assert [(t.user_attrs["lr_position"], t.user_attrs["seed"]) for t in waiting] == [(1, 0)]
+    assert not [t for t in tune["moslora"].get_trials() if t.state.name == "WAITING"]
+    run_all(plan, storage, fake)
+    rerun = [t for t in tune["lora"].get_trials() if t.user_attrs.get("lr_position") == 1]
+    assert sorted(t.state.name for t in rerun) == ["COMPLETE", "FAIL"]
