@@ -342,11 +342,12 @@ def duplicate_of(study, trial) -> int | None:
 
 
 def work(plan, storage, *, max_trials: int | None = None, stale_after: float, run_fn: Callable | None = None,
-         log=print, poll_s: float = POLL_S) -> int:
+         log=print, poll_s: float = POLL_S, wait: bool = True) -> int:
     """Run the fair study's trials until every spec has its finals (or ``max_trials``); returns how many ran here.
 
     While another worker's trial runs and nothing is queued, this worker waits for it: its result
-    may settle a spec and queue final trials (or a grid extension).
+    may settle a spec and queue final trials (or a grid extension). Without ``wait`` (``--no-wait``)
+    it says what still runs elsewhere and returns instead.
     """
     import optuna
     from optuna.trial import TrialState
@@ -377,6 +378,12 @@ def work(plan, storage, *, max_trials: int | None = None, stale_after: float, ru
                 break
             if not running_now:
                 continue  # it finished during this pass: top up once more before deciding
+            if not wait:
+                from ablations.trials import describe_running, running_elsewhere
+
+                log(f"[{plan.name}] nothing queued here; not waiting (--no-wait) for "
+                    f"{describe_running(running_elsewhere(studies), stale_after)}")
+                break
             if not waiting_said:
                 log(f"[{plan.name}] nothing queued; waiting for {running_now} running trial(s) of other workers")
                 waiting_said = True

@@ -264,11 +264,13 @@ def _mean(values) -> float:
 
 
 def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after: float = DEFAULT_STALE_AFTER_S,
-         run_fn: Callable | None = None, log=print, wait: bool = False, poll_s: float | None = None) -> int:
+         run_fn: Callable | None = None, log=print, wait: bool | None = None, poll_s: float | None = None) -> int:
     """Run queued trials of the study until none is left (or ``max_trials``); returns how many this worker ran.
 
     ``wait``: then also wait while trials run in other workers, until they finish or are found dead (reaped,
     queued again and run here); a line every ``WAIT_REPORT_EVERY_S`` seconds says what it waits for.
+    ``None`` is the kind's default: a fair study waits (another worker's result may unlock final trials),
+    the others do not.
     """
     import optuna
     from harness.tracking import RunHandle, Tracker
@@ -276,7 +278,9 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
     if plan.kind == "fair":  # stages that unlock one another: its own loop, on the same claim and trial run
         from ablations import fair
 
-        return fair.work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log)
+        return fair.work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log,
+                         wait=wait is not False, **({"poll_s": poll_s} if poll_s is not None else {}))
+    wait = bool(wait)
     tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
     parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
     studies = [optuna.load_study(study_name=name, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())

@@ -480,3 +480,27 @@ def test_retry_failed_queues_crashed_tuning_trials_again_and_keeps_diverged_ones
     run_all(plan, storage, fake)
     rerun = [t for t in tune["lora"].get_trials() if t.user_attrs.get("lr_position") == 1]
     assert sorted(t.state.name for t in rerun) == ["COMPLETE", "FAIL"]
+
+
+def test_no_wait_with_only_another_workers_trial_left_returns_and_says_what_runs(tmp_path):
+    import threading
+
+    import optuna
+
+    from ablations.trials import claim, work
+
+    fake = ProtocolRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)})
+    plan, storage, _ = fair_plan(tmp_path)
+    run_all(plan, storage, fake, max_trials=2)
+    lora = optuna.load_study(study_name="tiny_fair/lora", storage=storage)
+    held = claim(lora, storage)  # another worker is running lora's last tuning trial
+    lines, returned = [], []
+    worker = threading.Thread(target=lambda: returned.append(
+        work(plan, storage, stale_after=600, run_fn=fake, log=lines.append, wait=False, poll_s=0.05)))
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "--no-wait waited for another worker's trial"
+    assert not any("waiting for" in line for line in lines)
+    said = [line for line in lines if "not waiting (--no-wait)" in line]
+    assert len(said) == 1 and "1 trial(s) running in another worker" in said[0] and f"trial {held.number}" in said[0]
+    assert not any(c[0] == "lora" and c[3] == "test" for c in fake.calls)
