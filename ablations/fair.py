@@ -35,6 +35,11 @@ DEFAULT_GRID = {"log10_low": -4.0, "log10_high": -2.5, "per_decade": 4}
 GRID_KEYS = ("log10_low", "log10_high", "per_decade")
 # The comparison with LoRA is over training runs (harness.stats.seed_comparison): one run per method has no spread.
 MIN_FINAL_SEEDS = 2
+# Bounds on what a study file may ask for, checked before anything is queued: past them a study is a typo
+# (``extend: 100000``, a grid of 600,001 rates), not an experiment, and would take hours just to enqueue.
+MAX_GRID_RATES = 50
+MAX_EXTEND = 10
+MAX_FINAL_SEEDS = 50
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may unlock final runs
 
 
@@ -61,6 +66,9 @@ def lr_grid_from(value: Any, where: str) -> list[float]:
         steps = round((high - low) * per)
         if not math.isclose(steps, (high - low) * per, abs_tol=1e-9):
             raise UserError(f"{where}: log10_high - log10_low must be a whole number of 1/per_decade steps")
+        if steps + 1 > MAX_GRID_RATES:
+            raise UserError(f"{where}: {steps + 1} rates is more than the {MAX_GRID_RATES} a grid may have; "
+                            "lower per_decade or narrow the range")
         rates = [10 ** (low + k / per) for k in range(steps + 1)]
     else:
         items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
@@ -70,6 +78,8 @@ def lr_grid_from(value: Any, where: str) -> list[float]:
             raise UserError(f"{where}: learning rates must be numbers, e.g. 1e-4,3e-4,1e-3 (got {value!r})") from None
     if len(rates) < 2:
         raise UserError(f"{where}: a learning-rate grid needs at least 2 rates (got {len(rates)})")
+    if len(rates) > MAX_GRID_RATES:
+        raise UserError(f"{where}: {len(rates)} rates is more than the {MAX_GRID_RATES} a grid may have")
     if not all(r > 0 and math.isfinite(r) for r in rates):
         raise UserError(f"{where}: learning rates must be positive (got {', '.join(f'{r:g}' for r in rates)})")
     if len(set(rates)) < len(rates):
@@ -90,6 +100,8 @@ def final_seeds_from(value: Any, tuning_seeds: list[int], where: str) -> list[in
         if value < MIN_FINAL_SEEDS:
             raise UserError(f"{where}: give at least {MIN_FINAL_SEEDS} final seeds, a count or a list (got {value}): "
                             "the interval over training runs needs them")
+        if value > MAX_FINAL_SEEDS:
+            raise UserError(f"{where}: {value} final seeds is more than the {MAX_FINAL_SEEDS} allowed")
         fresh = [s for s in range(value + len(tuning_seeds)) if s not in tuning_seeds]
         return fresh[:value]
     try:
@@ -98,6 +110,8 @@ def final_seeds_from(value: Any, tuning_seeds: list[int], where: str) -> list[in
         raise UserError(f"{where}: give a count (3) or a list of integers (3,4,5) (got {value!r})") from None
     if len(seeds) < MIN_FINAL_SEEDS or len(set(seeds)) < len(seeds):
         raise UserError(f"{where}: give at least {MIN_FINAL_SEEDS} distinct seeds (got {value!r})")
+    if len(seeds) > MAX_FINAL_SEEDS:
+        raise UserError(f"{where}: {len(seeds)} final seeds is more than the {MAX_FINAL_SEEDS} allowed")
     shared = sorted(set(seeds) & set(tuning_seeds))
     if shared:
         raise UserError(f"{where}: seed(s) {', '.join(map(str, shared))} are also tuning seeds "

@@ -95,6 +95,24 @@ def test_malformed_study_file_names_the_key(change, key):
     assert key in message and "\n" not in message
 
 
+@pytest.mark.parametrize("change, bound", [
+    ({"space": [{"method": "linchain", "n": list(range(1, 601))}]}, "more than the 300 points"),
+    ({"space": [{"method": "lora", "r": list(range(1, 201))}, {"method": "linchain", "n": list(range(1, 201))}]},
+     "more than the 300 points"),
+    ({"seeds": list(range(10)), "space": [{"method": "linchain", "n": list(range(1, 201))}]},
+     "2,000 trials is more than the 1000"),
+    ({"kind": "tpe", "lr": {"low": 1e-4, "high": 1e-2}, "n_trials": 100000}, "300,000 trials is more than the 1000"),
+])
+def test_an_unbounded_study_file_is_one_line_naming_its_bound_at_once(change, bound):
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        parse_study({**MINI, **change}, source="study file 'x.yaml'")
+    assert time.perf_counter() - started < 5.0
+    assert bound in str(err.value) and "\n" not in str(err.value)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command lines: bad input is one line and a non-zero exit
 

@@ -504,3 +504,36 @@ def test_no_wait_with_only_another_workers_trial_left_returns_and_says_what_runs
     said = [line for line in lines if "not waiting (--no-wait)" in line]
     assert len(said) == 1 and "1 trial(s) running in another worker" in said[0] and f"trial {held.number}" in said[0]
     assert not any(c[0] == "lora" and c[3] == "test" for c in fake.calls)
+
+
+@pytest.mark.parametrize("change, key, bound", [
+    ({"extend": 100000}, "extend", "at most 10 grid steps"),
+    ({"lr_grid": {"log10_low": -4, "log10_high": 2, "per_decade": 100000}}, "lr_grid", "600001 rates is more than the 50"),
+    ({"lr_grid": [10 ** (-4 + k / 100) for k in range(51)]}, "lr_grid", "51 rates is more than the 50"),
+    ({"final_seeds": 100000}, "final_seeds", "100000 final seeds is more than the 50"),
+    ({"seeds": list(range(30)), "lr_grid": [10 ** (-4 + k / 10) for k in range(20)]}, "space",
+     f"{2 * ((20 + 2 * 1) * 30 + 2):,} trials is more than the 1000"),  # 2 specs, 22 rates x 30 seeds, 2 finals
+])
+def test_an_unbounded_fair_study_file_is_one_line_naming_its_bound_at_once(change, key, bound):
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        parse_study({**FAIR, **change}, source="study file 'x.yaml'")
+    assert time.perf_counter() - started < 5.0
+    message = str(err.value)
+    assert f"x.yaml': {key}:" in message and bound in message and "\n" not in message
+
+
+def test_extend_past_its_bound_stops_the_study_command_before_any_trial(tmp_path, capsys):
+    import yaml
+
+    from ablations.study import main
+
+    study = tmp_path / "huge.yaml"
+    study.write_text(yaml.safe_dump({**FAIR, "name": "huge", "extend": 100000}))
+    db = tmp_path / "optuna.db"
+    err = one_line_error(capsys, main, [str(study), *SMOKE, "--storage", f"sqlite:///{db}",
+                                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert "extend: at most 10 grid steps per side (got 100000)" in err
+    assert not db.exists()
