@@ -35,6 +35,11 @@ DEFAULT_GRID = {"log10_low": -4.0, "log10_high": -2.5, "per_decade": 4}
 GRID_KEYS = ("log10_low", "log10_high", "per_decade")
 # The comparison with LoRA is over training runs (harness.stats.seed_comparison): one run per method has no spread.
 MIN_FINAL_SEEDS = 2
+# Bounds on what a study file may ask for, checked before anything is queued: past them a study is a typo
+# (``extend: 100000``, a grid of 600,001 rates), not an experiment, and would take hours just to enqueue.
+MAX_GRID_RATES = 50
+MAX_EXTEND = 10
+MAX_FINAL_SEEDS = 50
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may unlock final runs
 
 
@@ -61,6 +66,9 @@ def lr_grid_from(value: Any, where: str) -> list[float]:
         steps = round((high - low) * per)
         if not math.isclose(steps, (high - low) * per, abs_tol=1e-9):
             raise UserError(f"{where}: log10_high - log10_low must be a whole number of 1/per_decade steps")
+        if steps + 1 > MAX_GRID_RATES:
+            raise UserError(f"{where}: {steps + 1} rates is more than the {MAX_GRID_RATES} a grid may have; "
+                            "lower per_decade or narrow the range")
         rates = [10 ** (low + k / per) for k in range(steps + 1)]
     else:
         items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
@@ -70,6 +78,8 @@ def lr_grid_from(value: Any, where: str) -> list[float]:
             raise UserError(f"{where}: learning rates must be numbers, e.g. 1e-4,3e-4,1e-3 (got {value!r})") from None
     if len(rates) < 2:
         raise UserError(f"{where}: a learning-rate grid needs at least 2 rates (got {len(rates)})")
+    if len(rates) > MAX_GRID_RATES:
+        raise UserError(f"{where}: {len(rates)} rates is more than the {MAX_GRID_RATES} a grid may have")
     if not all(r > 0 and math.isfinite(r) for r in rates):
         raise UserError(f"{where}: learning rates must be positive (got {', '.join(f'{r:g}' for r in rates)})")
     if len(set(rates)) < len(rates):
@@ -90,6 +100,8 @@ def final_seeds_from(value: Any, tuning_seeds: list[int], where: str) -> list[in
         if value < MIN_FINAL_SEEDS:
             raise UserError(f"{where}: give at least {MIN_FINAL_SEEDS} final seeds, a count or a list (got {value}): "
                             "the interval over training runs needs them")
+        if value > MAX_FINAL_SEEDS:
+            raise UserError(f"{where}: {value} final seeds is more than the {MAX_FINAL_SEEDS} allowed")
         fresh = [s for s in range(value + len(tuning_seeds)) if s not in tuning_seeds]
         return fresh[:value]
     try:
@@ -98,6 +110,8 @@ def final_seeds_from(value: Any, tuning_seeds: list[int], where: str) -> list[in
         raise UserError(f"{where}: give a count (3) or a list of integers (3,4,5) (got {value!r})") from None
     if len(seeds) < MIN_FINAL_SEEDS or len(set(seeds)) < len(seeds):
         raise UserError(f"{where}: give at least {MIN_FINAL_SEEDS} distinct seeds (got {value!r})")
+    if len(seeds) > MAX_FINAL_SEEDS:
+        raise UserError(f"{where}: {len(seeds)} final seeds is more than the {MAX_FINAL_SEEDS} allowed")
     shared = sorted(set(seeds) & set(tuning_seeds))
     if shared:
         raise UserError(f"{where}: seed(s) {', '.join(map(str, shared))} are also tuning seeds "
@@ -263,12 +277,27 @@ def initial_queue(plan, optuna_name: str) -> list[tuple[dict[str, Any], dict[str
     return []
 
 
-def top_up(study, storage, plan, retry_failed: bool = False) -> int:
+def crashed_slots(trials) -> list[tuple]:
+    """The slots whose only outcome is a crash (an exception in the trial, not a divergence): no live,
+    finished or pruned trial, and every failed one (killed ones aside) marked ``crashed``."""
+    by_slot: dict[tuple, list] = {}
+    for t in trials:
+        if t.user_attrs.get("duplicate_of") is None:
+            by_slot.setdefault(slot_of(t.user_attrs), []).append(t)
+    slots = []
+    for key, mine in by_slot.items():
+        failed = [t for t in mine if t.state.name == "FAIL" and not t.user_attrs.get("killed")]
+        if failed and all(t.state.name == "FAIL" for t in mine) and all(t.user_attrs.get("crashed") for t in failed):
+            slots.append(key)
+    return slots
+
+
+def top_up(study, storage, plan, retry_failed: bool = False, log=None) -> int:
     """Queue what one of the plan's studies lacks now: tuning slots the grid needs, or the final seeds once settled.
 
-    ``retry_failed`` queues failed final seeds again. Failed tuning trials are kept: at a given rate
-    they usually mean divergence, which is the answer, and re-running them after the finals started
-    could change the choice those finals were run for.
+    ``retry_failed`` queues failed final seeds again, and tuning trials that crashed (an exception,
+    not a divergence). Diverged tuning trials are kept: a non-finite loss at a rate is that rate's
+    answer, and re-running it after the finals started could change the choice they were run for.
     """
     import optuna
 
@@ -277,6 +306,11 @@ def top_up(study, storage, plan, retry_failed: bool = False) -> int:
                                                   storage=storage).get_trials(deepcopy=False))
     if study.study_name == tune_name(plan, spec):
         queue = [tune_trial(plan, spec, p, s) for _, p, s in tuning.missing]
+        if retry_failed:
+            crashed = [key for key in crashed_slots(study.get_trials(deepcopy=False)) if key[0] == "tune"]
+            queue += [tune_trial(plan, spec, p, s) for _, p, s in crashed]
+            if log is not None:
+                log(f"[{study.study_name}] --retry-failed: {len(crashed)} crashed tuning trial(s) queued again")
     elif tuning.best is not None and tuning.settled:
         found = outcomes(study.get_trials(deepcopy=False))
         wanted = [s for s in plan.final_seeds if ("final", s) not in found
@@ -322,11 +356,12 @@ def duplicate_of(study, trial) -> int | None:
 
 
 def work(plan, storage, *, max_trials: int | None = None, stale_after: float, run_fn: Callable | None = None,
-         log=print, poll_s: float = POLL_S) -> int:
+         log=print, poll_s: float = POLL_S, wait: bool = True) -> int:
     """Run the fair study's trials until every spec has its finals (or ``max_trials``); returns how many ran here.
 
     While another worker's trial runs and nothing is queued, this worker waits for it: its result
-    may settle a spec and queue final trials (or a grid extension).
+    may settle a spec and queue final trials (or a grid extension). Without ``wait`` (``--no-wait``)
+    it says what still runs elsewhere and returns instead.
     """
     import optuna
     from optuna.trial import TrialState
@@ -357,6 +392,12 @@ def work(plan, storage, *, max_trials: int | None = None, stale_after: float, ru
                 break
             if not running_now:
                 continue  # it finished during this pass: top up once more before deciding
+            if not wait:
+                from ablations.trials import describe_running, running_elsewhere
+
+                log(f"[{plan.name}] nothing queued here; not waiting (--no-wait) for "
+                    f"{describe_running(running_elsewhere(studies), stale_after)}")
+                break
             if not waiting_said:
                 log(f"[{plan.name}] nothing queued; waiting for {running_now} running trial(s) of other workers")
                 waiting_said = True

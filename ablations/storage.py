@@ -8,9 +8,9 @@
 - ``postgresql+psycopg2://user:password@host:port/db`` (with SQLAlchemy 2.1 a bare
   ``postgresql://`` expects psycopg 3, which is not installed), or any other SQLAlchemy URL.
 
-Creating the schema from several processes at once fails, so :func:`open_storage` with
-``create=True`` is called once (by ``python -m ablations.study``) before workers start;
-workers open with ``create=False`` and never create anything.
+Workers open with ``create=False`` and never create anything. Several study commands may create
+the same fresh storage at once: the schema is created by whichever gets there first, and the
+others, whose "table ... already exists" is that race, open it again (:func:`open_storage`).
 
 SQLite: every transaction takes the write lock when it begins (``BEGIN IMMEDIATE``). Optuna
 claims a queued trial by reading it and then marking it RUNNING; SQLite's default deferred
@@ -29,6 +29,8 @@ from harness.errors import UserError
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 SQLITE_TIMEOUT_S = 60  # how long a process waits for SQLite's write lock
 CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable server fails fast
+SCHEMA_RACE_ATTEMPTS = 5  # opening a fresh storage again after another process created its schema meanwhile
+SCHEMA_RACE_MARKS = ("already exists", "unique constraint failed", "duplicate key", "database is locked")
 
 
 def redact(url: str) -> str:
@@ -89,12 +91,34 @@ def open_storage(url: str, *, create: bool):
     elif url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+        storage = create_with_retry(lambda: optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, skip_table_creation=not create), retry=create)
     except Exception as err:  # SQLAlchemy and the drivers raise many types; the user needs one line
         raise UserError(f"storage {redact(url)!r} is unreachable: {_first_line(err)}") from err
     if db is not None:
         _lock_on_begin(storage.engine)
     return storage
+
+
+def is_schema_race(err: BaseException) -> bool:
+    """Whether creating the schema failed because another process was creating it at the same moment."""
+    return any(mark in str(err).lower() for mark in SCHEMA_RACE_MARKS)
+
+
+def create_with_retry(make, *, retry: bool = True, attempts: int = SCHEMA_RACE_ATTEMPTS, pause_s: float = 0.2):
+    """``make()``, called again (after a short pause) when it lost the schema-creation race to another process.
+
+    The second call finds the tables the other process made and creates only what is still missing.
+    """
+    import time
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return make()
+        except Exception as err:  # noqa: BLE001 (SQLAlchemy wraps the driver's errors in many types)
+            if not retry or attempt == attempts or not is_schema_race(err):
+                raise
+            time.sleep(pause_s * attempt)
 
 
 def _lock_on_begin(engine) -> None:

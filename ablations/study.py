@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--report-only", action="store_true", default=False,
                        help="write results/ablations/NAME/ from the storage without running trials")
     group.add_argument("--retry-failed", action="store_true", default=False,
-                       help="queue again the grid points whose trials failed (NaN, crash); killed trials are "
-                            "always queued again")
+                       help="queue again the grid points whose trials failed (NaN, crash); in a fair study the "
+                            "final seeds that failed and the tuning trials that crashed (a diverged tuning "
+                            "trial is that rate's outcome, kept); killed trials are always queued again")
     group.add_argument("--n-trials", type=int, default=None, metavar="N",
                        help="tuning studies: trials per method (overrides the file's n_trials; may grow on resume)")
     group.add_argument("--max-trials", type=int, default=None, metavar="N",
@@ -221,6 +222,12 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
     existing = set(optuna.get_all_study_names(storage))
     names = plan.optuna_names()
     stored = next((_stored_plan(optuna.load_study(study_name=n, storage=storage)) for n in names if n in existing), None)
+    creating = False  # this process won the creation: it alone creates the studies and the MLflow run
+    if stored is None:
+        creating = names[0] not in existing and _claim_creation(plan, storage, names[0])
+        if not creating:  # another study command is creating it this moment: continue it once it is ready
+            stored = _wait_for_plan(names[0], storage, url)
+            existing = set(optuna.get_all_study_names(storage))
     tracker = Tracker(plan.config["tracking_uri"], plan.config["experiment"])
     if stored is not None:
         _check_same(stored, plan, url)
@@ -249,25 +256,61 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
         if name in existing:
             study = optuna.load_study(study_name=name, storage=storage)
             study.set_user_attr(PLAN_ATTR, plan.to_attr())  # a grown tuning budget, the same everything else
-            queued = top_up(study, plan, retry_failed, storage)
+            queued = top_up(study, plan, retry_failed, storage, log=log)
         else:
-            study = optuna.create_study(study_name=name, storage=storage, directions=plan.directions())
-            study.set_user_attr(PLAN_ATTR, plan.to_attr())
+            study = (optuna.load_study(study_name=name, storage=storage) if name == names[0]
+                     else optuna.create_study(study_name=name, storage=storage, directions=plan.directions()))
             for params, attrs in plan.queue(name):
                 study.enqueue_trial(params, user_attrs=attrs)
             queued = len(plan.queue(name))
+            if name != names[0]:
+                study.set_user_attr(PLAN_ATTR, plan.to_attr())
         log(f"[{name}] {queued} trial(s) queued, {_count(study)}")
+    if creating:  # last: the plan on the first study tells the other study commands that the study is ready
+        optuna.load_study(study_name=names[0], storage=storage).set_user_attr(PLAN_ATTR, plan.to_attr())
     return plan
 
 
-def top_up(study, plan: StudyPlan, retry_failed: bool, storage=None) -> int:
+CREATION_WAIT_S = 60.0  # how long a study command waits for another one that is creating the same study
+
+
+def _claim_creation(plan: StudyPlan, storage, name: str) -> bool:
+    """Create the plan's first Optuna study (without its plan yet); False if another process created it first."""
+    import optuna
+
+    try:
+        optuna.create_study(study_name=name, storage=storage, directions=plan.directions())
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    return True
+
+
+def _wait_for_plan(name: str, storage, url: str, timeout_s: float | None = None, poll_s: float = 0.2) -> StudyPlan:
+    """The plan of a study another process is creating, once it has written it (the last step of creation)."""
+    import time
+
+    import optuna
+
+    deadline = time.monotonic() + (CREATION_WAIT_S if timeout_s is None else timeout_s)
+    while True:
+        plan = _stored_plan(optuna.load_study(study_name=name, storage=storage))
+        if plan is not None:
+            return plan
+        if time.monotonic() > deadline:
+            raise UserError(f"study {name.split('/')[0]!r} in {redact(url)} was begun by another process that has not "
+                            "finished creating it; if that process died, delete the study (optuna delete-study) "
+                            "and run the command again")
+        time.sleep(poll_s)
+
+
+def top_up(study, plan: StudyPlan, retry_failed: bool, storage=None, log=None) -> int:
     """Queue what a resumed study still lacks: grid points with no live or finished trial, or the rest of the budget."""
     from optuna.trial import TrialState
 
     if plan.kind == "fair":
         from ablations import fair
 
-        return fair.top_up(study, storage, plan, retry_failed)
+        return fair.top_up(study, storage, plan, retry_failed, log=log)
     alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
     trials = study.get_trials(deepcopy=False)
     if plan.kind == "tpe":

@@ -37,6 +37,7 @@ with ``lora``; ``intermediate_every`` and ``pruner`` prune tuning trials on vali
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ PRUNER_KEYS = ("n_startup_trials", "n_warmup_steps")
 LR_KEYS = ("low", "high", "log")
 # harness.run options a study may not fix: the study decides them per trial.
 STUDY_OWNED = ("methods", "run_name", "seeds")
+# Bounds checked before anything is queued: past them a study file is a typo, not an experiment, and
+# enqueueing it alone would take hours (the learning-rate grid and ``extend`` are bounded in ablations.fair).
+MAX_POINTS = 300
+MAX_TRIALS = 1000
 
 
 @dataclass
@@ -173,10 +178,28 @@ def parse_study(data: dict[str, Any], source: str = "study", default_name: str =
     plot = data.get("plot") or {}
     if not isinstance(plot, dict) or set(plot) - {"x"}:
         raise fail("plot", "must be a mapping {x: AXIS}, e.g. {x: n}")
+    trials = planned_trials(study)
+    if trials > MAX_TRIALS:
+        raise fail("space", f"{trials:,} trials is more than the {MAX_TRIALS} a study may queue "
+                            "(points x seeds, x learning rates in a fair study, x n_trials in a tpe one)")
     study.plot_x = plot.get("x")
     if study.plot_x is not None and not any(study.plot_x in p for p in points):
         raise fail("plot.x", f"{study.plot_x!r} is not an option of any point in the space")
     return study
+
+
+def planned_trials(study: StudyFile) -> int:
+    """How many trials the study queues at most: its points times seeds (a fair study: times every rate
+    the grid may grow to, plus the final seeds; a tpe study: n_trials per point)."""
+    from ablations import fair
+
+    points = len(study.points)
+    if study.kind == "fair":
+        finals = len(fair.final_seeds_from(study.final_seeds, study.seeds, "final_seeds"))
+        return points * ((len(study.lr_grid) + 2 * study.extend) * len(study.seeds) + finals)
+    if study.kind == "tpe":
+        return points * (study.n_trials or 0)
+    return points * len(study.seeds)
 
 
 def _fair_protocol(study: StudyFile, data: dict[str, Any], fail) -> None:
@@ -195,6 +218,9 @@ def _fair_protocol(study: StudyFile, data: dict[str, Any], fail) -> None:
     extend = data["extend"]
     if not isinstance(extend, int) or isinstance(extend, bool) or extend < 0:
         raise fail("extend", f"must be a non-negative integer: grid steps added per side at most (got {extend!r})")
+    if extend > fair.MAX_EXTEND:
+        raise fail("extend", f"at most {fair.MAX_EXTEND} grid steps per side (got {extend}); "
+                             "widen lr_grid instead")
     study.extend = extend
     if any("lr" in p for p in study.points):
         raise fail("space", "a fair study tunes lr itself: remove lr from the space")
@@ -213,11 +239,16 @@ def enumerate_points(space: list[Any], fail) -> list[dict[str, Any]]:
     from harness.adapters.spec import parse_spec
 
     points: list[dict[str, Any]] = []
+    total = 0
     for i, template in enumerate(space):
         where = f"space[{i}]"
         if not isinstance(template, dict) or "method" not in template:
             raise fail(where, "must be a mapping with a 'method' key, e.g. {method: linchain, n: [1, 2]}")
         axes = {str(k): (v if isinstance(v, list) else [v]) for k, v in template.items()}
+        total += math.prod(len(v) for v in axes.values())
+        if total > MAX_POINTS:
+            raise fail(where, f"the space has more than the {MAX_POINTS} points a study may have "
+                              f"({total:,} up to here); split it into several studies")
         for key, values in axes.items():
             if not values:
                 raise fail(f"{where}.{key}", "an empty list gives no points")

@@ -36,7 +36,24 @@ WAIT_REPORT_EVERY_S = 30.0  # how often a waiting study says what it waits for
 
 
 class TrialFailed(Exception):
-    """The trial's run failed (a NaN loss, a crash): the trial is FAILED with this reason, the study goes on."""
+    """The trial's run failed (a NaN loss, a crash): the trial is FAILED with this reason, the study goes on.
+
+    ``crashed`` tells a crash (an exception in the run: worth running again with ``--retry-failed``)
+    from a divergence (a non-finite loss or score: the outcome of that rate, kept).
+    """
+
+    def __init__(self, message: str, crashed: bool = False) -> None:
+        super().__init__(message)
+        self.crashed = crashed
+
+
+# How harness.run words a divergence: harness.train.NonFiniteLoss ("loss became nan at step 3: ...").
+DIVERGENCE_MARKS = ("loss became", "non-finite")
+
+
+def is_divergence(error: str | None) -> bool:
+    """Whether a failed run's error is a divergence (non-finite loss) rather than a crash."""
+    return any(mark in (error or "").lower() for mark in DIVERGENCE_MARKS)
 
 
 @dataclass
@@ -186,7 +203,8 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
             run_seconds = time.perf_counter() - started
             failed = [r for r in outcome.results if not r.ok]
             if failed:
-                raise TrialFailed("; ".join(f"seed {r.seed}: {r.error}" for r in failed))
+                raise TrialFailed("; ".join(f"seed {r.seed}: {r.error}" for r in failed),
+                                  crashed=not all(is_divergence(r.error) for r in failed))
             average = _mean(_mean(r.scores.values()) for r in outcome.results)
             if math.isnan(average):
                 raise TrialFailed("the score is NaN")
@@ -246,11 +264,13 @@ def _mean(values) -> float:
 
 
 def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after: float = DEFAULT_STALE_AFTER_S,
-         run_fn: Callable | None = None, log=print, wait: bool = False, poll_s: float | None = None) -> int:
+         run_fn: Callable | None = None, log=print, wait: bool | None = None, poll_s: float | None = None) -> int:
     """Run queued trials of the study until none is left (or ``max_trials``); returns how many this worker ran.
 
     ``wait``: then also wait while trials run in other workers, until they finish or are found dead (reaped,
     queued again and run here); a line every ``WAIT_REPORT_EVERY_S`` seconds says what it waits for.
+    ``None`` is the kind's default: a fair study waits (another worker's result may unlock final trials),
+    the others do not.
     """
     import optuna
     from harness.tracking import RunHandle, Tracker
@@ -258,7 +278,9 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
     if plan.kind == "fair":  # stages that unlock one another: its own loop, on the same claim and trial run
         from ablations import fair
 
-        return fair.work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log)
+        return fair.work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log,
+                         wait=wait is not False, **({"poll_s": poll_s} if poll_s is not None else {}))
+    wait = bool(wait)
     tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
     parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
     studies = [optuna.load_study(study_name=name, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
@@ -371,12 +393,12 @@ def run_trial(study, storage, trial, plan: StudyPlan, tracker, parent, stale_aft
             requeue(study, storage.get_trial(trial._trial_id), plan)
             raise
         except (TrialFailed, UserError) as err:
-            _fail(study, trial, str(err))
+            _fail(study, trial, str(err), crashed=getattr(err, "crashed", False))
             log(f"[{study.study_name}] trial {trial.number}: FAILED: {err}")
             return
         except Exception as err:  # noqa: BLE001 (a crash in one trial must not stop the study)
             traceback.print_exc()
-            _fail(study, trial, f"{type(err).__name__}: {err}")
+            _fail(study, trial, f"{type(err).__name__}: {err}", crashed=True)
             log(f"[{study.study_name}] trial {trial.number}: FAILED: {type(err).__name__}: {err}")
             return
     trial.set_user_attr("trial_seconds", time.perf_counter() - started)
@@ -390,12 +412,14 @@ def describe_values(values) -> str:
     return ", ".join([f"average accuracy {100 * average:.1f}%", *(f"{int(p):,} trainable params" for p in rest)])
 
 
-def _fail(study, trial, reason: str, killed: bool = False) -> None:
+def _fail(study, trial, reason: str, killed: bool = False, crashed: bool = False) -> None:
     from optuna.trial import TrialState
 
     trial.set_user_attr("fail_reason", reason.splitlines()[0][:500] if reason else "failed")
     if killed:
         trial.set_user_attr("killed", True)
+    if crashed:
+        trial.set_user_attr("crashed", True)
     study.tell(trial, state=TrialState.FAIL)
 
 

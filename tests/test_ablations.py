@@ -95,6 +95,24 @@ def test_malformed_study_file_names_the_key(change, key):
     assert key in message and "\n" not in message
 
 
+@pytest.mark.parametrize("change, bound", [
+    ({"space": [{"method": "linchain", "n": list(range(1, 601))}]}, "more than the 300 points"),
+    ({"space": [{"method": "lora", "r": list(range(1, 201))}, {"method": "linchain", "n": list(range(1, 201))}]},
+     "more than the 300 points"),
+    ({"seeds": list(range(10)), "space": [{"method": "linchain", "n": list(range(1, 201))}]},
+     "2,000 trials is more than the 1000"),
+    ({"kind": "tpe", "lr": {"low": 1e-4, "high": 1e-2}, "n_trials": 100000}, "300,000 trials is more than the 1000"),
+])
+def test_an_unbounded_study_file_is_one_line_naming_its_bound_at_once(change, bound):
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        parse_study({**MINI, **change}, source="study file 'x.yaml'")
+    assert time.perf_counter() - started < 5.0
+    assert bound in str(err.value) and "\n" not in str(err.value)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command lines: bad input is one line and a non-zero exit
 
@@ -539,3 +557,106 @@ def test_two_workers_on_postgresql_run_every_grid_point_once(tmp_path, postgres_
     monkeypatch.chdir(tmp_path)
     workers = run_two_workers(tmp_path, postgres_url)
     check_every_point_ran_once(tmp_path, postgres_url, workers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several study commands creating one fresh storage at once
+
+
+def test_opening_a_fresh_storage_again_after_losing_the_schema_race():
+    from ablations.storage import create_with_retry
+
+    calls = []
+
+    def make():
+        calls.append(1)
+        if len(calls) == 1:  # what SQLAlchemy raises when the other process created the table first
+            raise RuntimeError("(sqlite3.OperationalError) table studies already exists")
+        return "storage"
+
+    assert create_with_retry(make, pause_s=0.01) == "storage" and len(calls) == 2
+
+    def fails(message):
+        def make():
+            calls.append(1)
+            raise RuntimeError(message)
+        return make
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="unable to open"):
+        create_with_retry(fails("unable to open database file"), pause_s=0.01)
+    assert len(calls) == 1  # not a race: no retry
+    calls.clear()
+    with pytest.raises(RuntimeError, match="already exists"):
+        create_with_retry(fails("table studies already exists"), attempts=3, pause_s=0.01)
+    assert len(calls) == 3  # a race that does not end: given up after the attempts
+
+
+def test_two_creations_of_one_study_at_once_make_one_study_and_one_mlflow_run(tmp_path, monkeypatch):
+    """The loser of the creation race continues the study once the winner has written its plan, and
+    creates no MLflow run and queues nothing of its own."""
+    import threading
+
+    import mlflow
+    import optuna
+
+    from ablations import study as study_cli
+    from ablations.study import create_or_resume, resolve_plan
+    from ablations.studyfile import parse_study
+
+    url = resolve_storage_url(f"sqlite:///{tmp_path / 'optuna.db'}")
+    typed = {"model": "tiny-random", "max_steps": 2, "output_dir": str(tmp_path / "results"),
+             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    open_storage(url, create=True)
+    real_claim = study_cli._claim_creation
+
+    def slow_claim(*args):  # the winner is still creating when the other command arrives
+        won = real_claim(*args)
+        if won:
+            time.sleep(1.0)
+        return won
+
+    import time
+
+    monkeypatch.setattr(study_cli, "_claim_creation", slow_claim)
+    lines, plans = [], []
+
+    def command():
+        plan = resolve_plan(parse_study(MINI, source="test", default_name="mini"), dict(typed), None, None)
+        plans.append(create_or_resume(plan, open_storage(url, create=True), url, log=lines.append))
+
+    threads = [threading.Thread(target=command) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(plans) == 2 and plans[0].mlflow_parent_run_id == plans[1].mlflow_parent_run_id
+    assert sum("created in" in line for line in lines) == 1 and sum("continuing in" in line for line in lines) == 1
+    storage = open_storage(url, create=False)
+    for name in plans[0].optuna_names():  # queued once
+        assert len(optuna.load_study(study_name=name, storage=storage).get_trials()) == len(plans[0].queue(name))
+    client = mlflow.tracking.MlflowClient(typed["tracking_uri"])
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get("kind") == "study"]
+    assert len(runs) == 1
+
+
+@pytest.mark.integration
+def test_two_study_commands_creating_one_fresh_sqlite_storage_at_once_both_succeed(tmp_path):
+    import mlflow
+
+    study_file = write_study(tmp_path, MINI)
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    argv = [sys.executable, "-m", "ablations.study", str(study_file), "--storage", url, "--create-only", *SMOKE,
+            "--output-dir", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    procs = [subprocess.Popen(argv, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+        assert "study 'mini' ready" in out
+    assert sorted("created in" in out for out, _ in outs) == [False, True]  # one created it, one continued it
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get("kind") == "study"]
+    assert len(runs) == 1  # no orphan study run

@@ -437,3 +437,103 @@ def test_fair_study_end_to_end_with_a_killed_worker(tmp_path):
     assert set(zip(table["stage"], table["split"])) == {("tune", "validation"), ("final", "test")}
     for name in ("verdict.md", "lr_sensitivity.png", "tuning_curve.png"):
         assert (folder / name).is_file(), name
+
+
+class CrashingRun(ProtocolRun):
+    """A ProtocolRun whose first call at ``crash`` (spec, seed, lr) fails with an exception's error, as
+    harness.run records a crash (``TypeError: ...``), not a non-finite loss."""
+
+    def __init__(self, optimum, crash, nan=()):
+        super().__init__(optimum, nan)
+        self.crash, self.crashed = crash, False
+
+    def __call__(self, cfg, **kwargs):
+        outcome = super().__call__(cfg, **kwargs)
+        (spec,), (seed,) = cfg.methods, cfg.seeds
+        if not self.crashed and (spec, seed) == self.crash[:2] and math.isclose(cfg.lr, self.crash[2]):
+            self.crashed = True
+            outcome.results[0].error, outcome.results[0].scores = "RuntimeError: CUDA error: device-side assert", {}
+        return outcome
+
+
+def test_retry_failed_queues_crashed_tuning_trials_again_and_keeps_diverged_ones(tmp_path):
+    import optuna
+
+    from ablations.fair import tune_name
+    from ablations.study import create_or_resume
+
+    fake = CrashingRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)}, crash=("lora", 0, 3e-3),
+                       nan={("moslora", 0)})
+    plan, storage, url = fair_plan(tmp_path)
+    run_all(plan, storage, fake)
+    tune = {s: optuna.load_study(study_name=tune_name(plan, s), storage=storage) for s in ("lora", "moslora")}
+    crashed = [t for t in tune["lora"].get_trials() if t.state.name == "FAIL"]
+    assert len(crashed) == 1 and crashed[0].user_attrs["crashed"] is True
+    assert all(not t.user_attrs.get("crashed") for t in tune["moslora"].get_trials() if t.state.name == "FAIL")
+    lines = []
+    create_or_resume(plan, storage, url, retry_failed=True, log=lines.append)
+    assert f"[{tune_name(plan, 'lora')}] --retry-failed: 1 crashed tuning trial(s) queued again" in lines
+    assert f"[{tune_name(plan, 'moslora')}] --retry-failed: 0 crashed tuning trial(s) queued again" in lines
+    waiting = [t for t in tune["lora"].get_trials() if t.state.name == "WAITING"]
+    assert [(t.user_attrs["lr_position"], t.user_attrs["seed"]) for t in waiting] == [(1, 0)]
+    assert not [t for t in tune["moslora"].get_trials() if t.state.name == "WAITING"]
+    run_all(plan, storage, fake)
+    rerun = [t for t in tune["lora"].get_trials() if t.user_attrs.get("lr_position") == 1]
+    assert sorted(t.state.name for t in rerun) == ["COMPLETE", "FAIL"]
+
+
+def test_no_wait_with_only_another_workers_trial_left_returns_and_says_what_runs(tmp_path):
+    import threading
+
+    import optuna
+
+    from ablations.trials import claim, work
+
+    fake = ProtocolRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)})
+    plan, storage, _ = fair_plan(tmp_path)
+    run_all(plan, storage, fake, max_trials=2)
+    lora = optuna.load_study(study_name="tiny_fair/lora", storage=storage)
+    held = claim(lora, storage)  # another worker is running lora's last tuning trial
+    lines, returned = [], []
+    worker = threading.Thread(target=lambda: returned.append(
+        work(plan, storage, stale_after=600, run_fn=fake, log=lines.append, wait=False, poll_s=0.05)))
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "--no-wait waited for another worker's trial"
+    assert not any("waiting for" in line for line in lines)
+    said = [line for line in lines if "not waiting (--no-wait)" in line]
+    assert len(said) == 1 and "1 trial(s) running in another worker" in said[0] and f"trial {held.number}" in said[0]
+    assert not any(c[0] == "lora" and c[3] == "test" for c in fake.calls)
+
+
+@pytest.mark.parametrize("change, key, bound", [
+    ({"extend": 100000}, "extend", "at most 10 grid steps"),
+    ({"lr_grid": {"log10_low": -4, "log10_high": 2, "per_decade": 100000}}, "lr_grid", "600001 rates is more than the 50"),
+    ({"lr_grid": [10 ** (-4 + k / 100) for k in range(51)]}, "lr_grid", "51 rates is more than the 50"),
+    ({"final_seeds": 100000}, "final_seeds", "100000 final seeds is more than the 50"),
+    ({"seeds": list(range(30)), "lr_grid": [10 ** (-4 + k / 10) for k in range(20)]}, "space",
+     f"{2 * ((20 + 2 * 1) * 30 + 2):,} trials is more than the 1000"),  # 2 specs, 22 rates x 30 seeds, 2 finals
+])
+def test_an_unbounded_fair_study_file_is_one_line_naming_its_bound_at_once(change, key, bound):
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        parse_study({**FAIR, **change}, source="study file 'x.yaml'")
+    assert time.perf_counter() - started < 5.0
+    message = str(err.value)
+    assert f"x.yaml': {key}:" in message and bound in message and "\n" not in message
+
+
+def test_extend_past_its_bound_stops_the_study_command_before_any_trial(tmp_path, capsys):
+    import yaml
+
+    from ablations.study import main
+
+    study = tmp_path / "huge.yaml"
+    study.write_text(yaml.safe_dump({**FAIR, "name": "huge", "extend": 100000}))
+    db = tmp_path / "optuna.db"
+    err = one_line_error(capsys, main, [str(study), *SMOKE, "--storage", f"sqlite:///{db}",
+                                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert "extend: at most 10 grid steps per side (got 100000)" in err
+    assert not db.exists()
