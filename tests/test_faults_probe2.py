@@ -1,0 +1,49 @@
+"""Faults found by the second adversarial probe (harness side): each is one ``error:`` line, exit 2,
+before any model work where the input can be checked then, with nothing half-written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.test_faults import one_error_line, run_args
+
+
+def _copy_data_dir(source: Path, target: Path, *relatives: str) -> Path:
+    for relative in relatives:
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / relative, target / relative)
+    return target
+
+
+# 1. a corrupted local benchmark file is refused, not scored
+def test_a_modified_local_benchmark_file_is_refused_before_any_run(tmp_path, data_dir, capsys, mlflow_runs_of,
+                                                                    monkeypatch):
+    from harness import run as harness_run
+
+    relative = "dataset/AddSub/test.json"
+    data = _copy_data_dir(data_dir, tmp_path / "data", relative)
+    records = json.loads((data / relative).read_text())
+    for record in records:
+        record["answer"] = "0"  # what the probe did: every answer set to 0
+    (data / relative).write_text(json.dumps(records))
+    actual = hashlib.sha256((data / relative).read_bytes()).hexdigest()
+    original = hashlib.sha256((data_dir / relative).read_bytes()).hexdigest()
+
+    capsys.readouterr()
+    code = harness_run.main(run_args(tmp_path, "--methods", "lora", "--tasks", "llm_adapters_addsub",
+                                             "--data-dir", str(data)))
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2
+    assert str(data / relative) in line and actual in line and original in line, line
+    assert "HARNESS_ALLOW_MODIFIED_DATA=1" in line
+    assert len(mlflow_runs_of(tmp_path)) == 0 and not list((tmp_path / "results").glob("*"))
+
+    # the override is what the message says it is: the modified copy is then read
+    from harness.data.files import data_file
+    monkeypatch.setenv("HARNESS_ALLOW_MODIFIED_DATA", "1")
+    assert data_file(relative, data) == data / relative
