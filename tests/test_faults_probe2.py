@@ -47,3 +47,36 @@ def test_a_modified_local_benchmark_file_is_refused_before_any_run(tmp_path, dat
     from harness.data.files import data_file
     monkeypatch.setenv("HARNESS_ALLOW_MODIFIED_DATA", "1")
     assert data_file(relative, data) == data / relative
+
+
+# 2. harness.compare on a damaged result.json: one line naming the file
+def _damaged(content: dict, how: str) -> str:
+    if how == "bare number":
+        return "42\n"
+    if how == "truncated":
+        return json.dumps(content)[:-40]
+    if how == "null fingerprint":
+        content["fingerprint"] = None
+    elif how == "string for a mapping":
+        content["systems"][0]["scores"] = "arithmetic_add_sub: 0.5"
+    elif how == "bad python literal":
+        content["systems"][0]["contaminated"] = "{'arithmetic_add_sub'"  # a set's repr, cut short
+    return json.dumps(content)
+
+
+@pytest.mark.parametrize("how", ["bare number", "truncated", "null fingerprint", "string for a mapping",
+                                 "bad python literal"])
+def test_compare_on_a_damaged_result_json_is_one_line_naming_the_file(tmp_path, capsys, how):
+    from harness import compare as hcompare
+    from tests.test_compare import FP, _content
+    from harness.resultfile import write_result_json
+
+    for name in ("good", "bad"):
+        (tmp_path / name).mkdir()
+        write_result_json(tmp_path / name, _content(name, FP))
+    bad = tmp_path / "bad" / "result.json"
+    bad.write_text(_damaged(json.loads(bad.read_text()), how))
+    capsys.readouterr()
+    assert hcompare.main([str(tmp_path / "good"), str(tmp_path / "bad")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(tmp_path / "bad") in line, line
