@@ -80,3 +80,22 @@ def test_compare_on_a_damaged_result_json_is_one_line_naming_the_file(tmp_path, 
     assert hcompare.main([str(tmp_path / "good"), str(tmp_path / "bad")]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert str(tmp_path / "bad") in line, line
+
+
+# 3. harness.compare with a run id and a tracking server nobody answers: seconds, one line
+def test_compare_with_an_unreachable_tracking_server_fails_fast(tmp_path, capsys):
+    import time
+
+    from harness import compare as hcompare
+    from tests.test_compare import FP, _content
+    from harness.resultfile import write_result_json
+
+    (tmp_path / "good").mkdir()
+    write_result_json(tmp_path / "good", _content("good", FP))
+    capsys.readouterr()
+    started = time.monotonic()
+    code = hcompare.main([str(tmp_path / "good"), "0123456789abcdef", "--tracking-uri", "http://127.0.0.1:9"])
+    elapsed = time.monotonic() - started
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and elapsed < 15, elapsed
+    assert "http://127.0.0.1:9" in line and "unreachable" in line, line
