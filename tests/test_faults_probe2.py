@@ -99,3 +99,26 @@ def test_compare_with_an_unreachable_tracking_server_fails_fast(tmp_path, capsys
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and elapsed < 15, elapsed
     assert "http://127.0.0.1:9" in line and "unreachable" in line, line
+
+
+# 4. training data with nothing left to train on: refused before the model loads
+@pytest.mark.parametrize("record", [{"instruction": "What is 2 + 2?", "output": "4", "answer": "4"},
+                                    {"instruction": "", "output": "4", "answer": "4"}])
+def test_training_data_of_duplicates_or_empty_instructions_is_refused_before_the_model(tmp_path, capsys,
+                                                                                       mlflow_runs_of, monkeypatch,
+                                                                                       record):
+    from harness import models
+    from harness import run as harness_run
+
+    training = tmp_path / "train.json"
+    training.write_text(json.dumps([record] * 50))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_model, raising=False)
+    capsys.readouterr()
+    assert harness_run.main(run_args(tmp_path, "--methods", "lora", "--train-data", str(training))) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(training) in line and "no training examples" in line and "distinct" in line, line
+    assert len(mlflow_runs_of(tmp_path)) == 0 and not list((tmp_path / "results").glob("*"))
