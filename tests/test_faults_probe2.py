@@ -122,3 +122,17 @@ def test_training_data_of_duplicates_or_empty_instructions_is_refused_before_the
     line = one_error_line(capsys.readouterr().err)
     assert str(training) in line and "no training examples" in line and "distinct" in line, line
     assert len(mlflow_runs_of(tmp_path)) == 0 and not list((tmp_path / "results").glob("*"))
+
+
+# 5. one SQLite file for the Optuna storage and the MLflow store: refused, nothing created
+def test_one_sqlite_file_for_both_stores_is_refused(tmp_path, capsys, monkeypatch):
+    from ablations import study
+    from tests.test_ablations import SMOKE
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = study.main(["chain_length", "--storage", "sqlite:///x.db", "--tracking-uri", f"sqlite:///{tmp_path}/x.db",
+                       *SMOKE])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and str(tmp_path / "x.db") in line and "two files" in line, line
+    assert not (tmp_path / "x.db").exists()
