@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from harness.tracking import check_separate_stores
 from ablations.storage import DEFAULT_STORAGE, load_existing_study, open_storage, redact, resolve_storage_url
 from ablations.studyfile import StudyFile, builtin_studies, load_study_file
 from ablations.trials import (DEFAULT_STALE_AFTER_S, StudyPlan, describe_running, fail_stale_trials,
@@ -405,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = resolve_plan(study_file, args, config_file, options["n_trials"], tune_lr=options["tune_lr"],
                         lr_grid=options["lr_grid"], final_seeds=options["final_seeds"])
     check_inputs(plan)
+    check_separate_stores(url, plan.config["tracking_uri"])
     storage = open_storage(url, create=True)
     plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"],
                             stale_after=options["stale_after"])

@@ -94,7 +94,50 @@ def load_result_json(path: str | Path, source: str | None = None) -> dict[str, A
         raise UserError(f"{name}: {RESULT_FILE} is unreadable ({type(err).__name__})") from err
     if not isinstance(content, dict) or "systems" not in content or "fingerprint" not in content:
         raise UserError(f"{name}: {RESULT_FILE} has no systems or fingerprint: not written by harness.run")
+    _check_shape(content, f"{name}: {RESULT_FILE} ({file})")
     return content
+
+
+def _check_shape(content: Mapping[str, Any], where: str) -> None:
+    """Refuse, in one line naming the file, a result.json whose fields have the wrong types.
+
+    A hand-edited or damaged file (``"fingerprint": null``, a string where a mapping belongs, a field that
+    is not a valid literal) would otherwise fail later in :mod:`harness.compare` with a traceback.
+    """
+    def bad(field: str, expected: str, value: Any) -> UserError:
+        return UserError(f"{where} is damaged: {field} should be {expected}, not {type(value).__name__} "
+                         "(write it again with python -m harness.run, or restore the original file)")
+
+    fingerprint = content["fingerprint"]
+    if not isinstance(fingerprint, dict):
+        raise bad("fingerprint", "a mapping", fingerprint)
+    if not isinstance(fingerprint.get("hash"), str):
+        raise bad("fingerprint.hash", "a string", fingerprint.get("hash"))
+    if not isinstance(fingerprint.get("parts", {}), dict):
+        raise bad("fingerprint.parts", "a mapping", fingerprint.get("parts"))
+    if not isinstance(content.get("config", {}), dict):
+        raise bad("config", "a mapping", content.get("config"))
+    if not isinstance(content.get("run_name", ""), (str, type(None))):
+        raise bad("run_name", "a string", content.get("run_name"))
+    systems = content["systems"]
+    if not isinstance(systems, list):
+        raise bad("systems", "a list", systems)
+    for i, entry in enumerate(systems):
+        if not isinstance(entry, dict):
+            raise bad(f"systems[{i}]", "a mapping", entry)
+        for field in ("scores", "correct", "timings"):
+            if entry.get(field) is not None and not isinstance(entry[field], dict):
+                raise bad(f"systems[{i}].{field}", "a mapping", entry[field])
+        if not all(isinstance(v, dict) for v in (entry.get("correct") or {}).values()):
+            raise bad(f"systems[{i}].correct", "a mapping of tasks to mappings", entry["correct"])
+        if not all(v is None or isinstance(v, (int, float)) for v in (entry.get("scores") or {}).values()):
+            raise bad(f"systems[{i}].scores", "a mapping of tasks to numbers", entry["scores"])
+    try:
+        systems_of(content)
+    except (TypeError, ValueError, SyntaxError, AttributeError) as err:
+        raise UserError(f"{where} is damaged: a systems entry does not load ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); write it again with python -m "
+                        "harness.run, or restore the original file") from err
 
 
 def systems_of(content: Mapping[str, Any]):

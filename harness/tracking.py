@@ -96,6 +96,19 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(path)
 
 
+def check_separate_stores(storage_url: str, tracking_uri: str | None) -> None:
+    """Refuse an Optuna storage and an MLflow store in the same file: each creates its own schema and
+    migrations in it, and neither can read the other's tables (see the design notes)."""
+    tracking_db = _sqlite_path(resolve_tracking_uri(tracking_uri))
+    storage_file = _sqlite_path(storage_url)
+    if storage_file is None and storage_url.startswith("journal:"):
+        storage_file = Path(storage_url[len("journal:"):].removeprefix("//"))
+    if tracking_db is not None and storage_file is not None and tracking_db.resolve() == storage_file.resolve():
+        raise UserError(f"--storage and --tracking-uri name the same file {str(tracking_db.resolve())!r}: the "
+                        "Optuna storage and the MLflow store cannot share a file; use two files (e.g. "
+                        "--storage sqlite:///optuna.db --tracking-uri sqlite:///mlflow.db)")
+
+
 def check_tracking_uri(uri: str | None, timeout_s: float = 5.0) -> str:
     """Resolve ``uri`` and make sure the store answers, or raise a one-line :class:`UserError`.
 

@@ -310,7 +310,9 @@ def _write_eval_dir(folder: Path, content: bytes) -> Path:
     (b'[{"instruction": "q", "answer": "1"},\n oops]', "not valid JSON (Expecting value at line 2"),
     (b'[{"question": "q"}]', "lacks instruction"),
 ])
-def test_bad_evaluation_data_is_one_line_before_any_run(tmp_path, capsys, mlflow_runs_of, content, message):
+def test_bad_evaluation_data_is_one_line_before_any_run(tmp_path, capsys, mlflow_runs_of, content, message,
+                                                        monkeypatch):
+    monkeypatch.setenv("HARNESS_ALLOW_MODIFIED_DATA", "1")  # past the checksum, to the reader's own checks
     data = tmp_path / "data"
     if content is None:
         data.mkdir()

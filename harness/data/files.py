@@ -5,7 +5,9 @@ One data directory holds the LLM-Adapters files under their upstream relative pa
 the ``--data-dir`` argument, ``$HARNESS_DATA_DIR``, or ``~/.cache/lora-harness/data``
 (under ``$XDG_CACHE_HOME`` when set). A file missing there is downloaded from the
 upstream repository's raw URL, written atomically and checked against the SHA256 the
-benchmark's SHA256SUMS lists; without network the error says what to do.
+benchmark's SHA256SUMS lists; without network the error says what to do. A file already there
+is checked against the same list before use (once per process), so an edited or damaged copy
+is refused instead of scored; ``$HARNESS_ALLOW_MODIFIED_DATA=1`` accepts it on purpose.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from harness.errors import UserError
 from harness.fsutil import publish_mode
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
+ALLOW_MODIFIED_ENV = "HARNESS_ALLOW_MODIFIED_DATA"
+_verified: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) of a copy whose digest matched
 UPSTREAM_RAW_URL = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/"
 
 # SHA256SUMS of the LLM-Adapters snapshot (commit 8166572). The large training sets and HellaSwag
@@ -65,6 +69,7 @@ def data_file(relative: str, data_dir: Path | None = None, download: bool = True
     root = resolve_data_dir(data_dir)
     path = root / relative
     if path.is_file():
+        verify_local_file(relative, path)
         return path
     how = (f"put the LLM-Adapters file there, point --data-dir or ${DATA_DIR_ENV} at a folder that has it, "
            f"or allow network access to {UPSTREAM_RAW_URL}")
@@ -75,6 +80,30 @@ def data_file(relative: str, data_dir: Path | None = None, download: bool = True
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         raise UserError(f"data file {relative} not found in {root} and the download failed ({_reason(err)}): {how}") from err
     return path
+
+
+def verify_local_file(relative: str, path: Path) -> None:
+    """Refuse a local copy of a known upstream file whose SHA256 differs from the snapshot's.
+
+    A benchmark file edited by hand or damaged on disk would otherwise be scored as if it were the
+    benchmark. Files without a listed digest pass; a matching copy is not hashed again in this process
+    unless its size or modification time changes.
+    """
+    expected = SHA256.get(relative)
+    if not expected or os.environ.get(ALLOW_MODIFIED_ENV) == "1":
+        return
+    stat = path.stat()
+    if _verified.get(path) == (stat.st_size, stat.st_mtime_ns):
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise UserError(f"data file {path} has SHA256 {digest.hexdigest()}, expected {expected} "
+                        f"(the LLM-Adapters snapshot): restore the original file (delete it to download it again), "
+                        f"or set {ALLOW_MODIFIED_ENV}=1 to evaluate the modified copy on purpose")
+    _verified[path] = (stat.st_size, stat.st_mtime_ns)
 
 
 def download_file(url: str, target: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:

@@ -84,7 +84,16 @@ def load_records(source: str, data_dir: Path | str | None = None, limit: int | N
         return arithmetic.generate(spec, split=split, seed=seed)
     if split not in ("train", "validation"):
         raise UserError(f"unknown split {split!r} of {source} (a data file has train and validation)")
-    train, validation = split_validation(read_records(_locate(source, data_dir), TRAIN_KEYS))
+    read = read_records(_locate(source, data_dir), TRAIN_KEYS)
+    train, validation = split_validation(read)
+    if split == "train" and not train:
+        # the held-out slice takes every record asking its questions: a file of one question repeated (or of
+        # empty instructions, which all ask the same "") leaves nothing to train on; say so before any model work
+        questions = len({record_key(r) for r in read})
+        raise UserError(f"training data {source}: no training examples are left: its {len(read)} records ask "
+                        f"{questions} distinct question(s) (duplicates or empty instructions), and records asking "
+                        "a held-out validation question leave training; give a file of distinct, non-empty "
+                        "instructions")
     records = train if split == "train" else validation
     return subset(records, limit, seed) if sample else records[:limit]
 
