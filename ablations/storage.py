@@ -115,7 +115,7 @@ def create_with_retry(make, *, retry: bool = True, attempts: int = SCHEMA_RACE_A
     for attempt in range(1, attempts + 1):
         try:
             return make()
-        except Exception as err:  # noqa: BLE001 (SQLAlchemy wraps the driver's errors in many types)
+        except Exception as err:  # SQLAlchemy wraps the driver's errors in many types
             if not retry or attempt == attempts or not is_schema_race(err):
                 raise
             time.sleep(pause_s * attempt)
