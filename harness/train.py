@@ -272,7 +272,7 @@ def train(
         # of the last step did not see yet): a run must never report a score for a NaN adapter.
         bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if bad:
-            raise NonFiniteAdapter(f"{len(bad)} adapter tensor(s) hold NaN or inf after training (first: {bad[0]}): "
+            raise NonFiniteAdapter(f"non-finite adapter: {len(bad)} tensor(s) hold NaN or inf after training (first: {bad[0]}): "
                                    f"lower the learning rate (now {settings.lr:g})")
     finally:
         bar.close()

@@ -70,6 +70,9 @@ def test_an_adapter_left_non_finite_by_its_last_step_fails_the_run(examples, mon
     with pytest.raises(NonFiniteAdapter, match="hold NaN or inf after training") as caught:
         train(model, examples, stack, settings_of(batch_size=4, max_steps=1), progress=False)
     assert isinstance(caught.value, NonFiniteLoss)  # so harness.run marks the method failed, as for a NaN loss
+    from ablations.trials import is_divergence
+
+    assert is_divergence(str(caught.value))  # and a study counts it as a divergence, not a crash to retry
 
 
 @pytest.mark.parametrize("argv, message", [
