@@ -128,6 +128,22 @@ def contiguous_head_input(model) -> None:
         head._harness_contiguous_input = True
 
 
+def refuse_pickled_weights(folder: str | Path, what: str) -> None:
+    """Refuse, in one line, a local folder whose weights are only pickled ``.bin`` files.
+
+    Loading a pickle can run arbitrary code; torch refuses it (``weights_only``) with a many-line message
+    that reads like a crash. Saying so before the load keeps it one line that says what to do.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.glob("*.bin"))
+    if pickled:
+        raise UserError(f"{what} {str(folder)!r} has only pickled weights ({', '.join(pickled)}), which the harness "
+                        "does not load (a pickle can run code): convert them to .safetensors (save_pretrained "
+                        "with safe_serialization=True) in a trusted environment")
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)`` for an embedded name, a local folder or a Hugging Face id, in ``dtype``."""
     if name == TINY_MODEL:
@@ -141,6 +157,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
         if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise UserError(f"model folder {name!r} does not exist (give a local folder, a Hugging Face id, "
                             f"{EMBEDDED_MODEL!r} or {TINY_MODEL!r})")
+    refuse_pickled_weights(folder, "model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

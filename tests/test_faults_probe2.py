@@ -136,3 +136,29 @@ def test_one_sqlite_file_for_both_stores_is_refused(tmp_path, capsys, monkeypatc
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and str(tmp_path / "x.db") in line and "two files" in line, line
     assert not (tmp_path / "x.db").exists()
+
+
+# 6. pickled weights (.bin) for a model or an adapter: one line, exit 2
+def test_pickled_model_or_adapter_weights_are_one_line(tmp_path, capsys):
+    import pickle
+
+    from harness import run as harness_run
+    from harness.adapters.api import load_adapter_model
+    from harness.errors import UserError
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"weight": [1.0]}))
+    capsys.readouterr()
+    assert harness_run.main(run_args(tmp_path, "--methods", "lora", "--model", str(model))) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(model) in line and "pytorch_model.bin" in line and "safetensors" in line, line
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"weight": [1.0]}))
+    with pytest.raises(UserError) as caught:
+        load_adapter_model(None, adapter)
+    assert "adapter_model.bin" in str(caught.value) and "\n" not in str(caught.value)

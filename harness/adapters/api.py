@@ -90,6 +90,9 @@ def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapte
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise UserError(f"no saved adapter at {path}: {CONFIG_FILE} is missing")
+    from harness.models import refuse_pickled_weights
+
+    refuse_pickled_weights(path, "adapter folder")
     saved = json.loads(config_file.read_text())
     config = HarnessLoraConfig.from_saved(path) if "harness_spec" in saved else None
     return PeftModel.from_pretrained(base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable,
