@@ -33,6 +33,7 @@ import dataclasses
 import gc
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -49,6 +50,7 @@ from harness import data as hdata  # noqa: E402
 from harness import evaluate as hevaluate  # noqa: E402
 from harness.adapters import fresh_adapter_model, load_adapter_model, resolve_spec, save_adapter  # noqa: E402
 from harness.config import RunConfig  # noqa: E402
+from harness.errors import cli_entry  # noqa: E402
 from harness.models import DEFAULT_MODEL, load_model, resolve_precision, storage_dtype  # noqa: E402
 from harness.report import SystemResult  # noqa: E402
 from harness.stats import item_interval  # noqa: E402
@@ -198,6 +200,7 @@ def print_lengths(result, tokenizer) -> None:
           f"answer tokens before the stop: mean {statistics.mean(answers):.1f}, max {max(answers)} (limit 32)")
 
 
+@cli_entry
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -233,4 +236,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
