@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from harness.errors import UserError
+from harness.stats import mean as mean_of, sample_sd as std_of  # the one home of both (ablations.report uses them)
 
 # Quarter-decade steps from 10^-4 to 10^-2.5: 7 rates over 1.5 decades (the issue's minimum).
 DEFAULT_GRID = {"log10_low": -4.0, "log10_high": -2.5, "per_decade": 4}
@@ -246,11 +247,6 @@ def tuning_state(plan, trials) -> Tuning:
         else:
             return state
 
-
-def mean_of(values) -> float:
-    """The mean, NaN for no values (shared with ablations.report)."""
-    values = list(values)
-    return sum(values) / len(values) if values else math.nan
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -575,11 +571,3 @@ def _note(r: MethodResult) -> str:
         notes.append("final seed(s) " + ",".join(map(str, sorted(r.pending))) + " still running")
     return "; ".join(notes)
 
-
-def std_of(values) -> float:
-    """The sample standard deviation, NaN below two values (shared with ablations.report)."""
-    values = list(values)
-    if len(values) < 2:
-        return math.nan
-    m = mean_of(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from harness.errors import UserError, interruption
+from harness.stats import mean as _mean
 
 HEARTBEAT_ATTR = "ablations:heartbeat"
 WORKER_ATTR = "ablations:worker"  # {"harness.host": ..., "harness.pid": ..., "harness.pid_start": ...}
@@ -253,10 +254,6 @@ def _pruning_callback(trial, plan: StudyPlan, cfg):
 
     return on_intermediate
 
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------
