@@ -294,14 +294,23 @@ def test_two_processes_claim_every_queued_trial_exactly_once(tmp_path):
     study = optuna.create_study(study_name="race", storage=open_storage(url, create=True))
     for i in range(120):
         study.enqueue_trial({"x": i})
-    script = ("import sys, optuna\n"
+    # A start barrier (each process waits until both have loaded the study) and a short pause per
+    # trial make both processes race for the queue; without them, on a loaded machine one process
+    # could drain all 120 trials before the other had finished importing optuna.
+    script = ("import pathlib, sys, time, optuna\n"
               "from ablations.storage import open_storage\nfrom ablations.trials import claim\n"
               "storage = open_storage(sys.argv[1], create=False)\n"
               "study = optuna.load_study(study_name='race', storage=storage)\n"
+              "gate = pathlib.Path(sys.argv[2]); (gate / sys.argv[3]).touch()\n"
+              "deadline = time.monotonic() + 120\n"
+              "while len(list(gate.iterdir())) < 2 and time.monotonic() < deadline:\n"
+              "    time.sleep(0.05)\n"
               "while (t := claim(study, storage)) is not None:\n"
-              "    study.tell(t, 0.0); print(t.number, flush=True)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", script, url], env=env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+              "    study.tell(t, 0.0); print(t.number, flush=True); time.sleep(0.01)\n")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", script, url, str(gate), f"p{i}"], env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     numbers = [int(n) for out, _ in outs for n in out.split()]
