@@ -16,6 +16,7 @@ not finish, the next start reconciles: see :func:`harness.tracking.reconcile_sta
 
 from __future__ import annotations
 
+import errno
 import functools
 import re
 import signal
@@ -28,6 +29,39 @@ F = TypeVar("F", bound=Callable[..., int | None])
 
 class UserError(ValueError):
     """A mistake in the user's input; the message is one line that says what to do."""
+
+
+class DiskFull(UserError):
+    """The file system (results folder, tracking store, cache) ran out of space: the run stops, saying what it kept."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# what the libraries that wrap the OSError say (SQLite through SQLAlchemy and MLflow, for one)
+DISK_FULL_TEXTS = ("no space left on device", "database or disk is full", "disk quota exceeded")
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether ``err``, or an error it was raised from or while handling, says the disk is full."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(err).lower() for text in DISK_FULL_TEXTS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def full_disk_path(err: BaseException | None) -> str | None:
+    """The file a disk-full ``OSError`` in ``err``'s chain was writing, when it says."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS and (err.filename2 or err.filename):
+            return str(err.filename2 or err.filename)  # a copy names its source first, the file written second
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class Terminated(KeyboardInterrupt):
@@ -74,7 +108,7 @@ def _raise_terminated(signum, frame):
 
 
 def cli_entry(main: F) -> F:
-    """Wrap a ``main(argv) -> exit code``: a ``UserError`` becomes one line on stderr and exit 2;
+    """Wrap a ``main(argv) -> exit code``: a ``UserError`` or a full disk becomes one line on stderr and exit 2;
     SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) and ends with exit 143."""
 
     @functools.wraps(main)
@@ -88,6 +122,13 @@ def cli_entry(main: F) -> F:
             return EXIT_SIGTERM if _received and code == EXIT_INTERRUPTED else code
         except UserError as err:
             print(f"error: {shorten_long_words(str(err))}", file=sys.stderr)
+            return 2
+        except Exception as err:
+            if not disk_full(err):
+                raise
+            where = full_disk_path(err)
+            print(f"error: the disk is full{f' (writing {where})' if where else ''}: free some space and run "
+                  "the command again", file=sys.stderr)
             return 2
         except Terminated:  # outside the command's own handling (e.g. while the model loads)
             print("\nterminated (SIGTERM)", file=sys.stderr)

@@ -36,7 +36,8 @@ from typing import Any, Callable
 
 from harness import quiet
 from harness.config import RunConfig, config_from_args, config_to_dict
-from harness.errors import EXIT_INTERRUPTED, UserError, cli_entry, interruption
+from harness.errors import EXIT_INTERRUPTED, DiskFull, UserError, cli_entry, disk_full, full_disk_path, interruption
+from harness.rundir import KEPT_FILE
 
 NAN = float("nan")
 
@@ -240,7 +241,13 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         tracker.reconcile(log)
         if write_results:
             rundir.clean_partials(cfg.output_dir, log)
-    staged = rundir.reserve(cfg.output_dir, run_name, taken=tracker.names_in_use(run_name)) if write_results else None
+    try:
+        staged = rundir.reserve(cfg.output_dir, run_name, taken=tracker.names_in_use(run_name)) if write_results else None
+    except OSError as err:
+        if not disk_full(err):
+            raise
+        raise DiskFull(f"the disk is full under {cfg.output_dir}: the run did not start and wrote nothing there; "
+                       "free some space and run it again") from err
     run_dir = staged.path if staged else Path(tempfile.mkdtemp(prefix="run-"))
     outcome = RunOutcome(run_dir=run_dir, base=None, contamination=inputs.overlaps, contaminated=inputs.contaminated)
     where = f"{job.device}, {inputs.precision}" + (f", {job.world_size} ranks" if job.distributed else "")
@@ -249,7 +256,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         f"results in {staged.final if staged else run_dir}")
     # one fixed batch for the curvature probe: the first seed's training examples
     diagnostics = RunDiagnostics(cfg.diagnostics, inputs.tokenizer, inputs.examples[cfg.seeds[0]], inputs.collate)
-    finished = False
+    finished, kept = False, None
     try:
         top_name = run_dir.name if write_results else run_name
         with tracker.run(top_name, parent=parent, tags={"kind": "benchmark", "protocol": fingerprint["hash"]}) as top:
@@ -275,12 +282,31 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
             if outcome.failed:
                 top.set_tags({"failed_runs": ", ".join(f"{r.method}/seed{r.seed}" for r in outcome.failed)})
         finished = True
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        if staged is not None:  # what the finished methods wrote stays, unpublished, with a note
+            kept = staged.keep(f"The disk filled up during this run (writing {full_disk_path(err) or 'a file'}).")
+        raise DiskFull(_disk_full_line(err, staged)) from err
     finally:
-        if staged is not None and not finished:
+        if staged is not None and not finished and kept is None:
             staged.discard()  # nothing half-written stays in results/
         if not write_results:
             shutil.rmtree(run_dir, ignore_errors=True)
     return outcome
+
+
+def _disk_full_line(err: BaseException, staged) -> str:
+    """The one line a run stopped by a full disk ends with: where, what was kept and where it is."""
+    where = full_disk_path(err)
+    said = f"the disk is full (writing {where})" if where else f"the disk is full ({type(err).__name__}: {err})"
+    if staged is None:
+        return f"{said}: the run stopped; free some space and run it again"
+    parts = staged.finished_parts()
+    kept = (f"the per-item samples of {', '.join(parts)} (and the adapters saved) are kept in {staged.path}"
+            if parts else f"no evaluation had finished; {staged.reservation} is kept for inspection")
+    return (f"{said}: the run stopped and was not published; {kept} (see {KEPT_FILE} there); MLflow runs are "
+            "marked FAILED (KILLED by the next run where the store itself was full); free some space and run again")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,6 +524,8 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
     except (KeyboardInterrupt, UserError, Pruned):
         raise
     except Exception as err:  # a crash in one method must not lose the others
+        if disk_full(err):  # not this method's fault, and the next one would fail the same way: stop the run
+            raise
         if context.data_parallel and result.training is None:
             raise
         result.error = f"{type(err).__name__}: {err}"

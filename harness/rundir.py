@@ -7,6 +7,10 @@ killed outright (``kill -9``) leaves only the hidden ``.partial`` folder, which 
 in the same output folder removes once the process that owned it (``owner.json``: host, pid)
 no longer exists; one owned by another host is reported, not touched.
 
+A run stopped by a full disk keeps its ``.partial`` folder instead (:meth:`StagedRunDir.keep`):
+the methods it finished are in there, with ``KEPT.txt`` saying so; later runs report such a
+folder and leave it alone.
+
 Creating ``.<name>.partial`` is the reservation: ``mkdir`` is atomic, so two runs started at
 the same moment never pick the same name, and a name stays taken while its run works.
 """
@@ -23,6 +27,7 @@ from typing import Collection
 
 PARTIAL_SUFFIX = ".partial"
 OWNER_FILE = "owner.json"
+KEPT_FILE = "KEPT.txt"  # in a reservation kept on purpose (a full disk): never removed by clean_partials
 
 
 @dataclass
@@ -45,6 +50,28 @@ class StagedRunDir:
     def discard(self) -> None:
         """Remove everything the run wrote (an interrupted or failed run)."""
         shutil.rmtree(self.reservation, ignore_errors=True)
+
+    def finished_parts(self) -> list[str]:
+        """The method runs whose per-item samples were written completely (``samples/*.jsonl``)."""
+        return sorted(p.stem for p in (self.path / "samples").glob("*.jsonl")) if self.path.is_dir() else []
+
+    def keep(self, reason: str) -> Path:
+        """Leave the reservation in place, unpublished, with ``KEPT.txt`` saying why and what is in it.
+
+        On a full disk even the note may not fit: the empty marker file (an inode, no data block) is
+        created first, so later runs leave the folder alone either way.
+        """
+        marker = self.reservation / KEPT_FILE
+        try:
+            marker.touch()
+            parts = self.finished_parts()
+            marker.write_text(f"{reason}\n\nThis run was not finished and is not published as {self.final}.\n"
+                              f"Finished method runs kept in {self.path.name}/ (samples/, adapters/): "
+                              f"{', '.join(parts) or 'none'}.\n"
+                              "Nothing here is removed by later runs; move what you need, then delete this folder.\n")
+        except OSError:
+            pass  # the marker (or the folder itself) could not be written; the error line still says where
+        return self.reservation
 
 
 def _partial(root: Path, name: str) -> Path:
@@ -74,9 +101,13 @@ def reserve(output_dir: str | os.PathLike, run_name: str, taken: Collection[str]
         if (root / name).exists():  # published between the check and the mkdir
             reservation.rmdir()
             continue
-        (reservation / OWNER_FILE).write_text(json.dumps(owner_tags()))
         staged = StagedRunDir(final=root / name, reservation=reservation)
-        staged.path.mkdir()
+        try:
+            (reservation / OWNER_FILE).write_text(json.dumps(owner_tags()))
+            staged.path.mkdir()
+        except OSError:  # a full disk, say: no ownerless reservation is left for ever
+            staged.discard()
+            raise
         return staged
     raise RuntimeError(f"no free run folder name for {run_name!r} in {root}")
 
@@ -91,6 +122,10 @@ def clean_partials(output_dir: str | os.PathLike, log=print) -> list[Path]:
     root = Path(output_dir)
     removed = []
     for folder in sorted(root.glob(f".*{PARTIAL_SUFFIX}")) if root.is_dir() else []:
+        if (folder / KEPT_FILE).exists():
+            log(f"note: {folder} holds what a run stopped by a full disk finished (see {KEPT_FILE} there); "
+                "it is left alone")
+            continue
         try:
             owner = json.loads((folder / OWNER_FILE).read_text())
         except (OSError, ValueError):

@@ -34,8 +34,10 @@ beside the database (``mlflow.db.lock``): a second process waits, then finds the
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
@@ -49,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from harness.errors import UserError, interruption, quote
+from harness.errors import UserError, disk_full, interruption, quote
 
 DEFAULT_TRACKING_DB = "mlflow.db"
 # MLflow's limits (mlflow.utils.validation): a param value is at most 6000 characters, a key at most
@@ -406,6 +408,11 @@ class Tracker:
         try:
             yield handle
         except Exception as err:
+            if disk_full(err):  # the store may be on the full disk itself: try quietly, the next run reconciles
+                with _mlflow_quiet(), contextlib.suppress(Exception):
+                    handle.set_tags({"error": "the disk is full"})
+                    handle.client.set_terminated(handle.run_id, status="FAILED")
+                raise
             _end(handle, "FAILED", f"{type(err).__name__}: {err}")
             raise
         except BaseException as err:  # KeyboardInterrupt, SIGTERM, SystemExit: the user stopped it
@@ -530,6 +537,17 @@ def process_alive(pid: str | int | None, start: str | None = None) -> bool:
     if fields is None:
         return True  # no /proc: the pid exists, trust it
     return fields[0] != "Z" and (not start or fields[19] == start)  # a zombie has ended already
+
+
+@contextmanager
+def _mlflow_quiet() -> Iterator[None]:
+    """MLflow's own ERROR logs (a whole SQL statement and traceback) off, for an error the caller reports in one line."""
+    was = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)  # the logger is mlflow.store.db.utils, among others
+    try:
+        yield
+    finally:
+        logging.disable(was)
 
 
 def _end(handle: RunHandle, status: str, error: str | None) -> None:

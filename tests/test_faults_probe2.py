@@ -162,3 +162,92 @@ def test_pickled_model_or_adapter_weights_are_one_line(tmp_path, capsys):
     with pytest.raises(UserError) as caught:
         load_adapter_model(None, adapter)
     assert "adapter_model.bin" in str(caught.value) and "\n" not in str(caught.value)
+
+
+# 7. a full disk midway: one line that stops the run and says what was kept where
+def test_a_full_disk_midway_stops_the_run_in_one_line_and_keeps_the_finished_methods(tmp_path, capsys,
+                                                                                     mlflow_runs_of, monkeypatch):
+    import errno
+
+    from harness import rundir, tracking
+    from harness import run as harness_run
+
+    real_log_evaluation = tracking.log_evaluation
+    writes = []
+
+    def disk_fills_on_the_second_method(handle, evaluation, samples_path):
+        writes.append(samples_path)
+        if "moslora" in Path(samples_path).name:  # the base's and lora's samples are on disk; no space for moslora
+            raise OSError(errno.ENOSPC, "No space left on device", str(samples_path))
+        return real_log_evaluation(handle, evaluation, samples_path)
+
+    monkeypatch.setattr(tracking, "log_evaluation", disk_fills_on_the_second_method)
+    capsys.readouterr()
+    code = harness_run.main(run_args(tmp_path, "--methods", "lora,moslora", "--run-name", "full"))
+    err = capsys.readouterr().err
+    line = one_error_line(err)
+    assert code == 2
+    assert "disk is full" in line and str(writes[-1]) in line and "lora-seed0" in line, line
+    assert ": FAILED" not in err and "going on" not in err  # not counted as a method failure
+
+    results = tmp_path / "results"
+    assert not (results / "full").exists()  # nothing published as if complete
+    kept = results / f".full{rundir.PARTIAL_SUFFIX}"
+    assert str(kept / "full") in line
+    assert (kept / "full" / "samples" / "lora-seed0.jsonl").is_file()
+    note = (kept / rundir.KEPT_FILE).read_text()
+    assert "lora-seed0" in note and "moslora" not in note.split("Finished")[1]
+    # no MLflow run is left RUNNING
+    runs = mlflow_runs_of(tmp_path)
+    assert len(runs) and "RUNNING" not in set(runs["status"])
+
+    # a later run in the same folder leaves the kept folder alone, and says so
+    monkeypatch.setattr(tracking, "log_evaluation", real_log_evaluation)
+    notes = []
+    rundir.clean_partials(results, log=notes.append)
+    assert kept.is_dir() and any(str(kept) in n and "left alone" in n for n in notes), notes
+
+
+def _can_mount_tmpfs() -> bool:
+    import subprocess
+
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+# 7b. the same on real full file systems (a 1 MB tmpfs in a private mount namespace): the results folder
+# full from the start, and the MLflow store filling up during the run (its SQLite file alone is ~0.9 MB)
+@pytest.mark.integration
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare and tmpfs mounts in a user namespace")
+@pytest.mark.parametrize("full_part", ["results", "tracking store"])
+def test_a_really_full_disk_is_one_line_and_no_traceback(tmp_path, full_part):
+    import subprocess
+    import sys
+
+    from harness.rundir import KEPT_FILE
+    from tests.test_faults import env
+
+    full = tmp_path / "full"
+    full.mkdir()
+    if full_part == "results":
+        filler = f"(head -c 2000000 /dev/zero > {full}/filler; true) && "
+        where = ["--output-dir", str(full / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    else:
+        filler = ""
+        where = ["--output-dir", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{full / 'mlflow.db'}"]
+    args = " ".join([*run_args(tmp_path, "--methods", "lora"), *where])
+    # the tmpfs exists only inside the namespace: list what the run left there before it goes
+    script = (f"mount -t tmpfs -o size=1m tmpfs {full} && {filler}{sys.executable} -m harness.run {args}; "
+              f"rc=$?; echo LEFT:; ls -A {full / 'results'} 2>/dev/null; exit $rc")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env(),
+                          timeout=300)
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "disk is full" in line, proc.stderr[-3000:]
+    assert "SQL" not in proc.stderr and "warning: could not mark" not in proc.stderr, proc.stderr[-3000:]
+    if full_part == "results":  # nothing could be written there, and no reservation is left behind
+        assert "did not start" in line, line
+        assert proc.stdout.split("LEFT:")[-1].split() == [], proc.stdout[-2000:]
+    else:  # what was finished before the store filled stays, unpublished, with its note
+        kept = [p for p in (tmp_path / "results").iterdir()]
+        assert len(kept) == 1 and kept[0].name.endswith(".partial") and (kept[0] / KEPT_FILE).is_file(), kept
