@@ -20,15 +20,16 @@ would run it. With the lock taken at BEGIN, the read and the write are one atomi
 
 from __future__ import annotations
 
+import math
 import re
 import urllib.parse
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.tracking import network_timeout_s
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 SQLITE_TIMEOUT_S = 60  # how long a process waits for SQLite's write lock
-CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable server fails fast
 SCHEMA_RACE_ATTEMPTS = 5  # opening a fresh storage again after another process created its schema meanwhile
 SCHEMA_RACE_MARKS = ("already exists", "unique constraint failed", "duplicate key", "database is locked")
 
@@ -89,7 +90,8 @@ def open_storage(url: str, *, create: bool):
             raise UserError(f"storage {url!r}: folder {str(db.parent)!r} does not exist")
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
     elif url.startswith("postgresql"):
-        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+        # an unreachable server fails fast; libpq takes whole seconds (and treats 1 as 2)
+        engine_kwargs["connect_args"] = {"connect_timeout": max(2, math.ceil(network_timeout_s()))}
     try:
         storage = create_with_retry(lambda: optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, skip_table_creation=not create), retry=create)

@@ -39,11 +39,11 @@ def load_source(source: str, tracking_uri: str | None = None) -> dict[str, Any]:
 
 
 def _from_mlflow(run_id: str, tracking_uri: str | None) -> dict[str, Any]:
-    from harness.tracking import _check_http, _mlflow, _sqlite_path, resolve_tracking_uri
+    from harness.tracking import _check_http, _mlflow, _sqlite_path, network_timeout_s, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if urllib.parse.urlparse(uri).scheme.lower() in ("http", "https"):
-        _check_http(uri, 5.0)  # harness.run's check: a dead server costs seconds, not MLflow's retries
+        _check_http(uri, network_timeout_s())  # harness.run's check: a dead server costs seconds, not MLflow's retries
     db = _sqlite_path(uri)
     if db is not None and not db.is_file():  # reading must not create an empty store
         raise UserError(f"{run_id!r} is neither a folder nor a run: there is no MLflow store at {db} "

@@ -38,6 +38,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -111,7 +112,31 @@ def check_separate_stores(storage_url: str, tracking_uri: str | None) -> None:
                         "--storage sqlite:///optuna.db --tracking-uri sqlite:///mlflow.db)")
 
 
-def check_tracking_uri(uri: str | None, timeout_s: float = 5.0) -> str:
+NETWORK_TIMEOUT_ENV = "HARNESS_NETWORK_TIMEOUT"  # seconds; for the checks of a tracking server or a database
+DEFAULT_NETWORK_TIMEOUT_S = 5.0
+MAX_NETWORK_TIMEOUT_S = 600.0
+
+
+def network_timeout_s() -> float:
+    """How long the up-front checks wait for a tracking server or a PostgreSQL storage to answer, in seconds.
+
+    ``$HARNESS_NETWORK_TIMEOUT`` (default 5): a dead endpoint should cost seconds before any work, not
+    MLflow's or the driver's minutes of retries; a slow remote server may need more.
+    """
+    raw = os.environ.get(NETWORK_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_NETWORK_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_NETWORK_TIMEOUT_S):
+        raise UserError(f"{NETWORK_TIMEOUT_ENV}={quote(raw)} is not a timeout: give seconds, a number above 0 "
+                        f"and at most {MAX_NETWORK_TIMEOUT_S:.0f} (default {DEFAULT_NETWORK_TIMEOUT_S:.0f})")
+    return value
+
+
+def check_tracking_uri(uri: str | None, timeout_s: float | None = None) -> str:
     """Resolve ``uri`` and make sure the store answers, or raise a one-line :class:`UserError`.
 
     Call it before any training: a typo in ``--tracking-uri`` should cost seconds, not a run.
@@ -121,7 +146,7 @@ def check_tracking_uri(uri: str | None, timeout_s: float = 5.0) -> str:
     uri = resolve_tracking_uri(uri)
     scheme = urllib.parse.urlparse(uri).scheme.lower()
     if scheme in ("http", "https"):
-        _check_http(uri, timeout_s)
+        _check_http(uri, network_timeout_s() if timeout_s is None else timeout_s)
     db = _sqlite_path(uri)
     if db is not None:
         folder = db.parent.resolve() if str(db.parent) else Path.cwd()
@@ -172,8 +197,9 @@ def _check_http(uri: str, timeout_s: float) -> None:
         raise UserError(f"tracking server {uri!r} answered HTTP {err.code}; is it an MLflow server?") from err
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise UserError(f"tracking server {uri!r} is unreachable ({reason}); start it "
-                        "(mlflow server --port PORT) or pass another --tracking-uri") from err
+        raise UserError(f"tracking server {uri!r} is unreachable ({reason}, waited {timeout_s:g} s); start it "
+                        f"(mlflow server --port PORT), pass another --tracking-uri or set {NETWORK_TIMEOUT_ENV} "
+                        "(seconds) for a slow server") from err
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.errors import UserError
 from tests.test_faults import one_error_line, run_args
 
 
@@ -251,3 +252,34 @@ def test_a_really_full_disk_is_one_line_and_no_traceback(tmp_path, full_part):
     else:  # what was finished before the store filled stays, unpublished, with its note
         kept = [p for p in (tmp_path / "results").iterdir()]
         assert len(kept) == 1 and kept[0].name.endswith(".partial") and (kept[0] / KEPT_FILE).is_file(), kept
+
+
+# 8. the up-front network checks wait $HARNESS_NETWORK_TIMEOUT seconds (default 5); a bad value is one line
+def test_the_network_timeout_is_configurable_and_checked(tmp_path, capsys, monkeypatch):
+    import socket
+    import time
+
+    from harness import run as harness_run
+    from harness.tracking import DEFAULT_NETWORK_TIMEOUT_S, NETWORK_TIMEOUT_ENV, check_tracking_uri, network_timeout_s
+
+    monkeypatch.delenv(NETWORK_TIMEOUT_ENV, raising=False)
+    assert network_timeout_s() == DEFAULT_NETWORK_TIMEOUT_S
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        for seconds in (1.0, 2.5):
+            monkeypatch.setenv(NETWORK_TIMEOUT_ENV, str(seconds))
+            started = time.monotonic()
+            with pytest.raises(UserError) as caught:
+                check_tracking_uri(uri)
+            elapsed = time.monotonic() - started
+            assert seconds <= elapsed < seconds + 2, (seconds, elapsed)
+            assert f"waited {seconds:g} s" in str(caught.value) and NETWORK_TIMEOUT_ENV in str(caught.value)
+
+    for bad in ("abc", "0", "-3", "inf", "nan", "601"):
+        monkeypatch.setenv(NETWORK_TIMEOUT_ENV, bad)
+        capsys.readouterr()
+        assert harness_run.main(run_args(tmp_path, "--methods", "lora", "--tracking-uri", "http://127.0.0.1:9")) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert NETWORK_TIMEOUT_ENV in line and repr(bad) in line, line
