@@ -651,11 +651,12 @@ def test_two_creations_of_one_study_at_once_make_one_study_and_one_mlflow_run(tm
 
 
 @pytest.mark.integration
-def test_two_study_commands_creating_one_fresh_sqlite_storage_at_once_both_succeed(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_study_commands_creating_one_fresh_storage_at_once_both_succeed(tmp_path, kind):
     import mlflow
 
     study_file = write_study(tmp_path, MINI)
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    url = f"sqlite:///{tmp_path / 'fresh.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'fresh.log'}"
     argv = [sys.executable, "-m", "ablations.study", str(study_file), "--storage", url, "--create-only", *SMOKE,
             "--output-dir", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     procs = [subprocess.Popen(argv, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
