@@ -21,11 +21,14 @@ The functions of :mod:`~harness.adapters.api` are imported on first use, so that
 from harness.adapters.spec import DEFAULT_TARGETS, INITS, METHODS, STRUCTURES, AdapterSpec, parse_spec
 
 _API = (
+    "AdapterFolder",
     "export_lora",
+    "is_affine",
     "expected_parameters",
     "fresh_adapter_model",
     "get_adapter_model",
     "load_adapter_model",
+    "read_adapter_folder",
     "peft_config_for",
     "resolve_match",
     "resolve_spec",

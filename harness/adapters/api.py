@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -75,28 +75,134 @@ def fresh_adapter_model(base_model: nn.Module, spec: AdapterSpec, seed: int):
     return get_adapter_model(copy.deepcopy(base_model), spec)
 
 
-def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default",
-                       is_trainable: bool = False):
-    """Load a saved adapter onto ``base_model``, restoring its method and options from adapter_config.json.
+HARNESS_DIR = "harness"  # the factored form, inside a saved adapter's folder
+HARNESS_CONFIG = "harness_config.json"  # its config: not adapter_config.json, so no vanilla peft client reads it
+NOT_LORA_README = """# Not a plain LoRA adapter
 
-    peft alone would read our checkpoints as plain LoRA (the config says ``peft_type: LORA``) and silently
-    give wrong logits; this passes the right config class.
+This adapter was trained with `bias=true`: every matrix of its chain has a bias, so its update is
+affine (B T A x plus a constant), not a rank-r LoRA. No plain LoRA reproduces it, so this folder
+deliberately has no `adapter_config.json`: `PeftModel.from_pretrained`, lm-eval's `peft=` and vLLM
+refuse it instead of loading something else.
+
+Its factored form is in `harness/`; load it with the harness:
+
+    from harness.adapters import load_adapter_model
+    model = load_adapter_model(base_model, "<this folder>")
+"""
+
+
+@dataclass(frozen=True)
+class AdapterFolder:
+    """What a folder holds: its factored (harness) form, its plain LoRA form, or both.
+
+    ``factored`` is the folder with the harness's config and weights (``<saved>/harness``), ``plain`` the
+    folder a vanilla peft client loads (a harness save's main folder, or any plain LoRA); either may be None
+    (a ``bias=true`` save has no plain form, an external LoRA no factored one). ``legacy`` marks a folder
+    saved before the two were split (one adapter_config.json with ``harness_spec``).
+    """
+
+    path: Path
+    factored: Path | None
+    plain: Path | None
+    legacy: bool = False
+
+    def config(self) -> dict:
+        """The adapter's saved config (the factored one where there is one)."""
+        if self.factored is not None:
+            return json.loads((self.factored / (CONFIG_FILE if self.legacy else HARNESS_CONFIG)).read_text())
+        return json.loads((self.plain / CONFIG_FILE).read_text())
+
+    @property
+    def spec(self) -> str | None:
+        """The canonical spec of a harness save; None for a plain LoRA from elsewhere."""
+        return self.config().get("harness_spec") or None
+
+
+def read_adapter_folder(path: str | os.PathLike) -> AdapterFolder:
+    """Classify an adapter folder; a one-line :class:`UserError` when it is neither a harness save nor a LoRA.
+
+    Accepted: a harness save (its main folder, or the ``harness/`` inside it), a plain peft LoRA folder, and
+    a harness save of the old one-folder layout.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"no adapter at {path}: not a folder")
+    if (path / HARNESS_CONFIG).is_file():  # the factored folder itself
+        path = path.parent if path.name == HARNESS_DIR else path
+        factored = path / HARNESS_DIR if (path / HARNESS_DIR / HARNESS_CONFIG).is_file() else path
+        plain = path if factored != path and (path / CONFIG_FILE).is_file() else None
+        return AdapterFolder(path, factored, plain)
+    factored = path / HARNESS_DIR if (path / HARNESS_DIR / HARNESS_CONFIG).is_file() else None
+    plain = None
+    if (path / CONFIG_FILE).is_file():
+        try:
+            saved = json.loads((path / CONFIG_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{path / CONFIG_FILE} is not valid JSON: {err}") from None
+        if not isinstance(saved, dict) or saved.get("peft_type") != "LORA":
+            kind = saved.get("peft_type") if isinstance(saved, dict) else None
+            raise UserError(f"the adapter at {path} is not a LoRA (peft_type {kind!r}); the harness reads LoRA "
+                            "adapters and its own saves only")
+        if "harness_spec" in saved and factored is None:
+            return AdapterFolder(path, path, None, legacy=True)
+        plain = path
+    if factored is None and plain is None:
+        raise UserError(f"no saved adapter at {path}: neither {CONFIG_FILE} (a LoRA) nor "
+                        f"{HARNESS_DIR}/{HARNESS_CONFIG} (a harness save) is there")
+    return AdapterFolder(path, factored, plain)
+
+
+def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default",
+                       is_trainable: bool = False, plain: bool = False):
+    """Load a saved adapter onto ``base_model``: the method where the folder holds its factored form.
+
+    A harness save loads as its method (MoSLoRA's T, LinChain's chain, CondLoRA's maps, read from
+    ``harness/``), a plain LoRA folder as plain LoRA; ``plain=True`` loads a harness save's plain export
+    instead. peft alone could not tell the factored form from a LoRA, which is why it lives under its own
+    config name; the old one-folder layout (``harness_spec`` in adapter_config.json) still loads here.
     """
     from peft import PeftModel
 
     from harness.adapters.peft_layer import HarnessLoraConfig
-
-    path = Path(path)
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise UserError(f"no saved adapter at {path}: {CONFIG_FILE} is missing")
     from harness.models import refuse_pickled_weights
 
-    refuse_pickled_weights(path, "adapter folder")
-    saved = json.loads(config_file.read_text())
-    config = HarnessLoraConfig.from_saved(path) if "harness_spec" in saved else None
-    return PeftModel.from_pretrained(base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable,
+    folder = read_adapter_folder(path)
+    if plain and folder.plain is None:
+        raise UserError(f"the adapter at {folder.path} has no plain LoRA form (it was trained with bias=true)")
+    if folder.factored is not None and not plain:
+        where, config_name = folder.factored, CONFIG_FILE if folder.legacy else HARNESS_CONFIG
+        refuse_pickled_weights(where, "adapter folder")
+        saved = json.loads((where / config_name).read_text())
+        if saved.get("harness_spec"):
+            config = HarnessLoraConfig.from_saved(where, config_name)
+        else:  # a plain LoRA trained by the harness: its factored form is a LoRA too
+            config = _lora_config(saved)
+            config.inference_mode = not is_trainable
+    else:
+        where, config = folder.plain, None
+        refuse_pickled_weights(where, "adapter folder")
+    return PeftModel.from_pretrained(base_model, str(where), adapter_name=adapter_name, is_trainable=is_trainable,
                                      config=config)
+
+
+def _lora_config(saved: dict):
+    """peft's LoraConfig from a saved config dict, keeping only the fields this peft knows."""
+    from dataclasses import fields
+
+    from peft import LoraConfig
+
+    names = {f.name for f in fields(LoraConfig) if f.init}
+    return LoraConfig(**{k: v for k, v in saved.items() if k in names})
+
+
+def is_affine(peft_model, adapter_name: str | None = None) -> bool:
+    """Whether the adapter has a biased (``bias=true``) chain, so no plain LoRA can reproduce it."""
+    from harness.adapters.chain import MiddleFactor
+
+    adapter = adapter_name or peft_model.active_adapter
+    return any(isinstance(f, MiddleFactor) and f.has_bias
+               for m in peft_model.modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, nn.ModuleDict)
+               for name, f in m.lora_A.items() if name == adapter)
 
 
 def export_lora(peft_model, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
@@ -107,6 +213,10 @@ def export_lora(peft_model, path: str | os.PathLike, adapter_name: str | None = 
     with plain ``PeftModel.from_pretrained`` in a process that never imports this package. A ``bias=true``
     adapter is refused with one line: its update is affine, not a rank-r LoRA.
     """
+    return _write_atomically(Path(path), lambda folder: _write_plain_lora(peft_model, folder, adapter_name))
+
+
+def _write_plain_lora(peft_model, folder: Path, adapter_name: str | None = None) -> None:
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import save_file
@@ -134,13 +244,30 @@ def export_lora(peft_model, path: str | os.PathLike, adapter_name: str | None = 
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
     )
-    return _write_atomically(Path(path), lambda folder: (plain.save_pretrained(str(folder)),
-                                                         save_file(state, str(folder / "adapter_model.safetensors"))))
+    plain.save_pretrained(str(folder))
+    save_file(state, str(folder / "adapter_model.safetensors"))
 
 
 def save_adapter(peft_model, path: str | os.PathLike) -> Path:
-    """``save_pretrained`` into a temporary folder renamed into place, so no half-written adapter is left behind."""
-    return _write_atomically(Path(path), lambda folder: peft_model.save_pretrained(str(folder)))
+    """Save an adapter as one folder every client reads right, written atomically (no half-written folder).
+
+    The folder itself is the exact plain-LoRA export (:func:`export_lora`): vanilla ``PeftModel.from_pretrained``,
+    lm-eval's ``peft=`` and vLLM load it and get the method's update. The factored form (T, the chain,
+    CondLoRA's maps; what resumes, diagnoses and reloads as the method) is ``harness/``, whose config is
+    ``harness_config.json``, a name no peft client looks for. A ``bias=true`` adapter has no plain form: the
+    folder then holds only ``harness/`` and a README saying why, so vanilla peft finds no adapter_config.json
+    and raises.
+    """
+    def write(folder: Path) -> None:
+        factored = folder / HARNESS_DIR
+        peft_model.save_pretrained(str(factored))
+        os.replace(factored / CONFIG_FILE, factored / HARNESS_CONFIG)
+        if is_affine(peft_model):
+            (folder / "README.md").write_text(NOT_LORA_README)
+        else:
+            _write_plain_lora(peft_model, folder)
+
+    return _write_atomically(Path(path), write)
 
 
 def _write_atomically(path: Path, write) -> Path:

@@ -17,9 +17,11 @@ peft's too, with one change for computed factors: the dtype check that peft does
 reading ``lora_A.weight.dtype`` (which would compute T A, or CondLoRA's A, a second
 time in every forward) reads the factor's ``dtype`` instead.
 
-The saved adapter_config.json says ``peft_type: "LORA"`` plus ``harness_spec``; plain
-``PeftModel.from_pretrained`` would load it as plain LoRA, which is why
-:func:`harness.adapters.load_adapter_model` exists.
+The factored form's config says ``peft_type: "LORA"`` plus ``harness_spec``; plain
+``PeftModel.from_pretrained`` would load it as plain LoRA with a random A, which is why
+:func:`harness.adapters.save_adapter` stores it as ``harness/harness_config.json`` (a name no peft
+client reads) beside the exact plain-LoRA export, and :func:`harness.adapters.load_adapter_model`
+reads it back.
 """
 
 from __future__ import annotations
@@ -65,14 +67,14 @@ class HarnessLoraConfig(LoraConfig):
         return self.__dict__["_spec"]
 
     @classmethod
-    def from_saved(cls, path: str) -> "HarnessLoraConfig":
-        """Read adapter_config.json into this class (peft's own from_pretrained would return a LoraConfig).
+    def from_saved(cls, path: str, config_name: str = "adapter_config.json") -> "HarnessLoraConfig":
+        """Read the saved config (``config_name`` in ``path``) into this class (peft's own from_pretrained would return a LoraConfig).
 
         Adapters saved before the spec was the only description load too (their extra fields are ignored),
         except CondLoRA ones: those used the authors' form on square layers and the row-space form on the
         others, which no single ``form`` reproduces.
         """
-        saved = json.loads((Path(path) / "adapter_config.json").read_text())
+        saved = json.loads((Path(path) / config_name).read_text())
         names = {f.name for f in fields(cls) if f.init}
         config = cls(**{k: v for k, v in saved.items() if k in names})
         if config.spec.method == "condlora" and "form=" not in config.harness_spec:
