@@ -40,27 +40,26 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 DISK_FULL_TEXTS = ("no space left on device", "database or disk is full", "disk quota exceeded")
 
 
-def disk_full(err: BaseException | None) -> bool:
-    """Whether ``err``, or an error it was raised from or while handling, says the disk is full."""
+def _chain(err: BaseException | None):
+    """``err``, then the errors it was raised from or while handling, each once."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(text in str(err).lower() for text in DISK_FULL_TEXTS):
-            return True
+        yield err
         err = err.__cause__ or err.__context__
-    return False
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether ``err``, or an error it was raised from or while handling, says the disk is full."""
+    return any((isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS)
+               or any(text in str(e).lower() for text in DISK_FULL_TEXTS) for e in _chain(err))
 
 
 def full_disk_path(err: BaseException | None) -> str | None:
     """The file a disk-full ``OSError`` in ``err``'s chain was writing, when it says."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS and (err.filename2 or err.filename):
-            return str(err.filename2 or err.filename)  # a copy names its source first, the file written second
-        err = err.__cause__ or err.__context__
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS and (e.filename2 or e.filename):
+            return str(e.filename2 or e.filename)  # a copy names its source first, the file written second
     return None
 
 
