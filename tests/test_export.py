@@ -171,3 +171,107 @@ def test_a_plain_lora_folder_loads_as_plain_lora(base, ids, saved):
     plain = load_adapter_model(copy.deepcopy(base), folder, plain=True)
     assert isinstance(first_factor(plain), torch.nn.Linear)
     assert torch.allclose(logits(plain, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# python -m harness.export
+
+
+def export(*args):
+    from harness.export import main
+
+    return main([str(a) for a in args])
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_export_writes_the_plain_lora_and_names_the_vllm_rank(base, ids, saved, tmp_path, capsys):
+    from peft import PeftModel
+
+    folder, _, expected = saved["linchain"]
+    assert export(folder, tmp_path / "out", "--model", "tiny-random") == 0
+    assert "--max-lora-rank 8" in capsys.readouterr().out  # r = 8, itself a value vLLM accepts
+    plain = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out"))
+    assert torch.allclose(logits(plain, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vllm_rank_is_the_smallest_accepted_value_at_or_above_r():
+    from harness.export import vllm_rank
+
+    assert [vllm_rank(r) for r in (1, 2, 8, 9, 300, 321, 512, 513)] == [1, 8, 8, 16, 320, 512, 512, None]
+
+
+def test_merged_export_is_a_model_with_the_adapters_logits(saved, ids, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for spec in ("condlora", "mtlora:structure=icfm"):
+        folder, _, expected = saved[spec]
+        out = tmp_path / spec.replace(":", "_")
+        assert export(folder, out, "--merged", "--model", "tiny-random") == 0
+        assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+        merged = AutoModelForCausalLM.from_pretrained(out)
+        assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in tiny_random_model().parameters())
+        assert torch.allclose(logits(merged, ids), expected, rtol=1e-5, atol=1e-5), spec
+        assert AutoTokenizer.from_pretrained(out)("12+3")["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """A Llama folder whose layers are wider than tiny-random's: the wrong base for its adapters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.models import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("other")
+    config = LlamaConfig(**{**tiny_random_model().config.to_dict(), "hidden_size": 96, "intermediate_size": 160})
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _bad_inputs(saved, tmp_path, other_model):
+    not_an_adapter = tmp_path / "empty"
+    not_an_adapter.mkdir()
+    (not_an_adapter / "config.json").write_text("{}")
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    plain = json.loads((saved["lora"][0] / "adapter_config.json").read_text())
+    (huge / "adapter_config.json").write_text(json.dumps({**plain, "r": 600}))
+    return {
+        "neither": ([not_an_adapter, "--model", "tiny-random"], "neither adapter_config.json"),
+        "wrong base": ([saved["linchain"][0], "--model", other_model], "pass the model it was trained on"),
+        "wrong base, bias": ([saved[BIAS][0] / "harness", "--model", other_model], "bias=true"),
+        "merged bias": ([saved[BIAS][0], "--merged", "--model", "tiny-random"], "bias=true cannot be merged"),
+        "plain bias": ([saved[BIAS][0], "--model", "tiny-random"], "bias=true cannot be exported"),
+        "r above vLLM": ([huge, "--vllm", "--model", "tiny-random"], "above every --max-lora-rank"),
+        "no base named": ([saved["lora"][0]], "pass --model"),
+    }
+
+
+@pytest.mark.parametrize("case", ["neither", "wrong base", "wrong base, bias", "merged bias", "plain bias",
+                                  "r above vLLM", "no base named"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(saved, tmp_path, other_model, capsys, case):
+    args, problem = _bad_inputs(saved, tmp_path, other_model)[case]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert export(args[0], out, *args[1:]) == 2
+    assert problem in one_error_line(capsys.readouterr().err)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_export_refuses_an_existing_output_folder(saved, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    assert export(saved["lora"][0], tmp_path / "out", "--model", "tiny-random") == 2
+    assert "already exists" in one_error_line(capsys.readouterr().err)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_export_help_explains_both_forms_and_vllm():
+    done = subprocess.run([sys.executable, "-m", "harness.export", "--help"], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode == 0
+    assert "--merged" in done.stdout and "max-lora-rank" in done.stdout and "bias=true" in done.stdout

@@ -19,7 +19,8 @@ LAYERS = (
     ("harness.data",),
     ("harness.adapters", "harness.models"),
     ("harness.config",),  # one RunConfig, checked against the adapters' specs and the known models
-    ("harness.train", "harness.evaluate", "harness.contamination", "harness.fingerprint", "harness.tracking"),
+    ("harness.train", "harness.evaluate", "harness.contamination", "harness.fingerprint", "harness.tracking",
+     "harness.export"),
     ("harness.diagnostics", "harness.report", "harness.plots", "harness.resultfile", "harness.rundir"),
     ("harness.run", "harness.compare"),
     ("ablations",),

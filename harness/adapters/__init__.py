@@ -22,6 +22,7 @@ from harness.adapters.spec import DEFAULT_TARGETS, INITS, METHODS, STRUCTURES, A
 
 _API = (
     "AdapterFolder",
+    "check_adapter_fits",
     "export_lora",
     "is_affine",
     "expected_parameters",

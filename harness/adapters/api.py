@@ -152,6 +152,36 @@ def read_adapter_folder(path: str | os.PathLike) -> AdapterFolder:
     return AdapterFolder(path, factored, plain)
 
 
+def check_adapter_fits(model: nn.Module, path: str | os.PathLike) -> None:
+    """One-line :class:`UserError` unless every layer the saved adapter adapts is a linear layer of ``model``
+    with the shapes the adapter was trained on; read from the weight files' headers, before peft loads them."""
+    from safetensors import safe_open
+
+    folder = read_adapter_folder(path)
+    where = folder.plain or folder.factored
+    weights = where / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"the adapter at {folder.path} has no adapter_model.safetensors in {where}")
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), "pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    for key, shape in sorted(shapes.items()):
+        if ".lora_" not in key:
+            continue
+        name = key.split(".lora_", 1)[0].removeprefix("base_model.model.")
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            what = "missing from" if module is None else f"a {type(module).__name__} in"
+            raise UserError(f"the adapter at {folder.path} adapts {name}, which is {what} the base model: "
+                            "pass the model it was trained on (--model)")
+        d_out, d_in = module.weight.shape
+        expected = {"lora_A.weight": shape[1:] == (d_in,), "lora_B.weight": shape[:1] == (d_out,)}
+        part = key.split(".lora_", 1)[1]
+        if folder.plain is not None and not expected.get("lora_" + part, True):
+            raise UserError(f"the adapter's {key} has shape {list(shape)}, but the base model's {name} is "
+                            f"{d_out}x{d_in}: pass the model it was trained on (--model)")
+
+
 def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default",
                        is_trainable: bool = False, plain: bool = False):
     """Load a saved adapter onto ``base_model``: the method where the folder holds its factored form.
