@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import math
 import os
@@ -48,7 +47,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -347,13 +346,7 @@ def log_evaluation(handle: RunHandle, evaluation: Any, samples_path: str | os.Pa
     if leaf:
         metrics["average_accuracy"] = sum(leaf.values()) / len(leaf)
     handle.log_metrics(metrics)
-    samples_path = Path(samples_path)
-    samples_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(samples_path, "w") as f:
-        for task, samples in evaluation.samples.items():
-            for sample in samples:
-                f.write(json.dumps({"task": task, **asdict(sample)}, default=str) + "\n")
-    handle.log_artifact(samples_path, "samples")
+    handle.log_artifact(evaluation.write_samples(samples_path), "samples")
 
 
 def log_summary(handle: RunHandle, summary_csv: str | os.PathLike) -> None:
