@@ -22,7 +22,7 @@ LAYERS = (
     ("harness.train", "harness.evaluate", "harness.contamination", "harness.fingerprint", "harness.tracking",
      "harness.export"),
     ("harness.diagnostics", "harness.report", "harness.plots", "harness.resultfile", "harness.rundir"),
-    ("harness.run", "harness.compare"),
+    ("harness.run", "harness.compare", "harness.equivalence"),
     ("ablations",),
 )
 # Within one layer: the diagnostics sit beside the report and draw with harness.plots, never through it.
