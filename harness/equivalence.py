@@ -339,7 +339,7 @@ def _cell(text: str) -> str:
 # The command
 
 
-DESCRIPTION = __doc__.split("\n\n", 1)[1]
+DESCRIPTION = __doc__.split("\n\n", 1)[1].replace("``", "")
 
 
 def parse_args(argv):
