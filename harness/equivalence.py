@@ -106,8 +106,8 @@ def by_item(samples: dict[str, list[Sample]]) -> dict[ItemKey, Sample]:
 
 
 def _in_process(source: AdapterSource, model_name: str, precision: str, options: dict, work: Path,
-                progress) -> tuple[list[PathResult], Path | None]:
-    """The base model (fp32 only), the harness path and the merged path at one precision, in this process.
+                progress, merged_too: bool) -> tuple[list[PathResult], Path | None]:
+    """The base model (fp32 only), the harness path and (``merged_too``) the merged path at one precision.
 
     In fp32 it also writes the base model's and the adapter's plain-LoRA export into ``work`` for the
     lm-eval and vLLM paths, and returns where.
@@ -140,10 +140,12 @@ def _in_process(source: AdapterSource, model_name: str, precision: str, options:
     results.append(score("harness", peft_model))
     if precision == "fp32":
         export_lora(peft_model, work / "export")
-    with torch.no_grad():
-        merged = peft_model.merge_and_unload()
-    results.append(score("merged", merged))
-    del model, peft_model, merged
+    if merged_too:
+        with torch.no_grad():
+            merged = peft_model.merge_and_unload()
+        results.append(score("merged", merged))
+        del merged
+    del model, peft_model
     return results, saved
 
 
@@ -439,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = export = None
         for precision in precisions:
-            scored, saved = _in_process(source, model_name, precision, options, work, progress)
-            results += [r for r in scored if r.path in ("base", "harness") or r.path in paths]
+            scored, saved = _in_process(source, model_name, precision, options, work, progress, "merged" in paths)
+            results += scored
             base, export = saved or base, (work / "export") if saved else export
         for which in ("lm-eval", "vllm"):
             if which in paths:

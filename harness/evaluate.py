@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(args.precision, "cpu")
     output_dir = Path(args.output_dir) if args.output_dir else (Path("results") / "evaluate" / source.name
                                                                 if source else None)
-    task_data_checksums(tasks, data_dir, prompt_format, args.split)  # bad task names and files: one line, now
+    checksums = task_data_checksums(tasks, data_dir, prompt_format, args.split)  # bad names, files: one line now
     model, tokenizer = load_model(model_name, dtype=storage_dtype(precision))
     if source is not None:
         from harness.adapters.api import check_adapter_fits, load_adapter_model
@@ -478,12 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"scores": result.scores, "metrics": result.flat_metrics()}, indent=1))
     if output_dir is not None:
         from harness.fsutil import write_text_atomic
+        from harness.tracking import git_commit, library_versions
 
         name = source.name if source else "base"
         samples = result.write_samples(output_dir / "samples" / f"{name}.jsonl")
         record = {"model": model_name, "adapter": str(source.folder) if source else None, "tasks": tasks,
                   "split": args.split, "limit": args.limit, "prompt_format": prompt_format, "precision": precision,
-                  "num_beams": args.num_beams, "scores": result.scores, "metrics": result.flat_metrics()}
+                  "num_beams": args.num_beams, "data_checksums": checksums, "versions": library_versions(),
+                  "git_commit": git_commit(), "scores": result.scores, "metrics": result.flat_metrics()}
         write_text_atomic(output_dir / "scores.json", json.dumps(record, indent=1) + "\n")
         print(f"wrote {samples} and {output_dir / 'scores.json'}", file=sys.stderr)
     return 0
