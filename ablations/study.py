@@ -31,7 +31,7 @@ from ablations.studyfile import StudyFile, builtin_studies, load_study_file
 from ablations.trials import (DEFAULT_STALE_AFTER_S, StudyPlan, describe_running, fail_stale_trials,
                               pending_trials, seconds_until_stale, work)
 from harness import quiet
-from harness.errors import UserError, cli_entry, interruption
+from harness.errors import EXIT_INTERRUPTED, UserError, cli_entry, interruption
 
 PLAN_ATTR = "plan"
 EXIT_TRY_LATER = 75  # EX_TEMPFAIL: --no-wait found trials still running elsewhere
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         finish_parent_run(plan, storage, interrupted=True)
         print(f"\n{interruption(err)}: the running trial is FAILED and queued again; run the same command to "
               "continue", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     waiting, running = pending_trials(plan, storage)
     folder = write_report(plan, storage)
     print(f"report written to {folder}; dashboard: optuna-dashboard {redact(url).removeprefix('journal:')}")

@@ -20,7 +20,7 @@ import sys
 from ablations.storage import open_storage, redact, resolve_storage_url
 from ablations.trials import DEFAULT_STALE_AFTER_S, pending_trials, work
 from harness import quiet
-from harness.errors import cli_entry, interruption
+from harness.errors import EXIT_INTERRUPTED, cli_entry, interruption
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         done = work(plan, storage, max_trials=args.max_trials, stale_after=args.stale_after)
     except KeyboardInterrupt as err:
         print(f"\n{interruption(err)}: the running trial is FAILED and queued again", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     from ablations.report import finish_parent_run
 
     finish_parent_run(plan, storage)  # the last worker to finish ends the study's MLflow run FINISHED
