@@ -417,8 +417,12 @@ def work(plan, storage, *, max_trials: int | None = None, stale_after: float, ru
 
 
 @dataclass
-class MethodResult:
-    """One spec's protocol outcome, read back from the storage."""
+class TunedArm:
+    """One spec's protocol outcome, read back from the storage: the tuning, the chosen rate, the final test scores.
+
+    One arm of the fair comparison over all its seeds; harness.run.MethodResult is something else (one
+    method and seed of a run).
+    """
 
     spec: str
     reference: str | None
@@ -439,7 +443,7 @@ class MethodResult:
         return self.tuning.best in (self.tuning.low, self.tuning.high)
 
 
-def method_results(plan, storage) -> list[MethodResult]:
+def method_results(plan, storage) -> list[TunedArm]:
     import optuna
 
     from ablations.studyfile import spec_of
@@ -457,7 +461,7 @@ def method_results(plan, storage) -> list[MethodResult]:
         if len(final_lrs) > 1:  # cannot happen through top_up; a hand-edited storage would show here
             raise RuntimeError(f"{spec}: final trials ran at several rates {sorted(final_lrs)}")
         reference = reference_of(point, plan.points)
-        results.append(MethodResult(
+        results.append(TunedArm(
             spec=spec, reference=None if reference == point else spec_of(reference), tuning=tuning,
             grid_low=lr_at(plan.lr_grid, tuning.low), grid_high=lr_at(plan.lr_grid, tuning.high),
             extended_low=-tuning.low, extended_high=tuning.high - (len(plan.lr_grid) - 1),
@@ -521,7 +525,7 @@ VERDICT_COLUMNS = ("method", "reference", "chosen_lr", "grid_low", "grid_high", 
                    "verdict", "note")
 
 
-def verdict_rows(plan, results: list[MethodResult], alpha: float = 0.05) -> list[dict[str, Any]]:
+def verdict_rows(plan, results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, Any]]:
     """One row per method: the columns of verdict.csv; gains compare final test scores with the reference's, per seed.
 
     The verdict is better / worse / no detectable difference (``harness.stats.verdict`` on the
@@ -555,7 +559,7 @@ def verdict_rows(plan, results: list[MethodResult], alpha: float = 0.05) -> list
     return rows
 
 
-def _note(r: MethodResult) -> str:
+def _note(r: TunedArm) -> str:
     notes = []
     if r.extended_low or r.extended_high:
         notes.append("grid extended " + ", ".join(f"{n} step(s) {side}" for n, side in
