@@ -365,7 +365,7 @@ def work(plan, storage, *, max_trials: int | None = None, stale_after: float, ru
     from ablations.trials import claim, fail_stale_trials, run_trial
     from harness.tracking import RunHandle, Tracker
 
-    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
     studies = [optuna.load_study(study_name=n, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
                for n in optuna_names(plan)]
@@ -488,9 +488,9 @@ def curvatures(plan, storage) -> dict[str, dict[int, float]]:
     from ablations.trials import MLFLOW_RUN_ATTR
     from harness.tracking import Tracker
 
-    if plan.config.get("diagnostics") != "full":
+    if plan.config.diagnostics != "full":
         return {}
-    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     found: dict[str, dict[int, float]] = {}
     for spec in plan.specs():
         mine = found.setdefault(spec, {})

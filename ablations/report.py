@@ -36,7 +36,7 @@ from harness.report import atomic_path, pyplot, save_figure, write_text_atomic
 
 
 def report_dir(plan) -> Path:
-    return Path(plan.config["output_dir"]) / "ablations" / plan.name
+    return Path(plan.config.output_dir) / "ablations" / plan.name
 
 
 def trials_frame(plan, storage) -> pd.DataFrame:
@@ -54,8 +54,8 @@ def trials_frame(plan, storage) -> pd.DataFrame:
                 "seed": t.user_attrs.get("seed", ",".join(map(str, plan.seeds))),
                 "average_accuracy": values[0] if values else math.nan,
                 "trainable_params": t.user_attrs.get("trainable_params"),
-                "lr": t.params.get("lr", plan.config["lr"]),
-                "split": t.user_attrs.get("split", plan.config.get("split", "test")),
+                "lr": t.params.get("lr", plan.config.lr),
+                "split": t.user_attrs.get("split", plan.config.split),
             }
             if plan.kind == "fair":
                 row.update({k: t.user_attrs.get(k) for k in ("stage", "lr_position", "duplicate_of")})
@@ -147,10 +147,10 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
     lines = [f"# Study: {plan.name}", "", plan.description or "", "",
              f"- **kind**: {plan.kind}" + (f" ({plan.n_trials} trials per method, lr in "
                                            f"[{plan.lr['low']:g}, {plan.lr['high']:g}])" if plan.kind == "tpe" else ""),
-             f"- **model**: {cfg['model']}; **training data**: {cfg['train_data']}; **tasks**: "
-             f"{', '.join(cfg['tasks'])}" + (f" (at most {cfg['limit']} items each)" if cfg.get("limit") else ""),
-             f"- **training**: {cfg['max_steps'] or str(cfg['epochs']) + ' epoch(s)'} steps, batch {cfg['batch_size']}, "
-             f"lr {cfg['lr']:g}, rank {cfg['rank']}, alpha {cfg['alpha']:g}",
+             f"- **model**: {cfg.model}; **training data**: {cfg.train_data}; **tasks**: "
+             f"{', '.join(cfg.tasks)}" + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
+             f"- **training**: {cfg.max_steps or str(cfg.epochs) + ' epoch(s)'} steps, batch {cfg.batch_size}, "
+             f"lr {cfg.lr:g}, rank {cfg.rank}, alpha {cfg.alpha:g}",
              f"- **seeds**: {', '.join(map(str, plan.seeds))}",
              "- **trials**: " + (", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none"), ""]
     if points is not None:
@@ -384,7 +384,7 @@ def finish_parent_run(plan, storage, artifacts=(), interrupted: bool = False) ->
 
     if not plan.mlflow_parent_run_id:
         return
-    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     client = tracker.client
     for path in artifacts:
         client.log_artifact(plan.mlflow_parent_run_id, str(path), "results")
@@ -442,10 +442,10 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
     ran = tune[tune["state"].isin(["COMPLETE", "PRUNED", "FAIL"]) & tune["duplicate_of"].isna()] if len(tune) else tune
     grid = ", ".join(f"{r:.3g}" for r in plan.lr_grid)
     lines = [f"# Fair comparison: {plan.name}", "", *([plan.description, ""] if plan.description else []),
-             f"- **model**: {cfg['model']}; **training data**: {cfg['train_data']}; **tasks**: {', '.join(cfg['tasks'])}"
-             + (f" (at most {cfg['limit']} items each)" if cfg.get("limit") else ""),
-             f"- **the same for every method**: {cfg['max_steps'] or str(cfg['epochs']) + ' epoch(s)'} steps, batch "
-             f"{cfg['batch_size']}, rank {cfg['rank']}, alpha {cfg['alpha']:g}; learning-rate grid {grid} "
+             f"- **model**: {cfg.model}; **training data**: {cfg.train_data}; **tasks**: {', '.join(cfg.tasks)}"
+             + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
+             f"- **the same for every method**: {cfg.max_steps or str(cfg.epochs) + ' epoch(s)'} steps, batch "
+             f"{cfg.batch_size}, rank {cfg.rank}, alpha {cfg.alpha:g}; learning-rate grid {grid} "
              f"(extended by at most {plan.extend} step(s) on a side where the best rate is the edge); tuning "
              f"seed(s) {', '.join(map(str, plan.seeds))} per rate",
              f"- **selection**: each method's rate has the best mean validation score over its tuning seeds "
@@ -537,7 +537,7 @@ def _plot_lr_vs_curvature(plan, storage, results, folder: Path) -> tuple[Path | 
     from ablations import fair
     from harness.diagnostics import plot_lr_vs_curvature
 
-    if plan.config.get("diagnostics") != "full":
+    if plan.config.diagnostics != "full":
         return None, ["The chosen rate against 1 / lambda_max (lr_vs_curvature.png) needs `diagnostics: full` in the "
                       "study's run options: lambda_max, the Hessian's largest eigenvalue at initialisation, is "
                       "measured only at that level."]

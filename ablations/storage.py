@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import math
 import re
-import urllib.parse
 from pathlib import Path
 
 from harness.errors import UserError
-from harness.tracking import network_timeout_s
+from harness.tracking import network_timeout_s, sqlite_path
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 SQLITE_TIMEOUT_S = 60  # how long a process waits for SQLite's write lock
@@ -37,15 +36,6 @@ SCHEMA_RACE_MARKS = ("already exists", "unique constraint failed", "duplicate ke
 def redact(url: str) -> str:
     """The URL with its password replaced by ``***`` (for messages and MLflow params)."""
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a ``sqlite:///file`` URL, else None."""
-    if not url.startswith("sqlite:"):
-        return None
-    path = urllib.parse.urlparse(url).path
-    path = path[1:] if path.startswith("/") else path
-    return None if path in ("", ":memory:") else Path(path)
 
 
 def resolve_storage_url(url: str | None) -> str:

@@ -19,6 +19,7 @@ The story:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections import defaultdict
@@ -27,7 +28,7 @@ from typing import Any
 
 from harness.tracking import check_separate_stores
 from ablations.storage import DEFAULT_STORAGE, load_existing_study, open_storage, redact, resolve_storage_url
-from ablations.studyfile import StudyFile, builtin_studies, load_study_file
+from ablations.studyfile import StudyFile, builtin_studies, load_study_file, spec_of
 from ablations.trials import (DEFAULT_STALE_AFTER_S, StudyPlan, describe_running, fail_stale_trials,
                               pending_trials, seconds_until_stale, work)
 from harness import quiet
@@ -105,7 +106,7 @@ def check_study_options(stale_after: float | None = None, max_trials: int | None
 def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | None, n_trials: int | None, *,
                  tune_lr: bool = False, lr_grid: str | None = None, final_seeds: str | None = None) -> StudyPlan:
     """The study file's options, then --config, then the command line, resolved into a StudyPlan."""
-    from harness.config import config_from_dict, config_to_dict, load_config_yaml
+    from harness.config import config_from_dict, load_config_yaml
 
     study = fair_study(study, typed, tune_lr, lr_grid, final_seeds)
     values: dict[str, Any] = dict(study.run)
@@ -120,14 +121,12 @@ def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | Non
     values.update(typed)
     seeds = values.pop("seeds", seeds) or study.seeds
     cfg = config_from_dict({**values, "seeds": seeds}, source=f"study {study.name!r}")
-    config = config_to_dict(cfg)
-    config.pop("methods"), config.pop("run_name"), config.pop("seeds")
-    config["tracking_uri"] = _absolute_tracking_uri(config["tracking_uri"])
-    config["output_dir"] = str(Path(config["output_dir"]).resolve())
-    if config["data_dir"]:
-        config["data_dir"] = str(Path(config["data_dir"]).resolve())
-    if Path(config["train_data"]).suffix in (".json", ".jsonl") and Path(config["train_data"]).is_file():
-        config["train_data"] = str(Path(config["train_data"]).resolve())
+    paths = {"tracking_uri": _absolute_tracking_uri(cfg.tracking_uri), "output_dir": str(Path(cfg.output_dir).resolve())}
+    if cfg.data_dir:
+        paths["data_dir"] = str(Path(cfg.data_dir).resolve())
+    if Path(cfg.train_data).suffix in (".json", ".jsonl") and Path(cfg.train_data).is_file():
+        paths["train_data"] = str(Path(cfg.train_data).resolve())
+    config = dataclasses.replace(cfg, methods=[spec_of(p) for p in study.points], **paths)
     plan = StudyPlan(name=study.name, kind=study.kind, config=config, seeds=list(cfg.seeds), points=study.points,
                      description=study.description, n_trials=n_trials or study.n_trials, lr=study.lr,
                      pruner=study.pruner, intermediate_every=study.intermediate_every, plot_x=study.plot_x)
@@ -205,10 +204,10 @@ def points_of_methods(specs: list[str]) -> list[dict[str, Any]]:
 
 def _absolute_tracking_uri(uri: str | None) -> str:
     """MLflow's SQLite file as an absolute path, so every worker writes to the same store."""
-    from harness.tracking import _sqlite_path, resolve_tracking_uri
+    from harness.tracking import resolve_tracking_uri, sqlite_path
 
     uri = resolve_tracking_uri(uri)
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     return "sqlite:///" + str(db.resolve()) if db is not None else uri
 
 
@@ -219,7 +218,7 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
 
     from harness.tracking import Tracker, check_tracking_uri, run_params
 
-    check_tracking_uri(plan.config["tracking_uri"])
+    check_tracking_uri(plan.config.tracking_uri)
     existing = set(optuna.get_all_study_names(storage))
     names = plan.optuna_names()
     stored = next((_stored_plan(optuna.load_study(study_name=n, storage=storage)) for n in names if n in existing), None)
@@ -229,7 +228,7 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
         if not creating:  # another study command is creating it this moment: continue it once it is ready
             stored = _wait_for_plan(names[0], storage, url)
             existing = set(optuna.get_all_study_names(storage))
-    tracker = Tracker(plan.config["tracking_uri"], plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     if stored is not None:
         _check_same(stored, plan, url)
         for name in names:  # dead workers' trials first (their runs end FAILED), then other killed processes' runs
@@ -248,7 +247,7 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
         from harness.tracking import RunHandle
 
         RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name).log_params(
-            {**run_params(plan.config), "points": len(plan.points), "seeds": plan.seeds,
+            {**run_params(plan.shared_options()), "points": len(plan.points), "seeds": plan.seeds,
              "n_trials": plan.n_trials, "description": plan.description,
              **({"lr_grid": plan.lr_grid, "final_seeds": plan.final_seeds, "extend": plan.extend}
                 if plan.kind == "fair" else {})})
@@ -406,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = resolve_plan(study_file, args, config_file, options["n_trials"], tune_lr=options["tune_lr"],
                         lr_grid=options["lr_grid"], final_seeds=options["final_seeds"])
     check_inputs(plan)
-    check_separate_stores(url, plan.config["tracking_uri"])
+    check_separate_stores(url, plan.config.tracking_uri)
     storage = open_storage(url, create=True)
     plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"],
                             stale_after=options["stale_after"])

@@ -19,6 +19,7 @@ they either finish or, their worker dead, are reaped and run here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -26,6 +27,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from ablations.studyfile import STUDY_OWNED, spec_of
+from harness.config import RunConfig, config_from_dict, config_to_dict
 from harness.errors import UserError, interruption
 from harness.stats import mean as _mean
 
@@ -63,12 +66,14 @@ class StudyPlan:
 
     ``config`` is the resolved harness.run configuration shared by every trial (the study file's
     ``run:`` options and the command line's, applied once at creation), so every worker runs the
-    same thing whatever its own command line.
+    same thing whatever its own command line. Its methods are the study's specs and its seeds the
+    study's seeds; :meth:`trial_config` narrows them (and names the run) per trial. The storage
+    keeps it without those three (:meth:`shared_options`).
     """
 
     name: str
     kind: str
-    config: dict[str, Any]
+    config: RunConfig
     seeds: list[int]
     points: list[dict[str, Any]]
     description: str = ""
@@ -99,8 +104,6 @@ class StudyPlan:
         return ["maximize", "minimize"] if self.kind == "pareto" else ["maximize"]
 
     def specs(self) -> list[str]:
-        from ablations.studyfile import spec_of
-
         return [spec_of(p) for p in self.points]
 
     def grid(self) -> list[tuple[dict[str, Any], int]]:
@@ -156,21 +159,28 @@ class StudyPlan:
     def trial_config(self, spec: str, seeds: list[int], number: int, lr: float | None = None,
                      split: str | None = None):
         """The harness.run configuration of one trial: the study's options, one method, the trial's seeds and split."""
-        from harness.config import config_from_dict
-
-        values = {**self.config, "methods": [spec], "seeds": seeds, "run_name": f"trial-{number}"}
+        values: dict[str, Any] = {"methods": [spec], "seeds": seeds, "run_name": f"trial-{number}"}
         if lr is not None:
             values["lr"] = lr
         if split is not None:
             values["split"] = split
-        return config_from_dict(values, source=f"study {self.name!r}")
+        return dataclasses.replace(self.config, **values)
+
+    def shared_options(self) -> dict[str, Any]:
+        """The configuration as stored and logged: every option but those each trial sets (methods, seeds, run name)."""
+        options = config_to_dict(self.config)
+        for key in STUDY_OWNED:
+            options.pop(key)
+        return options
 
     def to_attr(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "config": self.shared_options()}
 
     @classmethod
     def from_attr(cls, value: dict[str, Any]) -> "StudyPlan":
-        return cls(**value)
+        value = dict(value)
+        options = {**value.pop("config"), "methods": [spec_of(p) for p in value["points"]], "seeds": value["seeds"]}
+        return cls(config=config_from_dict(options, source=f"study {value['name']!r} in the storage"), **value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +288,7 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
         return fair.work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log,
                          wait=wait is not False, **({"poll_s": poll_s} if poll_s is not None else {}))
     wait = bool(wait)
-    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
     studies = [optuna.load_study(study_name=name, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
                for name in plan.optuna_names()]
@@ -502,7 +512,7 @@ def close_trial_runs(plan: StudyPlan, run_id: str | None, reason: str) -> None:
 
     from harness.tracking import Tracker
 
-    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     client = tracker.client
     ids, frontier = [], [run_id]
     while frontier:  # the trial's run, harness.run's run under it, the method runs under that
