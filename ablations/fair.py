@@ -24,9 +24,8 @@ machinery queues it again); a failed final seed is reported, never dropped.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from harness.errors import UserError
 from harness.stats import mean as mean_of, sample_sd as std_of  # the one home of both (ablations.report uses them)
@@ -41,7 +40,6 @@ MIN_FINAL_SEEDS = 2
 MAX_GRID_RATES = 50
 MAX_EXTEND = 10
 MAX_FINAL_SEEDS = 50
-POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may unlock final runs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,71 +343,6 @@ def duplicate_of(study, trial) -> int | None:
                 and t.state.name in (*LIVE, "COMPLETE", "PRUNED")):
             return t.number
     return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The worker loop
-
-
-def work(plan, storage, *, max_trials: int | None = None, stale_after: float, run_fn: Callable | None = None,
-         log=print, poll_s: float = POLL_S, wait: bool = True) -> int:
-    """Run the fair study's trials until every spec has its finals (or ``max_trials``); returns how many ran here.
-
-    While another worker's trial runs and nothing is queued, this worker waits for it: its result
-    may settle a spec and queue final trials (or a grid extension). Without ``wait`` (``--no-wait``)
-    it says what still runs elsewhere and returns instead.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    from ablations.trials import claim, fail_stale_trials, run_trial
-    from harness.tracking import RunHandle, Tracker
-
-    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
-    parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
-    studies = [optuna.load_study(study_name=n, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
-               for n in optuna_names(plan)]
-    done, waiting_said = 0, False
-
-    def running() -> int:
-        return sum(len(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) for s in studies)
-
-    while max_trials is None or done < max_trials:
-        # Counted before the top-up: a trial that another worker finishes after this pass's top-up
-        # may settle a spec, so this worker stops only after a pass that began with nothing running.
-        running_before = running()
-        for study in studies:
-            fail_stale_trials(study, storage, plan, stale_after, log)
-            top_up(study, storage, plan)
-        claimed = next(((s, t) for s in studies if (t := claim(s, storage)) is not None), None)
-        if claimed is None:
-            running_now = running()
-            if not running_now and not running_before:
-                break
-            if not running_now:
-                continue  # it finished during this pass: top up once more before deciding
-            if not wait:
-                from ablations.trials import describe_running, running_elsewhere
-
-                log(f"[{plan.name}] nothing queued here; not waiting (--no-wait) for "
-                    f"{describe_running(running_elsewhere(studies), stale_after)}")
-                break
-            if not waiting_said:
-                log(f"[{plan.name}] nothing queued; waiting for {running_now} running trial(s) of other workers")
-                waiting_said = True
-            time.sleep(poll_s)
-            continue
-        study, trial = claimed
-        waiting_said = False
-        first = duplicate_of(study, trial)
-        if first is not None:
-            trial.set_user_attr("duplicate_of", first)
-            trial.set_user_attr("fail_reason", f"duplicate of trial {first} (queued twice at once); not run")
-            study.tell(trial, state=TrialState.FAIL)
-            continue
-        run_trial(study, storage, trial, plan, tracker, parent, stale_after, run_fn, log)
-        done += 1
-    return done
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
         if name in existing:
             study = optuna.load_study(study_name=name, storage=storage)
             study.set_user_attr(PLAN_ATTR, plan.to_attr())  # a grown tuning budget, the same everything else
-            queued = top_up(study, plan, retry_failed, storage, log=log)
+            queued = top_up(study, storage, plan, retry_failed, log=log)
         else:
             study = (optuna.load_study(study_name=name, storage=storage) if name == names[0]
                      else optuna.create_study(study_name=name, storage=storage, directions=plan.directions()))
@@ -303,7 +303,7 @@ def _wait_for_plan(name: str, storage, url: str, timeout_s: float | None = None,
         time.sleep(poll_s)
 
 
-def top_up(study, plan: StudyPlan, retry_failed: bool, storage=None, log=None) -> int:
+def top_up(study, storage, plan: StudyPlan, retry_failed: bool = False, log=None) -> int:
     """Queue what a resumed study still lacks: grid points with no live or finished trial, or the rest of the budget."""
     from optuna.trial import TrialState
 

@@ -9,8 +9,8 @@ stamp is older than ``stale_after`` seconds (its worker was killed), or whose wo
 is known to be gone (same host, pid no longer alive), marks it FAILED, closes its MLflow runs
 FAILED, and queues it again. A trial that fails (a NaN loss, a crash) is FAILED with its reason
 in the user attribute ``fail_reason``, and the study goes on. Fair studies (``ablations.fair``) run
-through the same claim, objective and heartbeat; their own loop queues each stage as the one before
-settles.
+through the same loop, claim, objective and heartbeat; their ``top_up`` hook queues each stage as the
+one before settles.
 
 A worker stops when nothing is left to claim. The study command (``wait=True``) also waits
 for trials still RUNNING in other workers, so that it never reports a grid with a silent hole:
@@ -37,6 +37,7 @@ WORKER_ATTR = "ablations:worker"  # {"harness.host": ..., "harness.pid": ..., "h
 MLFLOW_RUN_ATTR = "mlflow_run_id"  # the trial's nested MLflow run
 DEFAULT_STALE_AFTER_S = 120.0
 WAIT_REPORT_EVERY_S = 30.0  # how often a waiting study says what it waits for
+POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may unlock trials of its own
 
 
 class TrialFailed(Exception):
@@ -274,45 +275,75 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
          run_fn: Callable | None = None, log=print, wait: bool | None = None, poll_s: float | None = None) -> int:
     """Run queued trials of the study until none is left (or ``max_trials``); returns how many this worker ran.
 
-    ``wait``: then also wait while trials run in other workers, until they finish or are found dead (reaped,
-    queued again and run here); a line every ``WAIT_REPORT_EVERY_S`` seconds says what it waits for.
-    ``None`` is the kind's default: a fair study waits (another worker's result may unlock final trials),
-    the others do not.
+    Each pass reaps the trials of dead workers, lets the study's ``top_up`` hook queue what finished trials
+    make necessary (a fair study's final seeds, a grid extension; grids and tuning studies have none: their
+    queue is complete at creation), then claims the next queued trial. A study that tops up can queue one
+    slot twice (two workers topping up at once): the later trial is marked a duplicate when claimed, never run.
+
+    ``wait``: while nothing is queued but trials run in other workers, wait until they finish or are found
+    dead (reaped, queued again and run here); a line every ``WAIT_REPORT_EVERY_S`` seconds says what it waits
+    for. ``None`` is the kind's default: a study that tops up waits (another worker's result may unlock
+    trials), the others do not.
     """
     import optuna
+    from optuna.trial import TrialState
+
     from harness.tracking import RunHandle, Tracker
 
-    if plan.kind == "fair":  # stages that unlock one another: its own loop, on the same claim and trial run
-        from ablations import fair
-
-        return fair.work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log,
-                         wait=wait is not False, **({"poll_s": poll_s} if poll_s is not None else {}))
-    wait = bool(wait)
+    top_up, duplicate_of = _loop_hooks(plan)
+    said_no_wait = wait is False
+    wait = top_up is not None if wait is None else wait
+    if poll_s is None:  # a study waiting for trials that may unlock its own looks again sooner
+        poll_s = POLL_S if top_up is not None else max(0.2, min(5.0, stale_after / 4))
     tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
     studies = [optuna.load_study(study_name=name, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
                for name in plan.optuna_names()]
-    poll_s = poll_s if poll_s is not None else max(0.2, min(5.0, stale_after / 4))
-    done, last_report = 0, 0.0
+    done, last_report = 0, -math.inf
     while max_trials is None or done < max_trials:
-        ran = False
+        # Counted before the top-up: a trial that another worker finishes after this pass's top-up
+        # may unlock more, so this worker stops only after a pass that began with nothing running.
+        running_before = running_elsewhere(studies) if top_up is not None else []
         for study in studies:
             fail_stale_trials(study, storage, plan, stale_after, log)
-            claimed = claim(study, storage)
-            if claimed is not None:
-                run_trial(study, storage, claimed, plan, tracker, parent, stale_after, run_fn, log)
-                done, ran = done + 1, True
+            if top_up is not None:
+                top_up(study, storage, plan)
+        claimed = next(((s, t) for s in studies if (t := claim(s, storage)) is not None), None)
+        if claimed is None:
+            running = running_elsewhere(studies)
+            if not running and not running_before:
                 break
-        if ran:
+            if not running:
+                continue  # it finished during this pass: top up once more before deciding
+            if not wait:
+                if said_no_wait:
+                    log(f"[{plan.name}] nothing queued here; not waiting (--no-wait) for "
+                        f"{describe_running(running, stale_after)}")
+                break
+            if time.monotonic() - last_report >= WAIT_REPORT_EVERY_S:
+                log(f"[{plan.name}] waiting for {describe_running(running, stale_after)}")
+                last_report = time.monotonic()
+            time.sleep(poll_s)
             continue
-        running = running_elsewhere(studies)
-        if not wait or not running:
-            break
-        if time.monotonic() - last_report >= WAIT_REPORT_EVERY_S:
-            log(f"[{plan.name}] waiting for {describe_running(running, stale_after)}")
-            last_report = time.monotonic()
-        time.sleep(poll_s)
+        study, trial = claimed
+        first = duplicate_of(study, trial) if duplicate_of is not None else None
+        if first is not None:
+            trial.set_user_attr("duplicate_of", first)
+            trial.set_user_attr("fail_reason", f"duplicate of trial {first} (queued twice at once); not run")
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        run_trial(study, storage, trial, plan, tracker, parent, stale_after, run_fn, log)
+        done += 1
     return done
+
+
+def _loop_hooks(plan: StudyPlan):
+    """The worker loop's hooks of the plan's kind: (top_up, duplicate_of), None where the kind has none."""
+    if plan.kind == "fair":
+        from ablations import fair
+
+        return fair.top_up, fair.duplicate_of
+    return None, None
 
 
 def pending_trials(plan: StudyPlan, storage) -> tuple[int, list[tuple[str, Any]]]:
