@@ -27,8 +27,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
+from ablations.space import enumerate_points, spec_of
+from ablations.storage import MLFLOW_RUN_ATTR
+from harness import stats
 from harness.errors import UserError
 from harness.stats import mean as mean_of, sample_sd as std_of  # the one home of both (ablations.report uses them)
+from harness.tracking import Tracker
 
 # Quarter-decade steps from 10^-4 to 10^-2.5: 7 rates over 1.5 decades (the issue's minimum).
 DEFAULT_GRID = {"log10_low": -4.0, "log10_high": -2.5, "per_decade": 4}
@@ -150,12 +156,28 @@ def reference_of(point: dict[str, Any], points: list[dict[str, Any]]) -> dict[st
 
 
 def check_references(points: list[dict[str, Any]], where: str) -> None:
-    from ablations.studyfile import spec_of
-
     for point in points:
         if reference_of(point, points) is None:
             raise UserError(f"{where}: every method is compared with lora, the reference: add lora"
                             + (f" with the options of {spec_of(point)!r}" if len(point) > 1 else ""))
+
+
+def points_of_methods(specs: list[str]) -> list[dict[str, Any]]:
+    """``--methods lora,linchain:n=3`` as a fair study's space; every method is compared with lora."""
+    templates = []
+    for spec in specs:
+        method, _, rest = spec.partition(":")
+        template: dict[str, Any] = {"method": method.strip().lower()}
+        for item in filter(None, (i.strip() for i in rest.split(","))):
+            key, _, value = item.partition("=")
+            template[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else value
+        if "lr" in template:
+            raise UserError(f"--methods: {spec!r} fixes lr, which the fair study tunes itself; remove lr=")
+        templates.append(template)
+    points = enumerate_points(templates, lambda key, what: UserError(f"--methods: {what}"))
+    check_references(points, "--methods")
+    return points
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,8 +401,6 @@ class TunedArm:
 def method_results(plan, storage) -> list[TunedArm]:
     import optuna
 
-    from ablations.studyfile import spec_of
-
     results = []
     for point in plan.points:
         spec = spec_of(point)
@@ -417,9 +437,6 @@ def curvatures(plan, storage) -> dict[str, dict[int, float]]:
     is read (final trials first, then tuning trials; completed or pruned, both measured it before training).
     """
     import optuna
-
-    from ablations.trials import MLFLOW_RUN_ATTR
-    from harness.tracking import Tracker
 
     if plan.config.diagnostics != "full":
         return {}
@@ -465,8 +482,6 @@ def verdict_rows(plan, results: list[TunedArm], alpha: float = 0.05) -> list[dic
     Holm-adjusted p-value), ``reference`` for LoRA, or ``not compared`` while no final seed has a
     score on both sides (the note says why).
     """
-    from harness import stats
-
     by_spec = {r.spec: r for r in results}
     comparisons = {r.spec: stats.seed_comparison(r.test, by_spec[r.reference].test)
                    for r in results if r.reference is not None and r.test and by_spec[r.reference].test}

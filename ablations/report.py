@@ -31,8 +31,11 @@ from typing import Any
 
 import pandas as pd
 
+from ablations import fair
 from ablations.fair import mean_of, std_of
+from ablations.space import spec_of
 from harness.report import atomic_path, pyplot, save_figure, write_text_atomic
+from harness.tracking import Tracker
 
 
 def report_dir(plan) -> Path:
@@ -73,8 +76,6 @@ def trials_frame(plan, storage) -> pd.DataFrame:
 
 def point_table(plan, trials: pd.DataFrame) -> pd.DataFrame:
     """Grid and pareto studies: per configuration, the score's mean and std over the seeds that finished."""
-    from ablations.studyfile import spec_of
-
     rows = []
     for k, point in enumerate(plan.points):
         spec = spec_of(point)
@@ -95,8 +96,6 @@ def missing_points(plan, trials: pd.DataFrame) -> list[tuple[str, Any, str]]:
     A report written while trials still run (``--no-wait``, ``--max-trials``, another worker) must not read
     as complete: these are the holes.
     """
-    from ablations.studyfile import spec_of
-
     missing = []
     for k, (point, seed) in enumerate(plan.grid()):
         mine = trials[trials["grid_index"] == k] if len(trials) else trials
@@ -232,8 +231,6 @@ def _plot_axis(plan, storage, trials, points, folder: Path) -> Path | None:
     """Score against the study's axis, one series per configuration of the other options, error bars = std over seeds."""
     if points is None or plan.kind == "pareto":
         return None
-    from ablations.studyfile import spec_of
-
     plt = pyplot()
     x_key = plot_axis(plan)
     series: dict[str, list[tuple[Any, float, float]]] = {}
@@ -380,8 +377,6 @@ def finish_parent_run(plan, storage, artifacts=(), interrupted: bool = False) ->
     import optuna
     from optuna.trial import TrialState
 
-    from harness.tracking import Tracker
-
     if not plan.mlflow_parent_run_id:
         return
     tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
@@ -402,8 +397,6 @@ def finish_parent_run(plan, storage, artifacts=(), interrupted: bool = False) ->
 
 def write_fair_report(plan, storage) -> Path:
     """verdict.csv, verdict.md, trials.csv (every trial with its split) and the tuning plots of a fair study."""
-    from ablations import fair
-
     folder = report_dir(plan)
     folder.mkdir(parents=True, exist_ok=True)
     trials = trials_frame(plan, storage)
@@ -500,8 +493,6 @@ def _g(value) -> str:
 
 def _plot_lr_sensitivity(plan, results, trials, folder: Path) -> Path | None:
     """Validation score against learning rate per method: mean over tuning seeds, band from lowest to highest seed."""
-    from ablations import fair
-
     if not any(r.tuning.scores for r in results):
         return None
     plt = pyplot()
@@ -534,8 +525,7 @@ def _plot_lr_sensitivity(plan, results, trials, folder: Path) -> Path | None:
 def _plot_lr_vs_curvature(plan, storage, results, folder: Path) -> tuple[Path | None, list[str]]:
     """Each method's chosen rate against 1 / lambda_max (harness.diagnostics.plot_lr_vs_curvature), and the lines
     verdict.md says about it: a table of the values, or why there is no plot."""
-    from ablations import fair
-    from harness.diagnostics import plot_lr_vs_curvature
+    from harness.diagnostics import plot_lr_vs_curvature  # deferred: it loads torch
 
     if plan.config.diagnostics != "full":
         return None, ["The chosen rate against 1 / lambda_max (lr_vs_curvature.png) needs `diagnostics: full` in the "

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 
 from harness.errors import UserError
 from harness.tracking import network_timeout_s, sqlite_path
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+MLFLOW_RUN_ATTR = "mlflow_run_id"  # a trial's user attribute: its nested MLflow run (ablations.trials sets it)
 SQLITE_TIMEOUT_S = 60  # how long a process waits for SQLite's write lock
 SCHEMA_RACE_ATTEMPTS = 5  # opening a fresh storage again after another process created its schema meanwhile
 SCHEMA_RACE_MARKS = ("already exists", "unique constraint failed", "duplicate key", "database is locked")
@@ -102,8 +104,6 @@ def create_with_retry(make, *, retry: bool = True, attempts: int = SCHEMA_RACE_A
 
     The second call finds the tables the other process made and creates only what is still missing.
     """
-    import time
-
     for attempt in range(1, attempts + 1):
         try:
             return make()

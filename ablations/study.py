@@ -20,18 +20,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
-from collections import defaultdict
+import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from harness.tracking import check_separate_stores
+from ablations import fair
+from ablations.report import finish_parent_run, report_dir, write_report
 from ablations.storage import DEFAULT_STORAGE, load_existing_study, open_storage, redact, resolve_storage_url
-from ablations.studyfile import StudyFile, builtin_studies, load_study_file, spec_of
+from ablations.space import spec_of
+from ablations.studyfile import StudyFile, builtin_studies, load_study_file
 from ablations.trials import (DEFAULT_STALE_AFTER_S, StudyPlan, describe_running, fail_stale_trials,
                               pending_trials, seconds_until_stale, work)
 from harness import quiet
+from harness.adapters.spec import parse_spec
+from harness.fsutil import check_writable_dir
+from harness.tracking import RunHandle, Tracker, check_separate_stores, check_tracking_uri, resolve_tracking_uri, run_params, sqlite_path
 from harness.errors import EXIT_INTERRUPTED, UserError, cli_entry, interruption
 
 PLAN_ATTR = "plan"
@@ -42,7 +49,7 @@ RESUMABLE_CHANGES = ("n_trials", "mlflow_parent_run_id", "description", "plot_x"
 
 def build_parser() -> argparse.ArgumentParser:
     """harness.run's own options (to fix any of them for every trial) plus the study's."""
-    from harness.config import build_parser as run_parser
+    from harness.config import build_parser as run_parser  # deferred here and below: harness.config loads torch
 
     parser = run_parser()
     parser.prog = "python -m ablations.study"
@@ -91,8 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
 def check_study_options(stale_after: float | None = None, max_trials: int | None = None,
                         n_trials: int | None = None) -> None:
     """The study options no study could use, as one-line UserErrors (before anything is opened)."""
-    import math
-
     if stale_after is not None and not (math.isfinite(stale_after) and stale_after > 0):
         raise UserError(f"--stale-after: must be a positive number of seconds (got {stale_after!r}); at 0 "
                         "workers would take each other's live trials for dead")
@@ -131,13 +136,9 @@ def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | Non
                      description=study.description, n_trials=n_trials or study.n_trials, lr=study.lr,
                      pruner=study.pruner, intermediate_every=study.intermediate_every, plot_x=study.plot_x)
     if study.kind == "fair":
-        from ablations import fair
-
         where = "--final-seeds" if final_seeds is not None else f"{study.source}: final_seeds"
         plan.lr_grid, plan.extend = study.lr_grid, study.extend
         plan.final_seeds = fair.final_seeds_from(study.final_seeds, plan.seeds, where)
-    from harness.adapters.spec import parse_spec
-
     for spec in plan.specs():  # the study's common options (rank, targets ...) with each point's own
         parse_spec(spec, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
     return plan
@@ -150,10 +151,6 @@ def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: 
     ``--tune-lr`` turns a grid study into a fair one over the same points, named ``<study>_tuned_lr``
     (its own storage entry and results folder), with the built-in fair study's grid and seeds.
     """
-    import dataclasses
-
-    from ablations import fair
-
     if tune_lr:
         if study.kind != "grid":
             raise UserError(f"--tune-lr: only grid studies take it ({study.name!r} is kind {study.kind}"
@@ -172,7 +169,7 @@ def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: 
                 raise UserError(f"{flag}: only the fair protocol takes it (a kind fair study, or --tune-lr)")
         return study
     if "methods" in typed:
-        study = dataclasses.replace(study, points=points_of_methods(typed.pop("methods")))
+        study = dataclasses.replace(study, points=fair.points_of_methods(typed.pop("methods")))
     if lr_grid is not None:
         study = dataclasses.replace(study, lr_grid=fair.lr_grid_from(lr_grid, "--lr-grid"))
     if final_seeds is not None:
@@ -180,32 +177,8 @@ def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: 
     return study
 
 
-def points_of_methods(specs: list[str]) -> list[dict[str, Any]]:
-    """``--methods lora,linchain:n=3`` as a fair study's space; every method is compared with lora."""
-    import yaml
-
-    from ablations import fair
-    from ablations.studyfile import enumerate_points
-
-    templates = []
-    for spec in specs:
-        method, _, rest = spec.partition(":")
-        template: dict[str, Any] = {"method": method.strip().lower()}
-        for item in filter(None, (i.strip() for i in rest.split(","))):
-            key, _, value = item.partition("=")
-            template[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else value
-        if "lr" in template:
-            raise UserError(f"--methods: {spec!r} fixes lr, which the fair study tunes itself; remove lr=")
-        templates.append(template)
-    points = enumerate_points(templates, lambda key, what: UserError(f"--methods: {what}"))
-    fair.check_references(points, "--methods")
-    return points
-
-
 def _absolute_tracking_uri(uri: str | None) -> str:
     """MLflow's SQLite file as an absolute path, so every worker writes to the same store."""
-    from harness.tracking import resolve_tracking_uri, sqlite_path
-
     uri = resolve_tracking_uri(uri)
     db = sqlite_path(uri)
     return "sqlite:///" + str(db.resolve()) if db is not None else uri
@@ -215,8 +188,6 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
                      stale_after: float = DEFAULT_STALE_AFTER_S, log=print) -> StudyPlan:
     """Create the study (schema, Optuna studies, queue, MLflow parent run) or check and continue an existing one."""
     import optuna
-
-    from harness.tracking import Tracker, check_tracking_uri, run_params
 
     check_tracking_uri(plan.config.tracking_uri)
     existing = set(optuna.get_all_study_names(storage))
@@ -244,8 +215,6 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
         created = tracker.client.create_run(tracker.experiment_id, run_name=f"study-{plan.name}",
                                             tags={"mlflow.runName": f"study-{plan.name}", **with_tags})
         plan.mlflow_parent_run_id = created.info.run_id
-        from harness.tracking import RunHandle
-
         RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name).log_params(
             {**run_params(plan.shared_options()), "points": len(plan.points), "seeds": plan.seeds,
              "n_trials": plan.n_trials, "description": plan.description,
@@ -287,8 +256,6 @@ def _claim_creation(plan: StudyPlan, storage, name: str) -> bool:
 
 def _wait_for_plan(name: str, storage, url: str, timeout_s: float | None = None, poll_s: float = 0.2) -> StudyPlan:
     """The plan of a study another process is creating, once it has written it (the last step of creation)."""
-    import time
-
     import optuna
 
     deadline = time.monotonic() + (CREATION_WAIT_S if timeout_s is None else timeout_s)
@@ -308,8 +275,6 @@ def top_up(study, storage, plan: StudyPlan, retry_failed: bool = False, log=None
     from optuna.trial import TrialState
 
     if plan.kind == "fair":
-        from ablations import fair
-
         return fair.top_up(study, storage, plan, retry_failed, log=log)
     alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
     trials = study.get_trials(deepcopy=False)
@@ -336,8 +301,6 @@ def top_up(study, storage, plan: StudyPlan, retry_failed: bool = False, log=None
 
 
 def _count(study) -> str:
-    from collections import Counter
-
     counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
 
@@ -379,8 +342,6 @@ def load_plan(name: str, storage, url: str) -> StudyPlan:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from harness.config import RunConfig  # noqa: F401 (fails early if the harness is broken)
-
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
                        ("MLFLOW_DISABLE_TELEMETRY", "true")):
         os.environ.setdefault(key, value)
@@ -394,8 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     config_file = args.pop("config", None)
     url = resolve_storage_url(options["storage"])
     if options["report_only"]:
-        from ablations.report import write_report
-
         storage = open_storage(url, create=False)
         name = Path(name).stem if name.endswith((".yaml", ".yml")) else name
         plan = load_plan(name + ("_tuned_lr" if options["tune_lr"] else ""), storage, url)
@@ -413,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study {plan.name!r} ready; start workers with: python -m ablations.worker {plan.name} "
               f"--storage {redact(url)}")
         return 0
-    from ablations.report import finish_parent_run, write_report
-
     try:
         done = work(plan, storage, max_trials=options["max_trials"], stale_after=options["stale_after"],
                     wait=not options["no_wait"])
@@ -439,9 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_inputs(plan: StudyPlan) -> None:
     """What every trial would read or write, checked once before the study starts (one line each, exit 2)."""
-    from ablations.report import report_dir
-    from harness import data as hdata
-    from harness.fsutil import check_writable_dir
+    from harness import data as hdata  # deferred, as below: both load torch
     from harness.evaluate import task_data_checksums
 
     cfg = plan.trial_config(plan.specs()[0], plan.seeds, 0)

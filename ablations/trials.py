@@ -21,20 +21,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
 import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ablations.studyfile import STUDY_OWNED, spec_of
-from harness.config import RunConfig, config_from_dict, config_to_dict
+from ablations import fair
+from ablations.space import spec_of
+from ablations.storage import MLFLOW_RUN_ATTR
+from ablations.studyfile import STUDY_OWNED
 from harness.errors import UserError, interruption
 from harness.stats import mean as _mean
+from harness.tracking import HOST_TAG, PID_START_TAG, PID_TAG, RunHandle, Tracker, owner_tags, process_alive
+
+if TYPE_CHECKING:
+    from harness.config import RunConfig
 
 HEARTBEAT_ATTR = "ablations:heartbeat"
 WORKER_ATTR = "ablations:worker"  # {"harness.host": ..., "harness.pid": ..., "harness.pid_start": ...}
-MLFLOW_RUN_ATTR = "mlflow_run_id"  # the trial's nested MLflow run
 DEFAULT_STALE_AFTER_S = 120.0
 WAIT_REPORT_EVERY_S = 30.0  # how often a waiting study says what it waits for
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may unlock trials of its own
@@ -96,8 +102,6 @@ class StudyPlan:
         if self.kind == "tpe":
             return [f"{self.name}/{spec}" for spec in self.specs()]
         if self.kind == "fair":
-            from ablations import fair
-
             return fair.optuna_names(self)
         return [self.name]
 
@@ -124,14 +128,10 @@ class StudyPlan:
 
     def queue(self, optuna_name: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """The trials to queue at creation, as (fixed params, user attrs): the whole grid, or the tuning budget."""
-        from ablations.studyfile import spec_of
-
         if self.kind == "tpe":
             spec = optuna_name.split("/", 1)[1]
             return [({}, {"spec": spec, "split": "validation"}) for _ in range(self.n_trials or 0)]
         if self.kind == "fair":
-            from ablations import fair
-
             return fair.initial_queue(self, optuna_name)
         return [({**point, "seed": seed}, {"grid_index": k, "spec": spec_of(point), "seed": seed})
                 for k, (point, seed) in enumerate(self.grid())]
@@ -169,6 +169,8 @@ class StudyPlan:
 
     def shared_options(self) -> dict[str, Any]:
         """The configuration as stored and logged: every option but those each trial sets (methods, seeds, run name)."""
+        from harness.config import config_to_dict  # deferred here and below: harness.config loads torch
+
         options = config_to_dict(self.config)
         for key in STUDY_OWNED:
             options.pop(key)
@@ -179,6 +181,8 @@ class StudyPlan:
 
     @classmethod
     def from_attr(cls, value: dict[str, Any]) -> "StudyPlan":
+        from harness.config import config_from_dict
+
         value = dict(value)
         options = {**value.pop("config"), "methods": [spec_of(p) for p in value["points"]], "seeds": value["seeds"]}
         return cls(config=config_from_dict(options, source=f"study {value['name']!r} in the storage"), **value)
@@ -190,7 +194,7 @@ class StudyPlan:
 
 def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None = None, log=print):
     """One trial: one call of harness.run.run in a nested MLflow run; returns the score (and params for pareto)."""
-    from harness.run import Pruned
+    from harness.run import Pruned  # deferred here and below: harness.run loads torch
     from harness.run import run as harness_run
 
     run_fn = run_fn or harness_run
@@ -238,8 +242,6 @@ def _suggest(trial, plan: StudyPlan) -> tuple[str, list[int], float | None]:
         lr = trial.suggest_float("lr", plan.lr["low"], plan.lr["high"], log=plan.lr["log"])
         return trial.user_attrs["spec"], list(plan.seeds), lr
     if plan.kind == "fair":
-        from ablations import fair
-
         return fair.suggest(trial, plan)
     point, seed = plan.grid()[trial.user_attrs["grid_index"]]
     choices = plan.choices()
@@ -287,8 +289,6 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
     """
     import optuna
     from optuna.trial import TrialState
-
-    from harness.tracking import RunHandle, Tracker
 
     top_up, duplicate_of = _loop_hooks(plan)
     said_no_wait = wait is False
@@ -340,8 +340,6 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
 def _loop_hooks(plan: StudyPlan):
     """The worker loop's hooks of the plan's kind: (top_up, duplicate_of), None where the kind has none."""
     if plan.kind == "fair":
-        from ablations import fair
-
         return fair.top_up, fair.duplicate_of
     return None, None
 
@@ -392,8 +390,6 @@ def claim(study, storage):
     """Take the next queued trial (WAITING -> RUNNING, atomically in the storage) or None if the queue is empty."""
     import optuna
     from optuna.trial import TrialState
-
-    from harness.tracking import owner_tags
 
     study_id = storage.get_study_id_from_name(study.study_name)
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
@@ -522,10 +518,6 @@ def fail_stale_trials(study, storage, plan: StudyPlan, stale_after: float, log=p
 
 def _lost_worker(frozen, now: float, stale_after: float) -> str | None:
     """Why a RUNNING trial's worker counts as gone, or None while it may be alive."""
-    import socket
-
-    from harness.tracking import HOST_TAG, PID_START_TAG, PID_TAG, process_alive
-
     owner = frozen.system_attrs.get(WORKER_ATTR) or {}
     if owner.get(HOST_TAG) == socket.gethostname() and not process_alive(owner.get(PID_TAG), owner.get(PID_START_TAG)):
         return f"its process (pid {owner.get(PID_TAG)}) has ended"
@@ -540,8 +532,6 @@ def close_trial_runs(plan: StudyPlan, run_id: str | None, reason: str) -> None:
     if not run_id:
         return
     from mlflow.entities import RunTag
-
-    from harness.tracking import Tracker
 
     tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     client = tracker.client

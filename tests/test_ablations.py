@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from ablations.storage import open_storage, resolve_storage_url
-from ablations.studyfile import builtin_studies, load_study_file, parse_study, spec_of
+from ablations.space import spec_of
+from ablations.studyfile import builtin_studies, load_study_file, parse_study
 from harness.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
