@@ -28,9 +28,8 @@ LAYERS = (
 # Within one layer: the diagnostics sit beside the report and draw with harness.plots, never through it.
 FORBIDDEN = {("harness.diagnostics", "harness.report")}
 
-# Known edges to remove, each listed exactly (a new one fails the test, and so does one that is gone):
-# the three ablation modules reach each other from inside functions (the study-kinds refactor removes it).
-KNOWN_CIRCLES = [["ablations.fair", "ablations.studyfile", "ablations.trials"]]
+# Known circles to remove, each listed exactly (a new one fails the test, and so does one that is gone): none.
+KNOWN_CIRCLES: list[list[str]] = []
 KNOWN_FORBIDDEN: set[tuple[str, str]] = set()
 
 
