@@ -6,10 +6,12 @@ picking the best of many trials by test score overstates it. The protocol, per m
 
 1. **tuning** (Optuna study ``<study>/<spec>``): one trial per learning rate of the grid and tuning
    seed, every method the same grid, steps and seeds, scored (and pruned) on the validation split.
-   The chosen rate has the best mean validation score over the tuning seeds (a tie goes to the
-   smaller rate); a rate where any tuning seed failed or was pruned is not a candidate. When the
-   chosen rate is the grid's lowest or highest, the grid grows one step on that side and the
-   choice is made again, at most ``extend`` times per side.
+   The chosen rate has the best *smoothed* validation score: a kernel smoother in log lr over every
+   tuning score (harness.stats.smoothed_lr_choice), not one noisy argmax (a tie goes to the smaller
+   rate); a rate where any tuning seed failed or was pruned is not a candidate. When the chosen
+   rate is the grid's lowest or highest, the grid grows one step on that side and the choice is
+   made again, at most ``extend`` times per side. A rate still at the edge after that withholds
+   the verdict of every comparison it is part of (``inconclusive``).
 2. **final** (Optuna study ``<study>/<spec>/final``): once the tuning of that spec is settled, one
    trial per final seed (fresh: disjoint from the tuning seeds) at the chosen rate, scored on the
    test split once. No test score exists for any other rate.
@@ -18,7 +20,15 @@ Every decision is a pure function of the finished trials in the storage, so any 
 same one: whichever worker sees a spec settled queues its final trials. Two workers may queue the
 same slot at the same moment; the lower-numbered trial then runs and the other is marked a
 duplicate when claimed, never run. A killed worker loses only its trial (the study's heartbeat
-machinery queues it again); a failed final seed is reported, never dropped.
+machinery queues it again); a failed final seed is reported, never dropped; a diverged final run
+is an outcome, scored as the base model it falls back to, and counted in the divergence rate.
+
+3. **verdict** (:func:`verdict_rows`): every method against its reference (LoRA; a control's parent;
+   what a ``lora:match=`` point matches), paired by final seed: the gain's 95% interval over seeds,
+   the item bootstrap beside it, and one of four verdicts: ``better`` / ``worse`` (Holm over the
+   family), ``equivalent`` (the 90% interval inside +-delta, two one-sided tests, Holm), or
+   ``inconclusive`` (otherwise, or withheld: a rate at the edge, fewer than 2 pairs). Comparisons
+   with LoRA and method-minus-control contrasts are separate Holm families.
 """
 
 from __future__ import annotations
@@ -29,9 +39,10 @@ from typing import Any
 
 import yaml
 
-from ablations.space import enumerate_points, spec_of
-from ablations.storage import MLFLOW_RUN_ATTR
+from ablations.space import REFERENCE, enumerate_points, options_of, spec_of
+from ablations.storage import CORRECT_ATTR, MLFLOW_RUN_ATTR, unpack_correct
 from harness import stats
+from harness.adapters.spec import parse_spec, spec_options
 from harness.errors import UserError
 from harness.stats import mean as mean_of, sample_sd as std_of  # the one home of both (ablations.report uses them)
 from harness.tracking import Tracker
@@ -124,6 +135,24 @@ def final_seeds_from(value: Any, tuning_seeds: list[int], where: str) -> list[in
     return seeds
 
 
+# The paired per-seed SD --plan assumes when nothing has been measured: "Learning Rate Matters" (arXiv 2602.04998)
+# and this harness's make-run seeds put the paired SD of a gain at 2-3 points; 2.5 is the middle, stated as assumed.
+ASSUMED_SD = 0.025
+
+
+def points_from(value: Any, where: str) -> float:
+    """A size in points of accuracy (``2`` = 2 points) as a fraction: a finite number in (0, 100), else one line."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UserError(f"{where}: must be a number of accuracy points, e.g. 2 (got {value!r})")
+    try:
+        number = float(value)
+    except ValueError:
+        raise UserError(f"{where}: must be a number of accuracy points, e.g. 2 (got {value!r})") from None
+    if not math.isfinite(number) or not 0 < number < 100:
+        raise UserError(f"{where}: must be positive and below 100 accuracy points (got {value!r})")
+    return number / 100
+
+
 def lr_at(grid: list[float], position: int) -> float:
     """The rate at a grid position; positions below 0 and past the end continue the grid's outer step."""
     if 0 <= position < len(grid):
@@ -142,35 +171,134 @@ def positions_range(plan) -> range:
     return range(-plan.extend, len(plan.lr_grid) + plan.extend)
 
 
-def reference_of(point: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The LoRA point a point is compared with: the ``lora`` point sharing the most of its options.
+CONTROL_OPTIONS = ("freeze_middle", "bias", "init")  # a point with one of these set is a control of its parent
+LORA_FAMILY, CONTROL_FAMILY = "vs LoRA", "vs control"  # the two Holm families of a fair study
 
-    In ``fair`` that is plain ``lora``; in ``rank --tune-lr`` it is LoRA at the same rank. A space with
-    one LoRA point (``--methods lora:r=8,moslora``) compares everything with it, as harness.run does.
+
+def _canonical(spec: str) -> str:
+    """A spec's canonical text (option order and spelling do not matter), or the text itself if it does not parse."""
+    try:
+        return parse_spec(spec).canonical()
+    except UserError:
+        return spec.strip()
+
+
+def parent_of(point: dict[str, Any]) -> dict[str, Any] | None:
+    """A control's parent: the same point without the control options (``moslora:freeze_middle=true`` -> ``moslora``).
+
+    None when the point is no control: no control option set, or each set to its default
+    (``init=kaiming`` is plain MoSLoRA).
     """
-    loras = [p for p in points if p["method"] == "lora"]
-    candidates = [p for p in loras if all(point.get(k) == v for k, v in p.items() if k != "method")]
+    if point["method"] == "lora":
+        return None
+    defaults = parse_spec(str(point["method"]))
+    changed = [k for k in CONTROL_OPTIONS if k in point
+               and _canonical(spec_of({"method": point["method"], k: point[k]})) != defaults.canonical()]
+    if not changed:
+        return None
+    return {k: v for k, v in point.items() if k not in CONTROL_OPTIONS and k != REFERENCE}
+
+
+def reference_of(point: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The point a point is compared with, by the first rule that applies:
+
+    1. ``reference: SPEC`` in the study file: the point with that spec;
+    2. ``lora:match=X``: the point X (a parameter-matched LoRA is compared with what it matches);
+    3. a control (``freeze_middle``, ``bias`` or ``init`` set, :func:`parent_of`): its parent method;
+    4. a LoRA point is a reference (compared with nothing);
+    5. otherwise the ``lora`` point sharing the most of its options: plain ``lora`` in ``fair``, LoRA
+       at the same rank in ``rank --tune-lr``; a space with one LoRA point compares everything with it.
+
+    None for the reference itself, and where no point fits (:func:`references` says why, in one line).
+    """
+    by_spec = {_canonical(spec_of(p)): p for p in points}
+    if point.get(REFERENCE):
+        return by_spec.get(_canonical(point[REFERENCE]))
+    if point["method"] == "lora" and "match" in point:
+        return by_spec.get(_canonical(str(point["match"])))
+    parent = parent_of(point)
+    if parent is not None:
+        return by_spec.get(_canonical(spec_of(parent)))
+    if point["method"] == "lora":
+        return None  # every LoRA point without match= or reference: is a reference (one per rank in ``rank``)
+    loras = [p for p in points if p["method"] == "lora" and "match" not in p and not p.get(REFERENCE)]
+    own = options_of(point)
+    candidates = [p for p in loras if all(own.get(k) == v for k, v in options_of(p).items())]
     if candidates:
         return max(candidates, key=len)
     return loras[0] if len(loras) == 1 else None
 
 
-def check_references(points: list[dict[str, Any]], where: str) -> None:
+def references(points: list[dict[str, Any]], where: str) -> dict[str, str | None]:
+    """Every point's reference spec (None for a reference point), checked: one line for a point without one.
+
+    A ``reference`` naming no point of the study, a control whose parent is not in the study, a
+    ``lora:match=X`` without X, a method with no LoRA to compare with, a point that is its own
+    reference: each a UserError naming the point.
+    """
+    found: dict[str, str | None] = {}
     for point in points:
-        if reference_of(point, points) is None:
-            raise UserError(f"{where}: every method is compared with lora, the reference: add lora"
-                            + (f" with the options of {spec_of(point)!r}" if len(point) > 1 else ""))
+        spec, ref = spec_of(point), reference_of(point, points)
+        if ref is point or (ref is not None and spec_of(ref) == spec):
+            raise UserError(f"{where}: {spec!r} names itself as its reference; name another point of the study")
+        if ref is None:
+            if point.get(REFERENCE):
+                raise UserError(f"{where}: {spec!r} has reference {point[REFERENCE]!r}, which is no point of the "
+                                f"study ({', '.join(spec_of(p) for p in points)}); add it or fix the name")
+            if point["method"] == "lora" and "match" in point:
+                raise UserError(f"{where}: {spec!r} is compared with what it matches, {point['match']!r}, which is "
+                                "not in the study; add it")
+            parent = parent_of(point)
+            if parent is not None:
+                raise UserError(f"{where}: {spec!r} is a control of {spec_of(parent)!r}, which is not in the study; "
+                                f"add {spec_of(parent)!r} (a control is compared with its parent), or name another "
+                                "point with reference:")
+            if point["method"] != "lora":
+                raise UserError(f"{where}: every method is compared with lora, the reference: add lora"
+                                + (f" with the options of {spec!r}" if len(options_of(point)) else ""))
+        found[spec] = None if ref is None else spec_of(ref)
+    _check_acyclic(found, where)
+    return found
+
+
+def _check_acyclic(found: dict[str, str | None], where: str) -> None:
+    for start in found:
+        seen, current = [start], found[start]
+        while current is not None:
+            if current in seen:
+                raise UserError(f"{where}: the references go round in a circle ({' -> '.join(seen + [current])}); "
+                                "one point must be the reference of the others")
+            seen.append(current)
+            current = found.get(current)
+
+
+def family_of(spec: str, reference: str | None) -> str | None:
+    """Which Holm family a comparison is in: with LoRA (either side a LoRA) or method minus control."""
+    if reference is None:
+        return None
+    return LORA_FAMILY if "lora" in (spec.partition(":")[0], reference.partition(":")[0]) else CONTROL_FAMILY
+
+
+def check_references(points: list[dict[str, Any]], where: str) -> None:
+    references(points, where)
 
 
 def points_of_methods(specs: list[str]) -> list[dict[str, Any]]:
-    """``--methods lora,linchain:n=3`` as a fair study's space; every method is compared with lora."""
+    """``--methods lora,linchain:n=3,moslora:freeze_middle=true`` as a fair study's space.
+
+    Each spec is read with harness.run's own option rule (``match=`` takes the rest of the spec,
+    commas included); values become numbers or true/false where they read as such.
+    """
     templates = []
     for spec in specs:
-        method, _, rest = spec.partition(":")
-        template: dict[str, Any] = {"method": method.strip().lower()}
-        for item in filter(None, (i.strip() for i in rest.split(","))):
-            key, _, value = item.partition("=")
-            template[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else value
+        try:
+            parse_spec(spec)
+            method, options = spec_options(spec)
+        except UserError as err:
+            raise UserError(f"--methods: {err}") from None
+        template: dict[str, Any] = {"method": method}
+        for key, value in options.items():
+            template[key] = value if key == "match" else _scalar(value)
         if "lr" in template:
             raise UserError(f"--methods: {spec!r} fixes lr, which the fair study tunes itself; remove lr=")
         templates.append(template)
@@ -178,6 +306,10 @@ def points_of_methods(specs: list[str]) -> list[dict[str, Any]]:
     check_references(points, "--methods")
     return points
 
+
+def _scalar(text: str) -> Any:
+    value = yaml.safe_load(text)
+    return value if isinstance(value, (bool, int, float)) else text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,7 +361,12 @@ def outcomes(trials) -> dict[tuple, Any]:
 
 @dataclass
 class Tuning:
-    """Where a spec's tuning stands: the grid positions it needs, and (once settled) the chosen one."""
+    """Where a spec's tuning stands: the grid positions it needs, and (once settled) the chosen one.
+
+    ``smoothed`` is the validation curve the choice was made on (position -> smoothed score,
+    :func:`harness.stats.smoothed_lr_choice`), over the candidate rates: those every tuning seed
+    completed.
+    """
 
     low: int
     high: int
@@ -237,6 +374,27 @@ class Tuning:
     best: int | None = None
     missing: list[tuple] = field(default_factory=list)  # slots to queue
     scores: dict[int, dict[int, float]] = field(default_factory=dict)  # position -> seed -> validation score
+    smoothed: dict[int, float] = field(default_factory=dict)
+
+
+# The smoother's bandwidth in grid steps. Half a step: a neighbour weighs e^-2 = 0.14 of a rate's own score. At a
+# full step the mirror image at the grid's end counts the neighbouring peak twice, and an end rate next to the
+# peak ties with it on a three-rate grid (then the tie rule picks the end and extends the grid for nothing).
+SMOOTHING_STEPS = 0.5
+
+
+def choose_position(plan, complete: dict[int, dict[int, float]]) -> tuple[int, dict[int, float]]:
+    """The chosen grid position on the smoothed validation curve over the candidate positions, and that curve.
+
+    One tuning seed's argmax is noisy (about 1.2-1.5 points of SD added to each gain); the smoothed
+    curve in log lr borrows strength from the neighbouring rates (harness.stats.smoothed_lr_choice).
+    """
+    positions = sorted(complete)
+    points = [(lr_at(plan.lr_grid, p), v) for p in positions for v in complete[p].values()]
+    choice = stats.smoothed_lr_choice(points, bandwidth_steps=SMOOTHING_STEPS)
+    by_lr = {lr_at(plan.lr_grid, p): p for p in positions}
+    curve = {by_lr[lr]: value for lr, value in zip(choice.lrs, choice.smoothed)}
+    return by_lr[choice.lr], curve
 
 
 def tuning_state(plan, trials) -> Tuning:
@@ -259,14 +417,13 @@ def tuning_state(plan, trials) -> Tuning:
         complete = {p: v for p, v in state.scores.items() if len(v) == len(plan.seeds)}
         if not complete:
             return state
-        state.best = max(complete, key=lambda p: (mean_of(complete[p].values()), -p))
+        state.best, state.smoothed = choose_position(plan, complete)
         if state.best == low and low > -plan.extend:
             low -= 1
         elif state.best == high and high < len(plan.lr_grid) - 1 + plan.extend:
             high += 1
         else:
             return state
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -376,7 +533,9 @@ class TunedArm:
     """One spec's protocol outcome, read back from the storage: the tuning, the chosen rate, the final test scores.
 
     One arm of the fair comparison over all its seeds; harness.run.MethodResult is something else (one
-    method and seed of a run).
+    method and seed of a run). ``test`` holds every final seed with an outcome: a diverged seed is
+    there too, scored as the base model (``diverged`` says which and why); ``failed`` are crashes
+    with no outcome (reported, and run again with ``--retry-failed``).
     """
 
     spec: str
@@ -387,20 +546,34 @@ class TunedArm:
     extended_low: int
     extended_high: int
     chosen_lr: float | None
-    valid_score: float
-    test: dict[int, float]  # final seed -> test score (completed seeds only)
-    failed: dict[int, str]  # final seed -> why it failed
+    valid_score: float  # the best raw validation score of the grid: selection-biased upwards
+    test: dict[int, float]  # final seed -> test score
+    failed: dict[int, str]  # final seed -> why it failed (a crash: no outcome)
     pending: list[int]
+    diverged: dict[int, str] = field(default_factory=dict)  # final seed -> the divergence (scored as the base model)
+    correct: dict[int, dict] = field(default_factory=dict)  # final seed -> task -> doc -> 0/1
+    valid_smoothed: float = math.nan  # the smoothed validation curve at the chosen rate (what the choice used)
 
     @property
     def at_edge(self) -> bool:
-        """The chosen rate is still the lowest or highest tried: the best rate may lie beyond the grid."""
-        return self.tuning.best in (self.tuning.low, self.tuning.high)
+        """The chosen rate is still the lowest or highest tried after every extension allowed: the best rate
+        may lie beyond the grid, so the method may be under-tuned and its comparisons are withheld."""
+        return self.tuning.best is not None and self.tuning.best in (self.tuning.low, self.tuning.high)
+
+    @property
+    def family(self) -> str | None:
+        return family_of(self.spec, self.reference)
+
+    @property
+    def divergence_rate(self) -> float:
+        """The share of final seeds with an outcome that diverged (NaN before any)."""
+        return len(self.diverged) / len(self.test) if self.test else math.nan
 
 
 def method_results(plan, storage) -> list[TunedArm]:
     import optuna
 
+    refs = references(plan.points, plan.name)
     results = []
     for point in plan.points:
         spec = spec_of(point)
@@ -410,19 +583,26 @@ def method_results(plan, storage) -> list[TunedArm]:
         found = outcomes(finals)
         reasons = {t.user_attrs.get("seed"): t.user_attrs.get("fail_reason", "failed") for t in finals
                    if t.state.name == "FAIL" and not t.user_attrs.get("killed")}
+        done = {t.user_attrs.get("seed"): t for t in finals
+                if t.state.name == "COMPLETE" and t.user_attrs.get("duplicate_of") is None}
         final_lrs = {t.user_attrs["lr"] for t in finals if t.user_attrs.get("duplicate_of") is None}
         if len(final_lrs) > 1:  # cannot happen through top_up; a hand-edited storage would show here
             raise RuntimeError(f"{spec}: final trials ran at several rates {sorted(final_lrs)}")
-        reference = reference_of(point, plan.points)
+        best = tuning.best
         results.append(TunedArm(
-            spec=spec, reference=None if reference == point else spec_of(reference), tuning=tuning,
+            spec=spec, reference=refs[spec], tuning=tuning,
             grid_low=lr_at(plan.lr_grid, tuning.low), grid_high=lr_at(plan.lr_grid, tuning.high),
             extended_low=-tuning.low, extended_high=tuning.high - (len(plan.lr_grid) - 1),
-            chosen_lr=lr_at(plan.lr_grid, tuning.best) if tuning.best is not None else None,
-            valid_score=mean_of(tuning.scores[tuning.best].values()) if tuning.best is not None else math.nan,
+            chosen_lr=lr_at(plan.lr_grid, best) if best is not None else None,
+            valid_score=max((mean_of(v.values()) for v in tuning.scores.values() if len(v) == len(plan.seeds)),
+                            default=math.nan) if best is not None else math.nan,
+            valid_smoothed=tuning.smoothed.get(best, math.nan) if best is not None else math.nan,
             test={s: v for (_, s), v in found.items() if isinstance(v, float)},
             failed={s: reasons.get(s, "failed") for (_, s), v in found.items() if v == "failed"},
-            pending=[s for (_, s), v in found.items() if v == "pending"]))
+            pending=[s for (_, s), v in found.items() if v == "pending"],
+            diverged={s: t.user_attrs["diverged"] for s, t in done.items() if t.user_attrs.get("diverged")},
+            correct={s: unpack_correct(t.user_attrs.get(CORRECT_ATTR)) for s, t in done.items()
+                     if t.user_attrs.get(CORRECT_ATTR)}))
     return results
 
 
@@ -469,40 +649,99 @@ def _logged_below(tracker, run_id: str, key: str) -> float | None:
     return None
 
 
-NOT_COMPARED = "not compared"  # no final seed that both the method and its reference completed (yet)
-VERDICT_COLUMNS = ("method", "reference", "chosen_lr", "grid_low", "grid_high", "valid_score", "test_mean",
-                   "test_std", "seeds", "failed_seeds", "gain_vs_lora", "gain_low", "gain_high", "p_holm", "mde",
-                   "verdict", "note")
+VERDICT_COLUMNS = ("method", "reference", "family", "chosen_lr", "grid_low", "grid_high", "at_edge",
+                   "valid_best_of_grid", "valid_smoothed", "test_mean", "test_std", "seeds", "failed_seeds",
+                   "diverged_seeds", "divergence_rate", "gain", "gain_low", "gain_high", "gain_low90", "gain_high90",
+                   "items_low", "items_high", "p_holm", "p_equivalence_holm", "delta", "mde_pooled",
+                   "var_seed_share", "var_item_share", "verdict", "note")
+REFERENCE_VERDICT = "reference"
+
+
+def paired_differences(arm: TunedArm, reference: TunedArm) -> list[float]:
+    """The per-seed test differences arm - reference over the final seeds both have an outcome for."""
+    return [arm.test[s] - reference.test[s] for s in sorted(set(arm.test) & set(reference.test))]
+
+
+def pooled_spread(results: list[TunedArm]) -> stats.PooledSD:
+    """The study's pooled per-seed SD of the paired differences over every comparison (more df than one's)."""
+    by_spec = {r.spec: r for r in results}
+    return stats.pooled_sd([paired_differences(r, by_spec[r.reference]) for r in results if r.reference is not None])
+
+
+def withheld(arm: TunedArm, reference: TunedArm) -> str | None:
+    """Why no verdict may be given yet though the numbers exist, or None."""
+    edge = [a.spec for a in (reference, arm) if a.at_edge]
+    if edge:
+        return ("withheld: the chosen rate of " + " and ".join(f"`{e}`" for e in edge) + " is still at the edge of "
+                "the grid after the last extension (the best rate may lie beyond, so the method may be under-tuned); "
+                "widen lr_grid or raise extend")
+    return None
 
 
 def verdict_rows(plan, results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, Any]]:
-    """One row per method: the columns of verdict.csv; gains compare final test scores with the reference's, per seed.
+    """One row per method: the columns of verdict.csv (gains are arm - reference, per final seed, fractions).
 
-    The verdict is better / worse / no detectable difference (``harness.stats.verdict`` on the
-    Holm-adjusted p-value), ``reference`` for LoRA, or ``not compared`` while no final seed has a
-    score on both sides (the note says why).
+    ``verdict`` is ``reference`` for a reference point, else one of the four of
+    :func:`harness.stats.fair_verdicts`: ``better``, ``worse``, ``equivalent`` or ``inconclusive``.
+    Each family (comparisons with LoRA; method-minus-control contrasts) is Holm-adjusted on its own,
+    difference tests and equivalence tests separately. A comparison is withheld (``inconclusive``,
+    outside its family) when either side's chosen rate is at the edge (:func:`withheld`). The note
+    says why in every case.
     """
+    delta = getattr(plan, "delta", None) or stats.DELTA
     by_spec = {r.spec: r for r in results}
-    comparisons = {r.spec: stats.seed_comparison(r.test, by_spec[r.reference].test)
-                   for r in results if r.reference is not None and r.test and by_spec[r.reference].test}
-    adjusted = stats.holm({k: c.p_value for k, c in comparisons.items()})
+    comparisons, holds = {}, {}
+    for r in results:
+        if r.reference is None:
+            continue
+        ref = by_spec[r.reference]
+        comparisons[r.spec] = stats.seed_comparison(r.test, ref.test)
+        holds[r.spec] = withheld(r, ref)
+    verdicts: dict[str, stats.FairVerdict] = {}
+    for family in (LORA_FAMILY, CONTROL_FAMILY):
+        members = {k: c for k, c in comparisons.items() if by_spec[k].family == family and holds[k] is None}
+        verdicts.update(stats.fair_verdicts(members, delta=delta, alpha=alpha))
+    pooled = pooled_spread(results)
+    family_sizes = {f: sum(1 for k in comparisons if by_spec[k].family == f) for f in (LORA_FAMILY, CONTROL_FAMILY)}
     rows = []
     for r in results:
-        row = {"method": r.spec, "reference": r.reference or "", "chosen_lr": r.chosen_lr, "grid_low": r.grid_low,
-               "grid_high": r.grid_high, "valid_score": r.valid_score, "test_mean": mean_of(r.test.values()),
-               "test_std": std_of(r.test.values()), "seeds": ",".join(map(str, sorted(r.test))),
-               "failed_seeds": ",".join(map(str, sorted(r.failed))), "gain_vs_lora": math.nan,
-               "gain_low": math.nan, "gain_high": math.nan, "p_holm": math.nan, "mde": math.nan,
-               "verdict": "reference" if r.reference is None else NOT_COMPARED, "note": _note(r)}
-        c = comparisons.get(r.spec)
-        if c is not None and c.n_seeds > 0:
-            p = adjusted.get(r.spec, math.nan)
-            row.update(gain_vs_lora=c.estimate, gain_low=c.low, gain_high=c.high, p_holm=p,
-                       mde=stats.detectable_effect(c, alpha=alpha),
-                       verdict=stats.verdict(c, p, alpha=alpha))
+        row = {"method": r.spec, "reference": r.reference or "", "family": r.family or "", "chosen_lr": r.chosen_lr,
+               "grid_low": r.grid_low, "grid_high": r.grid_high, "at_edge": r.at_edge,
+               "valid_best_of_grid": r.valid_score, "valid_smoothed": r.valid_smoothed,
+               "test_mean": mean_of(r.test.values()), "test_std": std_of(r.test.values()),
+               "seeds": ",".join(map(str, sorted(r.test))), "failed_seeds": ",".join(map(str, sorted(r.failed))),
+               "diverged_seeds": ",".join(map(str, sorted(r.diverged))), "divergence_rate": r.divergence_rate,
+               **{k: math.nan for k in ("gain", "gain_low", "gain_high", "gain_low90", "gain_high90", "items_low",
+                                        "items_high", "p_holm", "p_equivalence_holm", "mde_pooled",
+                                        "var_seed_share", "var_item_share")},
+               "delta": delta, "verdict": REFERENCE_VERDICT if r.reference is None else stats.INCONCLUSIVE,
+               "note": ""}
+        notes = []
+        if r.reference is not None:
+            ref, c = by_spec[r.reference], comparisons[r.spec]
+            if c.n_seeds > 0:
+                row.update(gain=c.estimate, gain_low=c.low, gain_high=c.high)
+            tost = stats.equivalence_test(c, delta, alpha)
+            if tost is not None:
+                row.update(gain_low90=tost.low, gain_high90=tost.high)
+            items = stats.item_interval(r.correct, ref.correct) if r.correct and ref.correct else None
+            if items is not None:
+                row.update(items_low=items.low, items_high=items.high)
+            components = stats.variance_components(r.correct, ref.correct) if r.correct and ref.correct else None
+            if components is not None:
+                row.update(var_seed_share=components.seed_share, var_item_share=components.item_share)
+            if c.n_seeds >= stats.MIN_PAIRS and math.isfinite(pooled.sd) and pooled.sd > 0:
+                row["mde_pooled"] = stats.minimum_detectable_effect(pooled.sd, c.n_seeds, alpha,
+                                                                    comparisons=family_sizes[r.family])
+            if holds[r.spec] is not None:
+                notes.append(holds[r.spec])
+            else:
+                v = verdicts[r.spec]
+                row.update(verdict=v.verdict, p_holm=v.p_holm, p_equivalence_holm=v.p_equivalence_holm)
+                notes.append(v.reason)
             if c.missing:
-                row["note"] = "; ".join(filter(None, [row["note"], "compared on the seeds both completed: "
-                                                     + ",".join(map(str, c.seeds))]))
+                notes.append("compared on the seeds both have: " + ",".join(map(str, c.seeds)))
+        row["note"] = "; ".join(filter(None, [*notes, _note(r)]))
         rows.append(row)
     return rows
 
@@ -512,14 +751,109 @@ def _note(r: TunedArm) -> str:
     if r.extended_low or r.extended_high:
         notes.append("grid extended " + ", ".join(f"{n} step(s) {side}" for n, side in
                                                   ((r.extended_low, "down"), (r.extended_high, "up")) if n))
-    if r.tuning.best is not None and r.at_edge:
+    if r.at_edge:
         notes.append("chosen rate at the edge after the maximum extensions: the best rate may lie beyond")
     if r.tuning.settled and r.tuning.best is None:
         notes.append("no rate completed every tuning seed: no final runs")
     if not r.tuning.settled:
         notes.append("tuning not finished")
+    notes += [f"final seed {s} diverged (scored as the base model): {why.removeprefix(f'seed {s}: ')}"
+              for s, why in sorted(r.diverged.items())]
     notes += [f"final seed {s} failed: {why.removeprefix(f'seed {s}: ')}" for s, why in sorted(r.failed.items())]
     if r.pending:
         notes.append("final seed(s) " + ",".join(map(str, sorted(r.pending))) + " still running")
     return "; ".join(notes)
 
+
+# ----------------------------------------------------------------------------------------------------------
+# The design before compute (--plan) and after (verdict.md): trials, time, power
+
+
+@dataclass(frozen=True)
+class Design:
+    """What a fair study costs and can show: its trial counts, a time estimate and the power figures per family."""
+
+    tuning_trials: int  # the base grid times the tuning seeds, per spec, summed
+    tuning_trials_max: int  # with every extension allowed
+    final_trials: int
+    seconds_per_trial: float  # NaN when nothing has been measured
+    time_source: str
+    sd: float
+    sd_source: str
+    figures: dict[str, stats.PowerFigures]  # per Holm family with at least one comparison
+
+
+def family_sizes(plan) -> dict[str, int]:
+    refs = references(plan.points, plan.name)
+    sizes: dict[str, int] = {}
+    for spec, ref in refs.items():
+        family = family_of(spec, ref)
+        if family is not None:
+            sizes[family] = sizes.get(family, 0) + 1
+    return sizes
+
+
+def design(plan, results: list[TunedArm] | None = None, timing: tuple[float, str] | None = None,
+           alpha: float = 0.05) -> Design:
+    """The design of ``plan``: from the study's pooled per-seed SD where its finals exist (``results``), else the
+    planned SD (``--planned-sd``, or :data:`ASSUMED_SD`, said to be assumed); ``timing`` is (seconds per trial,
+    where the figure comes from)."""
+    delta = plan.delta or stats.DELTA
+    n_specs = len(plan.points)
+    tuning = n_specs * len(plan.lr_grid) * len(plan.seeds)
+    tuning_max = n_specs * (len(plan.lr_grid) + 2 * plan.extend) * len(plan.seeds)
+    finals = n_specs * len(plan.final_seeds)
+    pooled = pooled_spread(results) if results else None
+    if pooled is not None and pooled.df >= 2 and math.isfinite(pooled.sd) and pooled.sd > 0:
+        sd, sd_df = pooled.sd, float(pooled.df)
+        source = (f"pooled over this study's final runs ({pooled.df} df from {pooled.n_comparisons} comparison(s); "
+                  f"95% interval {100 * pooled.low:.1f}-{100 * pooled.high:.1f} points)")
+    elif plan.planned_sd:
+        sd, sd_df, source = plan.planned_sd, math.inf, "planned (--planned-sd / the study file's planned_sd)"
+    else:
+        sd, sd_df = ASSUMED_SD, math.inf
+        source = ("ASSUMED, not measured: 2.5 points, the middle of the 2-3 points measured for a gain's paired "
+                  "seed SD on this harness's arithmetic runs; pass --planned-sd from a pilot")
+    figures = {family: stats.power_figures(sd, len(plan.final_seeds), comparisons=m, delta=delta, alpha=alpha,
+                                           sd_df=sd_df)
+               for family, m in family_sizes(plan).items()}
+    per_trial, time_source = timing if timing is not None else (math.nan, "no trial measured yet")
+    return Design(tuning, tuning_max, finals, per_trial, time_source, sd, source, figures)
+
+
+def design_lines(d: Design, plan) -> list[str]:
+    """The design in words, as --plan prints it and verdict.md repeats it (with the pooled SD)."""
+    n = len(plan.final_seeds)
+    trials = d.tuning_trials + d.final_trials
+    lines = [f"trials: {d.tuning_trials} tuning ({len(plan.points)} method(s) x {len(plan.lr_grid)} rates x "
+             f"{len(plan.seeds)} tuning seed(s); up to {d.tuning_trials_max} if every extension is needed) + "
+             f"{d.final_trials} final ({n} fresh seeds per method) = {trials} to {d.tuning_trials_max + d.final_trials}"]
+    if math.isfinite(d.seconds_per_trial):
+        low, high = trials * d.seconds_per_trial, (d.tuning_trials_max + d.final_trials) * d.seconds_per_trial
+        lines.append(f"estimated wall time on this machine, one worker: {_duration(low)} to {_duration(high)} "
+                     f"({d.seconds_per_trial:.0f} s per trial, {d.time_source})")
+    else:
+        lines.append(f"estimated wall time: unknown ({d.time_source}); run one trial (--max-trials 1) and --plan again")
+    lines.append(f"paired per-seed SD of a gain: {100 * d.sd:.1f} points, {d.sd_source}")
+    for family, f in d.figures.items():
+        level = f.alpha / f.comparisons
+        lines.append(
+            f"{family} ({f.comparisons} comparison(s), Holm's first step at alpha {level:.3g}): with {n} final seeds "
+            f"the minimum detectable effect (80% power) is {100 * f.mde:.1f} points; a true gain of "
+            f"{100 * f.delta:.1f} points (delta) is found {100 * f.power_at_delta:.0f}% of the time; equal methods "
+            f"are called equivalent (90% interval inside +-{100 * f.delta:.1f}) {100 * f.p_equivalent:.0f}% of the time"
+            + (f"; 80% for both needs {f.seeds_needed} final seeds" if f.seeds_needed else
+               "; no number of seeds up to 1000 gives 80% for both"))
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    hours = seconds / 3600
+    return f"{hours:.1f} h" if hours >= 1 else f"{seconds / 60:.0f} min"
+
+
+def measured_trial_seconds(trials) -> float | None:
+    """The median wall time of the finished trials given (tuning and final alike), or None without any."""
+    times = sorted(t.user_attrs["trial_seconds"] for t in trials
+                   if t.state.name == "COMPLETE" and isinstance(t.user_attrs.get("trial_seconds"), (int, float)))
+    return times[len(times) // 2] if times else None

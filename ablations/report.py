@@ -430,43 +430,89 @@ def write_fair_report(plan, storage) -> Path:
 
 def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, plots: list[Path],
                      curvature: list[str] = ()) -> str:
+    """verdict.md: each comparison's interval first, then its verdict, the table, the design and the notes."""
     cfg = plan.config
+    delta = plan.delta or 0.02
     tune = trials[trials["stage"] == "tune"] if len(trials) else trials
     ran = tune[tune["state"].isin(["COMPLETE", "PRUNED", "FAIL"]) & tune["duplicate_of"].isna()] if len(tune) else tune
     grid = ", ".join(f"{r:.3g}" for r in plan.lr_grid)
-    lines = [f"# Fair comparison: {plan.name}", "", *([plan.description, ""] if plan.description else []),
-             f"- **model**: {cfg.model}; **training data**: {cfg.train_data}; **tasks**: {', '.join(cfg.tasks)}"
-             + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
-             f"- **the same for every method**: {cfg.max_steps or str(cfg.epochs) + ' epoch(s)'} steps, batch "
-             f"{cfg.batch_size}, rank {cfg.rank}, alpha {cfg.alpha:g}; learning-rate grid {grid} "
-             f"(extended by at most {plan.extend} step(s) on a side where the best rate is the edge); tuning "
-             f"seed(s) {', '.join(map(str, plan.seeds))} per rate",
-             f"- **selection**: each method's rate has the best mean validation score over its tuning seeds "
-             f"({len(ran)} tuning trials in all, every one on the validation split"
-             + (f", pruned on validation every {plan.intermediate_every} steps" if plan.intermediate_every else "")
-             + "). Nothing was chosen on the test split.",
-             f"- **final runs**: each method retrained at its chosen rate with the fresh seeds "
-             f"{', '.join(map(str, plan.final_seeds))} and scored on the test split once; no test score exists "
-             "for any other rate.", "",
-             "| method | chosen lr | grid searched | validation | test mean ± std | seeds | gain vs LoRA [95% interval] "
-             "| p (Holm) | MDE | verdict |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [f"# Fair comparison: {plan.name}", "", *([plan.description, ""] if plan.description else [])]
+    compared = [r for _, r in rows.iterrows() if r["reference"]]
+    if compared:
+        lines += ["## The gains", ""]
+        for r in compared:
+            if r["gain_low"] == r["gain_low"]:
+                head = (f"- `{r['method']}` - `{r['reference']}`: the gain lies in [{_signed(r['gain_low'])}, "
+                        f"{_signed(r['gain_high'])}] points (95% over {len(str(r['seeds']).split(','))} seeds; "
+                        f"estimate {_signed(r['gain'])})")
+            else:
+                head = f"- `{r['method']}` - `{r['reference']}`: no interval yet"
+            lines.append(f"{head}: **{r['verdict']}**. {r['note'] or ''}".rstrip())
+        lines.append("")
+    lines += [
+        "## Protocol", "",
+        f"- **model**: {cfg.model}; **training data**: {cfg.train_data}; **tasks**: {', '.join(cfg.tasks)}"
+        + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
+        f"- **the same for every method**: {cfg.max_steps or str(cfg.epochs) + ' epoch(s)'} steps, batch "
+        f"{cfg.batch_size}, rank {cfg.rank}, alpha {cfg.alpha:g}; learning-rate grid {grid} "
+        f"(extended by at most {plan.extend} step(s) on a side where the best rate is the edge); tuning "
+        f"seed(s) {', '.join(map(str, plan.seeds))} per rate",
+        f"- **selection**: each method's rate is the best on a smoothed validation curve (a Gaussian kernel in "
+        f"log10 lr, {fair.SMOOTHING_STEPS:g} grid steps wide, over every tuning score: not one seed's argmax; "
+        f"{len(ran)} tuning trials in all, every one on the validation split"
+        + (f", pruned on validation every {plan.intermediate_every} steps" if plan.intermediate_every else "")
+        + "). Nothing was chosen on the test split. A rate still at the edge after the last extension "
+        "withholds the verdict.",
+        f"- **final runs**: each method retrained at its chosen rate with the fresh seeds "
+        f"{', '.join(map(str, plan.final_seeds))} and scored on the test split once; no test score exists "
+        "for any other rate. A diverged final run is scored as the base model (never dropped).",
+        f"- **verdicts**, fixed before any result: the smallest effect of interest delta = {100 * delta:.1f} points. "
+        "`better` / `worse`: the paired t-test over seeds, Holm-adjusted within its family; `equivalent`: the 90% "
+        "interval lies inside +-delta (two one-sided tests, Holm-adjusted); `inconclusive`: neither, or withheld. "
+        "Comparisons with LoRA and method-minus-control contrasts are separate Holm families.", "",
+        "| method | vs | chosen lr | grid searched | validation: best of grid (biased up) / smoothed | test mean ± std "
+        "| seeds | diverged | gain [95% over seeds] | 90% interval | ± items (95%) | p (Holm) | p equiv. (Holm) "
+        "| verdict |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for _, r in rows.iterrows():
-        gain = _signed(r["gain_vs_lora"]) + (f" [{_signed(r['gain_low'])}, {_signed(r['gain_high'])}]"
-                                             if r["gain_low"] == r["gain_low"] else "")
+        gain = _signed(r["gain"]) + (f" [{_signed(r['gain_low'])}, {_signed(r['gain_high'])}]"
+                                     if r["gain_low"] == r["gain_low"] else "")
+        ninety = (f"[{_signed(r['gain_low90'])}, {_signed(r['gain_high90'])}]" if r["gain_low90"] == r["gain_low90"]
+                  else "–")
+        items = (f"[{_signed(r['items_low'])}, {_signed(r['items_high'])}]" if r["items_low"] == r["items_low"]
+                 else "–")
+        diverged = "–" if r["divergence_rate"] != r["divergence_rate"] else f"{100 * r['divergence_rate']:.0f}%"
         lines.append(
-            f"| `{r['method']}` | {_g(r['chosen_lr'])} | {_g(r['grid_low'])} – {_g(r['grid_high'])} | "
-            f"{_pct(r['valid_score'])} | {_pct(r['test_mean'], r['test_std'])} | {r['seeds'] or '–'} | {gain} | "
-            f"{_g(r['p_holm'])} | {_pct(r['mde'])} | {r['verdict']} |")
-    lines += ["", "Scores are average accuracy (%) over the tasks. " + interval_sentence(plan),
-              "The gain compares a method with " + ("LoRA" if len({r.reference for r in results} - {None}) <= 1
-                                                     else "the LoRA point with the same options (e.g. the same rank)")
-              + " on the final seeds both completed; p is Holm-adjusted over the comparisons with LoRA; MDE is the "
-              "smallest gain this many seeds would detect with 80% power at the 5% level; the verdict is better, "
-              "worse or no detectable difference at that level."]
-    notes = [f"- `{r['method']}`: {r['note']}" for _, r in rows.iterrows() if r["note"]]
+            f"| `{r['method']}` | {('`' + r['reference'] + '`') if r['reference'] else '–'} | {_g(r['chosen_lr'])} | "
+            f"{_g(r['grid_low'])} – {_g(r['grid_high'])} | {_pct(r['valid_best_of_grid'])} / "
+            f"{_pct(r['valid_smoothed'])} | {_pct(r['test_mean'], r['test_std'])} | {r['seeds'] or '–'} | {diverged} | "
+            f"{gain} | {ninety} | {items} | {_g(r['p_holm'])} | {_g(r['p_equivalence_holm'])} | {r['verdict']} |")
+    lines += ["", "Scores are average accuracy (%) over the tasks; gains are the row minus its reference (vs), in "
+              "points. " + interval_sentence(plan),
+              "The validation column's first figure is the best raw score of the grid: the maximum of several noisy "
+              "scores, biased upwards; the second is the smoothed curve at the chosen rate, which the choice used."]
+    shares = [r for r in compared if r["var_seed_share"] == r["var_seed_share"]]
+    if shares:
+        lines += ["", "## Where the gain's uncertainty comes from", "",
+                  "Variance of each gain split into training runs (seeds) and test items (a method-by-item "
+                  "interaction); the rest is their interaction and each answer's 0/1 noise. A large seed share asks "
+                  "for more seeds, a large item share for more test items.", "",
+                  "| comparison | seeds | items | interaction |", "|---|---:|---:|---:|"]
+        for r in shares:
+            rest = 1 - r["var_seed_share"] - r["var_item_share"]
+            lines.append(f"| `{r['method']}` - `{r['reference']}` | {100 * r['var_seed_share']:.0f}% | "
+                         f"{100 * r['var_item_share']:.0f}% | {100 * rest:.0f}% |")
+    d = fair.design(plan, results)
+    lines += ["", "## What this design can show", "",
+              "Recomputed from this study's results (the pooled per-seed SD of every comparison, more degrees "
+              "of freedom than one comparison's); the trial time is not estimated here.", "",
+              *[f"- {line}" for line in fair.design_lines(d, plan)[2:]]]
+    notes = [f"- `{r['method']}`: {r['note']}" for _, r in rows.iterrows() if r["note"] and not r["reference"]]
     if notes:
-        lines += ["", "Notes (grid extensions, rates at the edge, failed or missing seeds):", "", *notes]
+        lines += ["", "Notes on the references (grid extensions, rates at the edge, failed or missing seeds):", "",
+                  *notes]
+    lines += ["", "Not measured here: how far the chosen rate and the gain would move if a method were re-tuned "
+              "with another tuning seed (that needs a second tuning pass per method)."]
     if curvature:
         lines += ["", *curvature]
     lines += ["", "Files: verdict.csv (this table), trials.csv (every trial, tuning and final, with its split)"
@@ -476,11 +522,12 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
 
 
 def interval_sentence(plan) -> str:
-    """What the gain's interval covers, said where the numbers are shown (a fair study has at least 2 final seeds)."""
+    """What the gain's intervals cover, said where the numbers are shown (a fair study has at least 2 final seeds)."""
     return ("The 95% interval is a Student-t interval over the final seeds: each seed's paired difference on the "
-            "full test set, the training run as the unit of replication, so it covers run-to-run variation "
-            "(and the test-item noise each run's score carries); it does not cover the choice of learning rate, "
-            "which was made on validation before any test score existed.")
+            "full test set, the training run as the unit of replication, so it covers run-to-run variation on this "
+            "test set; it does not cover which test items were drawn (the item bootstrap beside it, ± items, "
+            "resamples items with the seeds fixed) nor the choice of learning rate, which was made on validation "
+            "before any test score existed. The 90% interval is the one the equivalence test uses.")
 
 
 def _signed(value) -> str:
@@ -509,11 +556,15 @@ def _plot_lr_sensitivity(plan, results, trials, folder: Path) -> Path | None:
             ax.fill_between(xs, [100 * min(v) for v in values], [100 * max(v) for v in values], color=colour,
                             alpha=0.15)
         if r.chosen_lr is not None:
-            ax.plot([r.chosen_lr], [100 * r.valid_score], "*", color=colour, markersize=14)
+            ax.plot([r.chosen_lr], [100 * r.valid_smoothed], "*", color=colour, markersize=14)
+        if r.tuning.smoothed:
+            smooth = sorted(r.tuning.smoothed)
+            ax.plot([fair.lr_at(plan.lr_grid, p) for p in smooth], [100 * r.tuning.smoothed[p] for p in smooth],
+                    ":", color=colour, linewidth=1)
     for edge in (plan.lr_grid[0], plan.lr_grid[-1]):
         ax.axvline(edge, color="0.7", linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate (dotted: the grid's ends; star: chosen)")
+    ax.set_xlabel("learning rate (vertical dotted: the grid's ends; dotted curve: smoothed; star: chosen)")
     ax.set_ylabel("validation accuracy (%)")
     band = f"band: lowest to highest of {len(plan.seeds)} tuning seeds" if len(plan.seeds) > 1 else "1 tuning seed"
     ax.set_title(f"{plan.name}: learning-rate sensitivity ({band})", fontsize=10)

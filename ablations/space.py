@@ -2,7 +2,9 @@
 
 A point ``{method: linchain, n: 3}`` is the harness.run method spec ``linchain:n=3``
 (:func:`spec_of`); a study file's ``space`` is a list of templates whose list-valued options
-multiply out into points (:func:`enumerate_points`).
+multiply out into points (:func:`enumerate_points`). A template may also name the point its
+points are compared with in a fair study, ``reference: moslora`` (:data:`REFERENCE`): that key is
+not a spec option and never multiplies out.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from harness.errors import UserError
 
 # Past this a space is a typo, not an experiment (checked before anything is queued).
 MAX_POINTS = 300
+REFERENCE = "reference"  # a point's fair-study reference (a spec of another point), not a spec option
 
 
 def enumerate_points(space: list[Any], fail) -> list[dict[str, Any]]:
@@ -30,7 +33,10 @@ def enumerate_points(space: list[Any], fail) -> list[dict[str, Any]]:
         where = f"space[{i}]"
         if not isinstance(template, dict) or "method" not in template:
             raise fail(where, "must be a mapping with a 'method' key, e.g. {method: linchain, n: [1, 2]}")
-        axes = {str(k): (v if isinstance(v, list) else [v]) for k, v in template.items()}
+        reference = template.get(REFERENCE)
+        if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+            raise fail(f"{where}.{REFERENCE}", f"must be the spec of another point, e.g. moslora (got {reference!r})")
+        axes = {str(k): (v if isinstance(v, list) else [v]) for k, v in template.items() if k != REFERENCE}
         total += math.prod(len(v) for v in axes.values())
         if total > MAX_POINTS:
             raise fail(where, f"the space has more than the {MAX_POINTS} points a study may have "
@@ -39,10 +45,12 @@ def enumerate_points(space: list[Any], fail) -> list[dict[str, Any]]:
             if not values:
                 raise fail(f"{where}.{key}", "an empty list gives no points")
             for value in values:
-                if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                    raise fail(f"{where}.{key}", f"values must be numbers or strings (got {value!r})")
+                if not isinstance(value, (str, int, float)):  # bool is an int: freeze_middle: true
+                    raise fail(f"{where}.{key}", f"values must be numbers, strings or true/false (got {value!r})")
         for combo in itertools.product(*axes.values()):
             point = dict(zip(axes, combo))
+            if reference is not None:
+                point[REFERENCE] = reference.strip()
             try:
                 parse_spec(spec_of(point))
             except UserError as err:
@@ -55,9 +63,18 @@ def enumerate_points(space: list[Any], fail) -> list[dict[str, Any]]:
 
 def spec_of(point: dict[str, Any]) -> str:
     """The harness.run method spec of a point: ``{method: linchain, n: 3}`` -> ``'linchain:n=3'``."""
-    options = [f"{k}={_fmt(v)}" for k, v in point.items() if k != "method"]
+    options = [f"{k}={_fmt(v)}" for k, v in point.items() if k not in ("method", REFERENCE)]
+    match = [o for o in options if o.startswith("match=")]  # last: its value is a spec with commas of its own
+    options = [o for o in options if not o.startswith("match=")] + match
     return str(point["method"]) + (":" + ",".join(options) if options else "")
 
 
+def options_of(point: dict[str, Any]) -> dict[str, Any]:
+    """The point's spec options (everything but ``method`` and its reference)."""
+    return {k: v for k, v in point.items() if k not in ("method", REFERENCE)}
+
+
 def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -24,6 +24,7 @@ import math
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from harness.errors import UserError
 from harness.tracking import network_timeout_s, sqlite_path
@@ -146,3 +147,28 @@ def load_existing_study(name: str, storage, url: str):
     except Exception as err:  # e.g. tables missing in a fresh database
         raise UserError(f"cannot read study {name!r} from storage {redact(url)!r}: {_first_line(err)}; "
                         "create it first with python -m ablations.study NAME --storage URL --create-only") from err
+
+
+CORRECT_ATTR = "correct"  # a final trial's per-item correctness, packed (pack_correct)
+
+
+def pack_correct(correct: dict[str, dict[Any, float]]) -> dict[str, dict[str, Any]]:
+    """Per task, the items' doc ids and correctness as two lists (compact in the storage's JSON):
+    ``{task: {"docs": [...], "correct": "0110..."}}``; correctness other than 0/1 keeps its numbers."""
+    packed = {}
+    for task, items in correct.items():
+        docs = sorted(items, key=str)
+        values = [items[d] for d in docs]
+        binary = all(v in (0, 1) for v in values)
+        packed[task] = {"docs": docs, "correct": "".join(str(int(v)) for v in values) if binary else values}
+    return packed
+
+
+def unpack_correct(packed: dict[str, dict[str, Any]] | None) -> dict[str, dict[Any, float]]:
+    """The inverse of :func:`pack_correct`."""
+    out = {}
+    for task, item in (packed or {}).items():
+        values = item["correct"]
+        values = [float(c) for c in values] if isinstance(values, str) else [float(v) for v in values]
+        out[task] = dict(zip(item["docs"], values))
+    return out

@@ -44,7 +44,7 @@ from harness.errors import EXIT_INTERRUPTED, UserError, cli_entry, interruption
 PLAN_ATTR = "plan"
 EXIT_TRY_LATER = 75  # EX_TEMPFAIL: --no-wait found trials still running elsewhere
 # Settings that may differ when a study is resumed: where reports go, and the tuning budget (it may grow).
-RESUMABLE_CHANGES = ("n_trials", "mlflow_parent_run_id", "description", "plot_x")
+RESUMABLE_CHANGES = ("n_trials", "mlflow_parent_run_id", "description", "plot_x", "planned_sd")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="learning rates every method is tuned over, comma-separated, e.g. 1e-4,3e-4,1e-3 "
                            "(default: the fair study's, quarter-decade steps from 1e-4 to 10^-2.5)")
     fair.add_argument("--final-seeds", default=None, metavar="N|SEEDS",
-                      help="final runs at each method's chosen rate: a count of fresh seeds (default 3) or a "
-                           "list; never a tuning seed (--seeds are the tuning seeds)")
+                      help="final runs at each method's chosen rate: a count of fresh seeds (default 8, "
+                           "from the power analysis --plan prints) or a list; never a tuning seed (--seeds are the "
+                           "tuning seeds)")
+    fair.add_argument("--delta", default=None, metavar="POINTS",
+                      help="the smallest effect of interest in accuracy points (default: the study file's, 2 in "
+                           "the built-in study): 'equivalent' means the 90%% interval of the gain lies inside "
+                           "+-delta; fixed when the study is created, before any result")
+    fair.add_argument("--planned-sd", default=None, metavar="POINTS",
+                      help="the paired per-seed SD of a gain that --plan assumes, in points (default: pooled from "
+                           "this study's final runs where they exist, else 2.5, stated as an assumption)")
+    fair.add_argument("--plan", action="store_true", default=False,
+                      help="print the design before any trial and exit: trials, estimated wall time on this "
+                           "machine, the minimum detectable effect at Holm's level and the chance of an "
+                           "'equivalent' verdict when the methods are equal")
     group.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="SECONDS",
                        help="a RUNNING trial without a heartbeat for this long belongs to a dead worker: it is "
                             f"marked FAILED and queued again (default: {DEFAULT_STALE_AFTER_S:g})")
@@ -109,11 +121,12 @@ def check_study_options(stale_after: float | None = None, max_trials: int | None
 
 
 def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | None, n_trials: int | None, *,
-                 tune_lr: bool = False, lr_grid: str | None = None, final_seeds: str | None = None) -> StudyPlan:
+                 tune_lr: bool = False, lr_grid: str | None = None, final_seeds: str | None = None,
+                 delta: str | None = None, planned_sd: str | None = None) -> StudyPlan:
     """The study file's options, then --config, then the command line, resolved into a StudyPlan."""
     from harness.config import config_from_dict, load_config_yaml
 
-    study = fair_study(study, typed, tune_lr, lr_grid, final_seeds)
+    study = fair_study(study, typed, tune_lr, lr_grid, final_seeds, delta, planned_sd)
     values: dict[str, Any] = dict(study.run)
     if config_file:  # a run's config.yaml works too: its methods and run name are the study's to set
         values.update({k: v for k, v in load_config_yaml(config_file).items() if k not in ("methods", "run_name")})
@@ -138,6 +151,7 @@ def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | Non
     if study.kind == "fair":
         where = "--final-seeds" if final_seeds is not None else f"{study.source}: final_seeds"
         plan.lr_grid, plan.extend = study.lr_grid, study.extend
+        plan.delta, plan.planned_sd = study.delta, study.planned_sd
         plan.final_seeds = fair.final_seeds_from(study.final_seeds, plan.seeds, where)
     for spec in plan.specs():  # the study's common options (rank, targets ...) with each point's own
         parse_spec(spec, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
@@ -145,8 +159,9 @@ def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | Non
 
 
 def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: str | None,
-               final_seeds: str | None) -> StudyFile:
-    """The study with the fair protocol's options applied: --tune-lr, --lr-grid, --final-seeds, fair's --methods.
+               final_seeds: str | None, delta: str | None = None, planned_sd: str | None = None) -> StudyFile:
+    """The study with the fair protocol's options applied: --tune-lr, --lr-grid, --final-seeds, --delta,
+    --planned-sd, fair's --methods.
 
     ``--tune-lr`` turns a grid study into a fair one over the same points, named ``<study>_tuned_lr``
     (its own storage entry and results folder), with the built-in fair study's grid and seeds.
@@ -162,9 +177,10 @@ def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: 
         study = dataclasses.replace(study, name=f"{study.name}_tuned_lr", kind="fair", seeds=protocol.seeds,
                                     lr_grid=protocol.lr_grid, final_seeds=protocol.final_seeds,
                                     extend=protocol.extend, intermediate_every=protocol.intermediate_every,
-                                    pruner=protocol.pruner)
+                                    pruner=protocol.pruner, delta=protocol.delta, planned_sd=protocol.planned_sd)
     if study.kind != "fair":
-        for flag, value in (("--lr-grid", lr_grid), ("--final-seeds", final_seeds)):
+        for flag, value in (("--lr-grid", lr_grid), ("--final-seeds", final_seeds), ("--delta", delta),
+                            ("--planned-sd", planned_sd)):
             if value is not None:
                 raise UserError(f"{flag}: only the fair protocol takes it (a kind fair study, or --tune-lr)")
         return study
@@ -174,6 +190,10 @@ def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: 
         study = dataclasses.replace(study, lr_grid=fair.lr_grid_from(lr_grid, "--lr-grid"))
     if final_seeds is not None:
         study = dataclasses.replace(study, final_seeds=final_seeds)
+    if delta is not None:
+        study = dataclasses.replace(study, delta=fair.points_from(delta, "--delta"))
+    if planned_sd is not None:
+        study = dataclasses.replace(study, planned_sd=fair.points_from(planned_sd, "--planned-sd"))
     return study
 
 
@@ -350,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.pop("study")
     options = {k: args.pop(k) for k in ("storage", "create_only", "report_only", "retry_failed", "n_trials",
                                         "max_trials", "stale_after", "tune_lr", "lr_grid", "final_seeds",
-                                        "no_wait")}
+                                        "no_wait", "delta", "planned_sd", "plan")}
     check_study_options(options["stale_after"], options["max_trials"], options["n_trials"])
     config_file = args.pop("config", None)
     url = resolve_storage_url(options["storage"])
@@ -362,7 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     study_file = load_study_file(name)
     plan = resolve_plan(study_file, args, config_file, options["n_trials"], tune_lr=options["tune_lr"],
-                        lr_grid=options["lr_grid"], final_seeds=options["final_seeds"])
+                        lr_grid=options["lr_grid"], final_seeds=options["final_seeds"], delta=options["delta"],
+                        planned_sd=options["planned_sd"])
+    if options["plan"]:
+        print(design_text(plan, url))
+        return 0
     check_inputs(plan)
     check_separate_stores(url, plan.config.tracking_uri)
     storage = open_storage(url, create=True)
@@ -404,6 +428,58 @@ def check_inputs(plan: StudyPlan) -> None:
     data_dir = hdata.resolve_data_dir(cfg.data_dir)
     task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format)
     hdata.load_records(cfg.train_data, data_dir, seed=cfg.seeds[0])
+
+
+
+def design_text(plan: StudyPlan, url: str) -> str:
+    """What ``--plan`` prints: the design of a fair study before any trial (nothing is created or run)."""
+    import optuna
+
+    if plan.kind != "fair":
+        return (f"study {plan.name!r} ({plan.kind}): {len(plan.points)} point(s) x {len(plan.seeds)} seed(s); "
+                "--plan's power figures are for fair studies (kind fair, or --tune-lr)")
+    results, timing = None, None
+    try:
+        storage = open_storage(url, create=False)
+        names = set(optuna.get_all_study_names(storage))
+    except UserError:
+        storage, names = None, set()
+    if storage is not None and set(plan.optuna_names()) <= names:
+        trials = [t for n in plan.optuna_names()
+                  for t in optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False)]
+        seconds = fair.measured_trial_seconds(trials)
+        if seconds is not None:
+            timing = (seconds, "the median of this study's finished trials")
+        results = fair.method_results(plan, storage)
+    if timing is None:
+        timing = _timing_from_runs(plan)
+    d = fair.design(plan, results, timing)
+    head = [f"fair study {plan.name!r}: {', '.join(plan.specs())}; delta {100 * (plan.delta or 0.02):.1f} points; "
+            f"{plan.config.max_steps or str(plan.config.epochs) + ' epoch(s) of'} steps per trial on {plan.config.model}"]
+    return "\n".join(head + fair.design_lines(d, plan) + ["nothing was created or run (--plan)"])
+
+
+def _timing_from_runs(plan: StudyPlan) -> tuple[float, str] | None:
+    """Seconds per trial from earlier harness.run runs of the same model under the output folder (training only)."""
+    import json
+
+    per_step = []
+    for path in sorted(Path(plan.config.output_dir).glob("*/result.json"))[-20:]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("config", {}).get("model") != plan.config.model:
+            continue
+        per_step += [s["seconds_per_step"] for s in data.get("systems", [])
+                     if isinstance(s.get("seconds_per_step"), (int, float)) and math.isfinite(s["seconds_per_step"])]
+    if not per_step or not plan.config.max_steps:
+        return None
+    per_step.sort()
+    median = per_step[len(per_step) // 2]
+    return (median * plan.config.max_steps,
+            f"training only, from {len(per_step)} method run(s) of {plan.config.model} in {plan.config.output_dir} "
+            f"at {median:.2f} s per step; evaluation comes on top")
 
 
 if __name__ == "__main__":

@@ -53,10 +53,10 @@ STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 
 KINDS = ("grid", "tpe", "pareto", "fair")
 TOP_KEYS = ("name", "description", "kind", "run", "seeds", "space", "n_trials", "lr", "pruner",
-            "intermediate_every", "plot", "lr_grid", "final_seeds", "extend")
+            "intermediate_every", "plot", "lr_grid", "final_seeds", "extend", "delta", "planned_sd")
 # A fair study states its whole protocol: no key falls back on a default a reader cannot see.
-FAIR_REQUIRED = ("space", "seeds", "lr_grid", "final_seeds", "extend")
-FAIR_ONLY = ("lr_grid", "final_seeds", "extend")
+FAIR_REQUIRED = ("space", "seeds", "lr_grid", "final_seeds", "extend", "delta")
+FAIR_ONLY = ("lr_grid", "final_seeds", "extend", "delta", "planned_sd")
 PRUNER_KEYS = ("n_startup_trials", "n_warmup_steps")
 LR_KEYS = ("low", "high", "log")
 # harness.run options a study may not fix: the study decides them per trial.
@@ -85,6 +85,8 @@ class StudyFile:
     lr_grid: list[float] | None = None
     final_seeds: int | list[int] | None = None  # a count or a list; resolved against the tuning seeds in the plan
     extend: int = 0
+    delta: float | None = None  # the smallest effect of interest, a fraction (the file says points: delta: 2)
+    planned_sd: float | None = None  # the paired per-seed SD assumed by --plan, a fraction (file: points)
 
 
 def builtin_studies() -> list[str]:
@@ -218,6 +220,9 @@ def _fair_protocol(study: StudyFile, data: dict[str, Any], fail) -> None:
         raise fail("extend", f"at most {fair.MAX_EXTEND} grid steps per side (got {extend}); "
                              "widen lr_grid instead")
     study.extend = extend
+    study.delta = check("delta", lambda: fair.points_from(data["delta"], "delta"))
+    if data.get("planned_sd") is not None:
+        study.planned_sd = check("planned_sd", lambda: fair.points_from(data["planned_sd"], "planned_sd"))
     if any("lr" in p for p in study.points):
         raise fail("space", "a fair study tunes lr itself: remove lr from the space")
     check("space", lambda: fair.check_references(study.points, "space"))

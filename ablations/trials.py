@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ablations import fair
 from ablations.space import spec_of
-from ablations.storage import MLFLOW_RUN_ATTR
+from ablations.storage import CORRECT_ATTR, MLFLOW_RUN_ATTR, pack_correct
 from ablations.studyfile import STUDY_OWNED
 from harness.errors import UserError, interruption
 from harness.stats import mean as _mean
@@ -94,6 +94,8 @@ class StudyPlan:
     lr_grid: list[float] | None = None
     final_seeds: list[int] | None = None
     extend: int = 0
+    delta: float | None = None  # the smallest effect of interest (fraction), fixed at creation
+    planned_sd: float | None = None  # the paired per-seed SD --plan assumes (fraction); None: fair.ASSUMED_SD
 
     # ---- the Optuna studies that hold the trials
 
@@ -208,8 +210,10 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
         handle.log_params({**trial.params, "spec": spec, "trial_number": trial.number, "lr": cfg.lr,
                            "seeds": seeds, "optuna_study": trial.study.study_name})
         started = time.perf_counter()
+        final = trial.user_attrs.get("stage") == "final"
         try:
-            outcome = run_fn(cfg, parent=handle, tracker=tracker, write_results=False, evaluate_base=False,
+            outcome = run_fn(cfg, parent=handle, tracker=tracker, write_results=False,
+                             evaluate_base="if_failed" if final else False,
                              progress=False, log=log, intermediate_every=plan.intermediate_every_of(trial),
                              on_intermediate=_pruning_callback(trial, plan, cfg))
         except Pruned:
@@ -217,23 +221,35 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
             pruned = True
         else:
             run_seconds = time.perf_counter() - started
-            failed = [r for r in outcome.results if not r.ok]
-            if failed:
+            results = outcome.results
+            failed = [r for r in results if not r.ok]
+            if failed and final and all(is_divergence(r.error) for r in failed) and outcome.base is not None:
+                # A diverged final run is an outcome of its method at its rate, never dropped: it is scored as
+                # the base model it falls back to (no usable adapter), and marked so the verdict counts it.
+                trial.set_user_attr("diverged", "; ".join(f"seed {r.seed}: {r.error}" for r in failed))
+                results = [outcome.base if not r.ok else r for r in results]
+            elif failed:
                 raise TrialFailed("; ".join(f"seed {r.seed}: {r.error}" for r in failed),
                                   crashed=not all(is_divergence(r.error) for r in failed))
-            average = _mean(_mean(r.scores.values()) for r in outcome.results)
+            average = _mean(_mean(r.scores.values()) for r in results)
             if math.isnan(average):
                 raise TrialFailed("the score is NaN")
             params = outcome.results[0].trainable_params
             trial.set_user_attr("trainable_params", params)
             trial.set_user_attr("run_seconds", run_seconds)
-            trial.set_user_attr("train_seconds", sum(r.train_seconds for r in outcome.results))
-            trial.set_user_attr("scores", {t: _mean(r.scores[t] for r in outcome.results)
-                                           for t in outcome.results[0].scores})
+            trial.set_user_attr("train_seconds", _sum_finite(r.train_seconds for r in outcome.results))
+            trial.set_user_attr("scores", {t: _mean(r.scores[t] for r in results) for t in results[0].scores})
+            if final:  # per-item correctness: the verdict's item bootstrap and variance components read it
+                trial.set_user_attr(CORRECT_ATTR, pack_correct(results[0].correct))
             handle.log_metrics({"average_accuracy": average, "trainable_params": params, "run_seconds": run_seconds})
     if pruned:
         raise Pruned(f"trial {trial.number} pruned")
     return (average, params) if plan.kind == "pareto" else average
+
+
+def _sum_finite(values) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(sum(finite)) if finite else math.nan
 
 
 def _suggest(trial, plan: StudyPlan) -> tuple[str, list[int], float | None]:

@@ -202,12 +202,14 @@ class MethodContext:
 
 
 def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True, progress: bool = True,
-        evaluate_base: bool = True, intermediate_every: int | None = None, on_intermediate=None,
+        evaluate_base: bool | str = True, intermediate_every: int | None = None, on_intermediate=None,
         log=print) -> RunOutcome:
     """Run the whole pipeline for ``cfg``.
 
     Ablation studies use the keyword arguments: ``parent``/``tracker`` nest the run under an existing
-    MLflow run, ``write_results=False`` skips results/, ``evaluate_base=False`` skips the base row, and
+    MLflow run, ``write_results=False`` skips results/, ``evaluate_base=False`` skips the base row
+    (``"if_failed"``: evaluates it only after a method failed, so a fair study can score a diverged
+    final run as the base model it fell back to), and
     ``on_intermediate(label, seed, step, average_score)`` is called every ``intermediate_every`` training
     steps after a quick evaluation (with ``cfg.limit`` items); raising :class:`Pruned` there stops the run.
     """
@@ -274,11 +276,13 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                                     diagnostics=diagnostics)
 
             # 2. The base model, once.
-            if evaluate_base:
+            if evaluate_base is True:
                 outcome.base = _evaluate_base(context)
 
             # 3. Every method and seed, each from a fresh copy of the base model.
             outcome.results = _every_method(cfg, inputs.plans, context)
+            if evaluate_base == "if_failed" and outcome.failed:
+                outcome.base = _evaluate_base(context)
 
             # 4. The report.
             if write_results:

@@ -19,15 +19,20 @@ from harness.errors import UserError
 from test_ablations import SMOKE, env, one_line_error, signal_mid_trial
 
 FAIR = {"name": "tiny_fair", "kind": "fair", "seeds": [0], "final_seeds": 2, "lr_grid": [1e-3, 3e-3, 1e-2],
-        "extend": 1, "space": [{"method": "lora"}, {"method": "moslora"}]}
-VERDICT_COLUMNS = ["method", "reference", "chosen_lr", "grid_low", "grid_high", "valid_score", "test_mean",
-                   "test_std", "seeds", "failed_seeds", "gain_vs_lora", "gain_low", "gain_high", "p_holm", "mde",
-                   "verdict", "note"]
+        "extend": 1, "delta": 2, "space": [{"method": "lora"}, {"method": "moslora"}]}
+VERDICT_COLUMNS = ["method", "reference", "family", "chosen_lr", "grid_low", "grid_high", "at_edge",
+                   "valid_best_of_grid", "valid_smoothed", "test_mean", "test_std", "seeds", "failed_seeds",
+                   "diverged_seeds", "divergence_rate", "gain", "gain_low", "gain_high", "gain_low90", "gain_high90",
+                   "items_low", "items_high", "p_holm", "p_equivalence_holm", "delta", "mde_pooled",
+                   "var_seed_share", "var_item_share", "verdict", "note"]
+FOUR_VERDICTS = {"better", "worse", "equivalent", "inconclusive"}
 
 
 class ProtocolRun:
     """Stands in for harness.run.run. Validation peaks at ``optimum[spec]`` (log10 lr); test peaks half a
     decade higher, so a choice made on test would pick another rate than one made on validation."""
+
+    BASE = 0.1  # the base model's test score, what a diverged final run is scored as
 
     def __init__(self, optimum, nan=()):
         self.optimum, self.nan = optimum, set(nan)
@@ -54,7 +59,10 @@ class ProtocolRun:
             result.error = "non-finite loss (nan) at step 2"
         else:
             result.scores = {"task": self.score(spec, cfg.lr, seed, cfg.split)}
-        return RunOutcome(run_dir=Path("."), base=None, results=[result])
+        base = None
+        if evaluate_base is True or (evaluate_base == "if_failed" and result.error):
+            base = SystemResult(method="base", scores={"task": self.BASE})
+        return RunOutcome(run_dir=Path("."), base=base, results=[result])
 
 
 def fair_plan(tmp_path, data=FAIR, storage=None, **options):
@@ -85,7 +93,8 @@ def test_default_grid_is_quarter_decades_over_at_least_a_decade_and_a_half():
     assert len(grid) >= 7 and math.log10(grid[-1] / grid[0]) >= 1.5 - 1e-12
     for low, high in zip(grid, grid[1:]):
         assert math.isclose(high / low, 10 ** 0.25)
-    assert math.isclose(grid[0], 1e-4) and study.final_seeds == 3 and study.seeds == [0]
+    assert math.isclose(grid[0], 1e-4) and study.final_seeds == 8 and study.seeds == [0]
+    assert math.isclose(study.delta, 0.02)  # 2 points, stated in the file
     assert [p["method"] for p in study.points][0] == "lora"
 
 
@@ -186,12 +195,16 @@ def test_the_grid_grows_at_the_edge_at_most_extend_times_and_the_report_says_so(
 
     verdict = pd.read_csv(write_report(plan, storage) / "verdict.csv").set_index("method")
     assert "grid extended 1 step(s) down" in verdict.loc["lora", "note"]
-    assert "edge" in verdict.loc["lora", "note"] and pd.isna(verdict.loc["moslora", "note"])
+    assert "edge" in verdict.loc["lora", "note"] and bool(verdict.loc["lora", "at_edge"])
+    # an under-tuned reference withholds every comparison with it: no verdict, the note says why
+    assert verdict.loc["moslora", "verdict"] == "inconclusive"
+    assert "withheld: the chosen rate of `lora` is still at the edge" in verdict.loc["moslora", "note"]
+    assert pd.isna(verdict.loc["moslora", "p_holm"])
     assert math.isclose(verdict.loc["lora", "grid_low"], 1e-3 / 3)
 
 
 @pytest.mark.integration
-def test_verdict_files_have_their_columns_and_a_failed_seed_is_reported(tmp_path):
+def test_verdict_files_have_their_columns_and_a_diverged_seed_counts_as_the_base_model(tmp_path):
     from ablations.report import write_report
 
     fake = ProtocolRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)}, nan={("moslora", 2)})
@@ -201,18 +214,20 @@ def test_verdict_files_have_their_columns_and_a_failed_seed_is_reported(tmp_path
     assert folder == tmp_path / "results" / "ablations" / "tiny_fair"
     for name in ("verdict.csv", "verdict.md", "trials.csv", "lr_sensitivity.png", "tuning_curve.png"):
         assert (folder / name).is_file(), name
-    verdict = pd.read_csv(folder / "verdict.csv", dtype={"seeds": str, "failed_seeds": str})
+    verdict = pd.read_csv(folder / "verdict.csv", dtype={"seeds": str, "failed_seeds": str, "diverged_seeds": str})
     assert list(verdict.columns) == VERDICT_COLUMNS
     rows = verdict.set_index("method")
     assert rows.loc["lora", "verdict"] == "reference" and rows.loc["lora", "seeds"] == "1,2,3"
     moslora = rows.loc["moslora"]
-    assert moslora["seeds"] == "1,3" and moslora["failed_seeds"] == "2"
-    assert "final seed 2 failed: non-finite loss" in moslora["note"]
-    assert "compared on the seeds both completed: 1,3" in moslora["note"]
-    # the gain is the mean per-seed test difference over the seeds both completed, written out here
-    gain = sum(fake.score("moslora", 3e-3, s, "test") - fake.score("lora", 3e-3, s, "test") for s in (1, 3)) / 2
-    assert math.isclose(moslora["gain_vs_lora"], gain, abs_tol=1e-12)
-    assert moslora["verdict"] in ("better", "worse", "no detectable difference")
+    # the diverged seed is an outcome (scored as the base model), never dropped from the pairs
+    assert moslora["seeds"] == "1,2,3" and pd.isna(moslora["failed_seeds"]) and moslora["diverged_seeds"] == "2"
+    assert math.isclose(moslora["divergence_rate"], 1 / 3)
+    assert "final seed 2 diverged (scored as the base model): non-finite loss" in moslora["note"]
+    # the gain is the mean per-seed test difference over all three seeds, seed 2 at the base model's score
+    mine = {1: fake.score("moslora", 3e-3, 1, "test"), 2: fake.BASE, 3: fake.score("moslora", 3e-3, 3, "test")}
+    gain = sum(mine[s] - fake.score("lora", 3e-3, s, "test") for s in (1, 2, 3)) / 3
+    assert math.isclose(moslora["gain"], gain, abs_tol=1e-12)
+    assert moslora["verdict"] in FOUR_VERDICTS and moslora["family"] == "vs LoRA"
     text = (folder / "verdict.md").read_text()
     assert "Nothing was chosen on the test split" in text and "interval over the final seeds" in text.replace(
         "Student-t interval over", "interval over")
@@ -246,12 +261,20 @@ def test_tuning_trials_are_pruned_on_validation_and_final_runs_never(tmp_path):
 def test_without_a_lora_score_nothing_is_called_better_or_worse(tmp_path):
     from ablations.fair import method_results, verdict_rows
 
-    fake = ProtocolRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)}, nan={("lora", 1), ("lora", 2)})
+    class LoraCrashes(ProtocolRun):  # every final LoRA run crashes (an exception, not a divergence): no outcome
+        def __call__(self, cfg, **kwargs):
+            outcome = super().__call__(cfg, **kwargs)
+            if cfg.methods == ["lora"] and cfg.split == "test":
+                outcome.results[0].error, outcome.results[0].scores = "RuntimeError: out of memory", {}
+            return outcome
+
+    fake = LoraCrashes({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)})
     plan, storage, _ = fair_plan(tmp_path)
     run_all(plan, storage, fake)
     rows = {r["method"]: r for r in verdict_rows(plan, method_results(plan, storage))}
     assert rows["lora"]["failed_seeds"] == "1,2" and rows["lora"]["seeds"] == ""
-    assert rows["moslora"]["verdict"] == "not compared" and math.isnan(rows["moslora"]["gain_vs_lora"])
+    assert rows["moslora"]["verdict"] == "inconclusive" and math.isnan(rows["moslora"]["gain"])
+    assert "no final seed both completed" in rows["moslora"]["note"]
 
 
 @pytest.mark.integration
@@ -378,8 +401,9 @@ def test_each_point_is_compared_with_the_lora_point_of_its_options():
     from ablations.fair import reference_of
 
     points = load_study_file("rank").points  # rank --tune-lr: LoRA at the same rank
-    for point in points:
-        assert reference_of(point, points) == {"method": "lora", "r": point["r"]}
+    for point in points:  # a LoRA point is itself a reference
+        expected = None if point["method"] == "lora" else {"method": "lora", "r": point["r"]}
+        assert reference_of(point, points) == expected
     lone = [{"method": "lora", "r": 8}, {"method": "moslora"}]  # one LoRA point: the reference of every method
     assert reference_of(lone[1], lone) == lone[0]
     two = [{"method": "lora", "r": 8}, {"method": "lora", "r": 4}, {"method": "moslora", "r": 16}]

@@ -362,3 +362,13 @@ def _targets(value, text: str) -> tuple[str, ...]:
     if not items or any(not t for t in items):
         raise UserError(f"targets must name module(s), e.g. targets=q_proj+v_proj (got {value!r}) in spec {text!r}")
     return tuple(dict.fromkeys(items))
+
+
+def spec_options(text: str) -> tuple[str, dict[str, str]]:
+    """A spec's method and its ``key=value`` options as written (``match=`` keeps its whole spec), unchecked
+    beyond the grammar: what a study needs to lay out a spec as a point of its space."""
+    method, _, rest = text.strip().partition(":")
+    method = method.strip().lower()
+    if method not in METHODS:
+        raise UserError(f"unknown adapter method {method!r} in spec {text!r}; choose one of: {', '.join(METHODS)}")
+    return method, _options(method, rest, text)
