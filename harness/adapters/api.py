@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -317,8 +318,10 @@ def _write_pissa_as_lora(peft_model, folder: Path, adapter: str) -> None:
         init_dir = Path(tmp) / PISSA_INIT
         init_dir.mkdir()
         save_file(init, str(init_dir / "adapter_model.safetensors"))  # peft writes its config there itself
-        peft_model.save_pretrained(str(folder), selected_adapters=[adapter],
-                                   path_initial_model_for_weight_conversion=str(init_dir))
+        with warnings.catch_warnings():  # peft warns that PiSSA shares the model with the initial adapter it loads
+            warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+            peft_model.save_pretrained(str(folder), selected_adapters=[adapter],
+                                       path_initial_model_for_weight_conversion=str(init_dir))
 
 
 def _write_plain_lora(peft_model, folder: Path, adapter_name: str | None = None) -> None:
