@@ -24,7 +24,7 @@ run: $(STAMP)
 	$(PY) -m harness.run --methods lora,moslora,linchain
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not integration" -q

@@ -24,12 +24,17 @@ machinery queues it again); a failed final seed is reported, never dropped.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+import yaml
+
+from ablations.space import enumerate_points, spec_of
+from ablations.storage import MLFLOW_RUN_ATTR
+from harness import stats
 from harness.errors import UserError
 from harness.stats import mean as mean_of, sample_sd as std_of  # the one home of both (ablations.report uses them)
+from harness.tracking import Tracker
 
 # Quarter-decade steps from 10^-4 to 10^-2.5: 7 rates over 1.5 decades (the issue's minimum).
 DEFAULT_GRID = {"log10_low": -4.0, "log10_high": -2.5, "per_decade": 4}
@@ -41,7 +46,6 @@ MIN_FINAL_SEEDS = 2
 MAX_GRID_RATES = 50
 MAX_EXTEND = 10
 MAX_FINAL_SEEDS = 50
-POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may unlock final runs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,12 +156,28 @@ def reference_of(point: dict[str, Any], points: list[dict[str, Any]]) -> dict[st
 
 
 def check_references(points: list[dict[str, Any]], where: str) -> None:
-    from ablations.studyfile import spec_of
-
     for point in points:
         if reference_of(point, points) is None:
             raise UserError(f"{where}: every method is compared with lora, the reference: add lora"
                             + (f" with the options of {spec_of(point)!r}" if len(point) > 1 else ""))
+
+
+def points_of_methods(specs: list[str]) -> list[dict[str, Any]]:
+    """``--methods lora,linchain:n=3`` as a fair study's space; every method is compared with lora."""
+    templates = []
+    for spec in specs:
+        method, _, rest = spec.partition(":")
+        template: dict[str, Any] = {"method": method.strip().lower()}
+        for item in filter(None, (i.strip() for i in rest.split(","))):
+            key, _, value = item.partition("=")
+            template[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else value
+        if "lr" in template:
+            raise UserError(f"--methods: {spec!r} fixes lr, which the fair study tunes itself; remove lr=")
+        templates.append(template)
+    points = enumerate_points(templates, lambda key, what: UserError(f"--methods: {what}"))
+    check_references(points, "--methods")
+    return points
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,77 +368,16 @@ def duplicate_of(study, trial) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The worker loop
-
-
-def work(plan, storage, *, max_trials: int | None = None, stale_after: float, run_fn: Callable | None = None,
-         log=print, poll_s: float = POLL_S, wait: bool = True) -> int:
-    """Run the fair study's trials until every spec has its finals (or ``max_trials``); returns how many ran here.
-
-    While another worker's trial runs and nothing is queued, this worker waits for it: its result
-    may settle a spec and queue final trials (or a grid extension). Without ``wait`` (``--no-wait``)
-    it says what still runs elsewhere and returns instead.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    from ablations.trials import claim, fail_stale_trials, run_trial
-    from harness.tracking import RunHandle, Tracker
-
-    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
-    parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
-    studies = [optuna.load_study(study_name=n, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
-               for n in optuna_names(plan)]
-    done, waiting_said = 0, False
-
-    def running() -> int:
-        return sum(len(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) for s in studies)
-
-    while max_trials is None or done < max_trials:
-        # Counted before the top-up: a trial that another worker finishes after this pass's top-up
-        # may settle a spec, so this worker stops only after a pass that began with nothing running.
-        running_before = running()
-        for study in studies:
-            fail_stale_trials(study, storage, plan, stale_after, log)
-            top_up(study, storage, plan)
-        claimed = next(((s, t) for s in studies if (t := claim(s, storage)) is not None), None)
-        if claimed is None:
-            running_now = running()
-            if not running_now and not running_before:
-                break
-            if not running_now:
-                continue  # it finished during this pass: top up once more before deciding
-            if not wait:
-                from ablations.trials import describe_running, running_elsewhere
-
-                log(f"[{plan.name}] nothing queued here; not waiting (--no-wait) for "
-                    f"{describe_running(running_elsewhere(studies), stale_after)}")
-                break
-            if not waiting_said:
-                log(f"[{plan.name}] nothing queued; waiting for {running_now} running trial(s) of other workers")
-                waiting_said = True
-            time.sleep(poll_s)
-            continue
-        study, trial = claimed
-        waiting_said = False
-        first = duplicate_of(study, trial)
-        if first is not None:
-            trial.set_user_attr("duplicate_of", first)
-            trial.set_user_attr("fail_reason", f"duplicate of trial {first} (queued twice at once); not run")
-            study.tell(trial, state=TrialState.FAIL)
-            continue
-        run_trial(study, storage, trial, plan, tracker, parent, stale_after, run_fn, log)
-        done += 1
-    return done
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The verdict: per method, the chosen rate, the test scores over final seeds, and the comparison with LoRA
 
 
 @dataclass
-class MethodResult:
-    """One spec's protocol outcome, read back from the storage."""
+class TunedArm:
+    """One spec's protocol outcome, read back from the storage: the tuning, the chosen rate, the final test scores.
+
+    One arm of the fair comparison over all its seeds; harness.run.MethodResult is something else (one
+    method and seed of a run).
+    """
 
     spec: str
     reference: str | None
@@ -439,10 +398,8 @@ class MethodResult:
         return self.tuning.best in (self.tuning.low, self.tuning.high)
 
 
-def method_results(plan, storage) -> list[MethodResult]:
+def method_results(plan, storage) -> list[TunedArm]:
     import optuna
-
-    from ablations.studyfile import spec_of
 
     results = []
     for point in plan.points:
@@ -457,7 +414,7 @@ def method_results(plan, storage) -> list[MethodResult]:
         if len(final_lrs) > 1:  # cannot happen through top_up; a hand-edited storage would show here
             raise RuntimeError(f"{spec}: final trials ran at several rates {sorted(final_lrs)}")
         reference = reference_of(point, plan.points)
-        results.append(MethodResult(
+        results.append(TunedArm(
             spec=spec, reference=None if reference == point else spec_of(reference), tuning=tuning,
             grid_low=lr_at(plan.lr_grid, tuning.low), grid_high=lr_at(plan.lr_grid, tuning.high),
             extended_low=-tuning.low, extended_high=tuning.high - (len(plan.lr_grid) - 1),
@@ -481,12 +438,9 @@ def curvatures(plan, storage) -> dict[str, dict[int, float]]:
     """
     import optuna
 
-    from ablations.trials import MLFLOW_RUN_ATTR
-    from harness.tracking import Tracker
-
-    if plan.config.get("diagnostics") != "full":
+    if plan.config.diagnostics != "full":
         return {}
-    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     found: dict[str, dict[int, float]] = {}
     for spec in plan.specs():
         mine = found.setdefault(spec, {})
@@ -521,15 +475,13 @@ VERDICT_COLUMNS = ("method", "reference", "chosen_lr", "grid_low", "grid_high", 
                    "verdict", "note")
 
 
-def verdict_rows(plan, results: list[MethodResult], alpha: float = 0.05) -> list[dict[str, Any]]:
+def verdict_rows(plan, results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, Any]]:
     """One row per method: the columns of verdict.csv; gains compare final test scores with the reference's, per seed.
 
     The verdict is better / worse / no detectable difference (``harness.stats.verdict`` on the
     Holm-adjusted p-value), ``reference`` for LoRA, or ``not compared`` while no final seed has a
     score on both sides (the note says why).
     """
-    from harness import stats
-
     by_spec = {r.spec: r for r in results}
     comparisons = {r.spec: stats.seed_comparison(r.test, by_spec[r.reference].test)
                    for r in results if r.reference is not None and r.test and by_spec[r.reference].test}
@@ -555,7 +507,7 @@ def verdict_rows(plan, results: list[MethodResult], alpha: float = 0.05) -> list
     return rows
 
 
-def _note(r: MethodResult) -> str:
+def _note(r: TunedArm) -> str:
     notes = []
     if r.extended_low or r.extended_high:
         notes.append("grid extended " + ", ".join(f"{n} step(s) {side}" for n, side in

@@ -31,12 +31,15 @@ from typing import Any
 
 import pandas as pd
 
+from ablations import fair
 from ablations.fair import mean_of, std_of
+from ablations.space import spec_of
 from harness.report import atomic_path, pyplot, save_figure, write_text_atomic
+from harness.tracking import Tracker
 
 
 def report_dir(plan) -> Path:
-    return Path(plan.config["output_dir"]) / "ablations" / plan.name
+    return Path(plan.config.output_dir) / "ablations" / plan.name
 
 
 def trials_frame(plan, storage) -> pd.DataFrame:
@@ -54,8 +57,8 @@ def trials_frame(plan, storage) -> pd.DataFrame:
                 "seed": t.user_attrs.get("seed", ",".join(map(str, plan.seeds))),
                 "average_accuracy": values[0] if values else math.nan,
                 "trainable_params": t.user_attrs.get("trainable_params"),
-                "lr": t.params.get("lr", plan.config["lr"]),
-                "split": t.user_attrs.get("split", plan.config.get("split", "test")),
+                "lr": t.params.get("lr", plan.config.lr),
+                "split": t.user_attrs.get("split", plan.config.split),
             }
             if plan.kind == "fair":
                 row.update({k: t.user_attrs.get(k) for k in ("stage", "lr_position", "duplicate_of")})
@@ -73,8 +76,6 @@ def trials_frame(plan, storage) -> pd.DataFrame:
 
 def point_table(plan, trials: pd.DataFrame) -> pd.DataFrame:
     """Grid and pareto studies: per configuration, the score's mean and std over the seeds that finished."""
-    from ablations.studyfile import spec_of
-
     rows = []
     for k, point in enumerate(plan.points):
         spec = spec_of(point)
@@ -95,8 +96,6 @@ def missing_points(plan, trials: pd.DataFrame) -> list[tuple[str, Any, str]]:
     A report written while trials still run (``--no-wait``, ``--max-trials``, another worker) must not read
     as complete: these are the holes.
     """
-    from ablations.studyfile import spec_of
-
     missing = []
     for k, (point, seed) in enumerate(plan.grid()):
         mine = trials[trials["grid_index"] == k] if len(trials) else trials
@@ -147,10 +146,10 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
     lines = [f"# Study: {plan.name}", "", plan.description or "", "",
              f"- **kind**: {plan.kind}" + (f" ({plan.n_trials} trials per method, lr in "
                                            f"[{plan.lr['low']:g}, {plan.lr['high']:g}])" if plan.kind == "tpe" else ""),
-             f"- **model**: {cfg['model']}; **training data**: {cfg['train_data']}; **tasks**: "
-             f"{', '.join(cfg['tasks'])}" + (f" (at most {cfg['limit']} items each)" if cfg.get("limit") else ""),
-             f"- **training**: {cfg['max_steps'] or str(cfg['epochs']) + ' epoch(s)'} steps, batch {cfg['batch_size']}, "
-             f"lr {cfg['lr']:g}, rank {cfg['rank']}, alpha {cfg['alpha']:g}",
+             f"- **model**: {cfg.model}; **training data**: {cfg.train_data}; **tasks**: "
+             f"{', '.join(cfg.tasks)}" + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
+             f"- **training**: {cfg.max_steps or str(cfg.epochs) + ' epoch(s)'} steps, batch {cfg.batch_size}, "
+             f"lr {cfg.lr:g}, rank {cfg.rank}, alpha {cfg.alpha:g}",
              f"- **seeds**: {', '.join(map(str, plan.seeds))}",
              "- **trials**: " + (", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none"), ""]
     if points is not None:
@@ -232,8 +231,6 @@ def _plot_axis(plan, storage, trials, points, folder: Path) -> Path | None:
     """Score against the study's axis, one series per configuration of the other options, error bars = std over seeds."""
     if points is None or plan.kind == "pareto":
         return None
-    from ablations.studyfile import spec_of
-
     plt = pyplot()
     x_key = plot_axis(plan)
     series: dict[str, list[tuple[Any, float, float]]] = {}
@@ -380,11 +377,9 @@ def finish_parent_run(plan, storage, artifacts=(), interrupted: bool = False) ->
     import optuna
     from optuna.trial import TrialState
 
-    from harness.tracking import Tracker
-
     if not plan.mlflow_parent_run_id:
         return
-    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     client = tracker.client
     for path in artifacts:
         client.log_artifact(plan.mlflow_parent_run_id, str(path), "results")
@@ -402,8 +397,6 @@ def finish_parent_run(plan, storage, artifacts=(), interrupted: bool = False) ->
 
 def write_fair_report(plan, storage) -> Path:
     """verdict.csv, verdict.md, trials.csv (every trial with its split) and the tuning plots of a fair study."""
-    from ablations import fair
-
     folder = report_dir(plan)
     folder.mkdir(parents=True, exist_ok=True)
     trials = trials_frame(plan, storage)
@@ -442,10 +435,10 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
     ran = tune[tune["state"].isin(["COMPLETE", "PRUNED", "FAIL"]) & tune["duplicate_of"].isna()] if len(tune) else tune
     grid = ", ".join(f"{r:.3g}" for r in plan.lr_grid)
     lines = [f"# Fair comparison: {plan.name}", "", *([plan.description, ""] if plan.description else []),
-             f"- **model**: {cfg['model']}; **training data**: {cfg['train_data']}; **tasks**: {', '.join(cfg['tasks'])}"
-             + (f" (at most {cfg['limit']} items each)" if cfg.get("limit") else ""),
-             f"- **the same for every method**: {cfg['max_steps'] or str(cfg['epochs']) + ' epoch(s)'} steps, batch "
-             f"{cfg['batch_size']}, rank {cfg['rank']}, alpha {cfg['alpha']:g}; learning-rate grid {grid} "
+             f"- **model**: {cfg.model}; **training data**: {cfg.train_data}; **tasks**: {', '.join(cfg.tasks)}"
+             + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
+             f"- **the same for every method**: {cfg.max_steps or str(cfg.epochs) + ' epoch(s)'} steps, batch "
+             f"{cfg.batch_size}, rank {cfg.rank}, alpha {cfg.alpha:g}; learning-rate grid {grid} "
              f"(extended by at most {plan.extend} step(s) on a side where the best rate is the edge); tuning "
              f"seed(s) {', '.join(map(str, plan.seeds))} per rate",
              f"- **selection**: each method's rate has the best mean validation score over its tuning seeds "
@@ -500,8 +493,6 @@ def _g(value) -> str:
 
 def _plot_lr_sensitivity(plan, results, trials, folder: Path) -> Path | None:
     """Validation score against learning rate per method: mean over tuning seeds, band from lowest to highest seed."""
-    from ablations import fair
-
     if not any(r.tuning.scores for r in results):
         return None
     plt = pyplot()
@@ -534,10 +525,9 @@ def _plot_lr_sensitivity(plan, results, trials, folder: Path) -> Path | None:
 def _plot_lr_vs_curvature(plan, storage, results, folder: Path) -> tuple[Path | None, list[str]]:
     """Each method's chosen rate against 1 / lambda_max (harness.diagnostics.plot_lr_vs_curvature), and the lines
     verdict.md says about it: a table of the values, or why there is no plot."""
-    from ablations import fair
-    from harness.diagnostics import plot_lr_vs_curvature
+    from harness.diagnostics import plot_lr_vs_curvature  # deferred: it loads torch
 
-    if plan.config.get("diagnostics") != "full":
+    if plan.config.diagnostics != "full":
         return None, ["The chosen rate against 1 / lambda_max (lr_vs_curvature.png) needs `diagnostics: full` in the "
                       "study's run options: lambda_max, the Hessian's largest eigenvalue at initialisation, is "
                       "measured only at that level."]

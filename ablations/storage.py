@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import re
-import urllib.parse
+import time
 from pathlib import Path
 
 from harness.errors import UserError
-from harness.tracking import network_timeout_s
+from harness.tracking import network_timeout_s, sqlite_path
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+MLFLOW_RUN_ATTR = "mlflow_run_id"  # a trial's user attribute: its nested MLflow run (ablations.trials sets it)
 SQLITE_TIMEOUT_S = 60  # how long a process waits for SQLite's write lock
 SCHEMA_RACE_ATTEMPTS = 5  # opening a fresh storage again after another process created its schema meanwhile
 SCHEMA_RACE_MARKS = ("already exists", "unique constraint failed", "duplicate key", "database is locked")
@@ -37,15 +38,6 @@ SCHEMA_RACE_MARKS = ("already exists", "unique constraint failed", "duplicate ke
 def redact(url: str) -> str:
     """The URL with its password replaced by ``***`` (for messages and MLflow params)."""
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a ``sqlite:///file`` URL, else None."""
-    if not url.startswith("sqlite:"):
-        return None
-    path = urllib.parse.urlparse(url).path
-    path = path[1:] if path.startswith("/") else path
-    return None if path in ("", ":memory:") else Path(path)
 
 
 def resolve_storage_url(url: str | None) -> str:
@@ -112,8 +104,6 @@ def create_with_retry(make, *, retry: bool = True, attempts: int = SCHEMA_RACE_A
 
     The second call finds the tables the other process made and creates only what is still missing.
     """
-    import time
-
     for attempt in range(1, attempts + 1):
         try:
             return make()

@@ -19,19 +19,27 @@ The story:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import sys
-from collections import defaultdict
+import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from harness.tracking import check_separate_stores
+from ablations import fair
+from ablations.report import finish_parent_run, report_dir, write_report
 from ablations.storage import DEFAULT_STORAGE, load_existing_study, open_storage, redact, resolve_storage_url
+from ablations.space import spec_of
 from ablations.studyfile import StudyFile, builtin_studies, load_study_file
 from ablations.trials import (DEFAULT_STALE_AFTER_S, StudyPlan, describe_running, fail_stale_trials,
                               pending_trials, seconds_until_stale, work)
 from harness import quiet
-from harness.errors import UserError, cli_entry, interruption
+from harness.adapters.spec import parse_spec
+from harness.fsutil import check_writable_dir
+from harness.tracking import RunHandle, Tracker, check_separate_stores, check_tracking_uri, resolve_tracking_uri, run_params, sqlite_path
+from harness.errors import EXIT_INTERRUPTED, UserError, cli_entry, interruption
 
 PLAN_ATTR = "plan"
 EXIT_TRY_LATER = 75  # EX_TEMPFAIL: --no-wait found trials still running elsewhere
@@ -41,7 +49,7 @@ RESUMABLE_CHANGES = ("n_trials", "mlflow_parent_run_id", "description", "plot_x"
 
 def build_parser() -> argparse.ArgumentParser:
     """harness.run's own options (to fix any of them for every trial) plus the study's."""
-    from harness.config import build_parser as run_parser
+    from harness.config import build_parser as run_parser  # deferred here and below: harness.config loads torch
 
     parser = run_parser()
     parser.prog = "python -m ablations.study"
@@ -90,8 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
 def check_study_options(stale_after: float | None = None, max_trials: int | None = None,
                         n_trials: int | None = None) -> None:
     """The study options no study could use, as one-line UserErrors (before anything is opened)."""
-    import math
-
     if stale_after is not None and not (math.isfinite(stale_after) and stale_after > 0):
         raise UserError(f"--stale-after: must be a positive number of seconds (got {stale_after!r}); at 0 "
                         "workers would take each other's live trials for dead")
@@ -105,7 +111,7 @@ def check_study_options(stale_after: float | None = None, max_trials: int | None
 def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | None, n_trials: int | None, *,
                  tune_lr: bool = False, lr_grid: str | None = None, final_seeds: str | None = None) -> StudyPlan:
     """The study file's options, then --config, then the command line, resolved into a StudyPlan."""
-    from harness.config import config_from_dict, config_to_dict, load_config_yaml
+    from harness.config import config_from_dict, load_config_yaml
 
     study = fair_study(study, typed, tune_lr, lr_grid, final_seeds)
     values: dict[str, Any] = dict(study.run)
@@ -120,25 +126,19 @@ def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | Non
     values.update(typed)
     seeds = values.pop("seeds", seeds) or study.seeds
     cfg = config_from_dict({**values, "seeds": seeds}, source=f"study {study.name!r}")
-    config = config_to_dict(cfg)
-    config.pop("methods"), config.pop("run_name"), config.pop("seeds")
-    config["tracking_uri"] = _absolute_tracking_uri(config["tracking_uri"])
-    config["output_dir"] = str(Path(config["output_dir"]).resolve())
-    if config["data_dir"]:
-        config["data_dir"] = str(Path(config["data_dir"]).resolve())
-    if Path(config["train_data"]).suffix in (".json", ".jsonl") and Path(config["train_data"]).is_file():
-        config["train_data"] = str(Path(config["train_data"]).resolve())
+    paths = {"tracking_uri": _absolute_tracking_uri(cfg.tracking_uri), "output_dir": str(Path(cfg.output_dir).resolve())}
+    if cfg.data_dir:
+        paths["data_dir"] = str(Path(cfg.data_dir).resolve())
+    if Path(cfg.train_data).suffix in (".json", ".jsonl") and Path(cfg.train_data).is_file():
+        paths["train_data"] = str(Path(cfg.train_data).resolve())
+    config = dataclasses.replace(cfg, methods=[spec_of(p) for p in study.points], **paths)
     plan = StudyPlan(name=study.name, kind=study.kind, config=config, seeds=list(cfg.seeds), points=study.points,
                      description=study.description, n_trials=n_trials or study.n_trials, lr=study.lr,
                      pruner=study.pruner, intermediate_every=study.intermediate_every, plot_x=study.plot_x)
     if study.kind == "fair":
-        from ablations import fair
-
         where = "--final-seeds" if final_seeds is not None else f"{study.source}: final_seeds"
         plan.lr_grid, plan.extend = study.lr_grid, study.extend
         plan.final_seeds = fair.final_seeds_from(study.final_seeds, plan.seeds, where)
-    from harness.adapters.spec import parse_spec
-
     for spec in plan.specs():  # the study's common options (rank, targets ...) with each point's own
         parse_spec(spec, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
     return plan
@@ -151,10 +151,6 @@ def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: 
     ``--tune-lr`` turns a grid study into a fair one over the same points, named ``<study>_tuned_lr``
     (its own storage entry and results folder), with the built-in fair study's grid and seeds.
     """
-    import dataclasses
-
-    from ablations import fair
-
     if tune_lr:
         if study.kind != "grid":
             raise UserError(f"--tune-lr: only grid studies take it ({study.name!r} is kind {study.kind}"
@@ -173,7 +169,7 @@ def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: 
                 raise UserError(f"{flag}: only the fair protocol takes it (a kind fair study, or --tune-lr)")
         return study
     if "methods" in typed:
-        study = dataclasses.replace(study, points=points_of_methods(typed.pop("methods")))
+        study = dataclasses.replace(study, points=fair.points_of_methods(typed.pop("methods")))
     if lr_grid is not None:
         study = dataclasses.replace(study, lr_grid=fair.lr_grid_from(lr_grid, "--lr-grid"))
     if final_seeds is not None:
@@ -181,34 +177,10 @@ def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: 
     return study
 
 
-def points_of_methods(specs: list[str]) -> list[dict[str, Any]]:
-    """``--methods lora,linchain:n=3`` as a fair study's space; every method is compared with lora."""
-    import yaml
-
-    from ablations import fair
-    from ablations.studyfile import enumerate_points
-
-    templates = []
-    for spec in specs:
-        method, _, rest = spec.partition(":")
-        template: dict[str, Any] = {"method": method.strip().lower()}
-        for item in filter(None, (i.strip() for i in rest.split(","))):
-            key, _, value = item.partition("=")
-            template[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else value
-        if "lr" in template:
-            raise UserError(f"--methods: {spec!r} fixes lr, which the fair study tunes itself; remove lr=")
-        templates.append(template)
-    points = enumerate_points(templates, lambda key, what: UserError(f"--methods: {what}"))
-    fair.check_references(points, "--methods")
-    return points
-
-
 def _absolute_tracking_uri(uri: str | None) -> str:
     """MLflow's SQLite file as an absolute path, so every worker writes to the same store."""
-    from harness.tracking import _sqlite_path, resolve_tracking_uri
-
     uri = resolve_tracking_uri(uri)
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     return "sqlite:///" + str(db.resolve()) if db is not None else uri
 
 
@@ -217,9 +189,7 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
     """Create the study (schema, Optuna studies, queue, MLflow parent run) or check and continue an existing one."""
     import optuna
 
-    from harness.tracking import Tracker, check_tracking_uri, run_params
-
-    check_tracking_uri(plan.config["tracking_uri"])
+    check_tracking_uri(plan.config.tracking_uri)
     existing = set(optuna.get_all_study_names(storage))
     names = plan.optuna_names()
     stored = next((_stored_plan(optuna.load_study(study_name=n, storage=storage)) for n in names if n in existing), None)
@@ -229,7 +199,7 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
         if not creating:  # another study command is creating it this moment: continue it once it is ready
             stored = _wait_for_plan(names[0], storage, url)
             existing = set(optuna.get_all_study_names(storage))
-    tracker = Tracker(plan.config["tracking_uri"], plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     if stored is not None:
         _check_same(stored, plan, url)
         for name in names:  # dead workers' trials first (their runs end FAILED), then other killed processes' runs
@@ -245,10 +215,8 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
         created = tracker.client.create_run(tracker.experiment_id, run_name=f"study-{plan.name}",
                                             tags={"mlflow.runName": f"study-{plan.name}", **with_tags})
         plan.mlflow_parent_run_id = created.info.run_id
-        from harness.tracking import RunHandle
-
         RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name).log_params(
-            {**run_params(plan.config), "points": len(plan.points), "seeds": plan.seeds,
+            {**run_params(plan.shared_options()), "points": len(plan.points), "seeds": plan.seeds,
              "n_trials": plan.n_trials, "description": plan.description,
              **({"lr_grid": plan.lr_grid, "final_seeds": plan.final_seeds, "extend": plan.extend}
                 if plan.kind == "fair" else {})})
@@ -257,7 +225,7 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
         if name in existing:
             study = optuna.load_study(study_name=name, storage=storage)
             study.set_user_attr(PLAN_ATTR, plan.to_attr())  # a grown tuning budget, the same everything else
-            queued = top_up(study, plan, retry_failed, storage, log=log)
+            queued = top_up(study, storage, plan, retry_failed, log=log)
         else:
             study = (optuna.load_study(study_name=name, storage=storage) if name == names[0]
                      else optuna.create_study(study_name=name, storage=storage, directions=plan.directions()))
@@ -288,8 +256,6 @@ def _claim_creation(plan: StudyPlan, storage, name: str) -> bool:
 
 def _wait_for_plan(name: str, storage, url: str, timeout_s: float | None = None, poll_s: float = 0.2) -> StudyPlan:
     """The plan of a study another process is creating, once it has written it (the last step of creation)."""
-    import time
-
     import optuna
 
     deadline = time.monotonic() + (CREATION_WAIT_S if timeout_s is None else timeout_s)
@@ -304,13 +270,11 @@ def _wait_for_plan(name: str, storage, url: str, timeout_s: float | None = None,
         time.sleep(poll_s)
 
 
-def top_up(study, plan: StudyPlan, retry_failed: bool, storage=None, log=None) -> int:
+def top_up(study, storage, plan: StudyPlan, retry_failed: bool = False, log=None) -> int:
     """Queue what a resumed study still lacks: grid points with no live or finished trial, or the rest of the budget."""
     from optuna.trial import TrialState
 
     if plan.kind == "fair":
-        from ablations import fair
-
         return fair.top_up(study, storage, plan, retry_failed, log=log)
     alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
     trials = study.get_trials(deepcopy=False)
@@ -337,8 +301,6 @@ def top_up(study, plan: StudyPlan, retry_failed: bool, storage=None, log=None) -
 
 
 def _count(study) -> str:
-    from collections import Counter
-
     counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
 
@@ -380,8 +342,6 @@ def load_plan(name: str, storage, url: str) -> StudyPlan:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from harness.config import RunConfig  # noqa: F401 (fails early if the harness is broken)
-
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
                        ("MLFLOW_DISABLE_TELEMETRY", "true")):
         os.environ.setdefault(key, value)
@@ -395,8 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     config_file = args.pop("config", None)
     url = resolve_storage_url(options["storage"])
     if options["report_only"]:
-        from ablations.report import write_report
-
         storage = open_storage(url, create=False)
         name = Path(name).stem if name.endswith((".yaml", ".yml")) else name
         plan = load_plan(name + ("_tuned_lr" if options["tune_lr"] else ""), storage, url)
@@ -406,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = resolve_plan(study_file, args, config_file, options["n_trials"], tune_lr=options["tune_lr"],
                         lr_grid=options["lr_grid"], final_seeds=options["final_seeds"])
     check_inputs(plan)
-    check_separate_stores(url, plan.config["tracking_uri"])
+    check_separate_stores(url, plan.config.tracking_uri)
     storage = open_storage(url, create=True)
     plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"],
                             stale_after=options["stale_after"])
@@ -414,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study {plan.name!r} ready; start workers with: python -m ablations.worker {plan.name} "
               f"--storage {redact(url)}")
         return 0
-    from ablations.report import finish_parent_run, write_report
-
     try:
         done = work(plan, storage, max_trials=options["max_trials"], stale_after=options["stale_after"],
                     wait=not options["no_wait"])
@@ -423,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         finish_parent_run(plan, storage, interrupted=True)
         print(f"\n{interruption(err)}: the running trial is FAILED and queued again; run the same command to "
               "continue", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     waiting, running = pending_trials(plan, storage)
     folder = write_report(plan, storage)
     print(f"report written to {folder}; dashboard: optuna-dashboard {redact(url).removeprefix('journal:')}")
@@ -440,9 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_inputs(plan: StudyPlan) -> None:
     """What every trial would read or write, checked once before the study starts (one line each, exit 2)."""
-    from ablations.report import report_dir
-    from harness import data as hdata
-    from harness.fsutil import check_writable_dir
+    from harness import data as hdata  # deferred, as below: both load torch
     from harness.evaluate import task_data_checksums
 
     cfg = plan.trial_config(plan.specs()[0], plan.seeds, 0)

@@ -36,12 +36,15 @@ with ``lora``; ``intermediate_every`` and ``pruner`` prune tuning trials on vali
 
 from __future__ import annotations
 
-import itertools
-import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from ablations import fair
+from ablations.space import enumerate_points
 from harness.errors import UserError
 
 # Not imported from ablations/__init__.py: an editable install made before that file existed maps
@@ -59,8 +62,7 @@ LR_KEYS = ("low", "high", "log")
 # harness.run options a study may not fix: the study decides them per trial.
 STUDY_OWNED = ("methods", "run_name", "seeds")
 # Bounds checked before anything is queued: past them a study file is a typo, not an experiment, and
-# enqueueing it alone would take hours (the learning-rate grid and ``extend`` are bounded in ablations.fair).
-MAX_POINTS = 300
+# enqueueing it alone would take hours (the learning-rate grid and ``extend`` are bounded in ablations.fair, the points in ablations.space).
 MAX_TRIALS = 1000
 
 
@@ -106,8 +108,6 @@ def find_study_file(name: str) -> Path:
 
 def load_study_file(name: str) -> StudyFile:
     """Read and check a study file; every error is one line naming the file and the key."""
-    import yaml
-
     path = find_study_file(name)
     where = f"study file {str(path)!r}"
     try:
@@ -191,8 +191,6 @@ def parse_study(data: dict[str, Any], source: str = "study", default_name: str =
 def planned_trials(study: StudyFile) -> int:
     """How many trials the study queues at most: its points times seeds (a fair study: times every rate
     the grid may grow to, plus the final seeds; a tpe study: n_trials per point)."""
-    from ablations import fair
-
     points = len(study.points)
     if study.kind == "fair":
         finals = len(fair.final_seeds_from(study.final_seeds, study.seeds, "final_seeds"))
@@ -204,8 +202,6 @@ def planned_trials(study: StudyFile) -> int:
 
 def _fair_protocol(study: StudyFile, data: dict[str, Any], fail) -> None:
     """A fair study's grid, final seeds, extensions and pruning, checked; every method is compared with lora."""
-    from ablations import fair
-
     def check(key, parse):
         try:
             return parse()
@@ -230,58 +226,9 @@ def _fair_protocol(study: StudyFile, data: dict[str, Any], fail) -> None:
     study.pruner = _pruner(data.get("pruner"), fail)
 
 
-def enumerate_points(space: list[Any], fail) -> list[dict[str, Any]]:
-    """Every configuration of the space, in file order: the product of each template's list-valued axes.
-
-    Each point is checked as a method spec (so a misspelt option is caught before any trial runs),
-    and a point listed twice is an error: a grid runs each configuration exactly once per seed.
-    """
-    from harness.adapters.spec import parse_spec
-
-    points: list[dict[str, Any]] = []
-    total = 0
-    for i, template in enumerate(space):
-        where = f"space[{i}]"
-        if not isinstance(template, dict) or "method" not in template:
-            raise fail(where, "must be a mapping with a 'method' key, e.g. {method: linchain, n: [1, 2]}")
-        axes = {str(k): (v if isinstance(v, list) else [v]) for k, v in template.items()}
-        total += math.prod(len(v) for v in axes.values())
-        if total > MAX_POINTS:
-            raise fail(where, f"the space has more than the {MAX_POINTS} points a study may have "
-                              f"({total:,} up to here); split it into several studies")
-        for key, values in axes.items():
-            if not values:
-                raise fail(f"{where}.{key}", "an empty list gives no points")
-            for value in values:
-                if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                    raise fail(f"{where}.{key}", f"values must be numbers or strings (got {value!r})")
-        for combo in itertools.product(*axes.values()):
-            point = dict(zip(axes, combo))
-            try:
-                parse_spec(spec_of(point))
-            except UserError as err:
-                raise fail(where, str(err)) from None
-            if point in points:
-                raise fail(where, f"{spec_of(point)!r} is already in the space; each point must be listed once")
-            points.append(point)
-    return points
-
-
-def spec_of(point: dict[str, Any]) -> str:
-    """The harness.run method spec of a point: ``{method: linchain, n: 3}`` -> ``'linchain:n=3'``."""
-    options = [f"{k}={_fmt(v)}" for k, v in point.items() if k != "method"]
-    return str(point["method"]) + (":" + ",".join(options) if options else "")
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _check_run_options(run: dict[str, Any], fail) -> None:
     """Every key must be a harness.run option the study does not set itself; values are checked by RunConfig."""
-    import dataclasses
-
-    from harness.config import RunConfig, config_from_dict
+    from harness.config import RunConfig, config_from_dict  # deferred: harness.config loads torch
 
     names = [f.name for f in dataclasses.fields(RunConfig)]
     for key in run:

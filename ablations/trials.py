@@ -9,8 +9,8 @@ stamp is older than ``stale_after`` seconds (its worker was killed), or whose wo
 is known to be gone (same host, pid no longer alive), marks it FAILED, closes its MLflow runs
 FAILED, and queues it again. A trial that fails (a NaN loss, a crash) is FAILED with its reason
 in the user attribute ``fail_reason``, and the study goes on. Fair studies (``ablations.fair``) run
-through the same claim, objective and heartbeat; their own loop queues each stage as the one before
-settles.
+through the same loop, claim, objective and heartbeat; their ``top_up`` hook queues each stage as the
+one before settles.
 
 A worker stops when nothing is left to claim. The study command (``wait=True``) also waits
 for trials still RUNNING in other workers, so that it never reports a grid with a silent hole:
@@ -19,21 +19,31 @@ they either finish or, their worker dead, are reaped and run here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import socket
 import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from ablations import fair
+from ablations.space import spec_of
+from ablations.storage import MLFLOW_RUN_ATTR
+from ablations.studyfile import STUDY_OWNED
 from harness.errors import UserError, interruption
 from harness.stats import mean as _mean
+from harness.tracking import HOST_TAG, PID_START_TAG, PID_TAG, RunHandle, Tracker, owner_tags, process_alive
+
+if TYPE_CHECKING:
+    from harness.config import RunConfig
 
 HEARTBEAT_ATTR = "ablations:heartbeat"
 WORKER_ATTR = "ablations:worker"  # {"harness.host": ..., "harness.pid": ..., "harness.pid_start": ...}
-MLFLOW_RUN_ATTR = "mlflow_run_id"  # the trial's nested MLflow run
 DEFAULT_STALE_AFTER_S = 120.0
 WAIT_REPORT_EVERY_S = 30.0  # how often a waiting study says what it waits for
+POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may unlock trials of its own
 
 
 class TrialFailed(Exception):
@@ -63,12 +73,14 @@ class StudyPlan:
 
     ``config`` is the resolved harness.run configuration shared by every trial (the study file's
     ``run:`` options and the command line's, applied once at creation), so every worker runs the
-    same thing whatever its own command line.
+    same thing whatever its own command line. Its methods are the study's specs and its seeds the
+    study's seeds; :meth:`trial_config` narrows them (and names the run) per trial. The storage
+    keeps it without those three (:meth:`shared_options`).
     """
 
     name: str
     kind: str
-    config: dict[str, Any]
+    config: RunConfig
     seeds: list[int]
     points: list[dict[str, Any]]
     description: str = ""
@@ -90,8 +102,6 @@ class StudyPlan:
         if self.kind == "tpe":
             return [f"{self.name}/{spec}" for spec in self.specs()]
         if self.kind == "fair":
-            from ablations import fair
-
             return fair.optuna_names(self)
         return [self.name]
 
@@ -99,8 +109,6 @@ class StudyPlan:
         return ["maximize", "minimize"] if self.kind == "pareto" else ["maximize"]
 
     def specs(self) -> list[str]:
-        from ablations.studyfile import spec_of
-
         return [spec_of(p) for p in self.points]
 
     def grid(self) -> list[tuple[dict[str, Any], int]]:
@@ -120,14 +128,10 @@ class StudyPlan:
 
     def queue(self, optuna_name: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """The trials to queue at creation, as (fixed params, user attrs): the whole grid, or the tuning budget."""
-        from ablations.studyfile import spec_of
-
         if self.kind == "tpe":
             spec = optuna_name.split("/", 1)[1]
             return [({}, {"spec": spec, "split": "validation"}) for _ in range(self.n_trials or 0)]
         if self.kind == "fair":
-            from ablations import fair
-
             return fair.initial_queue(self, optuna_name)
         return [({**point, "seed": seed}, {"grid_index": k, "spec": spec_of(point), "seed": seed})
                 for k, (point, seed) in enumerate(self.grid())]
@@ -156,21 +160,32 @@ class StudyPlan:
     def trial_config(self, spec: str, seeds: list[int], number: int, lr: float | None = None,
                      split: str | None = None):
         """The harness.run configuration of one trial: the study's options, one method, the trial's seeds and split."""
-        from harness.config import config_from_dict
-
-        values = {**self.config, "methods": [spec], "seeds": seeds, "run_name": f"trial-{number}"}
+        values: dict[str, Any] = {"methods": [spec], "seeds": seeds, "run_name": f"trial-{number}"}
         if lr is not None:
             values["lr"] = lr
         if split is not None:
             values["split"] = split
-        return config_from_dict(values, source=f"study {self.name!r}")
+        return dataclasses.replace(self.config, **values)
+
+    def shared_options(self) -> dict[str, Any]:
+        """The configuration as stored and logged: every option but those each trial sets (methods, seeds, run name)."""
+        from harness.config import config_to_dict  # deferred here and below: harness.config loads torch
+
+        options = config_to_dict(self.config)
+        for key in STUDY_OWNED:
+            options.pop(key)
+        return options
 
     def to_attr(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "config": self.shared_options()}
 
     @classmethod
     def from_attr(cls, value: dict[str, Any]) -> "StudyPlan":
-        return cls(**value)
+        from harness.config import config_from_dict
+
+        value = dict(value)
+        options = {**value.pop("config"), "methods": [spec_of(p) for p in value["points"]], "seeds": value["seeds"]}
+        return cls(config=config_from_dict(options, source=f"study {value['name']!r} in the storage"), **value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,7 +194,7 @@ class StudyPlan:
 
 def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None = None, log=print):
     """One trial: one call of harness.run.run in a nested MLflow run; returns the score (and params for pareto)."""
-    from harness.run import Pruned
+    from harness.run import Pruned  # deferred here and below: harness.run loads torch
     from harness.run import run as harness_run
 
     run_fn = run_fn or harness_run
@@ -227,8 +242,6 @@ def _suggest(trial, plan: StudyPlan) -> tuple[str, list[int], float | None]:
         lr = trial.suggest_float("lr", plan.lr["low"], plan.lr["high"], log=plan.lr["log"])
         return trial.user_attrs["spec"], list(plan.seeds), lr
     if plan.kind == "fair":
-        from ablations import fair
-
         return fair.suggest(trial, plan)
     point, seed = plan.grid()[trial.user_attrs["grid_index"]]
     choices = plan.choices()
@@ -264,45 +277,71 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
          run_fn: Callable | None = None, log=print, wait: bool | None = None, poll_s: float | None = None) -> int:
     """Run queued trials of the study until none is left (or ``max_trials``); returns how many this worker ran.
 
-    ``wait``: then also wait while trials run in other workers, until they finish or are found dead (reaped,
-    queued again and run here); a line every ``WAIT_REPORT_EVERY_S`` seconds says what it waits for.
-    ``None`` is the kind's default: a fair study waits (another worker's result may unlock final trials),
-    the others do not.
+    Each pass reaps the trials of dead workers, lets the study's ``top_up`` hook queue what finished trials
+    make necessary (a fair study's final seeds, a grid extension; grids and tuning studies have none: their
+    queue is complete at creation), then claims the next queued trial. A study that tops up can queue one
+    slot twice (two workers topping up at once): the later trial is marked a duplicate when claimed, never run.
+
+    ``wait``: while nothing is queued but trials run in other workers, wait until they finish or are found
+    dead (reaped, queued again and run here); a line every ``WAIT_REPORT_EVERY_S`` seconds says what it waits
+    for. ``None`` is the kind's default: a study that tops up waits (another worker's result may unlock
+    trials), the others do not.
     """
     import optuna
-    from harness.tracking import RunHandle, Tracker
+    from optuna.trial import TrialState
 
-    if plan.kind == "fair":  # stages that unlock one another: its own loop, on the same claim and trial run
-        from ablations import fair
-
-        return fair.work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log,
-                         wait=wait is not False, **({"poll_s": poll_s} if poll_s is not None else {}))
-    wait = bool(wait)
-    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    top_up, duplicate_of = _loop_hooks(plan)
+    said_no_wait = wait is False
+    wait = top_up is not None if wait is None else wait
+    if poll_s is None:  # a study waiting for trials that may unlock its own looks again sooner
+        poll_s = POLL_S if top_up is not None else max(0.2, min(5.0, stale_after / 4))
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
     studies = [optuna.load_study(study_name=name, storage=storage, sampler=plan.sampler(), pruner=plan.pruner_())
                for name in plan.optuna_names()]
-    poll_s = poll_s if poll_s is not None else max(0.2, min(5.0, stale_after / 4))
-    done, last_report = 0, 0.0
+    done, last_report = 0, -math.inf
     while max_trials is None or done < max_trials:
-        ran = False
+        # Counted before the top-up: a trial that another worker finishes after this pass's top-up
+        # may unlock more, so this worker stops only after a pass that began with nothing running.
+        running_before = running_elsewhere(studies) if top_up is not None else []
         for study in studies:
             fail_stale_trials(study, storage, plan, stale_after, log)
-            claimed = claim(study, storage)
-            if claimed is not None:
-                run_trial(study, storage, claimed, plan, tracker, parent, stale_after, run_fn, log)
-                done, ran = done + 1, True
+            if top_up is not None:
+                top_up(study, storage, plan)
+        claimed = next(((s, t) for s in studies if (t := claim(s, storage)) is not None), None)
+        if claimed is None:
+            running = running_elsewhere(studies)
+            if not running and not running_before:
                 break
-        if ran:
+            if not running:
+                continue  # it finished during this pass: top up once more before deciding
+            if not wait:
+                if said_no_wait:
+                    log(f"[{plan.name}] nothing queued here; not waiting (--no-wait) for "
+                        f"{describe_running(running, stale_after)}")
+                break
+            if time.monotonic() - last_report >= WAIT_REPORT_EVERY_S:
+                log(f"[{plan.name}] waiting for {describe_running(running, stale_after)}")
+                last_report = time.monotonic()
+            time.sleep(poll_s)
             continue
-        running = running_elsewhere(studies)
-        if not wait or not running:
-            break
-        if time.monotonic() - last_report >= WAIT_REPORT_EVERY_S:
-            log(f"[{plan.name}] waiting for {describe_running(running, stale_after)}")
-            last_report = time.monotonic()
-        time.sleep(poll_s)
+        study, trial = claimed
+        first = duplicate_of(study, trial) if duplicate_of is not None else None
+        if first is not None:
+            trial.set_user_attr("duplicate_of", first)
+            trial.set_user_attr("fail_reason", f"duplicate of trial {first} (queued twice at once); not run")
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        run_trial(study, storage, trial, plan, tracker, parent, stale_after, run_fn, log)
+        done += 1
     return done
+
+
+def _loop_hooks(plan: StudyPlan):
+    """The worker loop's hooks of the plan's kind: (top_up, duplicate_of), None where the kind has none."""
+    if plan.kind == "fair":
+        return fair.top_up, fair.duplicate_of
+    return None, None
 
 
 def pending_trials(plan: StudyPlan, storage) -> tuple[int, list[tuple[str, Any]]]:
@@ -351,8 +390,6 @@ def claim(study, storage):
     """Take the next queued trial (WAITING -> RUNNING, atomically in the storage) or None if the queue is empty."""
     import optuna
     from optuna.trial import TrialState
-
-    from harness.tracking import owner_tags
 
     study_id = storage.get_study_id_from_name(study.study_name)
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
@@ -481,10 +518,6 @@ def fail_stale_trials(study, storage, plan: StudyPlan, stale_after: float, log=p
 
 def _lost_worker(frozen, now: float, stale_after: float) -> str | None:
     """Why a RUNNING trial's worker counts as gone, or None while it may be alive."""
-    import socket
-
-    from harness.tracking import HOST_TAG, PID_START_TAG, PID_TAG, process_alive
-
     owner = frozen.system_attrs.get(WORKER_ATTR) or {}
     if owner.get(HOST_TAG) == socket.gethostname() and not process_alive(owner.get(PID_TAG), owner.get(PID_START_TAG)):
         return f"its process (pid {owner.get(PID_TAG)}) has ended"
@@ -500,9 +533,7 @@ def close_trial_runs(plan: StudyPlan, run_id: str | None, reason: str) -> None:
         return
     from mlflow.entities import RunTag
 
-    from harness.tracking import Tracker
-
-    tracker = Tracker(plan.config.get("tracking_uri"), plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     client = tracker.client
     ids, frontier = [], [run_id]
     while frontier:  # the trial's run, harness.run's run under it, the method runs under that

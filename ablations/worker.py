@@ -17,10 +17,12 @@ import argparse
 import os
 import sys
 
+from ablations.report import finish_parent_run
 from ablations.storage import open_storage, redact, resolve_storage_url
+from ablations.study import check_study_options, load_plan
 from ablations.trials import DEFAULT_STALE_AFTER_S, pending_trials, work
 from harness import quiet
-from harness.errors import cli_entry, interruption
+from harness.errors import EXIT_INTERRUPTED, cli_entry, interruption
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from ablations.study import check_study_options, load_plan
-
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
                        ("MLFLOW_DISABLE_TELEMETRY", "true")):
         os.environ.setdefault(key, value)
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         done = work(plan, storage, max_trials=args.max_trials, stale_after=args.stale_after)
     except KeyboardInterrupt as err:
         print(f"\n{interruption(err)}: the running trial is FAILED and queued again", file=sys.stderr)
-        return 130
-    from ablations.report import finish_parent_run
-
+        return EXIT_INTERRUPTED
     finish_parent_run(plan, storage)  # the last worker to finish ends the study's MLflow run FINISHED
     waiting, running = pending_trials(plan, storage)
     if waiting and args.max_trials is not None and done >= args.max_trials:

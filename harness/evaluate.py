@@ -9,6 +9,7 @@ primary score per task in [0, 1], and per-item samples for paired bootstraps.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class Sample:
     target: str
     response: str  # the filtered response (extracted answer) or the chosen choice index
     correct: int
+    # what the model produced before filtering: the generated text, or each choice's log-likelihood (4 decimals);
+    # equal outputs on every item mean an adapter changed nothing (see EvalResult.output_digests)
+    output: str = ""
 
 
 @dataclass
@@ -63,6 +67,38 @@ class EvalResult:
     def correctness(self) -> dict[str, dict[int, float]]:
         """Per task, each scored item's 0/1 verdict keyed by document id (for the paired bootstrap)."""
         return {task: {s.doc_id: float(s.correct) for s in samples} for task, samples in self.samples.items()}
+
+    def output_digests(self) -> dict[str, str]:
+        """Per task, a SHA-256 over every item's raw output in document order.
+
+        Two systems with equal digests on a task produced the same text (or the same choice
+        log-likelihoods) on every item of it: an adapter whose digests all equal the base model's
+        was not applied, or changed nothing a greedy decode can see.
+        """
+        import hashlib
+
+        digests = {}
+        for task, samples in self.samples.items():
+            digest = hashlib.sha256()
+            for sample in sorted(samples, key=lambda s: s.doc_id):
+                digest.update(f"{sample.doc_id}\x1f{sample.output}\x1e".encode())
+            digests[task] = digest.hexdigest()
+        return digests
+
+    def write_samples(self, path: str | os.PathLike) -> Path:
+        """The per-item samples as JSON lines (``task`` and every :class:`Sample` field), written atomically."""
+        import json
+        from dataclasses import asdict
+
+        from harness.fsutil import atomic_path
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            for task, samples in self.samples.items():
+                for sample in samples:
+                    f.write(json.dumps({"task": task, **asdict(sample)}, default=str) + "\n")
+        return path
 
 
 def default_batch_size(model) -> int | str:
@@ -174,7 +210,7 @@ def tasks_for_split(names: list[str], manager, split: str) -> list:
 def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | str | None = None,
              limit: int | None = None, batch_size: int | str = 1, num_beams: int = 1,
              prompt_format: str = "alpaca", log_samples: bool = True, max_batch_size: int = 64,
-             split: str = "test", precision: str = "fp32") -> EvalResult:
+             split: str = "test", precision: str = "fp32", check_precision: bool = True) -> EvalResult:
     """Run lm-eval on an in-memory model.
 
     ``precision`` is the training's (``fp32``, ``bf16`` or ``auto``, see
@@ -184,6 +220,8 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
     ``num_beams=4`` is the papers' decoding (greedy, 1, is the default: faster). ``prompt_format``
     must be the one used in training: ``alpaca`` or ``chat`` (the tokenizer's chat template).
     ``split`` is ``test`` (final numbers) or ``validation`` (tuning; see :func:`tasks_for_split`).
+    ``check_precision=False`` runs bf16 even where the hardware emulates it slowly (harness.equivalence
+    measures what bf16 does to the answers; nothing else should need it).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -210,7 +248,8 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
     names = tasks_for_split(expand_tasks(list(tasks or DEFAULT_TASKS), manager, data_dir), manager, split)
     # lm-eval wraps every forward in its own autocast (disabled unless given a dtype): pass the training's
     # precision through it; log-softmax over the vocabulary stays fp32
-    bf16 = resolve_precision(precision, next(model.parameters()).device) == "bf16"
+    bf16 = (precision == "bf16" if not check_precision
+            else resolve_precision(precision, next(model.parameters()).device) == "bf16")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               max_batch_size=max_batch_size, mixed_precision_dtype=torch.bfloat16 if bf16 else None,
               softmax_dtype=torch.float32 if bf16 else None)
@@ -286,10 +325,15 @@ def _sample(sample: dict) -> Sample:
         # multiple choice: filtered_resps are (loglikelihood, is_greedy) per choice; report the argmax
         loglikelihoods = [float(item[0]) for item in filtered]
         response = str(max(range(len(loglikelihoods)), key=loglikelihoods.__getitem__))
+        output = " ".join(f"{value:.4f}" for value in loglikelihoods)
     else:
         response = filtered[0] if isinstance(filtered, list) and filtered else str(filtered)
+        raw = sample.get("resps")
+        while isinstance(raw, list) and raw:  # [[text]] per item
+            raw = raw[0]
+        output = str(raw if raw is not None else response)
     return Sample(doc_id=int(sample["doc_id"]), target=str(sample["target"]), response=str(response),
-                  correct=int(round(float(sample[metric]))))
+                  correct=int(round(float(sample[metric]))), output=output)
 
 
 def _batch_size_arg(text: str) -> int | str:
@@ -303,6 +347,77 @@ def _batch_size_arg(text: str) -> int | str:
     return int(text)
 
 
+@dataclass(frozen=True)
+class AdapterSource:
+    """An adapter to score, and what the run that saved it says about how it was trained.
+
+    ``folder`` is the adapter folder (a harness save or a plain LoRA); ``name`` its label (``lora-seed0``) or
+    folder name; ``run_config`` the config of the run that saved it (its result.json), empty when it came
+    from elsewhere. Defaults for model, prompt format and tasks are read from there.
+    """
+
+    folder: Path
+    name: str
+    run_config: dict = field(default_factory=dict)
+
+    def model(self) -> str | None:
+        """The base model: the saving run's ``model``, else the adapter config's ``base_model_name_or_path``."""
+        from harness.adapters.api import read_adapter_folder
+
+        return self.run_config.get("model") or read_adapter_folder(self.folder).config().get("base_model_name_or_path")
+
+
+def locate_adapter(path: str | os.PathLike, label: str | None = None) -> AdapterSource:
+    """``results/<run>`` plus a label (``lora-seed0``, or ``lora`` when it has one seed), or an adapter folder.
+
+    A one-line :class:`UserError` for a run folder without that label (naming the labels it has), and for
+    a folder that is neither a run's nor an adapter's.
+    """
+    import json
+
+    from harness.adapters.api import read_adapter_folder
+
+    path = Path(path)
+    if (path / "adapters").is_dir() and not (path / "adapter_config.json").exists():
+        labels = sorted(p.name for p in (path / "adapters").iterdir() if p.is_dir())
+        if label is None:
+            raise UserError(f"{path} is a results folder: name one of its adapters with --label "
+                            f"({', '.join(labels) or 'it has none'})")
+        matches = [name for name in labels if name == label] or [n for n in labels if n.rsplit("-seed", 1)[0] == label]
+        if len(matches) != 1:
+            which = "several seeds" if matches else "no adapter"
+            raise UserError(f"{path} has {which} for --label {label}: pass one of {', '.join(labels) or 'none'}")
+        folder, run_dir = path / "adapters" / matches[0], path
+    else:
+        if label is not None:
+            raise UserError(f"--label names an adapter inside a results folder; {path} is not one "
+                            "(pass the results folder, or the adapter folder without --label)")
+        folder = path
+        run_dir = path.parent.parent if path.parent.name == "adapters" else None
+    read_adapter_folder(folder)  # one line when it is not an adapter
+    run_config: dict = {}
+    if run_dir is not None and (run_dir / "result.json").is_file():
+        try:
+            run_config = json.loads((run_dir / "result.json").read_text()).get("config") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            run_config = {}
+    return AdapterSource(folder, folder.name, run_config)
+
+
+DESCRIPTION = """\
+Score a model, or a model with an adapter, on the lm-eval tasks in harness/tasks/.
+
+Without --adapter the base model is scored. With --adapter the adapter is loaded onto it as the
+harness trained it (a folder saved by harness.run, results/<run>/adapters/<label>; a results folder
+with --label; or any plain peft LoRA folder, such as one harness.export wrote). The model, prompt
+format and tasks default to those of the run that saved the adapter.
+
+Scores print as JSON. With --adapter (or --output-dir) the per-item samples are written as a run
+writes them, samples/<name>.jsonl with one line per item (task, doc_id, target, the extracted
+response, correct, the raw output), beside scores.json (scores, metrics and what was scored).
+"""
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.evaluate --model tiny-random --tasks arithmetic --limit 5``: print scores as JSON."""
@@ -311,31 +426,70 @@ def main(argv: list[str] | None = None) -> int:
 
     from harness.models import DEFAULT_MODEL, PRECISIONS, load_model, resolve_precision, storage_dtype
 
-    parser = argparse.ArgumentParser(prog="python -m harness.evaluate", description="Score a model on tasks/.")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks or groups")
+    parser = argparse.ArgumentParser(prog="python -m harness.evaluate", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help=f"base model: a name, folder or hub id (default: the adapter's run's, else {DEFAULT_MODEL})")
+    parser.add_argument("--adapter", default=None, metavar="FOLDER",
+                        help="an adapter folder (harness save or plain LoRA), or a results folder with --label")
+    parser.add_argument("--label", default=None, help="with a results folder as --adapter: which adapter (lora-seed0)")
+    parser.add_argument("--tasks", default=None,
+                        help=f"comma-separated tasks or groups (default: the adapter's run's, else {DEFAULT_TASKS[0]})")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--batch-size", default=None, type=_batch_size_arg,
                         help="a number or auto (default: the harness's pick)")
     parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--prompt-format", default="alpaca", choices=PROMPT_FORMATS)
+    parser.add_argument("--prompt-format", default=None, choices=PROMPT_FORMATS,
+                        help="alpaca or chat: the training's (default: the adapter's run's, else alpaca)")
     parser.add_argument("--split", default="test", choices=SPLITS, help="the split to score (default: test)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 where the hardware runs it fast, else fp32 (default: auto)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where scores.json and samples/ go (default with --adapter: results/evaluate/<name>)")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' own warnings and logs")
     args = parser.parse_args(argv)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    from harness import quiet
+
+    quiet.configure(verbose=args.verbose)
+    source = locate_adapter(args.adapter, args.label) if args.adapter else None
+    if args.label and not source:
+        raise UserError("--label needs --adapter (a results folder)")
+    run = source.run_config if source else {}
+    model_name = args.model or (source.model() if source else None) or DEFAULT_MODEL
+    tasks_arg = args.tasks or ",".join(run.get("tasks") or DEFAULT_TASKS)
+    tasks = [t.strip() for t in tasks_arg.split(",") if t.strip()]
+    prompt_format = args.prompt_format or run.get("prompt_format") or "alpaca"
+    data_dir = args.data_dir or run.get("data_dir")
     precision = resolve_precision(args.precision, "cpu")
-    model, tokenizer = load_model(args.model, dtype=storage_dtype(precision))
+    output_dir = Path(args.output_dir) if args.output_dir else (Path("results") / "evaluate" / source.name
+                                                                if source else None)
+    checksums = task_data_checksums(tasks, data_dir, prompt_format, args.split)  # bad names, files: one line now
+    model, tokenizer = load_model(model_name, dtype=storage_dtype(precision))
+    if source is not None:
+        from harness.adapters.api import check_adapter_fits, load_adapter_model
+
+        check_adapter_fits(model, source.folder)
+        model = load_adapter_model(model, source.folder)
     batch_size = args.batch_size or default_batch_size(model)
     batch_size = int(batch_size) if str(batch_size).isdigit() else batch_size
-    result = evaluate(model, tokenizer, tasks, args.data_dir, args.limit, batch_size, args.num_beams,
-                      args.prompt_format, log_samples=False, split=args.split, precision=precision)
+    result = evaluate(model, tokenizer, tasks, data_dir, args.limit, batch_size, args.num_beams,
+                      prompt_format, log_samples=output_dir is not None, split=args.split, precision=precision)
     print(json.dumps({"scores": result.scores, "metrics": result.flat_metrics()}, indent=1))
+    if output_dir is not None:
+        from harness.fsutil import write_text_atomic
+        from harness.tracking import git_commit, library_versions
+
+        name = source.name if source else "base"
+        samples = result.write_samples(output_dir / "samples" / f"{name}.jsonl")
+        record = {"model": model_name, "adapter": str(source.folder) if source else None, "tasks": tasks,
+                  "split": args.split, "limit": args.limit, "prompt_format": prompt_format, "precision": precision,
+                  "num_beams": args.num_beams, "data_checksums": checksums, "versions": library_versions(),
+                  "git_commit": git_commit(), "scores": result.scores, "metrics": result.flat_metrics()}
+        write_text_atomic(output_dir / "scores.json", json.dumps(record, indent=1) + "\n")
+        print(f"wrote {samples} and {output_dir / 'scores.json'}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

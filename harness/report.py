@@ -82,6 +82,9 @@ class SystemResult:
     # Tasks whose scores are contaminated (the training data holds more than 1% of their items; set by
     # harness.run under --allow-contamination): tables must mark these scores.
     contaminated: set[str] = field(default_factory=set)
+    # Per task, the digest of every item's raw output (harness.evaluate.EvalResult.output_digests): a trained
+    # method whose digests all equal the base model's produced exactly the base model's outputs.
+    outputs: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -188,7 +191,8 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
 
     Columns: ``method``, ``seeds`` (successful runs), ``failed`` (failed runs), ``trainable_params``,
     the settings (``r``, ``alpha``, ``lr``, ``targets``, ``init``, ``train_on_inputs``), ``contaminated``
-    (the tasks whose scores are marked contaminated, space-separated), per task
+    (the tasks whose scores are marked contaminated, space-separated), ``same_as_base`` (the seeds whose
+    outputs equal the base model's on every item: see :func:`same_outputs`), per task
     ``<task>`` and ``<task>_std``, ``average`` and ``average_std`` (scores as fractions), the means
     over seeds of ``grad_norm_median``, ``clipped_fraction``, ``train_seconds``, ``seconds_per_step``,
     ``tokens_per_second`` and ``peak_memory_mb``; for the gains over the base model and over LoRA
@@ -214,6 +218,7 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
         settings = _settings_of(runs)
         row.update({key: settings.get(key) for key in SETTINGS})
         row["contaminated"] = " ".join(sorted(_contaminated(runs)))
+        row["same_as_base"] = " ".join(str(r.seed) for r in ok if name != BASE and same_outputs(r, base))
         for task in tasks:
             row[task], row[f"{task}_std"] = _mean_std([r.scores.get(task, float("nan")) for r in ok])
         row["average"], row["average_std"] = _mean_std([_average(r, tasks) for r in ok])
@@ -229,6 +234,18 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
     adjusted = stats.holm(dict(zip(table["method"], table["p_vs_lora"])))
     table.insert(table.columns.get_loc("p_vs_lora") + 1, "p_holm", [adjusted[m] for m in table["method"]])
     return table
+
+
+def same_outputs(result: SystemResult, base: SystemResult | None) -> bool:
+    """True when ``result`` produced exactly the base model's raw output on every item of every task both scored.
+
+    A trained adapter that does so was, most likely, never applied (a loader that dropped its weights, a
+    merge that did not happen), or learned nothing a greedy decode can see: either way its scores are
+    the base model's, not the method's. False when either side carries no output digests.
+    """
+    mine, theirs = getattr(result, "outputs", None) or {}, getattr(base, "outputs", None) or {}
+    shared = set(mine) & set(theirs)
+    return bool(shared) and all(mine[task] == theirs[task] for task in shared)
 
 
 def _contaminated(runs: Sequence[SystemResult]) -> set[str]:
@@ -422,6 +439,13 @@ def summary_markdown(table: "pd.DataFrame", tasks: Sequence[str], header: Mappin
         lines += ["", f"*Contaminated*: the training data holds more than 1% of the scored items of "
                   f"{', '.join(sorted(contaminated))} (the run was allowed with --allow-contamination); those "
                   "scores, and the average and gains built on them, overstate what the method learned."]
+    silent = [row for _, row in table.iterrows() if row.get("same_as_base")]
+    if silent:
+        lines += ["", "## Adapters that changed nothing", ""]
+        lines += [f"- **`{row['method']}` seed(s) {row['same_as_base']}: its outputs equal the base model's on every "
+                  "scored item.** The adapter was most likely not applied (weights dropped on load, a merge that "
+                  "did not happen) or learned nothing a greedy decode can see; its scores are the base model's. "
+                  "Check the adapter with `python -m harness.equivalence`." for row in silent]
     unpaired = [row for _, row in table.iterrows() if row["gain_vs_lora_missing"]]
     if unpaired:
         lines.append("")

@@ -76,6 +76,10 @@ class MethodResult:
         return self.evaluation.correctness() if self.evaluation is not None else {}
 
     @property
+    def outputs(self) -> dict[str, str]:
+        return self.evaluation.output_digests() if self.evaluation is not None else {}
+
+    @property
     def loss_curve(self) -> list[tuple[int, float]]:
         return self.training.losses if self.training is not None else []
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import math
 import os
@@ -48,7 +47,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -87,7 +86,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return str(uri).strip()
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///path`` URI (None for ``:memory:`` or a non-sqlite URI)."""
     if not uri.startswith("sqlite:"):
         return None
@@ -99,11 +98,14 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(path)
 
 
+_sqlite_path = sqlite_path  # the former name, still imported by harness.compare
+
+
 def check_separate_stores(storage_url: str, tracking_uri: str | None) -> None:
     """Refuse an Optuna storage and an MLflow store in the same file: each creates its own schema and
     migrations in it, and neither can read the other's tables (see the design notes)."""
-    tracking_db = _sqlite_path(resolve_tracking_uri(tracking_uri))
-    storage_file = _sqlite_path(storage_url)
+    tracking_db = sqlite_path(resolve_tracking_uri(tracking_uri))
+    storage_file = sqlite_path(storage_url)
     if storage_file is None and storage_url.startswith("journal:"):
         storage_file = Path(storage_url[len("journal:"):].removeprefix("//"))
     if tracking_db is not None and storage_file is not None and tracking_db.resolve() == storage_file.resolve():
@@ -147,7 +149,7 @@ def check_tracking_uri(uri: str | None, timeout_s: float | None = None) -> str:
     scheme = urllib.parse.urlparse(uri).scheme.lower()
     if scheme in ("http", "https"):
         _check_http(uri, network_timeout_s() if timeout_s is None else timeout_s)
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         folder = db.parent.resolve() if str(db.parent) else Path.cwd()
         if not folder.is_dir():
@@ -174,7 +176,7 @@ def schema_lock(uri: str) -> Iterator[None]:
     ``flock`` is released by the kernel when the process dies, so a killed creator blocks nobody.
     Other stores (a server, PostgreSQL) serialise the creation themselves: no lock.
     """
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         yield
         return
@@ -347,13 +349,7 @@ def log_evaluation(handle: RunHandle, evaluation: Any, samples_path: str | os.Pa
     if leaf:
         metrics["average_accuracy"] = sum(leaf.values()) / len(leaf)
     handle.log_metrics(metrics)
-    samples_path = Path(samples_path)
-    samples_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(samples_path, "w") as f:
-        for task, samples in evaluation.samples.items():
-            for sample in samples:
-                f.write(json.dumps({"task": task, **asdict(sample)}, default=str) + "\n")
-    handle.log_artifact(samples_path, "samples")
+    handle.log_artifact(evaluation.write_samples(samples_path), "samples")
 
 
 def log_summary(handle: RunHandle, summary_csv: str | os.PathLike) -> None:
@@ -405,7 +401,7 @@ class Tracker:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        db = _sqlite_path(self.tracking_uri)
+        db = sqlite_path(self.tracking_uri)
         # MLflow's default artifact root for a SQLite store is ./mlruns of whatever the cwd is; tie it to the db.
         location = (db.resolve().parent / "mlruns").as_uri() if db is not None else None
         try:

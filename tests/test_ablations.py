@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from ablations.storage import open_storage, resolve_storage_url
-from ablations.studyfile import builtin_studies, load_study_file, parse_study, spec_of
+from ablations.space import spec_of
+from ablations.studyfile import builtin_studies, load_study_file, parse_study
 from harness.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +65,10 @@ def test_builtin_studies_enumerate_their_grids_exactly():
 
 def test_grid_queue_is_every_point_times_every_seed_once():
     from ablations.trials import StudyPlan
+    from harness.config import RunConfig
 
     study = load_study_file("chain_length")
-    plan = StudyPlan(name=study.name, kind=study.kind, config={}, seeds=[0, 1, 2], points=study.points)
+    plan = StudyPlan(name=study.name, kind=study.kind, config=RunConfig(), seeds=[0, 1, 2], points=study.points)
     queue = plan.queue(plan.name)
     assert len(queue) == 6 * 3
     assert len({yaml.safe_dump(params) for params, _ in queue}) == len(queue)

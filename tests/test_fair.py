@@ -283,15 +283,14 @@ def test_an_idle_worker_waits_for_another_workers_trial_then_runs_the_finals_it_
 
     import optuna
 
-    from ablations import fair
-    from ablations.trials import claim
+    from ablations.trials import claim, work
 
     fake = ProtocolRun({"lora": math.log10(3e-3), "moslora": math.log10(3e-3)})
     plan, storage, _ = fair_plan(tmp_path)
     run_all(plan, storage, fake, max_trials=2)
     lora = optuna.load_study(study_name="tiny_fair/lora", storage=storage)
     held = claim(lora, storage)  # another worker is running lora's last tuning trial
-    worker = threading.Thread(target=fair.work, args=(plan, storage),
+    worker = threading.Thread(target=work, args=(plan, storage),
                               kwargs={"stale_after": 600, "run_fn": fake, "log": lambda *a: None, "poll_s": 0.2})
     worker.start()
     deadline = time.time() + 300
@@ -328,7 +327,7 @@ def test_a_trial_finished_by_another_worker_between_top_up_and_claim_still_unloc
         return trial
 
     monkeypatch.setattr(trials, "claim", claim_then_finish_the_held_trial)
-    fair.work(plan, storage, stale_after=600, run_fn=fake, log=lambda *a: None, poll_s=0.01)
+    trials.work(plan, storage, stale_after=600, run_fn=fake, log=lambda *a: None, poll_s=0.01)
     assert told
     assert sorted(c[1] for c in fake.calls if c[0] == "lora" and c[3] == "test") == [1, 2]
 

@@ -195,7 +195,7 @@ def _study_with_one_trial_running_elsewhere(tmp_path: Path, host: str, pid: int)
     trial = claim(study, storage)
     storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, {"harness.host": host, "harness.pid": str(pid)})
     storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
-    tracker = Tracker(plan.config["tracking_uri"], plan.config["experiment"])
+    tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
     parent = RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name)
     trial_run = tracker.client.create_run(tracker.experiment_id, run_name=f"trial-{trial.number}",
                                           tags={"mlflow.parentRunId": parent.run_id}).info.run_id
@@ -222,7 +222,7 @@ def test_study_rerun_inside_the_stale_window_waits_for_the_lost_trial_and_runs_i
     trials = optuna.load_study(study_name="mini", storage=storage).get_trials()
     assert sorted(t.user_attrs["grid_index"] for t in trials if t.state.name == "COMPLETE") == list(range(6))
     assert "no heartbeat" in trials[number].user_attrs["fail_reason"]
-    client = MlflowClient(tracking_uri=plan.config["tracking_uri"])
+    client = MlflowClient(tracking_uri=plan.config.tracking_uri)
     for run_id in run_ids:  # the reaped trial's runs end FAILED, not RUNNING under a FINISHED study
         run = client.get_run(run_id)
         assert run.info.status == "FAILED" and "worker lost" in run.data.tags["error"]
