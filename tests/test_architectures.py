@@ -162,16 +162,67 @@ def test_selected_logits_loss_equals_the_models_own_loss(arch):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, before training
+
+SMOKE = ["--max-steps", "2", "--limit", "4", "--batch-size", "4", "--eval-batch-size", "8",
+         "--tasks", "arithmetic_add_sub"]
+
+
+def run_args(tmp_path, *extra):
+    return [*SMOKE, "--output-dir", str(tmp_path / "results"), "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "no-such-model"], "cannot load model 'no-such-model'"),
+    (["--model", "nobody/no-such-model"], "cannot load model 'nobody/no-such-model'"),
+    (["--model", "tiny-random-falcon"], "unknown tiny model 'tiny-random-falcon'"),
+    (["--model", "tiny-random-gpt2", "--targets", "q_proj"],
+     "target module 'q_proj' not found in the model (gpt2); its linear layers are: c_attn, c_fc, c_proj"),
+    (["--model", "tiny-random-phi3", "--targets", "q_proj,v_proj"],
+     "target module 'q_proj' not found in the model (phi3); its linear layers are: down_proj, gate_up_proj, "
+     "lm_head, o_proj, qkv_proj"),
+    (["--model", "tiny-random-gpt2", "--methods", "lora,condlora:form=authors"],
+     "condlora:form=authors needs square layers, but transformer.h.0.attn.c_attn is 192x64"),
+    (["--model", "tiny-random-qwen3", "--methods", "condlora:form=authors,targets=q_proj+k_proj"],
+     "condlora:form=authors needs square layers, but model.layers.0.self_attn.q_proj is 96x64"),
+])
+def test_bad_input_is_one_line_exit_2_before_training(tmp_path, monkeypatch, capsys, args, message):
+    import harness.train
+    from harness.run import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(harness.train, "train", no_training)
+    assert main(run_args(tmp_path, *args)) == 2
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The whole run, per architecture (slow)
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("arch", ARCHS)
-def test_harness_run_on_architecture(arch, tmp_path, monkeypatch):
+def test_harness_run_on_architecture(arch, tmp_path):
+    """A whole run (train, evaluate, results) of LoRA and LinChain on the architecture, as a user starts it."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "harness.run", "--model", arch, "--method", "linchain",
-                           "--rank", "4", "--max-steps", "2", "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True)
+    import pandas as pd
+
+    done = subprocess.run([sys.executable, "-m", "harness.run", "--model", arch, "--methods", "lora,linchain:n=2",
+                           "--rank", "4", "--run-name", "arch", *run_args(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "results" / "arch" / "summary.csv")
+    assert list(table["method"]) == ["base", "lora", "linchain-2"]
+    assert (table.loc[1:, "trainable_params"] > 0).all()
