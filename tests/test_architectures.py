@@ -9,6 +9,8 @@ per architecture) is marked integration.
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,7 +223,8 @@ def test_harness_run_on_architecture(arch, tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "harness.run", "--model", arch, "--methods", "lora,linchain:n=2",
                            "--rank", "4", "--run-name", "arch", *run_args(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # this checkout
     assert done.returncode == 0, done.stderr[-3000:]
     table = pd.read_csv(tmp_path / "results" / "arch" / "summary.csv")
     assert list(table["method"]) == ["base", "lora", "linchain-2"]
