@@ -4,8 +4,9 @@ Each source is a results folder written by ``python -m harness.run`` (it holds `
 the id of such a run's MLflow parent run (its ``results/result.json`` artifact is read). The
 runs' protocol fingerprints (:mod:`harness.fingerprint`) must agree: two runs that trained or
 scored differently (another prompt, loss masking, decoding, answer parser, data, library
-versions, ...) are not comparable, and the command refuses with one line naming the parts that
-differ, unless ``--allow-mismatch``; the table then flags every row whose protocol differs from
+versions, another base model or architecture, ...) are not comparable, and the command refuses with
+one line naming the parts that differ (and the runs' architectures or base models where those
+differ), unless ``--allow-mismatch``; the table then flags every row whose protocol differs from
 the first run's.
 
 The table is :func:`harness.report.summarize`'s, the same as harness.run writes, built from the
@@ -77,6 +78,13 @@ def compare(contents: Sequence[dict[str, Any]], allow_mismatch: bool = False):
     differing = sorted({part for parts in mismatches.values() for part in parts})
     if differing and not allow_mismatch:
         detail = "; ".join(f"{name}: {', '.join(parts)}" for name, parts in mismatches.items() if parts)
+        for part in ("architecture", "base_model"):  # the most common reason, spelled out with its values
+            if part in differing:
+                values = ", ".join(f"{name} {c['fingerprint'].get('parts', {}).get(part)}"
+                                   for name, c in zip(names, contents))
+                raise UserError(f"the runs are not comparable: they ran on different {part.replace('_', ' ')}s "
+                                f"({values}); their protocols differ from {names[0]}'s in {', '.join(differing)}; "
+                                "pass --allow-mismatch to compare anyway")
         raise UserError(f"the runs are not comparable: their protocols differ from {names[0]}'s in "
                         f"{', '.join(differing)} ({detail}); pass --allow-mismatch to compare anyway")
 

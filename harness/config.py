@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from harness.adapters.spec import DEFAULT_TARGETS  # the LinChain paper's target modules
+from harness.adapters.spec import AUTO_TARGETS  # the architecture's default target modules
 from harness.adapters.spec import METHODS as METHOD_NAMES  # spec.py imports neither torch nor peft
 from harness.errors import UserError, quote
 from harness.fsutil import write_text_atomic
@@ -88,7 +88,8 @@ class RunConfig:
         "overrides such as 'linchain:lr=5e-4' win over --lr/--rank/--alpha/--dropout/--targets",
         factory=lambda: list(DEFAULT_METHODS), metavar="SPECS")
     model: str = _opt(
-        f"base model: '{DEFAULT_MODEL}' (embedded, offline), 'tiny-random' (for smoke tests), "
+        f"base model: '{DEFAULT_MODEL}' (embedded, offline), 'tiny-random' or 'tiny-random-ARCH' with ARCH one "
+        "of qwen3, gemma3, mistral, phi3, gpt2 (for smoke tests), "
         "a local folder or a Hugging Face id", DEFAULT_MODEL, metavar="NAME")
     # Data and benchmarks.
     train_data: str = _opt(
@@ -123,8 +124,9 @@ class RunConfig:
     dropout: float = _opt("dropout on the adapter input (LLM-Adapters uses 0.05; 0 by default because it "
                           "costs ~30%% of a CPU training step)", 0.0, metavar="P")
     targets: list[str] = _opt(
-        "module names to adapt, comma-separated; the default is the LinChain paper's choice",
-        factory=lambda: list(DEFAULT_TARGETS), metavar="MODULES")
+        "module names to adapt, comma-separated; 'auto' (the default) is the architecture's own names for "
+        "the LinChain paper's q,k,v,up,down (docs/architectures.md)",
+        factory=lambda: [AUTO_TARGETS], metavar="MODULES")
     # Optimisation.
     lr: float = _opt("peak learning rate (AdamW); 2e-3 suits the short default CPU run, "
                      "use a per-method override such as 'linchain:lr=5e-4' to differ", 2e-3)

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         action = "merged" if args.merged else "exported as a plain LoRA"
         raise UserError(f"an adapter trained with bias=true cannot be {action}: its chain is affine, so the update "
                         "is not a rank-r LoRA (load it with harness.adapters.load_adapter_model)")
-    r = int(config["r"])
+    # PiSSA exports through peft's conversion, which doubles the rank (harness.adapters.export_lora).
+    r = int(config["r"]) * (2 if str(config.get("init_lora_weights")).lower().startswith("pissa") else 1)
     rank = vllm_rank(r)
     if rank is None and not args.merged:
         message = (f"r={r} is above every --max-lora-rank vLLM accepts ({', '.join(map(str, VLLM_MAX_LORA_RANKS))}): "

@@ -5,7 +5,8 @@ explained a published variant's gain), so two runs launched separately are compa
 they trained and scored the same way. :func:`protocol_fingerprint` gathers the parts that must
 agree, in readable form where they are short and as SHA-256 checksums where they are not:
 
-- the base model (its name and a checksum of its weights), the tokenizer and its chat template;
+- the base model (its name, its architecture as transformers' ``model_type`` and a checksum of its
+  weights), the tokenizer and its chat template;
 - the training data (checksum), the loss masking (``train_on_inputs``), the cutoff length, the
   steps or epochs, the effective batch, the schedule (warm-up, weight decay, clipping), the
   precision and the prompt format;
@@ -192,6 +193,7 @@ def protocol_fingerprint(cfg, *, model, tokenizer, train_checksum: str, eval_che
     versions = library_versions()
     parts: dict[str, Any] = {
         "base_model": cfg.model,
+        "architecture": getattr(getattr(model, "config", None), "model_type", None),
         "base_weights": weights_checksum(model),
         **tokenizer_checksum(tokenizer),
         "train_data": cfg.train_data,

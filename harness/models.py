@@ -8,7 +8,15 @@
   as a plain safetensors folder under :func:`cache_dir`; later loads read the cache.
 - ``tiny-random``: a two-layer Llama with grouped-query attention (so ``k_proj`` and
   ``v_proj`` are not square) and a byte-level tokenizer, built in memory.
+- ``tiny-random-qwen3``, ``tiny-random-gemma3``, ``tiny-random-mistral``, ``tiny-random-phi3``,
+  ``tiny-random-gpt2``: the same idea for the other architectures users fine-tune (:data:`TINY_MODELS`;
+  each exercises something the Llama does not: QK-norm, one KV head, a head dimension that is not
+  hidden / heads, fused projections, GPT-2's ``Conv1D``), with the same tokenizer.
 - anything else: a Hugging Face model id or a local folder, loaded by transformers.
+
+What the harness needs to know per architecture (default target modules, fused projections, whether
+training may ask for selected logits) is one table, :data:`ARCHITECTURES`, keyed by ``model_type``;
+docs/architectures.md describes it.
 
 Precision (``--precision``): :func:`resolve_precision` turns ``auto`` into ``bf16`` where the hardware
 runs it natively (a CUDA GPU with bf16; a CPU with AVX512_BF16 or AMX) and ``fp32`` elsewhere. On the
@@ -28,6 +36,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -144,19 +153,27 @@ def refuse_pickled_weights(folder: str | Path, what: str) -> None:
                         "with safe_serialization=True) in a trusted environment")
 
 
+def known_model_names() -> tuple[str, ...]:
+    """The names :func:`load_model` knows without a folder or a hub id: the embedded model and the tiny ones."""
+    return (EMBEDDED_MODEL, *TINY_MODELS)
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)`` for an embedded name, a local folder or a Hugging Face id, in ``dtype``."""
-    if name == TINY_MODEL:
-        model = tiny_random_model().to(dtype)
+    if name in TINY_MODELS:
+        model = tiny_random_model(architecture=TINY_MODELS[name]).to(dtype)
         contiguous_head_input(model)
         return model, tiny_tokenizer()
+    known = ", ".join(known_model_names())
     if name == EMBEDDED_MODEL:
         folder = embedded_model_folder()
     else:
         folder = name
         if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-            raise UserError(f"model folder {name!r} does not exist (give a local folder, a Hugging Face id, "
-                            f"{EMBEDDED_MODEL!r} or {TINY_MODEL!r})")
+            raise UserError(f"model folder {name!r} does not exist (give a local folder, a Hugging Face id or "
+                            f"one of {known})")
+        if not Path(name).exists() and name.startswith("tiny-random"):
+            raise UserError(f"unknown tiny model {name!r}; the tiny models are: {', '.join(TINY_MODELS)}")
     refuse_pickled_weights(folder, "model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,7 +181,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except OSError as err:
-        raise UserError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from err
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = (f" (nothing is downloaded while HF_HUB_OFFLINE is set; give a local folder or one of {known})"
+                if offline else f" (give a local folder, a Hugging Face id or one of {known})")
+        raise UserError(f"cannot load model {name!r}: {str(err).splitlines()[0]}{hint}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -212,16 +232,17 @@ def embedded_model_folder() -> Path:
 
 def _convert_gguf(source: Path, folder: Path) -> None:
     """Dequantise the GGUF model to float32 and save it as a plain transformers folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     print(f"Converting the embedded model from {source.name} (once; cached in {folder.parent}) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    # The GGUF-loaded model is marked as quantised and refuses to save; rebuild a plain Llama from its config.
+    # The GGUF-loaded model is marked as quantised and refuses to save; rebuild a plain model of the same
+    # architecture (its config's model_type: llama for SmolLM2) from its config.
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
-    config = LlamaConfig.from_dict(config_dict)
-    plain = LlamaForCausalLM(config)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config)
     missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
     # Tied embeddings share one tensor, so lm_head.weight may legitimately be absent from the GGUF state dict.
     missing = [k for k in missing if k != "lm_head.weight"]
@@ -233,26 +254,93 @@ def _convert_gguf(source: Path, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def tiny_random_model(seed: int = 0) -> torch.nn.Module:
-    """A two-layer Llama with grouped-query attention (4 query heads, 2 KV heads), seeded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+@dataclass(frozen=True)
+class Architecture:
+    """What the harness needs to know about one ``model_type``.
 
-    config = LlamaConfig(
-        vocab_size=len(_byte_alphabet()) + len(_TINY_SPECIALS),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
+    ``default_targets``: the modules a method adapts when the run names none (``--targets auto``): the
+    LinChain paper's q, k, v, up, down, spelled in this architecture's module names; where a fused module
+    holds several of them, that module (docs/architectures.md says what it then means).
+    ``fused``: module name -> the projections it holds side by side in its output.
+    ``selected_logits``: the ``*ForCausalLM`` forward slices the final hidden states with
+    ``slice_logits_to_keep`` before the head and does only element-wise work after it (Gemma 3's optional
+    final soft-capping), so training may ask for the logits at the labelled positions only (checked in
+    transformers 5.23; ``harness.train.causal_lm_loss``).
+    """
+
+    default_targets: tuple[str, ...]
+    fused: dict = field(default_factory=dict)
+    selected_logits: bool = True
+
+
+_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the LinChain paper's choice
+ARCHITECTURES = {
+    "llama": Architecture(_LLAMA_TARGETS),
+    "mistral": Architecture(_LLAMA_TARGETS),
+    "qwen2": Architecture(_LLAMA_TARGETS),
+    "qwen3": Architecture(_LLAMA_TARGETS),
+    "gemma3_text": Architecture(_LLAMA_TARGETS),
+    "phi3": Architecture(("qkv_proj", "gate_up_proj", "down_proj"),
+                         fused={"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}),
+    # GPT-2: c_attn holds q, k, v; c_fc is the MLP's up projection, mlp.c_proj its down projection
+    # (attn.c_proj, the output projection, has the same leaf name, hence the longer suffix).
+    "gpt2": Architecture(("c_attn", "c_fc", "mlp.c_proj"), fused={"c_attn": ("q", "k", "v")}),
+}
+
+
+def architecture_of(model_or_config) -> tuple[str | None, Architecture | None]:
+    """``(model_type, Architecture)`` of a model (a PeftModel too) or a config; the Architecture is None
+    for a model type the table does not list."""
+    base = model_or_config.get_base_model() if hasattr(model_or_config, "get_base_model") else model_or_config
+    config = getattr(base, "config", base)
+    model_type = getattr(config, "model_type", None)
+    return model_type, ARCHITECTURES.get(model_type)
+
+
+def _tiny_common() -> dict:
+    return dict(vocab_size=len(_byte_alphabet()) + len(_TINY_SPECIALS), bos_token_id=0, eos_token_id=1,
+                pad_token_id=2, tie_word_embeddings=True)
+
+
+def _tiny_config(architecture: str):
+    """The config of a tiny random model: hidden 64, two layers, four query heads, and per architecture
+    the feature worth exercising (the comments)."""
+    import transformers as tf
+
+    common = _tiny_common()
+    decoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=512, **common)
+    if architecture == "llama":  # grouped-query attention: k_proj and v_proj are 32 x 64, not square
+        return tf.LlamaConfig(num_key_value_heads=2, **decoder)
+    if architecture == "qwen3":  # QK-norm; one KV head; head_dim 24, not 64 / 4
+        return tf.Qwen3Config(num_key_value_heads=1, head_dim=24, **decoder)
+    if architecture == "gemma3":  # QK-norm, one KV head, head_dim 32; a sliding and a full attention layer
+        return tf.Gemma3TextConfig(num_key_value_heads=1, head_dim=32, sliding_window=16,
+                                   layer_types=["sliding_attention", "full_attention"], **decoder)
+    if architecture == "mistral":  # grouped-query attention and a sliding window
+        return tf.MistralConfig(num_key_value_heads=2, sliding_window=16, **decoder)
+    if architecture == "phi3":  # fused qkv_proj (64 + 2 x 32 rows) and gate_up_proj (2 x 128 rows)
+        return tf.Phi3Config(num_key_value_heads=2, **decoder)
+    if architecture == "gpt2":  # Conv1D layers (weights stored transposed); fused c_attn
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=128, **common)
+    raise ValueError(f"no tiny {architecture!r} model; known: {', '.join(TINY_MODELS.values())}")
+
+
+# Name -> architecture of the tiny random models (``--model tiny-random-qwen3`` ...).
+TINY_MODELS = {TINY_MODEL: "llama", **{f"{TINY_MODEL}-{a}": a for a in ("qwen3", "gemma3", "mistral", "phi3", "gpt2")}}
+
+
+def tiny_random_model(seed: int = 0, architecture: str = "llama") -> torch.nn.Module:
+    """A tiny two-layer model of ``architecture`` (a value of :data:`TINY_MODELS`), seeded, built in memory.
+
+    The default is the Llama of ``tiny-random``: grouped-query attention (4 query heads, 2 KV heads).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_config(architecture)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.eval()
     return model
 

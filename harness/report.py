@@ -96,7 +96,7 @@ def method_settings(spec: Any, lr: float, train_on_inputs: bool) -> dict[str, An
 
     ``init`` is that of the middle matrices; methods without them (LoRA, CondLoRA) have None.
     """
-    return {"r": spec.r, "alpha": spec.alpha, "lr": lr, "targets": "+".join(spec.targets),
+    return {"r": spec.r, "alpha": spec.alpha, "lr": lr, "targets": "+".join(spec.targets) if spec.targets else "auto",
             "init": spec.init if spec.middle_product is not None else None, "train_on_inputs": train_on_inputs}
 
 

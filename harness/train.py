@@ -39,17 +39,18 @@ from typing import Callable, Sequence
 import torch
 
 from harness.data.tokenize import IGNORE_INDEX
-from harness.models import autocast_for, resolve_precision
+from harness.models import ARCHITECTURES, autocast_for, resolve_precision
 
 # Parameter groups whose gradient norms are recorded, in the order of parameter_group's rules.
 PARAMETER_GROUPS = ("cond", "middle", "B", "A", "other")
 # Micro-batches of the seeded order that are regrouped by length together (see batch_order).
 LENGTH_WINDOW = 8
-# Model types whose *ForCausalLM forward is "decoder, final norm, lm_head, cross-entropy" with nothing
-# after the head (no logit scaling or soft-capping) and whose head input goes through transformers'
-# slice_logits_to_keep, checked in transformers 5.23: causal_lm_loss may ask for logits at the labelled
+# Model types whose *ForCausalLM forward is "decoder, final norm, lm_head, cross-entropy" with at most
+# element-wise work after the head (Gemma 3's soft-capping) and whose head input goes through transformers'
+# slice_logits_to_keep, checked in transformers 5.23 (tests/test_architectures.py compares both losses): causal_lm_loss may ask for logits at the labelled
 # positions only (a boolean logits_to_keep mask). Other models take the full path (logits at every position).
-SELECTED_LOGITS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Derived from harness.models.ARCHITECTURES (its ``selected_logits`` flag), so a new architecture is one entry there.
+SELECTED_LOGITS_MODEL_TYPES = tuple(sorted(t for t, a in ARCHITECTURES.items() if a.selected_logits))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -348,8 +349,8 @@ def selected_logits_head(model) -> torch.nn.Module | None:
     this model type computes its logits as ``head(final hidden states)`` with nothing after the head.
 
     Works through peft's PeftModel (and DDP's wrapper, since the caller passes the unwrapped model)
-    for the model types in SELECTED_LOGITS_MODEL_TYPES; any other model (e.g. Gemma's soft-capped or
-    Cohere's scaled logits) returns None and trains on the model's own loss.
+    for the model types in SELECTED_LOGITS_MODEL_TYPES; any other model (a type harness.models.ARCHITECTURES
+    does not list, or one flagged ``selected_logits=False``) returns None and trains on the model's own loss.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)

@@ -382,8 +382,9 @@ def test_the_peft_config_stores_only_the_spec_and_parses_it_again(base, tmp_path
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert not {"harness_method", "middle_product", "chain_widths", "middle_init"} & saved.keys()
+    # targets=auto is saved resolved: the Llama's q, k, v, up, down
     assert parse_spec(saved["harness_spec"]) == parse_spec("linchain:r=8,alpha=16,widths=8-16-8,init=orthogonal,"
-                                                           "bias=true")
+                                                           "bias=true,targets=q_proj+k_proj+v_proj+up_proj+down_proj")
     assert HarnessLoraConfig.from_saved(tmp_path).spec.middle_shapes == ((16, 8), (8, 16))
 
 
@@ -415,7 +416,7 @@ def test_the_spec_module_and_the_configuration_need_no_peft():
     from harness import config
     from harness.adapters import spec
 
-    assert config.METHOD_NAMES is spec.METHODS and config.DEFAULT_TARGETS is spec.DEFAULT_TARGETS
+    assert config.METHOD_NAMES is spec.METHODS and config.AUTO_TARGETS is spec.AUTO_TARGETS
     code = ("import sys, harness.adapters, harness.adapters.spec; "
             "assert not {'torch', 'peft'} & set(sys.modules), sorted({'torch', 'peft'} & set(sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])

@@ -133,6 +133,38 @@ def test_compare_refuses_other_protocols_unless_allowed():
     assert any("WARNING" in n for n in notes)
 
 
+@pytest.mark.parametrize("part,values", [("architecture", ("llama", "gpt2")),
+                                         ("base_model", ("tiny-random", "tiny-random-gpt2"))])
+def test_compare_refuses_runs_on_another_architecture_or_base_model(tmp_path, capsys, part, values):
+    """One line, exit 2, naming both runs' values; --allow-mismatch compares them anyway, flagged."""
+    fingerprints = []
+    for name, value in zip("ab", values):
+        fp = copy.deepcopy(FP)
+        fp["parts"][part] = value
+        fp["hash"] = name * 12
+        fingerprints.append(fp)
+        (tmp_path / name).mkdir()
+        write_result_json(tmp_path / name, _content(name, fp))
+    assert hcompare.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert f"different {part.replace('_', ' ')}s (a {values[0]}, b {values[1]})" in err
+    assert "--allow-mismatch" in err
+    table, _, _ = hcompare.compare([_content("a", fingerprints[0]), _content("b", fingerprints[1])],
+                                   allow_mismatch=True)
+    assert table.set_index("method")["protocol"]["b/lora"] == f"differs: {part}"
+
+
+def test_the_fingerprint_records_the_architecture(data_dir):
+    from harness.models import TINY_MODELS, load_model
+
+    for name in ("tiny-random", "tiny-random-gpt2", "tiny-random-phi3"):
+        cfg = config_from_args(SMOKE[2:] + ["--model", name])
+        fp = _fingerprint(cfg, load_model(name), data_dir)
+        assert fp["parts"]["architecture"] == {"llama": "llama", "gpt2": "gpt2", "phi3": "phi3"}[TINY_MODELS[name]]
+        assert fp["parts"]["base_model"] == name
+
+
 def test_compare_command_line_bad_input(tmp_path, capsys):
     (tmp_path / "good").mkdir()
     write_result_json(tmp_path / "good", _content("good", FP))

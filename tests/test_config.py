@@ -25,7 +25,7 @@ def test_defaults_are_the_embedded_offline_run():
     assert cfg.model == DEFAULT_MODEL
     assert cfg.methods == ["lora", "moslora", "linchain"]
     assert cfg.train_data == "arithmetic" and cfg.tasks == ["arithmetic"]
-    assert cfg.targets == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert cfg.targets == ["auto"]  # the architecture's defaults: q,k,v,up,down on Llama (tests/test_architectures.py)
     assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.lr) == (16, 32.0, 0.0, 2e-3)
     assert cfg.seeds == [0] and cfg.output_dir == "results" and cfg.tracking_uri is None
 

@@ -53,17 +53,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="model to build it on (default tiny-random; smollm2-135m-instruct, a folder or a hub id)")
     parser.add_argument("--rank", type=int, default=16, help="the run's r (a spec's r= wins); default 16")
     parser.add_argument("--alpha", type=float, default=32.0, help="the run's alpha; default 32")
-    parser.add_argument("--targets", default=None, help="comma-separated module names; default q,k,v,up,down")
+    parser.add_argument("--targets", default=None, help="comma-separated module names; default auto (the architecture's q,k,v,up,down: docs/architectures.md)")
     args = parser.parse_args(argv)
 
     from harness.adapters import expected_parameters, get_adapter_model, resolve_match, resolve_spec
     from harness.adapters import trainable_parameters
+    from harness.adapters.api import target_layers
     from harness.models import load_model
 
     common = {"r": args.rank, "alpha": args.alpha}
     if args.targets:
         common["targets"] = args.targets.split(",")
     spec = resolve_spec(args.spec, **common)  # fails here, before any model work, on a bad spec
+    auto = spec.targets is None
     model, _ = load_model(args.model)
     expected = expected_parameters(model, spec)
     peft_model = get_adapter_model(model, spec)
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"method     {spec.name}")
     print(f"label      {spec.label}")
     print(f"spec       {spec.canonical()}")
+    layers = sum(len(found) for found in target_layers(model, spec.targets).values())
+    print(f"targets    {', '.join(spec.targets)} ({layers} layers"
+          + (", from --targets auto for model type " + repr(model.config.model_type) if auto else "") + ")")
     if spec.middle:
         shapes = ", ".join(f"{a}x{b}" for a, b in spec.middle_shapes)
         print(f"middle     T = {spec.middle.formula} ({spec.middle_product} of {shapes}), init {spec.init}"

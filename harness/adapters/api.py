@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,12 +27,25 @@ def resolve_spec(spec: str | AdapterSpec, **common) -> AdapterSpec:
     return parse_spec(spec, **{k: v for k, v in common.items() if v is not None})
 
 
-def peft_config_for(spec: AdapterSpec, base_model_name: str | None = None):
-    """The peft config for a spec: peft's own LoraConfig for ``lora``, :class:`HarnessLoraConfig` otherwise."""
+# peft's own LoRA variants, each one LoraConfig option: the method name -> (the option, its value).
+PEFT_VARIANTS = {"dora": ("use_dora", True), "rslora": ("use_rslora", True), "pissa": ("init_lora_weights", "pissa")}
+
+
+def peft_config_for(spec: AdapterSpec, base_model_name: str | None = None, *, fan_in_fan_out: bool = False):
+    """The peft config for a spec: peft's own LoraConfig for ``lora`` and peft's variants
+    (:data:`PEFT_VARIANTS`), :class:`HarnessLoraConfig` otherwise.
+
+    ``fan_in_fan_out`` is for targets whose weight is stored transposed (GPT-2's ``Conv1D``).
+    """
     from peft import LoraConfig
 
     from harness.adapters.peft_layer import HarnessLoraConfig
 
+    if spec.r is None:
+        raise ValueError(f"{spec.label}: resolve_match(spec, model) must choose r before a peft config is built")
+    if spec.targets is None:
+        raise ValueError(f"{spec.label}: resolve_targets(spec, model) must name the targets before a peft config "
+                         "is built")
     common = dict(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -40,11 +54,13 @@ def peft_config_for(spec: AdapterSpec, base_model_name: str | None = None):
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name,
+        fan_in_fan_out=fan_in_fan_out,
     )
-    if spec.r is None:
-        raise ValueError(f"{spec.label}: resolve_match(spec, model) must choose r before a peft config is built")
     if spec.method == "lora":
         return LoraConfig(**common)
+    if spec.method in PEFT_VARIANTS:
+        option, value = PEFT_VARIANTS[spec.method]
+        return LoraConfig(**common, **{option: value})
     return HarnessLoraConfig(**common, harness_spec=spec.canonical())
 
 
@@ -60,8 +76,13 @@ def get_adapter_model(model: nn.Module, spec: str | AdapterSpec, *, adapter_name
     spec = resolve_spec(spec, **common)
     validate_against_model(model, spec)
     spec = resolve_match(spec, model)
-    config = peft_config_for(spec, getattr(getattr(model, "config", None), "name_or_path", None) or None)
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    transposed = {_is_conv1d(m) for layers in target_layers(model, spec.targets).values() for _, m in layers}
+    config = peft_config_for(spec, getattr(getattr(model, "config", None), "name_or_path", None) or None,
+                             fan_in_fan_out=True in transposed)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    if spec.method == "pissa":  # peft's conversion to a plain LoRA needs the initial A and B (export_lora)
+        _keep_pissa_init(peft_model, adapter_name)
+    return peft_model
 
 
 def fresh_adapter_model(base_model: nn.Module, spec: AdapterSpec, seed: int):
@@ -170,11 +191,11 @@ def check_adapter_fits(model: nn.Module, path: str | os.PathLike) -> None:
             continue
         name = key.split(".lora_", 1)[0].removeprefix("base_model.model.")
         module = modules.get(name)
-        if not isinstance(module, nn.Linear):
+        if module is None or not is_adaptable(module):
             what = "missing from" if module is None else f"a {type(module).__name__} in"
             raise UserError(f"the adapter at {folder.path} adapts {name}, which is {what} the base model: "
                             "pass the model it was trained on (--model)")
-        d_out, d_in = module.weight.shape
+        d_out, d_in = layer_shape(module)
         expected = {"lora_A.weight": shape[1:] == (d_in,), "lora_B.weight": shape[:1] == (d_out,)}
         part = key.split(".lora_", 1)[1]
         if folder.plain is not None and not expected.get("lora_" + part, True):
@@ -211,8 +232,14 @@ def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapte
     else:
         where, config = folder.plain, None
         refuse_pickled_weights(where, "adapter folder")
-    return PeftModel.from_pretrained(base_model, str(where), adapter_name=adapter_name, is_trainable=is_trainable,
-                                     config=config)
+    peft_model = PeftModel.from_pretrained(base_model, str(where), adapter_name=adapter_name,
+                                           is_trainable=is_trainable, config=config)
+    init = where / PISSA_INIT / "adapter_model.safetensors"
+    if init.is_file():  # a PiSSA save: peft re-did the SVD of the base on load; keep A0, B0 for export_lora
+        from safetensors.torch import load_file
+
+        peft_model.__dict__.setdefault("_harness_pissa_init", {})[adapter_name] = load_file(str(init))
+    return peft_model
 
 
 def _lora_config(saved: dict):
@@ -239,11 +266,62 @@ def export_lora(peft_model, path: str | os.PathLike, adapter_name: str | None = 
     """Write a plain peft LoRA adapter of rank r that is exactly equivalent to ``peft_model``'s adapter.
 
     Every method's update is B' A' (A' = T A for middle methods, the generated factors for CondLoRA), so
-    the export stores A' and B' under peft's own key names with the same r and alpha. The result loads
-    with plain ``PeftModel.from_pretrained`` in a process that never imports this package. A ``bias=true``
-    adapter is refused with one line: its update is affine, not a rank-r LoRA.
+    the export stores A' and B' under peft's own key names with the same r and alpha (rsLoRA keeps
+    ``use_rslora``). The result loads with plain ``PeftModel.from_pretrained`` in a process that never
+    imports this package. PiSSA goes through peft's own conversion (rank 2r, alpha 2 alpha, on the
+    unmodified base). Refused with one line: a ``bias=true`` adapter (its update is affine, not a rank-r
+    LoRA) and DoRA (its magnitude vector rescales W0 too).
     """
     return _write_atomically(Path(path), lambda folder: _write_plain_lora(peft_model, folder, adapter_name))
+
+
+PISSA_INIT = "pissa_init"  # inside a PiSSA save's harness/: the initial A and B, for peft's conversion
+
+
+def _is_pissa(config) -> bool:
+    return str(getattr(config, "init_lora_weights", "")).lower().startswith("pissa")
+
+
+def _keep_pissa_init(peft_model, adapter_name: str) -> None:
+    """Record a fresh PiSSA adapter's initial A and B (in memory): peft converts PiSSA to a plain LoRA from them."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    peft_model.__dict__.setdefault("_harness_pissa_init", {})[adapter_name] = {
+        k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+
+
+def _pissa_init(peft_model, adapter: str) -> dict:
+    init = peft_model.__dict__.get("_harness_pissa_init", {}).get(adapter)
+    if init is None:
+        raise UserError(f"PiSSA adapter {adapter!r} has no record of its initial A and B, which peft's conversion to "
+                        "a plain LoRA needs: build it with harness.adapters.get_adapter_model or load a harness save")
+    return init
+
+
+def refuse_dora_export(peft_model, adapter: str) -> None:
+    """One line for a DoRA adapter asked to become a plain LoRA: its magnitude vector has no place in B A."""
+    layer = next((name for name, m in peft_model.named_modules()
+                  if adapter in getattr(m, "lora_magnitude_vector", {})), "its layers")
+    raise UserError(f"a DoRA adapter cannot be exported as a plain LoRA: {layer.removeprefix('base_model.model.')} "
+                    "has a magnitude vector (lora_magnitude_vector) that rescales every output row of W0 + s B A, "
+                    "which no B A reproduces; load its own folder with peft (use_dora) or export it --merged")
+
+
+def _write_pissa_as_lora(peft_model, folder: Path, adapter: str) -> None:
+    """peft's own conversion of a PiSSA adapter into a LoRA on the unmodified base: rank 2r, [A; A0] and
+    [B, -B0] (dW = s (B A - B0 A0), peft's ``path_initial_model_for_weight_conversion``)."""
+    from safetensors.torch import save_file
+
+    init = _pissa_init(peft_model, adapter)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_dir = Path(tmp) / PISSA_INIT
+        init_dir.mkdir()
+        save_file(init, str(init_dir / "adapter_model.safetensors"))  # peft writes its config there itself
+        with warnings.catch_warnings():  # peft warns that PiSSA shares the model with the initial adapter it loads
+            warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+            peft_model.save_pretrained(str(folder), selected_adapters=[adapter],
+                                       path_initial_model_for_weight_conversion=str(init_dir))
 
 
 def _write_plain_lora(peft_model, folder: Path, adapter_name: str | None = None) -> None:
@@ -255,6 +333,10 @@ def _write_plain_lora(peft_model, folder: Path, adapter_name: str | None = None)
 
     adapter = adapter_name or peft_model.active_adapter
     config = peft_model.peft_config[adapter]
+    if getattr(config, "use_dora", False):
+        refuse_dora_export(peft_model, adapter)
+    if _is_pissa(config):
+        return _write_pissa_as_lora(peft_model, folder, adapter)
     state = {}
     with torch.no_grad():
         for name, module in peft_model.named_modules():
@@ -270,6 +352,7 @@ def _write_plain_lora(peft_model, folder: Path, adapter_name: str | None = None)
         lora_dropout=config.lora_dropout,
         target_modules=sorted(config.target_modules) if config.target_modules else None,
         use_rslora=config.use_rslora,
+        fan_in_fan_out=config.fan_in_fan_out,
         bias="none",
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
@@ -282,7 +365,10 @@ def save_adapter(peft_model, path: str | os.PathLike) -> Path:
     """Save an adapter as one folder every client reads right, written atomically (no half-written folder).
 
     The folder itself is the exact plain-LoRA export (:func:`export_lora`): vanilla ``PeftModel.from_pretrained``,
-    lm-eval's ``peft=`` and vLLM load it and get the method's update. The factored form (T, the chain,
+    lm-eval's ``peft=`` and vLLM load it and get the method's update. Two of peft's variants differ: a DoRA
+    folder is peft's own DoRA save (peft and lm-eval load it exactly; vLLM refuses DoRA), and a PiSSA
+    folder is peft's conversion to a rank-2r LoRA on the unmodified base, with the initial A and B kept in
+    ``harness/pissa_init`` so that a reloaded PiSSA adapter exports again. The factored form (T, the chain,
     CondLoRA's maps; what resumes, diagnoses and reloads as the method) is ``harness/``, whose config is
     ``harness_config.json``, a name no peft client looks for. A ``bias=true`` adapter has no plain form: the
     folder then holds only ``harness/`` and a README saying why, so vanilla peft finds no adapter_config.json
@@ -290,10 +376,19 @@ def save_adapter(peft_model, path: str | os.PathLike) -> Path:
     """
     def write(folder: Path) -> None:
         factored = folder / HARNESS_DIR
+        config = peft_model.peft_config[peft_model.active_adapter]
         peft_model.save_pretrained(str(factored))
         os.replace(factored / CONFIG_FILE, factored / HARNESS_CONFIG)
+        if _is_pissa(config):
+            from safetensors.torch import save_file
+
+            (factored / PISSA_INIT).mkdir()
+            save_file(_pissa_init(peft_model, peft_model.active_adapter),
+                      str(factored / PISSA_INIT / "adapter_model.safetensors"))
         if is_affine(peft_model):
             (folder / "README.md").write_text(NOT_LORA_README)
+        elif getattr(config, "use_dora", False):  # peft's own DoRA folder: every peft client loads it exactly
+            peft_model.save_pretrained(str(folder))
         else:
             _write_plain_lora(peft_model, folder)
 
@@ -319,14 +414,64 @@ def trainable_parameters(peft_model: nn.Module) -> int:
     return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer every method can adapt: ``nn.Linear`` or transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of an adaptable layer (a peft LoRA layer too: its base layer's), whatever the storage."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    rows, cols = base.weight.shape
+    return (cols, rows) if _is_conv1d(base) else (rows, cols)
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a target module name: the module's full name is it or ends in ``.<target>``."""
+    return name == target or name.endswith("." + target)
+
+
 def target_layers(model: nn.Module, targets) -> dict[str, list[tuple[str, nn.Module]]]:
-    """For each target name, the modules whose name ends in it (peft's matching rule)."""
+    """For each target name, the modules it names under peft's matching rule (the full name ends in it)."""
     found: dict[str, list[tuple[str, nn.Module]]] = {t: [] for t in targets}
     for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in found:
-            found[leaf].append((name, module))
+        for target in found:
+            if _matches(name, target):
+                found[target].append((name, module))
     return found
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """The distinct leaf names of the model's adaptable layers (what a one-line error lists)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_adaptable(m)})
+
+
+def resolve_targets(spec: AdapterSpec, model_or_config) -> AdapterSpec:
+    """The spec with ``targets=auto`` (None) replaced by the architecture's defaults (``harness.models.ARCHITECTURES``);
+    specs naming their targets are returned unchanged. A match spec's targets are resolved too.
+
+    An architecture the table does not list has no defaults: one line naming its layers.
+    """
+    from harness.models import architecture_of
+
+    match = resolve_targets(spec.match, model_or_config) if spec.match is not None else None
+    if spec.targets is not None:
+        return spec if match is spec.match else replace(spec, match=match)
+    model_type, arch = architecture_of(model_or_config)
+    if arch is None:
+        layers = adaptable_names(model_or_config) if isinstance(model_or_config, nn.Module) else []
+        from harness.models import ARCHITECTURES
+
+        known = ", ".join(sorted(ARCHITECTURES))
+        listed = f"; its linear layers are: {', '.join(layers)}" if layers else ""
+        raise UserError(f"no default target modules for model type {model_type!r} (defaults exist for {known}): "
+                        f"name them with --targets (or targets= in the spec){listed}")
+    return replace(spec, targets=arch.default_targets, match=match)
 
 
 def validate_against_model(model: nn.Module, spec: AdapterSpec) -> None:
@@ -335,22 +480,28 @@ def validate_against_model(model: nn.Module, spec: AdapterSpec) -> None:
 
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise UserError("the model already carries a LoRA adapter: pass a fresh base model")
+    spec = resolve_targets(spec, model)
     if spec.match is not None:
         validate_against_model(model, spec.match)
     found = target_layers(model, spec.targets)
-    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    linear_names = adaptable_names(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     for target, layers in found.items():
         if not layers:
-            raise UserError(f"target module {target!r} not found in the model; its linear layers are: "
+            raise UserError(f"target module {target!r} not found in the model ({model_type}); its linear layers are: "
                             f"{', '.join(linear_names)}")
         for name, module in layers:
-            if not isinstance(module, nn.Linear):
+            if not is_adaptable(module):
                 raise UserError(f"target {target!r} matches {name}, a {type(module).__name__}; only linear layers "
                                 f"can be adapted: {', '.join(linear_names)}")
+    kinds = {_is_conv1d(m) for layers in found.values() for _, m in layers}
+    if len(kinds) > 1:
+        raise UserError(f"targets {'+'.join(spec.targets)} mix nn.Linear and Conv1D layers, which one peft config "
+                        "cannot adapt together (fan_in_fan_out differs); target one kind")
     spec = resolve_match(spec, model)
     for target, layers in found.items():
         for name, module in layers:
-            d_out, d_in = module.weight.shape
+            d_out, d_in = layer_shape(module)
             if spec.r > min(d_in, d_out):
                 raise UserError(f"r={spec.r} is larger than target layer {name} allows "
                                 f"(min(d_in, d_out) = {min(d_in, d_out)} for shape {d_out}x{d_in})")
@@ -358,7 +509,7 @@ def validate_against_model(model: nn.Module, spec: AdapterSpec) -> None:
                 raise UserError(f"condlora:form=authors needs square layers, but {name} is {d_out}x{d_in}; "
                                 "use form=rowspace or target square modules only (e.g. targets=q_proj+o_proj)")
         if spec.method == "condlora":
-            shapes = {tuple(m.weight.shape) for _, m in layers}
+            shapes = {layer_shape(m) for _, m in layers}
             if len(shapes) > 1:
                 raise UserError(f"CondLoRA shares one map per module type, but the {target} layers have different "
                                 f"shapes {sorted(shapes)}; target only module types whose layers all match")
@@ -372,6 +523,7 @@ def resolve_match(spec: AdapterSpec, model_or_config) -> AdapterSpec:
     fewer parameters), and r stays within the layers' min(d_in, d_out). A spec that already names r (a
     canonical string) must name that same rank. Specs without ``match`` are returned unchanged.
     """
+    spec = resolve_targets(spec, model_or_config)
     if spec.match is None:
         return spec
     target = expected_parameters(model_or_config, spec.match)
@@ -402,7 +554,7 @@ def expected_parameters(model_or_config, spec: str | AdapterSpec, **common) -> i
     with ``bias`` one bias per chain matrix (sum of h_i, i = 1..n); CondLoRA has r (d_in + d_out) per
     module TYPE. ``lora:match`` counts at the rank :func:`resolve_match` chooses.
     """
-    spec = resolve_match(resolve_spec(spec, **common), model_or_config)
+    spec = resolve_match(resolve_spec(spec, **common), model_or_config)  # resolves targets=auto too
     shapes = _target_shapes(model_or_config, spec.targets)
     r = spec.r
     if spec.method == "condlora":
@@ -412,11 +564,19 @@ def expected_parameters(model_or_config, spec: str | AdapterSpec, **common) -> i
 
 
 def _target_shapes(model_or_config, targets) -> dict[str, list[tuple[int, int]]]:
-    """Shapes (d_out, d_in) of the targeted layers, per target: from a Llama-style config, else the model."""
+    """Shapes (d_out, d_in) of the targeted layers, per target: from a Llama-style config, else the model's
+    layers (a config alone is built on torch's meta device, which allocates nothing)."""
     shapes = _llama_shapes(getattr(model_or_config, "config", model_or_config), targets)
     if shapes is None:
-        found = target_layers(model_or_config, targets)
-        shapes = {t: [tuple(m.weight.shape) for _, m in layers] for t, layers in found.items()}
+        model = model_or_config
+        if not isinstance(model, nn.Module):
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(model_or_config)
+        found = target_layers(model, targets)
+        shapes = {t: [layer_shape(m) for _, m in layers if is_adaptable(m) or hasattr(m, "get_base_layer")]
+                  for t, layers in found.items()}
     missing = [t for t, per_type in shapes.items() if not per_type]
     if missing:
         raise UserError(f"target module {missing[0]!r} not found in the model; name its linear layers in targets")
@@ -428,7 +588,8 @@ def _llama_shapes(config, targets) -> dict[str, list[tuple[int, int]]] | None:
     needed = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
     if config is None or not all(hasattr(config, k) for k in needed):
         return None
-    if getattr(config, "model_type", "llama") not in ("llama", "mistral", "qwen2", "smollm3"):
+    # Model types whose layers are exactly the Llama projections below (Qwen3's and Gemma 3's head_dim included).
+    if getattr(config, "model_type", "llama") not in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3"):
         return None
     h, inter, heads, layers = (getattr(config, k) for k in needed)
     kv = getattr(config, "num_key_value_heads", None) or heads

@@ -36,6 +36,12 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def base_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The frozen W0 as (d_out, d_in), whatever the storage (GPT-2's Conv1D keeps it as d_in x d_out)."""
+    weight = base_layer.weight
+    return weight.T if type(base_layer).__name__ == "Conv1D" else weight
+
+
 def new_condlora_maps(r: int, d_in: int, d_out: int, dtype, device, generator: torch.Generator) -> nn.ParameterList:
     """A fresh (Theta_A, Theta_B) pair: Theta_A (r, d_out) Kaiming-uniform, Theta_B (r, d_in) zeros."""
     theta_a = torch.empty(r, d_out, dtype=dtype)
@@ -51,11 +57,11 @@ class GeneratedFactor(nn.Module):
     shared maps are held as plain references so that neither is registered (or saved) twice.
     """
 
-    def __init__(self, which: str, base_layer: nn.Linear, maps: nn.ParameterList, form: str):
+    def __init__(self, which: str, base_layer: nn.Module, maps: nn.ParameterList, form: str):
         super().__init__()
         self.which = which
         self._refs = {"base": base_layer, "maps": maps}
-        d_out, d_in = base_layer.weight.shape
+        d_out, d_in = base_weight(base_layer).shape
         if form == "authors" and d_out != d_in:
             raise ValueError(f"CondLoRA's authors' form needs a square weight, got {d_out}x{d_in}")
         self.form = form
@@ -74,7 +80,7 @@ class GeneratedFactor(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         theta_a, theta_b = self.maps[0], self.maps[1]
-        w0 = self._refs["base"].weight.to(theta_a.dtype)
+        w0 = base_weight(self._refs["base"]).to(theta_a.dtype)
         if self.which == "A":
             return theta_a @ (w0.T if self.form == "authors" else w0)
         return w0 @ theta_b.T

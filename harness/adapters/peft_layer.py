@@ -39,7 +39,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from harness.adapters.chain import MiddleFactor
-from harness.adapters.condlora import GeneratedFactor, new_condlora_maps
+from harness.adapters.condlora import GeneratedFactor, base_weight, new_condlora_maps
 from harness.adapters.spec import AdapterSpec, parse_spec
 from harness.errors import UserError
 
@@ -56,7 +56,10 @@ class HarnessLoraConfig(LoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._register_custom_module({nn.Linear: HarnessLinear})
+        from transformers.pytorch_utils import Conv1D
+
+        # GPT-2's Conv1D goes through the same layer: peft's Linear handles its transposed weight (fan_in_fan_out).
+        self._register_custom_module({nn.Linear: HarnessLinear, Conv1D: HarnessLinear})
 
     @property
     def spec(self) -> AdapterSpec:
@@ -167,7 +170,7 @@ class HarnessLinear(LoraLinear):
         registry = config.__dict__.setdefault("_condlora_owners", {})
         module_type = target_name.rsplit(".", 1)[-1]
         base = self.get_base_layer()
-        d_out, d_in = base.weight.shape
+        d_out, d_in = base_weight(base).shape
         entry = registry.get((adapter_name, module_type))
         # Construction visits layers in module order, so the owner is always the first of its type; meeting the
         # owner's name again means a new model is being built from this config: start afresh.

@@ -21,7 +21,16 @@ moslora   ``init``: kaiming (default) | orthogonal | identity; ``freeze_middle``
 linchain  ``n`` (default 3), ``widths`` (r-...-r, n+1 numbers), ``init``, ``freeze_middle``, ``bias``
 mtlora    ``structure``: shim (default) | icfm | ctcm | dtsm; ``init``; ``freeze_middle``
 condlora  ``form``: rowspace (default) | authors
+dora      peft's DoRA (``use_dora``): a learned magnitude per output row on top of LoRA
+rslora    peft's rsLoRA (``use_rslora``): LoRA scaled by alpha / sqrt(r) instead of alpha / r
+pissa     peft's PiSSA (``init_lora_weights="pissa"``): A and B start at the top-r singular part of W0,
+          which is taken out of the base weight (the base becomes the residual)
 ======== ===========================================================================
+
+``targets=auto`` (the default) means the architecture's default modules, resolved once the model is
+known (:func:`harness.adapters.api.resolve_targets`; the table is ``harness.models.ARCHITECTURES``):
+q, k, v, up and down projections, in that architecture's names (docs/architectures.md). Until then a
+spec's :attr:`AdapterSpec.targets` is None.
 
 ``freeze_middle=true`` keeps the middle matrices at their initial values (the
 "init-only" control: only A and B train). ``bias=true`` gives every chain matrix a
@@ -41,11 +50,14 @@ from typing import Any, Callable, Sequence
 
 from harness.errors import UserError
 
-METHODS = ("lora", "moslora", "linchain", "mtlora", "condlora")
+METHODS = ("lora", "moslora", "linchain", "mtlora", "condlora", "dora", "rslora", "pissa")
+# peft's own LoRA variants: each is one LoraConfig option (harness.adapters.api.PEFT_VARIANTS).
+PEFT_VARIANT_METHODS = ("dora", "rslora", "pissa")
 INITS = ("kaiming", "orthogonal", "identity")
 STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
 CONDLORA_FORMS = ("rowspace", "authors")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the LinChain paper's
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the LinChain paper's, Llama names
+AUTO_TARGETS = "auto"  # targets=auto: the architecture's defaults (DEFAULT_TARGETS on Llama-style models)
 COMMON_OPTIONS = ("r", "alpha", "dropout", "targets", "lr")
 METHOD_OPTIONS = {
     "lora": ("match",),
@@ -53,6 +65,9 @@ METHOD_OPTIONS = {
     "linchain": ("n", "widths", "init", "freeze_middle", "bias"),
     "mtlora": ("structure", "init", "freeze_middle"),
     "condlora": ("form",),
+    "dora": (),
+    "rslora": (),
+    "pissa": (),
 }
 # Defaults of the method options; the common options' defaults are parse_spec's keyword arguments.
 OPTION_DEFAULTS = {"n": 3, "init": "kaiming", "structure": "shim", "form": "rowspace",
@@ -100,13 +115,15 @@ class AdapterSpec:
 
     ``r`` is None only for ``lora:match=...`` before :func:`harness.adapters.api.resolve_match` has
     chosen it from the model's layer shapes; ``match`` is then the spec whose parameter count it matches.
+    ``targets`` is None for ``targets=auto`` until :func:`harness.adapters.api.resolve_targets` has put
+    in the architecture's defaults.
     """
 
     method: str
     r: int | None = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] | None = None  # None: the architecture's defaults, not yet resolved
     init: str = "kaiming"
     structure: str | None = None
     chain_widths: tuple[int, ...] | None = None
@@ -172,7 +189,8 @@ class AdapterSpec:
     def canonical(self) -> str:
         """A spec string that parses back to this exact spec (every option spelled out)."""
         opts = [] if self.r is None else [f"r={self.r}"]
-        opts += [f"alpha={_fmt(self.alpha)}", f"dropout={_fmt(self.dropout)}", "targets=" + "+".join(self.targets)]
+        targets = AUTO_TARGETS if self.targets is None else "+".join(self.targets)
+        opts += [f"alpha={_fmt(self.alpha)}", f"dropout={_fmt(self.dropout)}", f"targets={targets}"]
         if self.method == "linchain":
             opts.append("widths=" + "-".join(map(str, self.chain_widths)))
         if self.method == "mtlora":
@@ -201,7 +219,7 @@ def parse_spec(
     r: int = 16,
     alpha: float = 32.0,
     dropout: float = 0.0,
-    targets: tuple[str, ...] | list[str] | str = DEFAULT_TARGETS,
+    targets: tuple[str, ...] | list[str] | str | None = AUTO_TARGETS,
 ) -> AdapterSpec:
     """Parse and check a method spec; keyword arguments are the run's common options, the spec overrides them.
 
@@ -353,7 +371,10 @@ def _number(name: str, value, text: str, low=None, high=None, low_open=False, hi
     return x
 
 
-def _targets(value, text: str) -> tuple[str, ...]:
+def _targets(value, text: str) -> tuple[str, ...] | None:
+    """The target module names; None for ``auto`` (the architecture's defaults, resolved with the model)."""
+    if value is None:
+        return None
     if isinstance(value, str):
         items = [t for t in value.replace(",", "+").split("+")]
     else:
@@ -361,6 +382,11 @@ def _targets(value, text: str) -> tuple[str, ...]:
     items = [t.strip() for t in items]
     if not items or any(not t for t in items):
         raise UserError(f"targets must name module(s), e.g. targets=q_proj+v_proj (got {value!r}) in spec {text!r}")
+    if AUTO_TARGETS in items:
+        if len(items) > 1:
+            raise UserError(f"targets=auto stands alone (the architecture's defaults); name modules instead "
+                            f"(got {value!r}) in spec {text!r}")
+        return None
     return tuple(dict.fromkeys(items))
 
 
