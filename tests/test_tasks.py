@@ -170,7 +170,9 @@ def _fake_training_sets(data_dir, target):
     gsm8k = json.loads((data_dir / "dataset/gsm8k/test.json").read_text())
     letters = [{"instruction": f"Pick one {i}. Answer Choices: (A) 1 (B) 2", "input": "", "output": "A", "answer": "A"}
                for i in range(300)]
-    math = read_records(data_dir / "dataset/mawps/trainset.json")[:1200] + letters + gsm8k[:300]
+    numbers = [{"instruction": f"A box holds {i} pens and {i + 3} pencils. How many in all?", "input": "",
+                "output": f"{2 * i + 3}", "answer": f"{2 * i + 3}"} for i in range(1000)]
+    math = read_records(data_dir / "dataset/mawps/trainset.json")[:1200] + letters + gsm8k[:300] + numbers
     (target / "ft-training_set/math_10k.json").write_text(json.dumps(math))
     commonsense = []
     for name in ("boolq", "openbookqa", "ARC-Easy"):
