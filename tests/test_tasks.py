@@ -200,6 +200,14 @@ def test_llm_adapters_validation_split_is_the_held_out_slice_the_task_can_score(
     assert all(d["answer"] in "ABCDE" for d in docs["llm_adapters_aqua"])  # letters to the letter task
     assert all(d["answer"] not in "ABCDE" for d in docs["llm_adapters_gsm8k"])
     assert all(d["answer"] in ("true", "false") for d in docs["llm_adapters_boolq"])
+    # each task scores its own stratum: GSM8K none of MAWPS' items, MAWPS' tasks its upstream validation file
+    from harness.data.records import read_records
+
+    mawps_train = {record_key(r) for r in read_records(fake / "dataset/mawps/trainset.json")}
+    validset = {record_key(r) for r in read_records(fake / "dataset/mawps/validset.json")}
+    assert not {record_key(d) for d in docs["llm_adapters_gsm8k"]} & (mawps_train | validset)
+    for name in ("llm_adapters_mawps", "llm_adapters_addsub", "llm_adapters_svamp"):
+        assert docs[name] and {record_key(d) for d in docs[name]} <= validset - every_test_question, name
     from harness.errors import UserError
 
     with pytest.raises(UserError, match="holds no item that the task on winogrande can score"):
