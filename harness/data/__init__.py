@@ -15,9 +15,8 @@ from harness.data.arithmetic import ArithmeticSpec, generate, parse_spec
 from harness.data.files import DATA_DIR_ENV, data_file, resolve_data_dir
 from harness.data.prompts import PROMPT_FORMATS, format_prompt
 from harness.data.records import (DEFAULT_TRAIN_DATA, TEST_SETS, TRAIN_SETS, load_records, load_test_records,
-                                  load_validation, records_checksum)
+                                  load_validation, records_checksum, validation_sizes)
 from harness.data.tokenize import IGNORE_INDEX, build_train_dataset, collate, collate_for
-from harness.data.validation import validation_sizes
 
 __all__ = [
     "ArithmeticSpec", "DATA_DIR_ENV", "DEFAULT_TRAIN_DATA", "IGNORE_INDEX", "PROMPT_FORMATS", "TEST_SETS",

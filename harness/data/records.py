@@ -87,7 +87,8 @@ def load_records(source: str, data_dir: Path | str | None = None, limit: int | N
         raise UserError(f"unknown split {split!r} of {source} (a data file has train and validation)")
     root = resolve_data_dir(data_dir)
     read = read_records(_locate(source, data_dir), TRAIN_KEYS)
-    train, by_stratum = strata.split_strata(read, root)
+    known = reference_keys(root)
+    train, by_stratum = strata.split_strata(read, known, upstream_validation(root))
     if split == "train" and not train:
         # the held-out slice takes every record asking its questions: a file of one question repeated (or of
         # empty instructions, which all ask the same "") leaves nothing to train on; say so before any model work
@@ -97,7 +98,7 @@ def load_records(source: str, data_dir: Path | str | None = None, limit: int | N
                         "a held-out validation question leave training; give a file of distinct, non-empty "
                         "instructions")
     if split == "validation" and not by_stratum:
-        raise strata.no_validation_error(source, read, root)
+        raise strata.no_validation_error(source, read, known)
     records = train if split == "train" else [r for held in by_stratum.values() for r in held]
     return subset(records, limit, seed) if sample else records[:limit]
 
@@ -108,15 +109,55 @@ def load_validation(source: str, data_dir: Path | str | None = None) -> dict[str
         raise UserError(f"{source}: the generator's validation split is not stratified; use load_records")
     root = resolve_data_dir(data_dir)
     read = read_records(_locate(source, data_dir), TRAIN_KEYS)
-    _, by_stratum = strata.split_strata(read, root)
+    known = reference_keys(root)
+    _, by_stratum = strata.split_strata(read, known, upstream_validation(root))
     if not by_stratum:
-        raise strata.no_validation_error(source, read, root)
+        raise strata.no_validation_error(source, read, known)
     return by_stratum
+
+
+def reference_keys(root: Path) -> dict[bytes, str]:
+    """question key -> task, from the per-task upstream files (strata.REFERENCE_FILES) present in ``root``."""
+    keys: dict[bytes, str] = {}
+    for task, relative in strata.REFERENCE_FILES.items():
+        if (Path(root) / relative).is_file():
+            for record in read_records(Path(root) / relative, TRAIN_KEYS):
+                keys.setdefault(record_key(record), task)
+    return keys
+
+
+def upstream_validation(root: Path) -> dict[str, list[dict]]:
+    """stratum -> records of the upstream validation files (strata.UPSTREAM_VALIDATION) present in ``root``."""
+    return {task: read_records(Path(root) / relative, TRAIN_KEYS)
+            for task, relative in strata.UPSTREAM_VALIDATION.items() if (Path(root) / relative).is_file()}
+
+
+def validation_sizes(train_source: str, tasks: list[str] | tuple[str, ...],
+                     data_dir: Path | str | None = None) -> dict[str, int]:
+    """task -> number of validation items it scores when tuning a model trained on ``train_source``.
+
+    ``tasks`` are LLM-Adapters task names (``llm_adapters_boolq``, ``llm_adapters_boolq_mc``) or test-set
+    names (``boolq``); the keys of the result are the names as given. A task whose stratum is empty raises
+    the UserError its validation run would; so does a training file too small for any validation.
+    """
+    root = resolve_data_dir(data_dir)
+    by_stratum = load_validation(train_source, root)
+    banned = test_keys(root)
+    sizes = {}
+    for task in tasks:
+        dataset = strata.task_dataset(task)
+        if dataset not in strata.TASK_STRATA:
+            raise UserError(f"validation_sizes: {task} is not an LLM-Adapters task "
+                            f"(known: {', '.join(strata.TASK_STRATA)})")
+        sizes[task] = len(strata.task_validation(by_stratum, strata.TASK_STRATA[dataset], banned, train_source,
+                                                 dataset))
+    return sizes
 
 
 def split_validation(records: list[dict], data_dir: Path | str | None = None) -> tuple[list[dict], list[dict]]:
     """``(train, validation)`` of records, validation of every stratum together (:func:`strata.split_strata`)."""
-    train, by_stratum = strata.split_strata(records, resolve_data_dir(data_dir))
+    root = resolve_data_dir(data_dir)
+    train, by_stratum = strata.split_strata(records, reference_keys(root), upstream_validation(root))
     return train, [r for held in by_stratum.values() for r in held]
 
 

@@ -39,8 +39,6 @@ from __future__ import annotations
 import collections
 import random
 import re
-from pathlib import Path
-
 from harness.data.keys import record_key
 from harness.errors import UserError
 
@@ -98,40 +96,19 @@ def answer_stratum(record: dict) -> str:
     return "gsm8k" if _NUMBER.fullmatch(answer.replace(",", "")) else "text"
 
 
-def reference_keys(root: Path | None) -> dict[bytes, str]:
-    """question key -> task, from the per-task upstream files present in the data directory."""
-    from harness.data.records import TRAIN_KEYS, read_records
-
-    keys: dict[bytes, str] = {}
-    if root is None:
-        return keys
-    for task, relative in REFERENCE_FILES.items():
-        if (Path(root) / relative).is_file():
-            for record in read_records(Path(root) / relative, TRAIN_KEYS):
-                keys.setdefault(record_key(record), task)
-    return keys
-
-
-def upstream_validation(root: Path | None) -> dict[str, list[dict]]:
-    """stratum -> records of the upstream validation files present in the data directory."""
-    from harness.data.records import TRAIN_KEYS, read_records
-
-    if root is None:
-        return {}
-    return {task: read_records(Path(root) / relative, TRAIN_KEYS) for task, relative in UPSTREAM_VALIDATION.items()
-            if (Path(root) / relative).is_file()}
-
-
-def stratify(records: list[dict], root: Path | None) -> list[str]:
-    """Each record's stratum (source task), in file order."""
-    known = reference_keys(root)
+def stratify(records: list[dict], known: dict[bytes, str]) -> list[str]:
+    """Each record's stratum (source task), in file order; ``known`` maps reference questions to their task."""
     return [known.get(record_key(r)) or answer_stratum(r) for r in records]
 
 
-def split_strata(records: list[dict], root: Path | None = None) -> tuple[list[dict], dict[str, list[dict]]]:
-    """``(train, {stratum: validation records})``; validation records in file order, upstream files' as given."""
-    strata = stratify(records, root)
-    upstream = upstream_validation(root)
+def split_strata(records: list[dict], known: dict[bytes, str],
+                 upstream: dict[str, list[dict]]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """``(train, {stratum: validation records})``; validation records in file order, upstream files' as given.
+
+    ``known``: reference questions -> task; ``upstream``: stratum -> its upstream validation records
+    (records.load_validation reads both from the data directory).
+    """
+    strata = stratify(records, known)
     members: dict[str, list[int]] = collections.defaultdict(list)
     for index, stratum in enumerate(strata):
         members[stratum].append(index)
@@ -153,8 +130,8 @@ def split_strata(records: list[dict], root: Path | None = None) -> tuple[list[di
     return train, validation
 
 
-def no_validation_error(source: str, records: list[dict], root: Path | None) -> UserError:
-    counts = collections.Counter(stratify(records, root))
+def no_validation_error(source: str, records: list[dict], known: dict[bytes, str]) -> UserError:
+    counts = collections.Counter(stratify(records, known))
     listed = ", ".join(f"{s} {n}" for s, n in counts.most_common())
     return UserError(f"training data {source}: too small for a validation split: {len(records)} records "
                      f"({listed} per source task), and a source task gives validation items from 4 records up "
@@ -176,27 +153,3 @@ def task_dataset(task: str) -> str:
     """``llm_adapters_boolq_mc`` -> ``boolq`` (a bare test-set name passes through)."""
     name = task.removeprefix("llm_adapters_")
     return name.removesuffix("_mc") if name.removesuffix("_mc") in TASK_STRATA else name
-
-
-def validation_sizes(train_source: str, tasks: list[str] | tuple[str, ...],
-                     data_dir: Path | str | None = None) -> dict[str, int]:
-    """task -> number of validation items it scores when tuning a model trained on ``train_source``.
-
-    ``tasks`` are LLM-Adapters task names (``llm_adapters_boolq``, ``llm_adapters_gsm8k_mc``) or test-set
-    names (``boolq``); the keys of the result are the names as given. A task whose stratum is empty raises
-    the UserError its validation run would.
-    """
-    from harness.data.files import resolve_data_dir
-    from harness.data.records import load_validation, test_keys
-
-    root = resolve_data_dir(data_dir)
-    strata = load_validation(train_source, root)
-    banned = test_keys(root)
-    sizes = {}
-    for task in tasks:
-        dataset = task_dataset(task)
-        if dataset not in TASK_STRATA:
-            raise UserError(f"validation_sizes: {task} is not an LLM-Adapters task "
-                            f"(known: {', '.join(TASK_STRATA)})")
-        sizes[task] = len(task_validation(strata, TASK_STRATA[dataset], banned, train_source, dataset))
-    return sizes
