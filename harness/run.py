@@ -515,7 +515,7 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
                            "tokens_per_second": trained.tokens_per_second, "peak_memory_mb": trained.peak_memory_mb,
                            "final_train_loss": trained.final_loss, "clipped_fraction": trained.clipped_fraction})
             if probe:  # --- diagnostics: dW, intruders, forgetting, convergence (before the adapter is deleted)
-                h.log_metrics(diagnostics.finish(probe, peft_model, method=plan.label, spec_method=spec.method,
+                h.log_metrics(diagnostics.finish(probe, peft_model, method=plan.label, spec_method=spec.method, lr=settings.lr,
                                                  seed=seed, train_result=trained), step=trained.steps)
             if context.is_main:  # the other ranks of a torchrun job only train
                 log(f"{name}: evaluating ...")

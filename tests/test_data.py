@@ -61,7 +61,8 @@ def test_download_is_atomic_and_verified(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- records
 def test_named_sets_load_in_the_llm_adapters_schema(data_dir):
     train, validation = load_records("math_data", data_dir), load_records("math_data", data_dir, split="validation")
-    assert len(validation) == 326 and len(train) + len(validation) <= 3260  # 10% of 3,260 held out
+    # by source task: 2,801 number items (10%: 280), 203 letters (a quarter: 50), MAWPS' 256 (its validset, 237)
+    assert len(validation) == 280 + 50 + 237 and len(train) + len(validation) <= 3260 + 237
     assert set(train[0]) == {"instruction", "input", "output", "answer"}
     boolq = load_records("boolq", data_dir, limit=5)
     assert len(boolq) == 5 and all(r["answer"] in ("true", "false") for r in boolq)
@@ -126,10 +127,110 @@ def test_validation_slice_is_fixed_held_out_and_sized(tmp_path):
     held = {_key(r) for r in validation}
     assert train == [r for r in rows if _key(r) not in held]  # a held-out question's twin does not train either
     assert len(train) < len(rows) - len(validation)
-    # the slice is the same for every seed of a run; a small file holds out 10%
+    # the slice is the same for every seed of a run; a small file holds out a quarter (the floor of 200
+    # would take two thirds of 300)
     assert load_records(str(path), seed=5, split="validation") == validation
     path.write_text(json.dumps(rows[:300]))
-    assert len(load_records(str(path), split="validation")) == 30 and len(load_records(str(path))) == 270
+    assert len(load_records(str(path), split="validation")) == 75 and len(load_records(str(path))) == 225
+
+
+# ----------------------------------------------------------------------------- stratified validation
+def _mixed_file(path, counts):
+    """A multi-task training file: ``counts`` maps an "Answer format" line (or "number") to its records,
+    interleaved as a concatenated file would not be (strata must not depend on order)."""
+    rows = []
+    for kind, n in counts.items():
+        for i in range(n):
+            if kind == "number":
+                rows.append({"instruction": f"How many is {i} plus 1?", "input": "", "output": "x", "answer": str(i + 1)})
+            else:
+                rows.append({"instruction": f"{kind} question {i}\n\nAnswer format: {kind}", "input": "",
+                             "output": "x", "answer": kind.split("/")[0]})
+    rows = rows[::2] + rows[1::2]
+    path.write_text(json.dumps(rows))
+    return rows
+
+
+def test_validation_is_stratified_by_source_task_with_a_floor(tmp_path):
+    from harness.data import load_validation
+
+    path = tmp_path / "mixed.json"
+    _mixed_file(path, {"true/false": 1000, "solution1/solution2": 3000, "option1/option2": 100,
+                       "ending1/ending2/ending3/ending4": 3, "number": 9000})
+    by_task = load_validation(str(path), tmp_path)
+    # floor 200 from 800 records up, 10% above 2,000 up to 500, a quarter below 800, none under 4
+    assert {k: len(v) for k, v in by_task.items()} == {"boolq": 200, "piqa": 300, "winogrande": 25, "gsm8k": 500}
+    assert all(r["instruction"].endswith("true/false") for r in by_task["boolq"])
+    assert all(r["answer"].isdigit() for r in by_task["gsm8k"])
+    # the old rule (one min(500, 10%) slice of the 13,103 records) gave BoolQ about 38 of 500
+    assert len(load_records(str(path), tmp_path, split="validation")) == 1025
+
+
+def test_validation_of_every_stratum_leaves_training_and_is_fixed(tmp_path):
+    from harness.data import load_validation
+    from harness.data.keys import record_key
+
+    path = tmp_path / "mixed.json"
+    rows = _mixed_file(path, {"true/false": 1000, "option1/option2": 100})
+    # a twin of every record (other case and spacing): a held-out question's twin must not train
+    twins = [{**r, "instruction": "  " + r["instruction"].upper()} for r in rows]
+    path.write_text(json.dumps(rows + twins))
+    train = load_records(str(path), tmp_path)
+    by_task = load_validation(str(path), tmp_path)
+    held = {record_key(r) for v in by_task.values() for r in v}
+    assert held and not held & {record_key(r) for r in train}
+    assert len(train) + sum(map(len, by_task.values())) < len(rows) + len(twins)  # the twins left training too
+    assert load_validation(str(path), tmp_path) == by_task  # fixed: same file, same split
+    assert load_records(str(path), tmp_path, seed=7, split="validation") == load_records(str(path), tmp_path,
+                                                                                        split="validation")
+    # one stratum's sample does not move when another stratum changes size
+    _mixed_file(path, {"true/false": 1000, "option1/option2": 300})
+    assert load_validation(str(path), tmp_path)["boolq"] == [r for r in by_task["boolq"] if r in rows]
+
+
+def test_a_file_too_small_for_any_validation_is_one_error(tmp_path):
+    path = tmp_path / "tiny.json"
+    _mixed_file(path, {"true/false": 3, "number": 2})
+    assert len(load_records(str(path), tmp_path)) == 5  # it still trains
+    with pytest.raises(UserError, match=r"^training data .*tiny.json: too small for a validation split: 5 records "
+                                        r"\(boolq 3, gsm8k 2 per source task\)") as err:
+        load_records(str(path), tmp_path, split="validation")
+    assert "\n" not in str(err.value)
+
+
+def test_upstream_validation_file_and_reference_files_decide_strata(data_dir):
+    from harness.data import load_validation
+    from harness.data.keys import record_key
+    from harness.data.records import read_records
+
+    validset = read_records(data_dir / "dataset/mawps/validset.json")
+    by_task = load_validation("mawps", data_dir)
+    assert by_task == {"mawps": validset}  # the benchmark's own validation file, not a slice
+    train = load_records("mawps", data_dir)
+    assert not {record_key(r) for r in validset} & {record_key(r) for r in train}
+    assert len(train) >= 1898 - len(validset)  # the training file's MAWPS records are not sliced
+    # ARC-Easy's items have OpenBookQA's answer format; its own file names them
+    assert set(load_validation("arc_easy", data_dir)) == {"arc_easy"}
+    assert len(load_validation("arc_easy", data_dir)["arc_easy"]) == 225  # 10% of 2,251 is below the floor
+
+
+def test_validation_sizes_per_task(tmp_path, data_dir):
+    from harness.data import validation_sizes
+
+    (tmp_path / "ft-training_set").mkdir()
+    (tmp_path / "dataset").symlink_to(data_dir / "dataset")
+    rows = []
+    for name in ("boolq", "ARC-Easy", "openbookqa"):
+        rows += json.loads((data_dir / f"dataset/{name}/train.json").read_text())
+    (tmp_path / "ft-training_set/commonsense_170k.json").write_text(json.dumps(rows))
+    sizes = validation_sizes("commonsense_170k", ["llm_adapters_boolq", "llm_adapters_arc_easy_mc", "openbookqa"],
+                             tmp_path)
+    # boolq 9,427 -> 500; ARC-Easy 2,251 -> 225; OpenBookQA 4,957 -> 495 (less any that ask a test question)
+    assert list(sizes) == ["llm_adapters_boolq", "llm_adapters_arc_easy_mc", "openbookqa"]
+    assert 490 <= sizes["llm_adapters_boolq"] <= 500 and 215 <= sizes["llm_adapters_arc_easy_mc"] <= 225
+    assert 485 <= sizes["openbookqa"] <= 495
+    with pytest.raises(UserError, match="holds no item that the task on piqa can score"):
+        validation_sizes("commonsense_170k", ["llm_adapters_piqa"], tmp_path)
 
 
 def test_a_file_has_no_test_split(tmp_path):

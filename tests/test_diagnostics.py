@@ -440,7 +440,7 @@ def test_run_diagnostics_write_the_claims_table_and_files(tiny_model, tiny_token
                 probe.on_step(step)
             trained_look(model, seed=seed)
             metrics = run.finish(probe, model, method=label, spec_method=spec.split(":")[0], seed=seed,
-                                 train_result=fake_train_result(seed, speed))
+                                 train_result=fake_train_result(seed, speed), lr=0.002)
             assert metrics["diag/delta_norm"] > 0 and "diag/forgetting" in metrics
     run.record_failure("mtlora-icfm", 0)
     written = run.write(tmp_path)
@@ -461,15 +461,60 @@ def test_run_diagnostics_write_the_claims_table_and_files(tiny_model, tiny_token
         assert claim in text
     # the recorder saw dW = 0 only (B was set after the steps), so the rank verdict rests on the end of training,
     # where linchain-2's update is less spread than LoRA's in every seed
+    # every method trained at one shared rate: the rates are stated and no claim is judged, although the
+    # intervals exclude 0 (linchain-2 was given the faster-decaying curve and larger gradients in every seed)
+    assert "`linchain-2` 0.002, `lora` 0.002 (one rate shared by every method, not tuned per method)" in text
+    withheld = "| not judged: one shared learning rate (0.002); judge in the fair study |"
     rank = text.split("effective rank of updates")[1].split("###")[0]
-    assert "at the end of training |" in rank and rank.split("\n")[5].rstrip().endswith("| not supported |")
-    # linchain-2 was given the faster-decaying curve and the larger gradients in every seed
+    assert "at the end of training |" in rank and rank.split("\n")[5].rstrip().endswith(withheld)
     convergence = text.split("faster convergence")[1]
     assert "| linchain-2 | steps to the matched training loss |" in convergence
-    assert convergence.split("\n")[4].rstrip().endswith("| supported |")
+    assert convergence.split("\n")[4].rstrip().endswith(withheld)
     paths = text.split("more optimization paths")[1].split("###")[0]
-    assert "supported" in paths and "not supported" not in paths
+    assert "Under Adam" in paths and withheld in paths
+    assert "supported" not in text.split("All measurements")[0].replace("*supported*", "").replace("*not supported*", "")
     assert "mtlora-icfm seed 0" in text
+
+
+def claim_inputs():
+    """Three seeds where linchain's rank and gradients are above LoRA's and it converges faster, in every seed."""
+    rows, traces = [], []
+    for seed in (0, 1, 2):
+        for method, rank, steps, grad in (("lora", 2.0, 15, 1.0), ("linchain-3", 3.0 + 0.1 * seed, 8, 2.0 + 0.1 * seed)):
+            rows.append({"method": method, "spec_method": method.split("-")[0], "seed": seed, "layer": "all",
+                         "effective_rank": rank, "steps_to_90": steps})
+            losses = [(t, 1.0 + 2.0 * math.exp(-t / steps)) for t in range(1, 31)]
+            traces.append(D.Trace(method, method.split("-")[0], seed, losses=losses,
+                                  grad_norms=[(t, grad) for t in range(1, 31)]))
+    return rows, traces
+
+
+def verdict_cells(markdown):
+    """The verdict column of every claims table row with a verdict."""
+    return [line.rstrip(" |").rsplit("|", 1)[1].strip() for line in markdown.splitlines()
+            if line.startswith("| linchain-3 |") and not line.rstrip().endswith("|  |")]
+
+
+def test_at_one_shared_rate_the_claims_are_measured_and_not_judged():
+    rows, traces = claim_inputs()
+    shared = D.claims_markdown(rows, traces, {"lora": 0.002, "linchain-3": 0.002})
+    assert "`lora` 0.002, `linchain-3` 0.002 (one rate shared by every method, not tuned per method)" in shared
+    cells = verdict_cells(shared)
+    assert len(cells) == 3  # one verdict row per claim
+    assert set(cells) == {"not judged: one shared learning rate (0.002); judge in the fair study"}
+    assert "+1" in shared  # the measurements stay: rank difference +1 (and more) is printed
+    # the same evidence at tuned rates is judged: supported on all three claims
+    assert verdict_cells(D.claims_markdown(rows, traces, {"lora": 0.001, "linchain-3": 0.004}, tuned=True)) == \
+        ["supported"] * 3
+    # rates that differ but were not tuned, or that were not recorded, are not judged either
+    for rates in ({"lora": 0.001, "linchain-3": 0.004}, None):
+        assert all(c.startswith("not judged:") for c in verdict_cells(D.claims_markdown(rows, traces, rates)))
+
+
+def test_the_paths_measure_says_adam_does_not_scale_steps_by_the_gradient_norm():
+    rows, traces = claim_inputs()
+    paths = D.claims_markdown(rows, traces, {"lora": 0.002, "linchain-3": 0.002}).split("optimization paths")[1]
+    assert "before clipping" in paths.split("|")[0] and "Under Adam" in paths.split("|")[0]
 
 
 def test_claims_without_lora_say_so():

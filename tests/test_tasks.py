@@ -170,7 +170,9 @@ def _fake_training_sets(data_dir, target):
     gsm8k = json.loads((data_dir / "dataset/gsm8k/test.json").read_text())
     letters = [{"instruction": f"Pick one {i}. Answer Choices: (A) 1 (B) 2", "input": "", "output": "A", "answer": "A"}
                for i in range(300)]
-    math = read_records(data_dir / "dataset/mawps/trainset.json")[:1200] + letters + gsm8k[:300]
+    numbers = [{"instruction": f"A box holds {i} pens and {i + 3} pencils. How many in all?", "input": "",
+                "output": f"{2 * i + 3}", "answer": f"{2 * i + 3}"} for i in range(1000)]
+    math = read_records(data_dir / "dataset/mawps/trainset.json")[:1200] + letters + gsm8k[:300] + numbers
     (target / "ft-training_set/math_10k.json").write_text(json.dumps(math))
     commonsense = []
     for name in ("boolq", "openbookqa", "ARC-Easy"):
@@ -198,6 +200,14 @@ def test_llm_adapters_validation_split_is_the_held_out_slice_the_task_can_score(
     assert all(d["answer"] in "ABCDE" for d in docs["llm_adapters_aqua"])  # letters to the letter task
     assert all(d["answer"] not in "ABCDE" for d in docs["llm_adapters_gsm8k"])
     assert all(d["answer"] in ("true", "false") for d in docs["llm_adapters_boolq"])
+    # each task scores its own stratum: GSM8K none of MAWPS' items, MAWPS' tasks its upstream validation file
+    from harness.data.records import read_records
+
+    mawps_train = {record_key(r) for r in read_records(fake / "dataset/mawps/trainset.json")}
+    validset = {record_key(r) for r in read_records(fake / "dataset/mawps/validset.json")}
+    assert not {record_key(d) for d in docs["llm_adapters_gsm8k"]} & (mawps_train | validset)
+    for name in ("llm_adapters_mawps", "llm_adapters_addsub", "llm_adapters_svamp"):
+        assert docs[name] and {record_key(d) for d in docs[name]} <= validset - every_test_question, name
     from harness.errors import UserError
 
     with pytest.raises(UserError, match="holds no item that the task on winogrande can score"):

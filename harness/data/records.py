@@ -4,16 +4,19 @@
 generator (``arithmetic`` or ``arithmetic:<options>``). MAWPS' raw schema (``original_text``,
 ``equation``, ``ans``) is converted on the way in.
 
-Every file has a validation split: a fixed, seeded slice of its records (min(500, 10%), the same
-whatever the run's seed), held out from training. ``load_records(source)`` returns the rest,
-``load_records(source, split="validation")`` the slice; the lm-eval tasks score their validation
-split from it (harness/tasks/README.md says which set serves which task). A training record asking the
+Every file has a validation split, held out from training and the same whatever the run's seed:
+per source task (stratum) a seeded sample with a floor of about 200 items, or the benchmark's own
+validation file where one exists (:mod:`harness.data.validation` says how, and what changed on
+2026-12-04). ``load_records(source)`` returns the training records, ``load_records(source,
+split="validation")`` every stratum's validation records, ``load_validation(source)`` them by stratum;
+the lm-eval tasks each score their stratum (harness/tasks/README.md). A training record asking the
 same question as a held-out one (normalised as in :mod:`harness.contamination`) is held out too,
 so no question is on both sides. The generator has its own three disjoint splits.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -22,7 +25,7 @@ import urllib.error
 from pathlib import Path
 
 from harness.data.keys import record_key
-from harness.data import arithmetic
+from harness.data import arithmetic, validation as strata
 from harness.data.files import data_file, download_file, resolve_data_dir
 from harness.errors import UserError
 
@@ -62,10 +65,8 @@ TEST_SETS = {
 TRAIN_KEYS = ("instruction", "output")
 TEST_KEYS = ("instruction", "answer")
 
-# The validation slice of a file: fixed on purpose (changing them changes every validation score).
-VALIDATION_MAX = 500
-VALIDATION_SHARE = 0.1
-VALIDATION_SEED = 0
+# The validation split's constants (fixed on purpose: changing them changes every validation score).
+VALIDATION_MAX, VALIDATION_SHARE, VALIDATION_SEED = strata.VALIDATION_MAX, strata.VALIDATION_SHARE, strata.VALIDATION_SEED
 
 
 def load_records(source: str, data_dir: Path | str | None = None, limit: int | None = None, seed: int = 0,
@@ -84,8 +85,10 @@ def load_records(source: str, data_dir: Path | str | None = None, limit: int | N
         return arithmetic.generate(spec, split=split, seed=seed)
     if split not in ("train", "validation"):
         raise UserError(f"unknown split {split!r} of {source} (a data file has train and validation)")
+    root = resolve_data_dir(data_dir)
     read = read_records(_locate(source, data_dir), TRAIN_KEYS)
-    train, validation = split_validation(read)
+    known = reference_keys(root)
+    train, by_stratum = strata.split_strata(read, known, upstream_validation(root))
     if split == "train" and not train:
         # the held-out slice takes every record asking its questions: a file of one question repeated (or of
         # empty instructions, which all ask the same "") leaves nothing to train on; say so before any model work
@@ -94,22 +97,88 @@ def load_records(source: str, data_dir: Path | str | None = None, limit: int | N
                         f"{questions} distinct question(s) (duplicates or empty instructions), and records asking "
                         "a held-out validation question leave training; give a file of distinct, non-empty "
                         "instructions")
-    records = train if split == "train" else validation
+    if split == "validation" and not by_stratum:
+        raise strata.no_validation_error(source, read, known)
+    records = train if split == "train" else [r for held in by_stratum.values() for r in held]
     return subset(records, limit, seed) if sample else records[:limit]
 
 
-def split_validation(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """``(train, validation)``: a seeded slice of min(500, 10%) records held out, in file order.
+def load_validation(source: str, data_dir: Path | str | None = None) -> dict[str, list[dict]]:
+    """A training file's validation records by stratum (source task); a file too small for any is one error."""
+    if source == "arithmetic" or source.startswith("arithmetic:"):
+        raise UserError(f"{source}: the generator's validation split is not stratified; use load_records")
+    root = resolve_data_dir(data_dir)
+    read = read_records(_locate(source, data_dir), TRAIN_KEYS)
+    known = reference_keys(root)
+    _, by_stratum = strata.split_strata(read, known, upstream_validation(root))
+    if not by_stratum:
+        raise strata.no_validation_error(source, read, known)
+    return by_stratum
 
-    The slice depends on the number of records only, never on a run's seed. Records asking a
-    held-out question (same :func:`~harness.data.keys.record_key`) leave training as well.
+
+def reference_keys(root: Path) -> dict[bytes, str]:
+    """question key -> task, from the per-task upstream files (strata.REFERENCE_FILES) present in ``root``."""
+    keys: dict[bytes, str] = {}
+    for task, relative in strata.REFERENCE_FILES.items():
+        if (Path(root) / relative).is_file():
+            for record in read_records(Path(root) / relative, TRAIN_KEYS):
+                keys.setdefault(record_key(record), task)
+    return keys
+
+
+def upstream_validation(root: Path) -> dict[str, list[dict]]:
+    """stratum -> records of the upstream validation files (strata.UPSTREAM_VALIDATION) present in ``root``."""
+    return {task: read_records(Path(root) / relative, TRAIN_KEYS)
+            for task, relative in strata.UPSTREAM_VALIDATION.items() if (Path(root) / relative).is_file()}
+
+
+def validation_sizes(train_source: str, tasks: list[str] | tuple[str, ...],
+                     data_dir: Path | str | None = None) -> dict[str, int]:
+    """task -> number of validation items it scores when tuning a model trained on ``train_source``.
+
+    ``tasks`` are LLM-Adapters task names (``llm_adapters_boolq``, ``llm_adapters_boolq_mc``) or test-set
+    names (``boolq``); the keys of the result are the names as given. A task whose stratum is empty raises
+    the UserError its validation run would; so does a training file too small for any validation.
     """
-    size = min(VALIDATION_MAX, int(len(records) * VALIDATION_SHARE))
-    chosen = set(random.Random(f"validation-{VALIDATION_SEED}").sample(range(len(records)), size))
-    validation = [r for i, r in enumerate(records) if i in chosen]
-    held_out = {record_key(r) for r in validation}
-    train = [r for i, r in enumerate(records) if i not in chosen and record_key(r) not in held_out]
-    return train, validation
+    root = resolve_data_dir(data_dir)
+    by_stratum = load_validation(train_source, root)
+    banned = test_keys(root)
+    sizes = {}
+    for task in tasks:
+        dataset = strata.task_dataset(task)
+        if dataset not in strata.TASK_STRATA:
+            raise UserError(f"validation_sizes: {task} is not an LLM-Adapters task "
+                            f"(known: {', '.join(strata.TASK_STRATA)})")
+        sizes[task] = len(strata.task_validation(by_stratum, strata.TASK_STRATA[dataset], banned, train_source,
+                                                 dataset))
+    return sizes
+
+
+def split_validation(records: list[dict], data_dir: Path | str | None = None) -> tuple[list[dict], list[dict]]:
+    """``(train, validation)`` of records, validation of every stratum together (:func:`strata.split_strata`)."""
+    root = resolve_data_dir(data_dir)
+    train, by_stratum = strata.split_strata(records, reference_keys(root), upstream_validation(root))
+    return train, [r for held in by_stratum.values() for r in held]
+
+
+def test_keys(data_dir: Path | str | None = None) -> frozenset[bytes]:
+    """The questions of every LLM-Adapters test file present in the data directory (read once per version)."""
+    paths = tuple(resolve_data_dir(data_dir) / path for path in TEST_SETS.values())
+    return _cached_test_keys(tuple((path, _stamp(path)) for path in paths))
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_test_keys(files: tuple) -> frozenset[bytes]:
+    return frozenset(record_key(r) for path, stamp in files if stamp is not None
+                     for r in read_records(path, TEST_KEYS))
 
 
 def load_test_records(name: str, data_dir: Path | str | None = None) -> list[dict]:

@@ -184,6 +184,7 @@ class RunDiagnostics:
         self.traces: list[Trace] = []
         self.failed: list[tuple[str, int]] = []
         self.problems: list[str] = []
+        self.learning_rates: dict[str, float] = {}  # method -> the rate it trained at (harness.run: one, shared)
         self.sample: GeneralTextSample | None = None
         self._base_loss: float | None = None
         self._base_spectra: dict[str, BaseSpectrum] = {}
@@ -206,13 +207,16 @@ class RunDiagnostics:
         return probe
 
     def finish(self, probe: MethodProbe, peft_model, *, method: str, spec_method: str, seed: int,
-               train_result) -> dict[str, float]:
+               train_result, lr: float | None = None) -> dict[str, float]:
         """After training: the rows of this method and seed; returns the ``diag/`` metrics of its ``all`` row.
 
         Log them at the last step: ``diag/delta_norm`` and ``diag/effective_rank`` are also the recorder's curves.
+        ``lr`` is the rate the method trained at; diagnostics.md states it beside the claims.
         A measurement that fails is reported (traceback on stderr, a line in diagnostics.md) and costs the
         method nothing else: its training and evaluation go on.
         """
+        if lr is not None:
+            self.learning_rates[method] = float(lr)
         if probe.problem:
             self.problems.append(f"{method} seed {seed}: {probe.problem}")
         try:
@@ -270,4 +274,5 @@ class RunDiagnostics:
             return {}
         self.fill_similarity()
         return write_diagnostics(run_dir, self.rows, self.traces, failed=self.failed, level=self.level,
-                                 sample=self.sample.describe() if self.sample else None, problems=self.problems)
+                                 sample=self.sample.describe() if self.sample else None, problems=self.problems,
+                                 learning_rates=self.learning_rates)

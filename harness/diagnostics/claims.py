@@ -2,13 +2,19 @@
 
 Each method is compared with the reference (LoRA) trained with the same seed: paired differences and their
 Student-t interval over seeds (see :meth:`Comparison.interval`).
+
+A supported / not supported verdict is issued only when each method was trained at its own tuned learning
+rate (``tuned=True``, which a caller that tuned the rates passes). ``harness.run`` trains every method at one
+shared rate: a difference there may be the rate suiting one method better (the confound the fair study,
+``ablations.study fair``, removes), so diagnostics.md states the rates, keeps the measurements and intervals,
+and its verdict column says "not judged".
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from harness import stats
 from harness.diagnostics.convergence import smoothed, steps_to_loss
@@ -157,12 +163,17 @@ def claim_comparisons(rows: Sequence[dict], traces: Sequence[Trace]) -> dict[str
 
         claims["rank"][method] = [compare("effective rank of dW at matched training loss", rank_at_match, +1),
                                   compare("effective rank of dW at the end of training", total("effective_rank"), +1)]
-        claims["paths"][method] = [compare("mean gradient norm reaching the adapter (before clipping)", grad, +1)]
+        claims["paths"][method] = [compare(PATHS_MEASURE, grad, +1)]
         claims["convergence"][method] = [compare("steps to the matched training loss", steps_at_match, -1),
                                          compare("steps to 90% of its own final loss reduction",
                                                  total("steps_to_90"), -1)]
     return claims
 
+
+PATHS_MEASURE = "mean gradient norm reaching the adapter (before clipping)"
+PATHS_CAVEAT = ("The gradient norm is taken before clipping. Under Adam the step is the gradient divided by its "
+                "running RMS, so a larger gradient norm does not by itself mean larger or more varied steps: "
+                "this measure is a proxy for the claim, not a measure of the optimization path.")
 
 CLAIMS = {
     "rank": "LinChain \"expands the effective rank of updates\"",
@@ -171,34 +182,69 @@ CLAIMS = {
 }
 
 
-def claims_markdown(rows: Sequence[dict], traces: Sequence[Trace]) -> str:
-    """The section that opens diagnostics.md: each claim, the evidence per method, a verdict."""
+def withheld_verdict(learning_rates: Mapping[str, float] | None, tuned: bool) -> str | None:
+    """The verdict cell when no verdict may be issued (rates shared, untuned or unknown), else None."""
+    if tuned:
+        return None
+    rates = sorted(set((learning_rates or {}).values()))
+    if len(rates) == 1:
+        return f"not judged: one shared learning rate ({rates[0]:g}); judge in the fair study"
+    if rates:
+        return "not judged: learning rates set, not tuned per method; judge in the fair study"
+    return "not judged: learning rates not recorded, not tuned per method; judge in the fair study"
+
+
+def rates_text(learning_rates: Mapping[str, float] | None, tuned: bool) -> str:
+    """One sentence: each method's learning rate and whether it was shared or tuned."""
+    if not learning_rates:
+        return "Learning rates: not recorded."
+    listed = ", ".join(f"`{m}` {lr:g}" for m, lr in learning_rates.items())
+    if tuned:
+        return f"Learning rates, each tuned per method: {listed}."
+    shared = len(set(learning_rates.values())) == 1
+    how = "one rate shared by every method, not tuned per method" if shared else "set by hand, not tuned per method"
+    return (f"Learning rates: {listed} ({how}). A difference at an untuned rate may be the rate suiting one method "
+            "better rather than the mechanism, so no claim is judged here: the measurements and intervals stand, "
+            "and the verdicts belong to the fair study (`python -m ablations.study fair`), which tunes each "
+            "method's rate.")
+
+
+def claims_markdown(rows: Sequence[dict], traces: Sequence[Trace],
+                    learning_rates: Mapping[str, float] | None = None, tuned: bool = False) -> str:
+    """The section that opens diagnostics.md: each claim, the evidence per method, a verdict where one may be given.
+
+    ``learning_rates`` (method -> rate) is stated; verdicts are issued only when ``tuned`` (see the module text).
+    """
     comparisons = claim_comparisons(rows, traces)
     reference = reference_label(rows)
+    withheld = withheld_verdict(learning_rates, tuned)
     lines = ["## The paper's claims, answered", ""]
     if reference is None:
         return "\n".join(lines + ["LoRA is not in this run, so none of the claims (each is relative to LoRA) "
                                   "can be checked. Add `lora` to `--methods`.", ""])
     targets = matched_loss_targets(traces)
+    lines += [rates_text(learning_rates, tuned), ""]
     lines += [f"Each method is compared with `{reference}` trained with the same seed (paired differences, "
-              f"method minus {reference}; 95% Student-t interval over seeds). A verdict is *supported* when "
-              "the interval excludes 0 in the direction the claim predicts, *not supported* when it excludes "
-              "0 in the other direction, and *inconclusive* otherwise or below 2 seeds. The verdict (on its "
-              "row) rests on the first measure of each claim that was measured. Matched training loss: per seed, the highest final "
-              "smoothed training loss among the methods (" + ", ".join(f"seed {s}: {v:.3f}"
+              f"method minus {reference}; 95% Student-t interval over seeds). At tuned rates a verdict is "
+              "*supported* when the interval excludes 0 in the direction the claim predicts, *not supported* "
+              "when it excludes 0 in the other direction, and *inconclusive* otherwise or below 2 seeds; it rests "
+              "on the first measure of each claim that was measured (its row). Matched training loss: per seed, "
+              "the highest final smoothed training loss among the methods (" + ", ".join(f"seed {s}: {v:.3f}"
                                                                      for s, v in sorted(targets.items()))
               + "), a loss every method reached.", ""]
     no_grads = all(not t.grad_norms and not t.group_grad_norms for t in traces)
     for key, title in CLAIMS.items():
-        lines += [f"### {title}", "", f"| method | measure | method | {reference} | difference (95% CI) | verdict |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"### {title}", ""]
+        if key == "paths":
+            lines += [PATHS_CAVEAT, ""]
+        lines += [f"| method | measure | method | {reference} | difference (95% CI) | verdict |", "|---|---|---|---|---|---|"]
         for method, comps in comparisons[key].items():
             rests_on = next((i for i, comp in enumerate(comps) if comp.differences), 0)
             for i, comp in enumerate(comps):
                 mean, low, high = comp.interval()
                 ci = "n/a" if math.isnan(mean) else (f"{mean:+.3g}" + ("" if math.isnan(low)
                                                                           else f" [{low:+.3g}, {high:+.3g}]"))
-                verdict = comp.verdict() if i == rests_on else ""
+                verdict = "" if i != rests_on else (withheld or comp.verdict())
                 if key == "paths" and no_grads:
                     verdict = "not measured: the training loop recorded no gradient norms"
                 lines.append(f"| {method} | {comp.measure} | {mean_sd_text(comp.method_values)} | "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from harness.diagnostics.claims import claims_markdown, mean_sd_text
 from harness.diagnostics.curvature import HESSIAN_EXAMPLES, HESSIAN_MAX_ITER, HESSIAN_TOL
@@ -26,8 +26,9 @@ def _table_markdown(rows: Sequence[dict]) -> list[str]:
 
 
 def diagnostics_markdown(rows: Sequence[dict], traces: Sequence[Trace], *, failed: Sequence[tuple[str, int]] = (),
-                         level: str = "basic", sample: str | None = None, problems: Sequence[str] = ()) -> str:
-    lines = ["# Diagnostics", "", claims_markdown(rows, traces), "## All measurements", "",
+                         level: str = "basic", sample: str | None = None, problems: Sequence[str] = (),
+                         learning_rates: Mapping[str, float] | None = None) -> str:
+    lines = ["# Diagnostics", "", claims_markdown(rows, traces, learning_rates), "## All measurements", "",
              "Means ± sd over seeds of the layer `all` rows of diagnostics.csv: delta_norm is ||dW||_F of the "
              "whole update, effective_rank and stable_rank are means over the adapted layers, intruders the "
              "total over layers (top 10 singular vectors, threshold 0.5), similarity_to_lora the mean over "
@@ -51,7 +52,8 @@ def diagnostics_markdown(rows: Sequence[dict], traces: Sequence[Trace], *, faile
 
 def write_diagnostics(run_dir: str | os.PathLike, rows: Sequence[dict], traces: Sequence[Trace], *,
                       failed: Sequence[tuple[str, int]] = (), level: str = "basic",
-                      sample: str | None = None, problems: Sequence[str] = ()) -> dict[str, Path]:
+                      sample: str | None = None, problems: Sequence[str] = (),
+                      learning_rates: Mapping[str, float] | None = None) -> dict[str, Path]:
     """Write diagnostics.csv, diagnostics.md, spectra.png, grad_norms.png and convergence.png, atomically."""
     import csv
 
@@ -68,7 +70,8 @@ def write_diagnostics(run_dir: str | os.PathLike, rows: Sequence[dict], traces: 
     written["diagnostics.csv"] = run_dir / "diagnostics.csv"
     written["diagnostics.md"] = write_text_atomic(
         run_dir / "diagnostics.md",
-        diagnostics_markdown(rows, traces, failed=failed, level=level, sample=sample, problems=problems))
+        diagnostics_markdown(rows, traces, failed=failed, level=level, sample=sample, problems=problems,
+                             learning_rates=learning_rates))
     written["spectra.png"] = plot_spectra(rows, run_dir / "spectra.png")
     written["grad_norms.png"] = plot_grad_norms(traces, run_dir / "grad_norms.png")
     written["convergence.png"] = plot_convergence(traces, run_dir / "convergence.png")

@@ -30,37 +30,37 @@ try:
 except ImportError:  # lm_eval run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.data.keys import record_key
 from harness.data import arithmetic, prompts
 from harness.data.files import data_file, resolve_data_dir
-from harness.data.records import TEST_KEYS, TEST_SETS, TRAIN_SETS, load_records, load_test_records, read_records
+from harness.data.records import TEST_KEYS, TRAIN_SETS, load_test_records, load_validation, read_records, test_keys
+from harness.data.validation import TASK_STRATA, answer_stratum, task_validation
 from harness.errors import UserError
 
 INVALID = "[invalid]"
 TOLERANCE = 0.001  # upstream's MAX_INT: a numeric answer is right when |pred - answer| <= 0.001
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*([\w/]+)\s*$")
-_LETTER = re.compile(r"[A-E]")
 SPLITS = ("validation", "test")
-MIN_KIND_SHARE = 0.05  # an answer kind this rare among a task's test items does not pick its validation items
 
 
 # ----------------------------------------------------------------------------- loaders
 def load_llm_adapters(dataset: str | None = None, file: str | None = None, data_dir: str | None = None,
                       prompt_format: str = "alpaca", split: str = "test", validation_data: str | None = None,
-                      **_metadata):
+                      validation_stratum: str | None = None, **_metadata):
     """An LLM-Adapters test file (or its validation split), each document with its ``prompt`` and answer ``choices``.
 
     ``dataset`` names a known test set (``gsm8k``); ``file`` is any file in that format, absolute
     or relative to the data directory (how a new dataset is added with YAML only). The validation
-    split comes from the training set ``validation_data``: see :func:`validation_records`.
+    split is the stratum ``validation_stratum`` (default: the test set's, ``TASK_STRATA``) of the
+    training set ``validation_data``: see :func:`validation_records`.
     """
     root = resolve_data_dir(data_dir)
     if file is not None:
         test = read_records(data_file(file, root) if not Path(file).is_absolute() else Path(file), TEST_KEYS)
     else:
         test = load_test_records(dataset, root)
-    validation = validation_records(validation_data, test, root, dataset or file) if _split(split) == "validation" else []
+    validation = (validation_records(validation_data, test, root, dataset or file, validation_stratum)
+                  if _split(split) == "validation" else [])
     return _splits(test, validation, prompt_format)
 
 
@@ -90,48 +90,29 @@ def _split(split: str) -> str:
     return split
 
 
-def validation_records(source: str | None, test: list[dict], root: Path, name: str | None) -> list[dict]:
-    """The validation items of a task: the held-out slice of training set ``source`` that the task can score.
+def validation_records(source: str | None, test: list[dict], root: Path, name: str | None,
+                       stratum: str | None = None) -> list[dict]:
+    """The validation items of a task: stratum ``stratum`` of training set ``source``'s validation split.
 
-    A slice record qualifies when its answer has a kind (its "Answer format" line, else a letter
-    A-E, a number, or other text) that at least 5% of the task's test items have: math_10k's letter answers
-    serve AQuA, its numbers the other math sets; commonsense_170k's true/false items serve BoolQ,
-    its option1/option2 items WinoGrande, and so on. Items asking a question of any LLM-Adapters
-    test file in the data directory are left out, so tuning never sees a test item.
+    The split is stratified by source task (:mod:`harness.data.validation`): BoolQ is tuned on
+    commonsense_170k's BoolQ items, GSM8K on math_10k's, MAWPS and its parts on MAWPS' upstream
+    validation file. A task without a known stratum (a custom ``file:``) names one in its metadata
+    ``validation_stratum``, else it takes the stratum its test items' answers imply (their most common).
+    Items asking a question of any LLM-Adapters test file in the data directory are left out, so tuning
+    never sees a test item.
     """
     if not source:
         raise UserError(f"task on {name}: no validation split (give its YAML metadata validation_data: "
                         "<training set>), or score it with --split test")
-    kinds = collections.Counter(_answer_kind(r) for r in test)
-    wanted = {kind for kind, count in kinds.items() if count >= MIN_KIND_SHARE * len(test)}
-    banned = _test_keys(str(root))
-    records = [r for r in _validation_slice(source, str(root))
-               if _answer_kind(r) in wanted and record_key(r) not in banned]
-    if not records:
-        raise UserError(f"the validation slice of {source} holds no item that the task on {name} can score")
-    return records
+    if stratum is None:
+        stratum = TASK_STRATA.get(str(name)) or collections.Counter(answer_stratum(r) for r in test).most_common(1)[0][0]
+    return task_validation(_validation_strata(source, str(root)), stratum, test_keys(root), source, str(name))
 
 
-def _answer_kind(record: dict) -> str:
-    found = _ANSWER_FORMAT.search(record["instruction"])
-    if found:
-        return found.group(1)
-    answer = str(record.get("answer", "")).strip()
-    if _LETTER.fullmatch(answer):
-        return "letter"
-    return "number" if _NUMBER.fullmatch(answer.replace(",", "")) else "text"
-
-
-def _validation_slice(source: str, root: str) -> tuple[dict, ...]:
-    """The held-out slice of a training set, read once per process and file version (a group's tasks share it)."""
+def _validation_strata(source: str, root: str) -> dict[str, list[dict]]:
+    """The validation split of a training set, read once per process and file version (a group's tasks share it)."""
     path = Path(root) / TRAIN_SETS[source] if source in TRAIN_SETS else Path(source).expanduser()
-    return _cached_slice(source, root, _stamp(path))
-
-
-def _test_keys(root: str) -> frozenset[bytes]:
-    """The questions of every LLM-Adapters test file present in the data directory."""
-    paths = tuple(Path(root) / path for path in TEST_SETS.values())
-    return _cached_test_keys(tuple((path, _stamp(path)) for path in paths))
+    return _cached_strata(source, root, _stamp(path))
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -144,14 +125,8 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_slice(source: str, root: str, _stamp: tuple | None) -> tuple[dict, ...]:
-    return tuple(load_records(source, root, split="validation"))
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_test_keys(files: tuple) -> frozenset[bytes]:
-    return frozenset(record_key(r) for path, stamp in files if stamp is not None
-                     for r in read_records(path, TEST_KEYS))
+def _cached_strata(source: str, root: str, _stamp: tuple | None) -> dict[str, list[dict]]:
+    return load_validation(source, root)
 
 
 def _document(record: dict, prompt_format: str) -> dict:
