@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from ablations import fair
+from harness.errors import UserError
 from ablations.fair import mean_of, std_of
 from ablations.space import spec_of
 from harness.report import atomic_path, pyplot, save_figure, write_text_atomic
@@ -502,6 +503,7 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
             rest = 1 - r["var_seed_share"] - r["var_item_share"]
             lines.append(f"| `{r['method']}` - `{r['reference']}` | {100 * r['var_seed_share']:.0f}% | "
                          f"{100 * r['var_item_share']:.0f}% | {100 * rest:.0f}% |")
+    lines += _validation_sizes_lines(cfg)
     d = fair.design(plan, results)
     lines += ["", "## What this design can show", "",
               "Recomputed from this study's results (the pooled per-seed SD of every comparison, more degrees "
@@ -519,6 +521,24 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
               + "".join(f", {p.name}" for p in plots) + ". Each trial is a nested MLflow run under `study-"
               + plan.name + "`.", ""]
     return "\n".join(lines)
+
+
+def _validation_sizes_lines(cfg) -> list[str]:
+    """Each task's validation size (what the rates were chosen on), for the LLM-Adapters tasks; arithmetic's
+    validation split is the generator's own."""
+    from harness.data import validation_sizes  # deferred: harness.data loads torch
+
+    tasks = [t for t in cfg.tasks if t.startswith("llm_adapters")]
+    if not tasks:
+        return ["", f"Validation: the generator's own validation split of {', '.join(cfg.tasks)}"
+                + (f", at most {cfg.limit} items each." if cfg.limit else ".")]
+    try:
+        sizes = validation_sizes(cfg.train_data, tasks, cfg.data_dir)
+    except (UserError, OSError) as err:
+        return ["", f"Validation sizes could not be listed: {err}"]
+    listed = ", ".join(f"{t} {n}" for t, n in sizes.items())
+    return ["", f"Validation items per task (the rates were chosen on these; each stratum of the training file): "
+            f"{listed}" + (f"; at most {cfg.limit} scored per task." if cfg.limit else ".")]
 
 
 def interval_sentence(plan) -> str:
