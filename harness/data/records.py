@@ -164,10 +164,11 @@ def split_validation(records: list[dict], data_dir: Path | str | None = None) ->
 def test_keys(data_dir: Path | str | None = None) -> frozenset[bytes]:
     """The questions of every LLM-Adapters test file present in the data directory (read once per version)."""
     paths = tuple(resolve_data_dir(data_dir) / path for path in TEST_SETS.values())
-    return _cached_test_keys(tuple((path, _stamp(path)) for path in paths))
+    return _cached_test_keys(tuple((path, file_stamp(path)) for path in paths))
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """What tells a changed file from a cached one: modification time and size (None when absent)."""
     try:
         stat = path.stat()
     except OSError:

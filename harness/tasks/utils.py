@@ -32,7 +32,8 @@ except ImportError:  # lm_eval run from a checkout without the package installed
 
 from harness.data import arithmetic, prompts
 from harness.data.files import data_file, resolve_data_dir
-from harness.data.records import TEST_KEYS, TRAIN_SETS, load_test_records, load_validation, read_records, test_keys
+from harness.data.records import (TEST_KEYS, TRAIN_SETS, file_stamp, load_test_records, load_validation, read_records,
+                                  test_keys)
 from harness.data.validation import TASK_STRATA, answer_stratum, task_validation
 from harness.errors import UserError
 
@@ -112,16 +113,7 @@ def validation_records(source: str | None, test: list[dict], root: Path, name: s
 def _validation_strata(source: str, root: str) -> dict[str, list[dict]]:
     """The validation split of a training set, read once per process and file version (a group's tasks share it)."""
     path = Path(root) / TRAIN_SETS[source] if source in TRAIN_SETS else Path(source).expanduser()
-    return _cached_strata(source, root, _stamp(path))
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """What tells a changed file from the one cached: modification time and size (None when absent)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
+    return _cached_strata(source, root, file_stamp(path))
 
 
 @functools.lru_cache(maxsize=4)
