@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from ablations.space import REFERENCE, enumerate_points, options_of, spec_of
-from ablations.storage import CORRECT_ATTR, MLFLOW_RUN_ATTR, unpack_correct
+from ablations.storage import CORRECT_ATTR, DIAGNOSTICS_ATTR, MLFLOW_RUN_ATTR, unpack_correct, unpack_diagnostics
 from harness import stats
 from harness.adapters.spec import parse_spec, spec_options
 from harness.errors import UserError
@@ -553,6 +553,7 @@ class TunedArm:
     diverged: dict[int, str] = field(default_factory=dict)  # final seed -> the divergence (scored as the base model)
     correct: dict[int, dict] = field(default_factory=dict)  # final seed -> task -> doc -> 0/1
     valid_smoothed: float = math.nan  # the smoothed validation curve at the chosen rate (what the choice used)
+    measured: dict[int, tuple] = field(default_factory=dict)  # final seed -> (measures, curves): unpack_diagnostics
 
     @property
     def at_edge(self) -> bool:
@@ -602,7 +603,9 @@ def method_results(plan, storage) -> list[TunedArm]:
             pending=[s for (_, s), v in found.items() if v == "pending"],
             diverged={s: t.user_attrs["diverged"] for s, t in done.items() if t.user_attrs.get("diverged")},
             correct={s: unpack_correct(t.user_attrs.get(CORRECT_ATTR)) for s, t in done.items()
-                     if t.user_attrs.get(CORRECT_ATTR)}))
+                     if t.user_attrs.get(CORRECT_ATTR)},
+            measured={s: unpack_diagnostics(t.user_attrs[DIAGNOSTICS_ATTR]) for s, t in done.items()
+                      if t.user_attrs.get(DIAGNOSTICS_ATTR)}))
     return results
 
 

@@ -424,9 +424,49 @@ def write_fair_report(plan, storage) -> Path:
     if path is not None:
         plots.append(path)
     write_text_atomic(folder / "verdict.md", verdict_markdown(plan, results, rows, trials, plots, curvature))
-    written = [folder / "verdict.csv", folder / "verdict.md", folder / "trials.csv", *plots]
+    written = [folder / "verdict.csv", folder / "verdict.md", folder / "trials.csv", *plots,
+               *write_mechanisms(plan, results, folder), write_items(results, folder)]
     finish_parent_run(plan, storage, artifacts=written)
     return folder
+
+
+ITEM_COLUMNS = ("method", "seed", "task", "doc_id", "correct")
+
+
+def item_frame(results) -> pd.DataFrame:
+    """Every final run's per-item correctness (method as in verdict.csv): what every statistic of the verdict
+    can be recomputed from without rerunning (python -m ablations.recompute)."""
+    records = [(arm.spec, seed, task, doc, value) for arm in results for seed, tasks in sorted(arm.correct.items())
+               for task, items in sorted(tasks.items()) for doc, value in items.items()]
+    frame = pd.DataFrame.from_records(records, columns=list(ITEM_COLUMNS))
+    return frame.sort_values(["method", "seed", "task", "doc_id"], kind="stable", key=_natural).reset_index(drop=True)
+
+
+def _natural(column: pd.Series) -> pd.Series:
+    """Sort doc ids as numbers where they all are (2 before 10), else as text."""
+    numeric = pd.to_numeric(column, errors="coerce")
+    return numeric if numeric.notna().all() else column.astype(str)
+
+
+def write_items(results, folder: Path) -> Path:
+    path = folder / "items.csv.gz"
+    with atomic_path(path) as tmp:
+        item_frame(results).to_csv(tmp, index=False, compression={"method": "gzip", "mtime": 0})
+    return path
+
+
+def write_mechanisms(plan, results, folder: Path) -> list[Path]:
+    """diagnostics.md, diagnostics.csv (every final run's measures) and claims.csv (ablations.mechanisms)."""
+    from ablations import mechanisms  # deferred: harness.diagnostics loads torch
+
+    runs = mechanisms.run_rows(results)
+    claims = mechanisms.claim_rows(results)
+    with atomic_path(folder / "diagnostics.csv") as tmp:
+        pd.DataFrame(runs, columns=list(mechanisms.RUN_COLUMNS)).to_csv(tmp, index=False)
+    with atomic_path(folder / "claims.csv") as tmp:
+        pd.DataFrame(claims, columns=list(mechanisms.CLAIM_COLUMNS)).to_csv(tmp, index=False)
+    write_text_atomic(folder / "diagnostics.md", mechanisms.markdown(plan, results, claims, runs))
+    return [folder / "diagnostics.md", folder / "diagnostics.csv", folder / "claims.csv"]
 
 
 def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, plots: list[Path],
@@ -518,7 +558,9 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
     if curvature:
         lines += ["", *curvature]
     lines += ["", "Files: verdict.csv (this table), trials.csv (every trial, tuning and final, with its split)"
-              + "".join(f", {p.name}" for p in plots) + ". Each trial is a nested MLflow run under `study-"
+              + "".join(f", {p.name}" for p in plots) + ", items.csv.gz (every final run's per-item correctness: "
+              "`python -m ablations.recompute` recomputes this table from it), diagnostics.md, diagnostics.csv and "
+              "claims.csv (the mechanisms at the tuned rates). Each trial is a nested MLflow run under `study-"
               + plan.name + "`.", ""]
     return "\n".join(lines)
 

@@ -172,3 +172,36 @@ def unpack_correct(packed: dict[str, dict[str, Any]] | None) -> dict[str, dict[A
         values = [float(c) for c in values] if isinstance(values, str) else [float(v) for v in values]
         out[task] = dict(zip(item["docs"], values))
     return out
+
+
+DIAGNOSTICS_ATTR = "diagnostics"  # a final trial's mechanism measurements (pack_diagnostics)
+TRACE_FIELDS = ("losses", "grad_norms", "delta_norms", "effective_ranks", "movements")
+SIGNIFICANT = 6  # digits kept of each stored measurement: far below any seed-to-seed difference
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        return float(f"{value:.{SIGNIFICANT}g}")
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def pack_diagnostics(row: dict[str, Any], trace) -> dict[str, Any]:
+    """One final run's mechanism measurements in the storage's JSON: the numeric measures of its layer ``all``
+    row (harness.diagnostics) and its training curves (``TRACE_FIELDS``, as [step, value] pairs), rounded
+    to ``SIGNIFICANT`` digits. A study's diagnostics.md is computed from these alone, so the findings can be
+    recomputed from the Optuna journal without MLflow."""
+    measures = {k: _round(float(v)) for k, v in row.items()
+                if k not in ("method", "spec_method", "seed", "layer") and isinstance(v, (int, float))}
+    curves = {f: [[int(step), _round(float(v))] for step, v in getattr(trace, f, None) or []] for f in TRACE_FIELDS}
+    return {"row": measures, "trace": curves}
+
+
+def unpack_diagnostics(packed: dict[str, Any] | None) -> tuple[dict[str, float], dict[str, list]] | None:
+    """The inverse of :func:`pack_diagnostics`: (measures, curves), None (JSON null) read back as NaN."""
+    if not packed:
+        return None
+    nan = float("nan")
+    measures = {k: (nan if v is None else float(v)) for k, v in packed.get("row", {}).items()}
+    curves = {f: [(int(s), nan if v is None else float(v)) for s, v in packed.get("trace", {}).get(f, [])]
+              for f in TRACE_FIELDS}
+    return measures, curves

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ablations import fair
 from ablations.space import spec_of
-from ablations.storage import CORRECT_ATTR, MLFLOW_RUN_ATTR, pack_correct
+from ablations.storage import CORRECT_ATTR, DIAGNOSTICS_ATTR, MLFLOW_RUN_ATTR, pack_correct, pack_diagnostics
 from ablations.studyfile import STUDY_OWNED
 from harness.errors import UserError, interruption
 from harness.stats import mean as _mean
@@ -241,10 +241,26 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
             trial.set_user_attr("scores", {t: _mean(r.scores[t] for r in results) for t in results[0].scores})
             if final:  # per-item correctness: the verdict's item bootstrap and variance components read it
                 trial.set_user_attr(CORRECT_ATTR, pack_correct(results[0].correct))
+                measured = _measured(outcome)
+                if measured is not None:  # the mechanisms at the tuned rate: the study's diagnostics.md reads them
+                    trial.set_user_attr(DIAGNOSTICS_ATTR, pack_diagnostics(*measured))
             handle.log_metrics({"average_accuracy": average, "trainable_params": params, "run_seconds": run_seconds})
     if pruned:
         raise Pruned(f"trial {trial.number} pruned")
     return (average, params) if plan.kind == "pareto" else average
+
+
+def _measured(outcome) -> tuple[dict, Any] | None:
+    """The layer ``all`` row and the trace of a one-method, one-seed run's diagnostics (None when none were
+    measured: diagnostics ``none``, a diverged run, a measurement that failed)."""
+    diagnostics = getattr(outcome, "diagnostics", None)
+    if diagnostics is None or not diagnostics.enabled or not outcome.results or not outcome.results[0].ok:
+        return None
+    result = outcome.results[0]
+    row = next((r for r in diagnostics.rows if r["layer"] == "all" and r["method"] == result.method
+                and r["seed"] == result.seed), None)
+    trace = next((t for t in diagnostics.traces if t.method == result.method and t.seed == result.seed), None)
+    return (row, trace) if row is not None and trace is not None else None
 
 
 def _sum_finite(values) -> float:

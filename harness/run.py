@@ -120,6 +120,7 @@ class RunOutcome:
     parent_run_id: str | None = None
     contamination: dict = field(default_factory=dict)  # task -> harness.contamination.Overlap of the scored split
     contaminated: set = field(default_factory=set)  # tasks whose scores are marked: overlap above the limit
+    diagnostics: object = None  # harness.diagnostics.RunDiagnostics: its rows and traces (a study's trial reads them)
 
     @property
     def failed(self) -> list:
@@ -262,6 +263,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         f"results in {staged.final if staged else run_dir}")
     # one fixed batch for the curvature probe: the first seed's training examples
     diagnostics = RunDiagnostics(cfg.diagnostics, inputs.tokenizer, inputs.examples[cfg.seeds[0]], inputs.collate)
+    outcome.diagnostics = diagnostics
     finished, kept = False, None
     try:
         top_name = run_dir.name if write_results else run_name

@@ -557,7 +557,7 @@ def test_a_fair_study_plots_its_chosen_rates_against_the_curvature(tmp_path):
     assert (folder / "lr_vs_curvature.png").stat().st_size > 0
     text = (folder / "verdict.md").read_text()
     assert "| `lora` | 0.001 | 41 | 3 | 0.041 |" in text and "| `moslora` | 0.01 | 11 | 3 | 0.11 |" in text
-    assert "lr_vs_curvature.png." in text.split("Files:")[1]
+    assert "lr_vs_curvature.png, items.csv.gz" in text.split("Files:")[1]
 
     # at the default level the report says in one line what the plot needs, and draws nothing
     (tmp_path / "basic").mkdir()

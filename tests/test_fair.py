@@ -460,6 +460,15 @@ def test_fair_study_end_to_end_with_a_killed_worker(tmp_path):
     assert set(zip(table["stage"], table["split"])) == {("tune", "validation"), ("final", "test")}
     for name in ("verdict.md", "lr_sensitivity.png", "tuning_curve.png"):
         assert (folder / name).is_file(), name
+    # every final run stored its mechanism measurements: the claims are answered at the tuned rates, from the storage
+    runs = pd.read_csv(folder / "diagnostics.csv")
+    assert sorted(zip(runs["method"], runs["seed"])) == [("lora", 1), ("lora", 2), ("moslora", 1), ("moslora", 2)]
+    assert runs["mean_movement"].gt(0).all() and runs["effective_rank"].notna().all()
+    claims = pd.read_csv(folder / "claims.csv")
+    tested = claims[claims["tested"]]
+    assert set(tested["claim"]) == {"rank", "paths", "convergence"} and set(tested["reference"]) == {"lora"}
+    assert tested["n_pairs"].eq(2).all() and "at the tuned rates" in (folder / "diagnostics.md").read_text()
+    assert len(pd.read_csv(folder / "items.csv.gz")) == 2 * 2 * 5 * len(set(pd.read_csv(folder / "items.csv.gz")["task"]))
 
 
 class CrashingRun(ProtocolRun):

@@ -151,7 +151,8 @@ def trace_of(method: str, seed: int, train_result, recorder: DiagnosticsRecorder
     return Trace(method, spec_method or method, seed, list(train_result.losses),
                  list(getattr(train_result, "grad_norms", None) or []),
                  list(getattr(train_result, "group_grad_norms", None) or []),
-                 list(recorder.delta_norms) if recorder else [], list(recorder.effective_ranks) if recorder else [])
+                 list(recorder.delta_norms) if recorder else [], list(recorder.effective_ranks) if recorder else [],
+                 list(recorder.movements) if recorder else [])
 
 
 @dataclass

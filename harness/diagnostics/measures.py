@@ -99,3 +99,4 @@ class Trace:
     group_grad_norms: list = field(default_factory=list)
     delta_norms: list = field(default_factory=list)
     effective_ranks: list = field(default_factory=list)
+    movements: list = field(default_factory=list)  # (step, ||dW_step - dW_previous record||_F per step)

@@ -216,11 +216,30 @@ def update_norm_and_rank(layers: Mapping[str, Any], adapter: str) -> tuple[float
     return math.sqrt(max(squares, 0.0)), (sum(finite) / len(finite) if finite else math.nan)
 
 
-class DiagnosticsRecorder:
-    """Records ||dW||_F and the mean effective rank every ``every`` steps; call :meth:`on_step` from training.
+def update_movement(before: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                    after: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """||dW_after - dW_before||_F over all layers together, from the factors (b, a) of each layer's dW = b a.
 
-    ``on_step(step, loss, lr)`` has the signature of :func:`harness.train.train`'s callback and returns the
-    metrics it recorded at that step (empty between records), so a caller can log them too.
+    ||b1 a1 - b2 a2||^2 = ||b1 a1||^2 + ||b2 a2||^2 - 2 <b1 a1, b2 a2>, each term a sum over r x r products
+    (<b1 a1, b2 a2> = sum((b1^T b2) * (a1 a2^T))), in float64: no d_out x d_in matrix is formed.
+    """
+    squares = 0.0
+    with torch.no_grad():
+        for name, (b2, a2) in after.items():
+            b1, a1 = before[name]
+            squares += float(((b1.T @ b1) * (a1 @ a1.T)).sum() + ((b2.T @ b2) * (a2 @ a2.T)).sum()
+                             - 2 * ((b1.T @ b2) * (a1 @ a2.T)).sum())
+    return math.sqrt(max(squares, 0.0))
+
+
+class DiagnosticsRecorder:
+    """Records ||dW||_F, the mean effective rank and how far dW moved, every ``every`` steps.
+
+    Call :meth:`on_step` from training. ``movements`` holds (step, ||dW_step - dW_previous||_F / steps
+    between the two records): the distance the update itself travelled per optimizer step, which is what
+    the optimizer's step sets (under Adam the gradient norm does not). ``on_step(step, loss, lr)`` has the
+    signature of :func:`harness.train.train`'s callback and returns the metrics it recorded at that step
+    (empty between records), so a caller can log them too.
     """
 
     def __init__(self, peft_model, every: int = RECORD_EVERY):
@@ -229,6 +248,8 @@ class DiagnosticsRecorder:
         self.every = every
         self.delta_norms: list[tuple[int, float]] = []
         self.effective_ranks: list[tuple[int, float]] = []
+        self.movements: list[tuple[int, float]] = []
+        self._previous: tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def on_step(self, step: int, loss: float | None = None, lr: float | None = None) -> dict[str, float]:
         if step != 1 and step % self.every:
@@ -242,4 +263,13 @@ class DiagnosticsRecorder:
         norm, rank = update_norm_and_rank(self.layers, self.adapter)
         self.delta_norms.append((step, norm))
         self.effective_ranks.append((step, rank))
-        return {"diag/delta_norm": norm, "diag/effective_rank": rank}
+        metrics = {"diag/delta_norm": norm, "diag/effective_rank": rank}
+        with torch.no_grad():
+            factors = {name: tuple(x.to(torch.float64).clone() for x in delta_factors(layer, self.adapter))
+                       for name, layer in self.layers.items()}
+        if self._previous is not None and step > self._previous[0]:
+            moved = update_movement(self._previous[1], factors) / (step - self._previous[0])
+            self.movements.append((step, moved))
+            metrics["diag/movement"] = moved
+        self._previous = (step, factors)
+        return metrics

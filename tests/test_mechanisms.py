@@ -1,0 +1,214 @@
+"""The mechanisms at the tuned rates (ablations.mechanisms): dW's movement per step, what a final trial
+stores, and the claims answered against each method's own reference with their own Holm families."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from ablations import mechanisms
+from ablations.fair import Tuning, TunedArm
+from ablations.storage import pack_diagnostics, unpack_diagnostics
+from harness.diagnostics.measures import Trace
+from harness.diagnostics.spectra import update_movement
+
+
+def test_movement_is_the_frobenius_norm_of_the_change_of_the_summed_layers():
+    torch.manual_seed(0)
+    before = {n: (torch.randn(7, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)) for n in "xy"}
+    after = {n: (b + 0.1 * torch.randn_like(b), a - 0.2 * torch.randn_like(a)) for n, (b, a) in before.items()}
+    dense = math.sqrt(sum(float(((after[n][0] @ after[n][1]) - (before[n][0] @ before[n][1])).pow(2).sum())
+                          for n in "xy"))
+    assert math.isclose(update_movement(before, after), dense, rel_tol=1e-10)
+    assert update_movement(before, before) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_recorder_measures_movement_per_step_between_records():
+    from harness.adapters import get_adapter_model
+    from harness.diagnostics.spectra import DiagnosticsRecorder
+    from harness.models import tiny_random_model
+
+    model = get_adapter_model(tiny_random_model(), "linchain", r=4, alpha=8, targets=["q_proj", "v_proj"])
+    recorder = DiagnosticsRecorder(model, every=5)
+
+    def dense():  # every layer's dW as merging computes it (peft's get_delta_weight), as a dense matrix
+        return {name: layer.get_delta_weight(recorder.adapter).double() for name, layer in recorder.layers.items()}
+
+    with torch.no_grad():
+        for layer in recorder.layers.values():
+            layer.lora_B[recorder.adapter].weight.normal_(0, 0.1)
+        recorder.on_step(1)
+        first = dense()
+        for layer in recorder.layers.values():
+            layer.lora_B[recorder.adapter].weight.add_(0.01)
+        recorder.on_step(5)
+        moved = math.sqrt(sum(float((d - first[n]).pow(2).sum()) for n, d in dense().items()))
+    assert [s for s, _ in recorder.movements] == [5]
+    assert recorder.movements[0][1] == pytest.approx(moved / 4, rel=1e-6) and moved > 0
+
+
+def test_diagnostics_round_trip_through_the_storage_json():
+    row = {"method": "lora", "spec_method": "lora", "seed": 1, "layer": "all", "shape": "", "delta_norm": 1.234567891,
+           "effective_rank": 3.0, "lambda_max": math.nan, "intruders": 2}
+    trace = Trace("lora", "lora", 1, losses=[(1, 2.5), (2, 2.25)], delta_norms=[(1, 0.1)], movements=[(10, 0.01)])
+    import json
+
+    packed = json.loads(json.dumps(pack_diagnostics(row, trace)))
+    measures, curves = unpack_diagnostics(packed)
+    assert measures["delta_norm"] == pytest.approx(1.23457, rel=1e-6) and math.isnan(measures["lambda_max"])
+    assert "shape" not in measures and measures["intruders"] == 2
+    assert curves["losses"] == [(1, 2.5), (2, 2.25)] and curves["movements"] == [(10, 0.01)]
+    assert curves["grad_norms"] == []
+
+
+def _arm(spec, reference, movement, rank, seeds=range(1, 7), edge=False):
+    tuning = Tuning(low=0, high=2, settled=True, best=2 if edge else 1)
+    measured = {}
+    for s in seeds:
+        losses = [(t, 3.0 - 0.02 * t) for t in range(1, 101)]
+        measured[s] = ({"effective_rank": rank(s), "steps_to_90": 90.0, "delta_norm": 1.0},
+                       {"losses": losses, "grad_norms": [(t, 1.0 + 0.01 * s) for t in range(1, 101)],
+                        "delta_norms": [(t, 0.01 * t) for t in (1, 10, 100)],
+                        "effective_ranks": [(t, rank(s)) for t in (1, 10, 100)],
+                        "movements": [(t, movement(s)) for t in (10, 100)]})
+    return TunedArm(spec=spec, reference=reference, tuning=tuning, grid_low=1e-3, grid_high=1e-2, extended_low=0,
+                    extended_high=0, chosen_lr=3e-3, valid_score=0.5, test={s: 0.5 for s in seeds}, failed={},
+                    pending=[], measured=measured)
+
+
+def _arms():
+    wobble = {1: 0.3, 2: -0.1, 3: 0.2, 4: -0.3, 5: 0.1, 6: 0.0}
+    lora = _arm("lora", None, lambda s: 1.0 + 0.01 * wobble[s], lambda s: 4.0 + wobble[s])
+    linchain = _arm("linchain", "lora", lambda s: 2.0 + 0.02 * wobble[s] * s, lambda s: 4.0 + wobble[(s % 6) + 1])
+    control = _arm("linchain:freeze_middle=true", "linchain", lambda s: 2.0 + 0.05 * wobble[s],
+                   lambda s: 4.0 + 0.5 * wobble[s])
+    return [lora, linchain, control]
+
+
+def test_claims_are_tested_against_each_methods_own_reference_with_one_holm_family_each():
+    claims = pd.DataFrame(mechanisms.claim_rows(_arms()))
+    tested = claims[claims["tested"]]
+    assert set(zip(tested["method"], tested["reference"])) == {("linchain", "lora"),
+                                                                ("linchain:freeze_middle=true", "linchain")}
+    assert set(tested["family"]) == {"vs LoRA", "vs control"}
+    # the paths claim rests on dW's movement per step, the gradient norm is shown but not tested
+    paths = claims[(claims["claim"] == "paths") & (claims["method"] == "linchain")]
+    assert list(paths["tested"]) == [True, False] and "moves per step" in paths.iloc[0]["measure"]
+    # p and Holm recomputed here: scipy's paired t-test, m = the tests of the family (3 claims, one method)
+    arms = {a.spec: a for a in _arms()}
+    mine = [arms["linchain"].measured[s][1]["movements"][0][1] for s in range(1, 7)]
+    ref = [arms["lora"].measured[s][1]["movements"][0][1] for s in range(1, 7)]
+    p = scipy_stats.ttest_rel(mine, ref).pvalue
+    row = paths.iloc[0]
+    assert row["p"] == pytest.approx(p, rel=1e-9)
+    family = tested[tested["family"] == "vs LoRA"].dropna(subset=["p"])
+    ordered = sorted(family["p"])
+    expected = min(1.0, len(ordered) * ordered[0])
+    assert row["p_holm"] == pytest.approx(expected, rel=1e-9) and row["verdict"] == "supported"
+    assert row["difference"] == pytest.approx(sum(m - r for m, r in zip(mine, ref)) / 6)
+    # the control moves dW as far as its parent: no detectable difference, and it says so plainly
+    control = claims[(claims["claim"] == "paths") & (claims["method"] == "linchain:freeze_middle=true")].iloc[0]
+    assert control["verdict"] == "no detectable difference" and "vs control" in control["note"]
+
+
+def test_claims_are_withheld_at_the_edge_and_inconclusive_without_pairs():
+    lora, linchain, _ = _arms()
+    edge = _arm("linchain", "lora", lambda s: 2.0 + 0.01 * s, lambda s: 4.0 + 0.1 * s, edge=True)
+    claims = pd.DataFrame(mechanisms.claim_rows([lora, edge]))
+    assert set(claims.loc[claims["tested"], "verdict"]) == {"inconclusive"}
+    assert claims.loc[claims["tested"], "note"].str.contains("at the edge").all()
+    one = _arm("linchain", "lora", lambda s: 2.0, lambda s: 4.0, seeds=[1])
+    claims = pd.DataFrame(mechanisms.claim_rows([lora, one]))
+    assert claims.loc[claims["tested"], "note"].str.contains("1 pair").all()
+    none = _arm("linchain", "lora", lambda s: 2.0, lambda s: 4.0)
+    none.measured = {}
+    claims = pd.DataFrame(mechanisms.claim_rows([lora, none]))
+    assert set(claims["verdict"]) == {"not measured"} and len(claims) == 3
+
+
+def test_diagnostics_markdown_and_runs_table():
+    arms = _arms()
+    runs = mechanisms.run_rows(arms)
+    assert len(runs) == 18 and set(runs[0]) == set(mechanisms.RUN_COLUMNS)
+    lora1 = next(r for r in runs if r["method"] == "lora" and r["seed"] == 1)
+    assert lora1["mean_movement"] == pytest.approx(1.003) and lora1["mean_grad_norm"] == pytest.approx(1.01)
+
+    class Plan:
+        name = "study"
+
+    text = mechanisms.markdown(Plan, arms, mechanisms.claim_rows(arms), runs)
+    assert "`linchain` 0.003" in text and "supported" in text and "| linchain:freeze_middle=true | linchain |" in text
+    assert "not a proof of no effect" in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a fair study ships: items.csv.gz, and every verdict figure recomputed from it alone
+
+
+class ItemRun:
+    """Stands in for harness.run.run with per-item correctness: validation peaks at lr 3e-3 for every method,
+    each item is right with a probability set by the method, the rate and the seed; scores are the items' means."""
+
+    TASKS = {"task_a": 40, "task_b": 30}
+    SKILL = {"lora": 0.55, "moslora": 0.6, "moslora:freeze_middle=true": 0.58}
+
+    def __call__(self, cfg, *, evaluate_base, **kwargs):
+        import numpy as np
+
+        from harness.report import SystemResult
+        from harness.run import RunOutcome
+
+        (spec,), (seed,) = cfg.methods, cfg.seeds
+        p = self.SKILL[spec] - 0.05 * (math.log10(cfg.lr) - math.log10(3e-3)) ** 2 + 0.01 * seed
+        rng = np.random.default_rng([seed, len(spec), int(cfg.lr * 1e6), cfg.split == "test"])
+        correct = {t: {d: float(rng.random() < p) for d in range(n)} for t, n in self.TASKS.items()}
+        result = SystemResult(method=spec, seed=seed, trainable_params=10, train_seconds=0.1, correct=correct,
+                              scores={t: sum(c.values()) / len(c) for t, c in correct.items()})
+        return RunOutcome(run_dir=None, base=None, results=[result])
+
+
+def test_a_fair_report_ships_items_and_recompute_agrees_with_every_figure(tmp_path, capsys):
+    from ablations import recompute
+    from ablations.report import write_report
+    from test_fair import FAIR, fair_plan, run_all
+
+    study = {**FAIR, "final_seeds": [1, 2, 3, 4],
+             "space": [{"method": "lora"}, {"method": "moslora"}, {"method": "moslora", "freeze_middle": True}]}
+    plan, storage, _ = fair_plan(tmp_path, study)
+    run_all(plan, storage, ItemRun())
+    folder = write_report(plan, storage)
+    items = pd.read_csv(folder / "items.csv.gz")
+    assert list(items.columns) == ["method", "seed", "task", "doc_id", "correct"]
+    assert len(items) == 3 * 4 * (40 + 30)
+    assert set(items["method"]) == set(pd.read_csv(folder / "verdict.csv")["method"])
+    # a seed's test score is the mean over tasks of the items' mean, as verdict.csv has it
+    verdict = pd.read_csv(folder / "verdict.csv").set_index("method")
+    by_seed = items.groupby(["method", "seed", "task"])["correct"].mean().groupby(["method", "seed"]).mean()
+    assert verdict.loc["moslora", "test_mean"] == pytest.approx(by_seed["moslora"].mean(), abs=1e-12)
+    gain = (by_seed["moslora"] - by_seed["lora"]).mean()
+    assert verdict.loc["moslora", "gain"] == pytest.approx(gain, abs=1e-12)
+    assert verdict.loc["moslora:freeze_middle=true", "reference"] == "moslora"
+    assert recompute.main([str(folder)]) == 0
+    assert "agrees" in capsys.readouterr().out
+    # one figure changed in verdict.csv: the recomputation says which
+    tampered = pd.read_csv(folder / "verdict.csv")
+    tampered.loc[tampered["method"] == "moslora", "gain"] += 0.001
+    tampered.to_csv(folder / "verdict.csv", index=False)
+    assert recompute.main([str(folder)]) == 1
+    assert "moslora gain:" in capsys.readouterr().err
+    # the mechanisms files exist even when no final run stored diagnostics (the stand-in measures none)
+    claims = pd.read_csv(folder / "claims.csv")
+    assert set(claims["verdict"]) == {"not measured"}
+    assert (folder / "diagnostics.md").is_file() and (folder / "diagnostics.csv").is_file()
+
+
+def test_recompute_on_a_folder_without_the_files_is_one_line(tmp_path, capsys):
+    from ablations import recompute
+
+    assert recompute.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "verdict.csv not found" in err
