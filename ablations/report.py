@@ -408,7 +408,7 @@ def write_fair_report(plan, storage) -> Path:
     with atomic_path(folder / "verdict.csv") as tmp:
         rows.to_csv(tmp, index=False)
     plots = []
-    for draw in (_plot_lr_sensitivity, _plot_tuning_curve, _plot_tuned_axis):
+    for draw in (_plot_lr_sensitivity, _plot_tuning_curve, _plot_tuned_axis, _plot_forgetting_frontier):
         try:
             path = draw(plan, results, trials, folder)
         except Exception as err:  # noqa: BLE001 (a plot that cannot be drawn must not lose the tables)
@@ -425,9 +425,38 @@ def write_fair_report(plan, storage) -> Path:
         plots.append(path)
     write_text_atomic(folder / "verdict.md", verdict_markdown(plan, results, rows, trials, plots, curvature))
     written = [folder / "verdict.csv", folder / "verdict.md", folder / "trials.csv", *plots,
-               *write_mechanisms(plan, results, folder), write_items(results, folder)]
+               *write_mechanisms(plan, results, folder), write_items(results, folder),
+               write_study_result(plan, results, rows, folder)]
     finish_parent_run(plan, storage, artifacts=written)
     return folder
+
+
+def write_study_result(plan, results, rows: pd.DataFrame, folder: Path) -> Path:
+    """result.json of a fair study: the commit, library versions, the resolved trial configuration, the design
+    (grid, seeds, delta) and, per method, its chosen rate, per-seed test scores and verdict row. Not a
+    harness.run result.json (no single fingerprint: each trial's is in MLflow), so harness.compare does not
+    read it; items.csv.gz holds the per-item verdicts."""
+    import json
+
+    from harness.config import config_to_dict  # deferred: harness.config loads torch
+    from harness.fsutil import write_text_atomic as write
+    from harness.resultfile import _git
+    from harness.tracking import library_versions
+
+    verdicts = {r["method"]: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                for r in rows.to_dict(orient="records")}
+    content = {
+        "format": 1, "kind": "fair study", "study": plan.name, "created": pd.Timestamp.now("UTC").isoformat(),
+        "git": _git(), "versions": library_versions(), "config": config_to_dict(plan.config),
+        "design": {"lr_grid": list(plan.lr_grid), "tuning_seeds": list(plan.seeds),
+                   "final_seeds": list(getattr(plan, "final_seeds", []) or []), "extend": getattr(plan, "extend", None),
+                   "delta_points": 100 * (getattr(plan, "delta", None) or 0.0)},
+        "methods": [{"method": r.spec, "reference": r.reference, "chosen_lr": r.chosen_lr,
+                     "tuning": {str(fair.lr_at(plan.lr_grid, p)): v for p, v in sorted(r.tuning.scores.items())},
+                     "test": {str(s): v for s, v in sorted(r.test.items())}, "diverged": r.diverged,
+                     "failed": r.failed, "verdict": verdicts.get(r.spec)} for r in results],
+    }
+    return write(folder / "result.json", json.dumps(content, indent=1, default=str) + "\n")
 
 
 ITEM_COLUMNS = ("method", "seed", "task", "doc_id", "correct")
@@ -633,6 +662,44 @@ def _plot_lr_sensitivity(plan, results, trials, folder: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, folder / "lr_sensitivity.png", dpi=120)
+
+
+def frontier_points(results) -> dict[str, list[tuple[int, float, float]]]:
+    """Per method, (final seed, forgetting, test accuracy) of every final run that measured its forgetting."""
+    out = {}
+    for r in results:
+        points = [(s, measures.get("forgetting", math.nan), r.test[s]) for s, (measures, _) in sorted(r.measured.items())
+                  if s in r.test and math.isfinite(measures.get("forgetting", math.nan))]
+        if points:
+            out[r.spec] = points
+    return out
+
+
+def _plot_forgetting_frontier(plan, results, trials, folder: Path) -> Path | None:
+    """Test accuracy against forgetting (the loss increase on general text), every final run and each method's mean:
+    up and to the left is learning more while forgetting less (Biderman et al. 2024, "LoRA Learns Less and
+    Forgets Less")."""
+    points = frontier_points(results)
+    if not points:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, r in enumerate(results):
+        mine = points.get(r.spec)
+        if not mine:
+            continue
+        colour = f"C{i % 10}"
+        xs, ys = [f for _, f, _ in mine], [100 * a for _, _, a in mine]
+        ax.scatter(xs, ys, color=colour, alpha=0.35, s=18)
+        ax.errorbar([mean_of(xs)], [mean_of(ys)], xerr=[std_of(xs) if len(xs) > 1 else 0],
+                    yerr=[std_of(ys) if len(ys) > 1 else 0], fmt="o", color=colour, markersize=8, capsize=3,
+                    label=f"{r.spec} (lr {r.chosen_lr:.3g}, {len(mine)} seeds)")
+    ax.set_xlabel("forgetting: loss on general text after training minus before (nats per token)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{plan.name}: learning against forgetting (each final seed; mean ± sd)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, folder / "forgetting_frontier.png", dpi=120)
 
 
 def _plot_lr_vs_curvature(plan, storage, results, folder: Path) -> tuple[Path | None, list[str]]:

@@ -468,6 +468,7 @@ def test_fair_study_end_to_end_with_a_killed_worker(tmp_path):
     tested = claims[claims["tested"]]
     assert set(tested["claim"]) == {"rank", "paths", "convergence"} and set(tested["reference"]) == {"lora"}
     assert tested["n_pairs"].eq(2).all() and "at the tuned rates" in (folder / "diagnostics.md").read_text()
+    assert (folder / "forgetting_frontier.png").stat().st_size > 0 and (folder / "result.json").is_file()
     assert len(pd.read_csv(folder / "items.csv.gz")) == 2 * 2 * 5 * len(set(pd.read_csv(folder / "items.csv.gz")["task"]))
 
 

@@ -194,6 +194,14 @@ def test_a_fair_report_ships_items_and_recompute_agrees_with_every_figure(tmp_pa
     assert verdict.loc["moslora:freeze_middle=true", "reference"] == "moslora"
     assert recompute.main([str(folder)]) == 0
     assert "agrees" in capsys.readouterr().out
+    import json
+
+    shipped = json.loads((folder / "result.json").read_text())
+    assert [m["method"] for m in shipped["methods"]] == ["lora", "moslora", "moslora:freeze_middle=true"]
+    moslora = shipped["methods"][1]
+    assert moslora["reference"] == "lora" and moslora["chosen_lr"] == verdict.loc["moslora", "chosen_lr"]
+    assert moslora["test"] == {str(s): pytest.approx(by_seed["moslora"][s], abs=1e-12) for s in (1, 2, 3, 4)}
+    assert moslora["verdict"]["gain"] == pytest.approx(gain, abs=1e-12) and shipped["design"]["delta_points"] == 2
     # one figure changed in verdict.csv: the recomputation says which
     tampered = pd.read_csv(folder / "verdict.csv")
     tampered.loc[tampered["method"] == "moslora", "gain"] += 0.001
