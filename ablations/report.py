@@ -40,7 +40,9 @@ from harness.tracking import Tracker
 
 
 def report_dir(plan) -> Path:
-    return Path(plan.config.output_dir) / "ablations" / plan.name
+    """Where the report goes: ``--report-dir`` when given (``plan.report_to``), else OUTPUT_DIR/ablations/NAME."""
+    chosen = getattr(plan, "report_to", None)
+    return Path(chosen) if chosen else Path(plan.config.output_dir) / "ablations" / plan.name
 
 
 def trials_frame(plan, storage) -> pd.DataFrame:

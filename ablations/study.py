@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="create (or check) the study and its queue, then exit: start workers afterwards")
     group.add_argument("--report-only", action="store_true", default=False,
                        help="write results/ablations/NAME/ from the storage without running trials")
+    group.add_argument("--report-dir", default=None, metavar="DIR",
+                       help="write the report into DIR instead of OUTPUT_DIR/ablations/NAME (for instance a "
+                            "findings folder beside the study file and its journal); not stored with the study")
     group.add_argument("--retry-failed", action="store_true", default=False,
                        help="queue again the grid points whose trials failed (NaN, crash); in a fair study the "
                             "final seeds that failed and the tuning trials that crashed (a diverged tuning "
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     quiet.configure(verbose=args.pop("verbose", False))
     name = args.pop("study")
-    options = {k: args.pop(k) for k in ("storage", "create_only", "report_only", "retry_failed", "n_trials",
+    options = {k: args.pop(k) for k in ("storage", "create_only", "report_only", "report_dir", "retry_failed", "n_trials",
                                         "max_trials", "stale_after", "tune_lr", "lr_grid", "final_seeds",
                                         "no_wait", "delta", "planned_sd", "plan")}
     check_study_options(options["stale_after"], options["max_trials"], options["n_trials"])
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         storage = open_storage(url, create=False)
         name = Path(name).stem if name.endswith((".yaml", ".yml")) else name
         plan = load_plan(name + ("_tuned_lr" if options["tune_lr"] else ""), storage, url)
+        plan.report_to = options["report_dir"]
         print(f"report written to {write_report(plan, storage)}")
         return 0
     study_file = load_study_file(name)
@@ -387,11 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     if options["plan"]:
         print(design_text(plan, url))
         return 0
+    plan.report_to = options["report_dir"]
     check_inputs(plan)
     check_separate_stores(url, plan.config.tracking_uri)
     storage = open_storage(url, create=True)
     plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"],
                             stale_after=options["stale_after"])
+    plan.report_to = options["report_dir"]
     if options["create_only"]:
         print(f"study {plan.name!r} ready; start workers with: python -m ablations.worker {plan.name} "
               f"--storage {redact(url)}")
@@ -424,7 +430,7 @@ def check_inputs(plan: StudyPlan) -> None:
     from harness.evaluate import task_data_checksums
 
     cfg = plan.trial_config(plan.specs()[0], plan.seeds, 0)
-    check_writable_dir(report_dir(plan), "--output-dir")
+    check_writable_dir(report_dir(plan), "--report-dir" if getattr(plan, "report_to", None) else "--output-dir")
     data_dir = hdata.resolve_data_dir(cfg.data_dir)
     task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format)
     hdata.load_records(cfg.train_data, data_dir, seed=cfg.seeds[0])

@@ -178,9 +178,17 @@ def test_a_fair_report_ships_items_and_recompute_agrees_with_every_figure(tmp_pa
 
     study = {**FAIR, "final_seeds": [1, 2, 3, 4],
              "space": [{"method": "lora"}, {"method": "moslora"}, {"method": "moslora", "freeze_middle": True}]}
-    plan, storage, _ = fair_plan(tmp_path, study)
+    plan, storage, url = fair_plan(tmp_path, study)
     run_all(plan, storage, ItemRun())
     folder = write_report(plan, storage)
+    # --report-dir puts the same report where the findings live (the default stays OUTPUT_DIR/ablations/NAME)
+    from ablations import study as study_cli
+
+    assert folder == tmp_path / "results" / "ablations" / "tiny_fair"
+    assert study_cli.main(["tiny_fair", "--storage", url, "--report-only", "--report-dir",
+                           str(tmp_path / "findings")]) == 0
+    assert recompute.main([str(tmp_path / "findings")]) == 0
+    assert (tmp_path / "findings" / "verdict.csv").read_text() == (folder / "verdict.csv").read_text()
     items = pd.read_csv(folder / "items.csv.gz")
     assert list(items.columns) == ["method", "seed", "task", "doc_id", "correct"]
     assert len(items) == 3 * 4 * (40 + 30)
