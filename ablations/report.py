@@ -151,10 +151,12 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
                                            f"[{plan.lr['low']:g}, {plan.lr['high']:g}])" if plan.kind == "tpe" else ""),
              f"- **model**: {cfg.model}; **training data**: {cfg.train_data}; **tasks**: "
              f"{', '.join(cfg.tasks)}" + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
-             f"- **training**: {cfg.max_steps or str(cfg.epochs) + ' epoch(s)'} steps, batch {cfg.batch_size}, "
-             f"lr {cfg.lr:g}, rank {cfg.rank}, alpha {cfg.alpha:g}",
+             f"- **training**: {training_length(cfg)}, batch {cfg.batch_size}, "
+             + ", ".join(f"{name} {value}" for name, value in shared_settings(plan)),
              f"- **seeds**: {', '.join(map(str, plan.seeds))}",
              "- **trials**: " + (", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none"), ""]
+    if plan.kind in ("grid", "pareto"):
+        lines += [shared_rate_warning(plan), ""]
     if points is not None:
         lines += ["Average accuracy (%) over the tasks, mean ± std over seeds.", "",
                   "| configuration | seeds | failed | trainable params | average accuracy |",
@@ -191,6 +193,36 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
     lines += ["", "Files: trials.csv (every trial)" + "".join(f", {p.name}" for p in plots) + ". "
               "Each trial is a nested MLflow run under the study's run `study-" + plan.name + "`.", ""]
     return "\n".join(lines)
+
+
+def training_length(cfg) -> str:
+    """'100 steps' or '1 epoch(s)': what bounds training (max_steps wins over epochs)."""
+    return f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epoch(s)"
+
+
+# a method option that overrides a run option in the header: the spec key -> the header's name and the run field
+_OVERRIDES = {"lr": ("lr", "lr"), "r": ("rank", "rank"), "alpha": ("alpha", "alpha")}
+
+
+def shared_settings(plan) -> list[tuple[str, str]]:
+    """(name, value) of lr, rank and alpha: the run's value when no point overrides it, else 'per configuration'."""
+    out = []
+    for key, (name, field_name) in _OVERRIDES.items():
+        varies = any(key in point for point in plan.points) or (key == "lr" and plan.kind in ("tpe", "fair"))
+        value = getattr(plan.config, field_name)
+        out.append((name, "per configuration" if varies else f"{value:g}"))
+    return out
+
+
+def shared_rate_warning(plan) -> str:
+    """The line a grid study's summary opens with: one shared rate, scored on one split, so no verdict."""
+    rate = dict(shared_settings(plan))["lr"]
+    where = "the test split" if plan.config.split == "test" else f"the {plan.config.split} split"
+    return (f"**Not a fair comparison.** Every configuration trained at the same learning rate ({rate}), not tuned "
+            f"for each, and was scored on {where}. Under Adam the middle matrices change how far a step moves "
+            "dW, so a difference here may be that rate suiting one configuration better; nothing here is a "
+            "verdict. For one, run this study with `--tune-lr` (each point's rate chosen on validation, then "
+            "fresh seeds scored once on test, compared with the LoRA point of its options) or the `fair` study.")
 
 
 def _pct(value: float, std: float | None = None) -> str:

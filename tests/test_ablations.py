@@ -238,6 +238,25 @@ def test_nan_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path):
     assert len(table) == 6 and set(table["state"]) == {"COMPLETE", "FAIL"}
 
 
+def test_a_grid_summary_warns_of_its_shared_rate_and_says_what_varies(tmp_path):
+    from ablations.report import write_report
+    from ablations.trials import work
+
+    ranks = {"name": "ranks", "kind": "grid", "seeds": [0], "space": [{"method": "lora", "r": [4, 8]}]}
+    plan, storage, _ = make_plan(tmp_path, ranks, max_steps=None, epochs=2.0, lr=3e-3)
+    work(plan, storage, run_fn=FakeRun(), log=lambda *a: None)
+    summary = (write_report(plan, storage) / "summary.md").read_text()
+    header = next(line for line in summary.splitlines() if line.startswith("- **training**"))
+    # the rank varies over the points: no single 'rank 16'; training by epochs says so (not '2.0 epoch(s) steps')
+    assert "2 epoch(s), batch" in header and "rank per configuration" in header and "lr 0.003" in header
+    assert "steps" not in header
+    assert "**Not a fair comparison.** Every configuration trained at the same learning rate (0.003)" in summary
+    assert "scored on the test split" in summary and "--tune-lr" in summary
+    (tmp_path / "b").mkdir()
+    steps, steps_storage, _ = make_plan(tmp_path / "b", MINI, max_steps=7)
+    assert "7 steps, batch" in (write_report(steps, steps_storage) / "summary.md").read_text()
+
+
 @pytest.mark.integration
 def test_journal_storage_runs_the_grid_and_a_worker_joins_it(tmp_path):
     from ablations.study import load_plan
