@@ -613,7 +613,7 @@ LAMBDA_MAX_METRIC = "diag/lambda_max"  # logged by harness.run for every method 
 
 
 def curvatures(plan, storage) -> dict[str, dict[int, float]]:
-    """Per spec and seed, the lambda_max its trials logged to MLflow; empty unless the runs use ``diagnostics: full``.
+    """Per spec and seed, the lambda_max its trials stored (else logged to MLflow); empty unless ``diagnostics: full``.
 
     lambda_max is the Hessian's largest eigenvalue at initialisation (harness.diagnostics), before the learning
     rate plays any part, so every trial of a spec with a given seed measures the same value: one trial per seed
@@ -630,7 +630,13 @@ def curvatures(plan, storage) -> dict[str, dict[int, float]]:
         for name in (final_name(plan, spec), tune_name(plan, spec)):
             for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
                 seed, run_id = t.user_attrs.get("seed"), t.user_attrs.get(MLFLOW_RUN_ATTR)
-                if seed in mine or run_id is None or t.state.name not in ("COMPLETE", "PRUNED"):
+                if seed in mine or t.state.name not in ("COMPLETE", "PRUNED"):
+                    continue
+                stored = (t.user_attrs.get("lambda_max") or {}).get(str(seed))  # ablations.trials.CURVATURE_ATTR
+                if stored is not None and math.isfinite(stored.get("value", math.nan)):
+                    mine[seed] = stored["value"]
+                    continue
+                if run_id is None:
                     continue
                 value = _logged_below(tracker, run_id, LAMBDA_MAX_METRIC)
                 if value is not None:

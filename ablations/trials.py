@@ -205,6 +205,8 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
     tags = {"kind": "trial", "study": trial.study.study_name, "trial_number": trial.number, "spec": spec,
             "seeds": ",".join(map(str, seeds)), "split": cfg.split}
     pruned = False
+    known = known_curvatures(trial, plan, spec, seeds) if cfg.diagnostics == "full" else {}
+    reuse = {"known_curvature": known} if known else {}  # (only then: a stand-in run_fn need not know the keyword)
     with tracker.run(f"trial-{trial.number}", parent=parent, tags=tags) as handle:
         trial.set_user_attr(MLFLOW_RUN_ATTR, handle.run_id)  # so a worker reaping this trial can close it
         handle.log_params({**trial.params, "spec": spec, "trial_number": trial.number, "lr": cfg.lr,
@@ -215,7 +217,7 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
             outcome = run_fn(cfg, parent=handle, tracker=tracker, write_results=False,
                              evaluate_base="if_failed" if final else False,
                              progress=False, log=log, intermediate_every=plan.intermediate_every_of(trial),
-                             on_intermediate=_pruning_callback(trial, plan, cfg))
+                             on_intermediate=_pruning_callback(trial, plan, cfg), **reuse)
         except Pruned:
             handle.set_tags({"optuna_state": "PRUNED"})
             pruned = True
@@ -234,6 +236,10 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
             average = _mean(_mean(r.scores.values()) for r in results)
             if math.isnan(average):
                 raise TrialFailed("the score is NaN")
+            measured = getattr(outcome.diagnostics, "curvatures", None) or {}
+            if measured:  # lambda_max at initialisation, per seed: later trials of this spec and seed reuse it
+                trial.set_user_attr(CURVATURE_ATTR, {str(seed): dataclasses.asdict(value)
+                                                     for (_, seed), value in measured.items()})
             params = outcome.results[0].trainable_params
             trial.set_user_attr("trainable_params", params)
             trial.set_user_attr("run_seconds", run_seconds)
@@ -248,6 +254,38 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
     if pruned:
         raise Pruned(f"trial {trial.number} pruned")
     return (average, params) if plan.kind == "pareto" else average
+
+
+CURVATURE_ATTR = "lambda_max"  # seed -> harness.diagnostics.Eigenvalue as a dict, at diagnostics: full
+
+
+def known_curvatures(trial, plan: StudyPlan, spec: str, seeds: list[int]) -> dict:
+    """seed -> the lambda_max an earlier trial of this study measured for the same spec and seed.
+
+    lambda_max is the Hessian's largest eigenvalue at initialisation (harness.diagnostics): it depends on the
+    method, its options, the seed and the fixed batch, never on the learning rate, so a fair study's grid
+    (every rate of a spec, then its final seeds) measures it once per (spec, seed) instead of once per trial.
+    """
+    import optuna
+
+    from harness.diagnostics import Eigenvalue
+
+    wanted, found = {str(s) for s in seeds}, {}
+    for name in plan.optuna_names():
+        try:
+            others = optuna.load_study(study_name=name, storage=trial.storage).get_trials(deepcopy=False)
+        except KeyError:
+            continue
+        for other in others:
+            if other.number == trial.number and name == trial.study.study_name:
+                continue
+            stored = other.user_attrs.get(CURVATURE_ATTR) or {}
+            if other.user_attrs.get("spec") != spec:
+                continue
+            for seed, value in stored.items():
+                if seed in wanted and seed not in found and math.isfinite(value.get("value", math.nan)):
+                    found[seed] = Eigenvalue(**value)
+    return {int(s): v for s, v in found.items()}
 
 
 def _measured(outcome) -> tuple[dict, Any] | None:

@@ -204,7 +204,7 @@ class MethodContext:
 
 def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True, progress: bool = True,
         evaluate_base: bool | str = True, intermediate_every: int | None = None, on_intermediate=None,
-        log=print) -> RunOutcome:
+        known_curvature=None, log=print) -> RunOutcome:
     """Run the whole pipeline for ``cfg``.
 
     Ablation studies use the keyword arguments: ``parent``/``tracker`` nest the run under an existing
@@ -213,6 +213,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     final run as the base model it fell back to), and
     ``on_intermediate(label, seed, step, average_score)`` is called every ``intermediate_every`` training
     steps after a quick evaluation (with ``cfg.limit`` items); raising :class:`Pruned` there stops the run.
+    ``known_curvature`` (seed -> :class:`harness.diagnostics.Eigenvalue`) is lambda_max at initialisation already
+    measured for this run's one method (a study's earlier trial at another rate): ``diagnostics: full`` reuses it.
     """
     from harness import distributed, rundir
     from harness.diagnostics import RunDiagnostics
@@ -262,7 +264,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         f"{len(inputs.examples[cfg.seeds[0]])} training examples, tasks {', '.join(cfg.tasks)} ({cfg.split} split); "
         f"results in {staged.final if staged else run_dir}")
     # one fixed batch for the curvature probe: the first seed's training examples
-    diagnostics = RunDiagnostics(cfg.diagnostics, inputs.tokenizer, inputs.examples[cfg.seeds[0]], inputs.collate)
+    diagnostics = RunDiagnostics(cfg.diagnostics, inputs.tokenizer, inputs.examples[cfg.seeds[0]], inputs.collate,
+                                 known_curvature=known_curvature)
     outcome.diagnostics = diagnostics
     finished, kept = False, None
     try:

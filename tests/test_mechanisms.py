@@ -4,6 +4,7 @@ stores, and the claims answered against each method's own reference with their o
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pandas as pd
 import pytest
@@ -228,3 +229,49 @@ def test_recompute_on_a_folder_without_the_files_is_one_line(tmp_path, capsys):
     assert recompute.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "verdict.csv not found" in err
+
+
+FAIR_ITEMS = {"name": "tiny_fair", "kind": "fair", "seeds": [0], "final_seeds": 2, "lr_grid": [1e-3, 3e-3, 1e-2],
+              "extend": 1, "delta": 2, "space": [{"method": "lora"}, {"method": "moslora"}]}
+
+
+class CurvatureRun(ItemRun):
+    """ItemRun that measures lambda_max as harness.run does at diagnostics: full, unless it is handed one."""
+
+    def __init__(self):
+        self.measured: list[tuple[str, int, float]] = []
+        self.reused: list[tuple[str, int, float]] = []
+
+    def __call__(self, cfg, *, known_curvature=None, **kwargs):
+        from harness.diagnostics import Eigenvalue, RunDiagnostics
+
+        outcome = super().__call__(cfg, **kwargs)
+        (spec,), (seed,) = cfg.methods, cfg.seeds
+        diagnostics = RunDiagnostics(cfg.diagnostics, known_curvature=known_curvature)
+        if known_curvature and seed in known_curvature:
+            self.reused.append((spec, seed, cfg.lr))
+            value = known_curvature[seed]
+        else:
+            self.measured.append((spec, seed, cfg.lr))
+            value = Eigenvalue(10.0 * len(spec) + seed, 0.01, 7, True)
+        diagnostics.curvatures[(spec, seed)] = value
+        outcome.diagnostics = diagnostics
+        return outcome
+
+
+def test_full_diagnostics_measure_lambda_max_once_per_spec_and_seed_not_once_per_rate(tmp_path):
+    from ablations import fair
+
+    study = {**FAIR_ITEMS, "final_seeds": [1, 2]}
+    plan, storage, _ = __import__("test_fair").fair_plan(tmp_path, study, typed={"diagnostics": "full"})
+    fake = CurvatureRun()
+    __import__("test_fair").run_all(plan, storage, fake)
+    measured = Counter((spec, seed) for spec, seed, _ in fake.measured)
+    # every (spec, seed) measured exactly once, whatever the number of rates its tuning tried
+    assert set(measured.values()) == {1}
+    assert set(measured) == {(spec, seed) for spec in ("lora", "moslora") for seed in (0, 1, 2)}
+    tuning_trials = sum(1 for call in fake.measured + fake.reused if call[1] == 0)
+    assert tuning_trials >= 3 and len(fake.reused) == tuning_trials - 2  # the other rates reused seed 0's
+    # the study's curvature table reads the stored values (no MLflow needed)
+    assert fair.curvatures(plan, storage) == {spec: {s: 10.0 * len(spec) + s for s in (0, 1, 2)}
+                                              for spec in ("lora", "moslora")}

@@ -175,12 +175,17 @@ class RunDiagnostics:
     """
 
     def __init__(self, level: str, tokenizer=None, examples: Sequence[dict] = (), collate=None, *,
-                 record_every: int = RECORD_EVERY, hessian_examples: int = HESSIAN_EXAMPLES):
+                 record_every: int = RECORD_EVERY, hessian_examples: int = HESSIAN_EXAMPLES,
+                 known_curvature: Mapping[int, Eigenvalue] | None = None):
         if level not in LEVELS:
             raise ValueError(f"unknown diagnostics level {level!r}; one of {', '.join(LEVELS)}")
         self.level = level
         self.tokenizer, self.examples, self.collate = tokenizer, examples, collate
         self.record_every, self.hessian_examples = record_every, hessian_examples
+        # seed -> lambda_max already measured for this method and seed (a study's earlier trial at another rate):
+        # the curvature at initialisation does not depend on the learning rate, so it is not measured again
+        self.known_curvature = dict(known_curvature or {})
+        self.curvatures: dict[tuple[str, int], Eigenvalue] = {}  # (method, seed) -> lambda_max used in its rows
         self.rows: list[dict] = []
         self.traces: list[Trace] = []
         self.failed: list[tuple[str, int]] = []
@@ -198,7 +203,9 @@ class RunDiagnostics:
     def start(self, peft_model, seed: int) -> MethodProbe:
         """Before training: the recorder, and at level ``full`` the Hessian's lambda_max at initialisation."""
         probe = MethodProbe(DiagnosticsRecorder(peft_model, self.record_every))
-        if self.level == "full" and self.examples:
+        if self.level == "full" and seed in self.known_curvature:
+            probe.curvature = self.known_curvature[seed]
+        elif self.level == "full" and self.examples:
             try:
                 probe.curvature = curvature_at_init(peft_model, self.examples, self.collate,
                                                     n_examples=self.hessian_examples, seed=seed)
@@ -236,6 +243,8 @@ class RunDiagnostics:
             with peft_model.disable_adapter():  # every method shares the base model: measure it once
                 self._base_loss = mean_token_loss(peft_model, self.sample.input_ids)
         lambda_max = probe.curvature.value if probe.curvature else float("nan")
+        if probe.curvature:
+            self.curvatures[(method, seed)] = probe.curvature
         vectors: dict[str, torch.Tensor] = {}
         rows = diagnose(peft_model, method=method, seed=seed, level=self.level, spec_method=spec_method,
                         losses=train_result.losses, lambda_max=lambda_max, forgetting_sample=self.sample,
