@@ -554,6 +554,7 @@ class TunedArm:
     correct: dict[int, dict] = field(default_factory=dict)  # final seed -> task -> doc -> 0/1
     valid_smoothed: float = math.nan  # the smoothed validation curve at the chosen rate (what the choice used)
     measured: dict[int, tuple] = field(default_factory=dict)  # final seed -> (measures, curves): unpack_diagnostics
+    tuning_measured: dict[float, dict[int, dict]] = field(default_factory=dict)  # lr -> tuning seed -> measures
 
     @property
     def at_edge(self) -> bool:
@@ -605,8 +606,19 @@ def method_results(plan, storage) -> list[TunedArm]:
             correct={s: unpack_correct(t.user_attrs.get(CORRECT_ATTR)) for s, t in done.items()
                      if t.user_attrs.get(CORRECT_ATTR)},
             measured={s: unpack_diagnostics(t.user_attrs[DIAGNOSTICS_ATTR]) for s, t in done.items()
-                      if t.user_attrs.get(DIAGNOSTICS_ATTR)}))
+                      if t.user_attrs.get(DIAGNOSTICS_ATTR)},
+            tuning_measured=_tuning_measures(tune)))
     return results
+
+
+def _tuning_measures(trials) -> dict[float, dict[int, dict]]:
+    """lr -> tuning seed -> the measures a completed tuning trial stored (forgetting across the rates)."""
+    out: dict[float, dict[int, dict]] = {}
+    for t in trials:
+        if t.state.name == "COMPLETE" and t.user_attrs.get(DIAGNOSTICS_ATTR):
+            measures, _ = unpack_diagnostics(t.user_attrs[DIAGNOSTICS_ATTR])
+            out.setdefault(t.user_attrs["lr"], {})[t.user_attrs["seed"]] = measures
+    return out
 
 
 LAMBDA_MAX_METRIC = "diag/lambda_max"  # logged by harness.run for every method and seed at --diagnostics full

@@ -710,30 +710,48 @@ def frontier_points(results) -> dict[str, list[tuple[int, float, float]]]:
 
 
 def _plot_forgetting_frontier(plan, results, trials, folder: Path) -> Path | None:
-    """Test accuracy against forgetting (the loss increase on general text), every final run and each method's mean:
-    up and to the left is learning more while forgetting less (Biderman et al. 2024, "LoRA Learns Less and
-    Forgets Less")."""
+    """Learning against forgetting (the loss increase on general text; Biderman et al. 2024, "LoRA Learns Less and
+    Forgets Less"). Left: validation accuracy against forgetting over the tuning rates, one line per method in order
+    of lr (the trade-off the rate sets). Right: every final run's test accuracy against its forgetting at the chosen
+    rate, and each method's mean ± sd. Up and to the left is learning more while forgetting less."""
     points = frontier_points(results)
-    if not points:
+    tuning = {r.spec: sorted((lr, mean_of(m.get("forgetting", math.nan) for m in by_seed.values()),
+                              mean_of(r.tuning.scores.get(_position(plan, r, lr), {}).get(s, math.nan) for s in by_seed))
+                             for lr, by_seed in r.tuning_measured.items()) for r in results if r.tuning_measured}
+    if not points and not tuning:
         return None
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, r in enumerate(results):
-        mine = points.get(r.spec)
-        if not mine:
-            continue
         colour = f"C{i % 10}"
-        xs, ys = [f for _, f, _ in mine], [100 * a for _, _, a in mine]
-        ax.scatter(xs, ys, color=colour, alpha=0.35, s=18)
-        ax.errorbar([mean_of(xs)], [mean_of(ys)], xerr=[std_of(xs) if len(xs) > 1 else 0],
-                    yerr=[std_of(ys) if len(ys) > 1 else 0], fmt="o", color=colour, markersize=8, capsize=3,
-                    label=f"{r.spec} (lr {r.chosen_lr:.3g}, {len(mine)} seeds)")
-    ax.set_xlabel("forgetting: loss on general text after training minus before (nats per token)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{plan.name}: learning against forgetting (each final seed; mean ± sd)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        line = [(f, 100 * v, lr) for lr, f, v in tuning.get(r.spec, []) if math.isfinite(f) and math.isfinite(v)]
+        if line:
+            left.plot([f for f, _, _ in line], [v for _, v, _ in line], "-o", color=colour, label=r.spec, markersize=4)
+            for f, v, lr in line:
+                left.annotate(f"{lr:.2g}", (f, v), fontsize=6, color=colour, xytext=(3, 3), textcoords="offset points")
+        mine = points.get(r.spec)
+        if mine:
+            xs, ys = [f for _, f, _ in mine], [100 * a for _, _, a in mine]
+            right.scatter(xs, ys, color=colour, alpha=0.35, s=18)
+            right.errorbar([mean_of(xs)], [mean_of(ys)], xerr=[std_of(xs) if len(xs) > 1 else 0],
+                           yerr=[std_of(ys) if len(ys) > 1 else 0], fmt="o", color=colour, markersize=8, capsize=3,
+                           label=f"{r.spec} (lr {r.chosen_lr:.3g}, {len(mine)} seeds)")
+    left.set_title("tuning: validation accuracy over the rates (labels: lr)", fontsize=9)
+    left.set_ylabel("validation accuracy (%)")
+    right.set_title("final runs at the chosen rate (each seed; mean ± sd)", fontsize=9)
+    right.set_ylabel("test accuracy (%)")
+    for ax in (left, right):
+        ax.set_xlabel("forgetting: general-text loss after minus before (nats/token)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{plan.name}: learning against forgetting", fontsize=10)
     return save_figure(fig, folder / "forgetting_frontier.png", dpi=120)
+
+
+def _position(plan, arm, lr: float) -> int | None:
+    """The grid position of ``lr`` among the arm's tuning scores (None when it has none there)."""
+    return next((p for p in arm.tuning.scores if math.isclose(fair.lr_at(plan.lr_grid, p), lr)), None)
 
 
 def _plot_lr_vs_curvature(plan, storage, results, folder: Path) -> tuple[Path | None, list[str]]:

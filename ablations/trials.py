@@ -247,9 +247,10 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
             trial.set_user_attr("scores", {t: _mean(r.scores[t] for r in results) for t in results[0].scores})
             if final:  # per-item correctness: the verdict's item bootstrap and variance components read it
                 trial.set_user_attr(CORRECT_ATTR, pack_correct(results[0].correct))
-                measured = _measured(outcome)
-                if measured is not None:  # the mechanisms at the tuned rate: the study's diagnostics.md reads them
-                    trial.set_user_attr(DIAGNOSTICS_ATTR, pack_diagnostics(*measured))
+            measured = _measured(outcome)
+            if measured is not None:  # the mechanisms (at the tuned rate in a final trial: the study's
+                # diagnostics.md reads them; across the rates in tuning trials: the forgetting frontier)
+                trial.set_user_attr(DIAGNOSTICS_ATTR, pack_diagnostics(*measured))
             handle.log_metrics({"average_accuracy": average, "trainable_params": params, "run_seconds": run_seconds})
     if pruned:
         raise Pruned(f"trial {trial.number} pruned")

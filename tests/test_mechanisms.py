@@ -275,3 +275,38 @@ def test_full_diagnostics_measure_lambda_max_once_per_spec_and_seed_not_once_per
     # the study's curvature table reads the stored values (no MLflow needed)
     assert fair.curvatures(plan, storage) == {spec: {s: 10.0 * len(spec) + s for s in (0, 1, 2)}
                                               for spec in ("lora", "moslora")}
+
+
+class MeasuredRun(ItemRun):
+    """ItemRun whose runs also measure (as harness.run's diagnostics do): forgetting grows with the rate."""
+
+    def __call__(self, cfg, **kwargs):
+        from harness.diagnostics import RunDiagnostics
+
+        outcome = super().__call__(cfg, **kwargs)
+        (spec,), (seed,) = cfg.methods, cfg.seeds
+        diagnostics = RunDiagnostics("basic")
+        diagnostics.rows.append({"method": spec, "spec_method": spec, "seed": seed, "layer": "all",
+                                 "forgetting": 100 * cfg.lr + 0.01 * seed, "effective_rank": 3.0})
+        diagnostics.traces.append(Trace(spec, spec, seed, losses=[(1, 2.0), (2, 1.5)], movements=[(2, 0.1)]))
+        outcome.diagnostics = diagnostics
+        return outcome
+
+
+def test_every_trial_stores_its_measures_and_the_frontier_spans_the_tuning_rates(tmp_path):
+    from ablations import fair
+    from ablations.report import write_report
+    from test_fair import fair_plan, run_all
+
+    plan, storage, _ = fair_plan(tmp_path, {**FAIR_ITEMS, "final_seeds": [1, 2]})
+    run_all(plan, storage, MeasuredRun())
+    arms = {a.spec: a for a in fair.method_results(plan, storage)}
+    lora = arms["lora"]
+    tried = {fair.lr_at(plan.lr_grid, p) for p in lora.tuning.scores}
+    assert set(lora.tuning_measured) == tried and len(tried) >= 3
+    assert all(m[0]["forgetting"] == pytest.approx(100 * lr, rel=1e-5)  # (6 significant digits are stored)
+               for lr, m in lora.tuning_measured.items())
+    assert sorted(lora.measured) == [1, 2] and lora.measured[1][0]["forgetting"] == pytest.approx(
+        100 * lora.chosen_lr + 0.01)
+    folder = write_report(plan, storage)
+    assert (folder / "forgetting_frontier.png").stat().st_size > 0
