@@ -157,7 +157,7 @@ def claim_comparisons(rows: Sequence[dict], traces: Sequence[Trace],
             return [fn(who, s) for s in seeds]
 
         def total(col):
-            return lambda who, s: float(totals[(who, s)][col])
+            return lambda who, s: float(totals[(who, s)].get(col, float("nan")))  # (a row stored without it)
 
         def trace_value(fn):
             return lambda who, s: fn(by_key[(who, s)], s) if (who, s) in by_key else float("nan")
