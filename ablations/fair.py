@@ -760,7 +760,7 @@ def verdict_rows(plan, results: list[TunedArm], alpha: float = 0.05) -> list[dic
                 v = verdicts[r.spec]
                 row.update(verdict=v.verdict, p_holm=v.p_holm, p_equivalence_holm=v.p_equivalence_holm)
                 notes.append(v.reason)
-            if c.missing:
+            if c.missing and c.seeds:
                 notes.append("compared on the seeds both have: " + ",".join(map(str, c.seeds)))
         row["note"] = "; ".join(filter(None, [*notes, _note(r)]))
         rows.append(row)

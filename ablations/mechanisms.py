@@ -100,10 +100,13 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
                         tested[len(rows)] = c
                 rows.append(row)
             if rests_on is None:
+                unfinished = [a.spec for a in (ref, arm) if not a.test]
+                why = ("no final run of " + " and ".join(f"`{u}`" for u in unfinished) + " has finished yet"
+                       if unfinished else "no final seed of this pair stored its diagnostics (diagnostics: none, "
+                                          "or runs that diverged or predate the measurement)")
                 rows.append({"claim": claim, "method": arm.spec, "reference": ref.spec, "family": arm.family or "",
-                             "measure": "", "tested": True, "n_pairs": 0, "verdict": NOT_MEASURED,
-                             "note": "no final run of this pair stored its diagnostics (diagnostics: none, or runs "
-                                     "that diverged or predate the measurement)", "_predicted": 0})
+                             "measure": "", "tested": True, "n_pairs": 0, "verdict": NOT_MEASURED, "note": why,
+                             "_predicted": 0})
     for family in (LORA_FAMILY, CONTROL_FAMILY):
         members = {i: c.p_value for i, c in tested.items() if rows[i]["family"] == family}
         for i, p_holm in stats.holm(members).items():

@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     url = resolve_storage_url(options["storage"])
     if options["report_only"]:
         storage = open_storage(url, create=False)
-        name = Path(name).stem if name.endswith((".yaml", ".yml")) else name
+        if name.endswith((".yaml", ".yml")):  # the study's name is the file's `name:` (its stem when it has none)
+            name = load_study_file(name).name
         plan = load_plan(name + ("_tuned_lr" if options["tune_lr"] else ""), storage, url)
         plan.report_to = options["report_dir"]
         print(f"report written to {write_report(plan, storage)}")

@@ -186,7 +186,11 @@ def test_a_fair_report_ships_items_and_recompute_agrees_with_every_figure(tmp_pa
     from ablations import study as study_cli
 
     assert folder == tmp_path / "results" / "ablations" / "tiny_fair"
-    assert study_cli.main(["tiny_fair", "--storage", url, "--report-only", "--report-dir",
+    import yaml
+
+    study_file = tmp_path / "study.yaml"  # a study file whose name (tiny_fair) is not its file's stem
+    study_file.write_text(yaml.safe_dump(study))
+    assert study_cli.main([str(study_file), "--storage", url, "--report-only", "--report-dir",
                            str(tmp_path / "findings")]) == 0
     assert recompute.main([str(tmp_path / "findings")]) == 0
     assert (tmp_path / "findings" / "verdict.csv").read_text() == (folder / "verdict.csv").read_text()
