@@ -772,8 +772,10 @@ def _plot_lr_vs_curvature(plan, storage, results, folder: Path) -> tuple[Path | 
     path = plot_lr_vs_curvature(points, folder / "lr_vs_curvature.png")
     lines = ["Curvature (lr_vs_curvature.png): lambda_max is the largest eigenvalue of the training loss's Hessian "
              "w.r.t. the adapter at initialisation (it does not depend on the rate), mean over the seeds measured. "
-             "The \"Learning Rate Matters\" study ties a method's best rate to 1 / lambda_max: where that holds, "
-             "lr x lambda_max is about the same for every method.", "",
+             "The \"Learning Rate Matters\" study reports a correlation between a method's best rate and "
+             "1 / lambda_max across methods, not a rule: where it holds here, lr x lambda_max is about the same for "
+             "every method. A few methods make a few points; read agreement as consistent with it, not as proof.",
+             "",
              "| method | chosen lr | lambda_max | seeds | lr x lambda_max |", "|---|---:|---:|---:|---:|"]
     for r, values in chosen:
         mean = mean_of(values.values())

@@ -139,6 +139,6 @@ def plot_lr_vs_curvature(points: Iterable[Mapping[str, Any] | tuple[str, float, 
         _legend(ax)
     ax.set_xlabel("1 / lambda_max (Hessian at initialisation)")
     ax.set_ylabel("chosen learning rate")
-    ax.set_title("Chosen learning rate against curvature", fontsize=10)
+    ax.set_title("Chosen learning rate against curvature (a correlation across methods, not a rule)", fontsize=9)
     ax.grid(True, alpha=0.3, which="both")
     return save_figure(fig, path)
