@@ -45,6 +45,8 @@ PLAN_ATTR = "plan"
 EXIT_TRY_LATER = 75  # EX_TEMPFAIL: --no-wait found trials still running elsewhere
 # Settings that may differ when a study is resumed: where reports go, and the tuning budget (it may grow).
 RESUMABLE_CHANGES = ("n_trials", "mlflow_parent_run_id", "description", "plot_x", "planned_sd")
+# Where run folders and MLflow runs go is the machine's business: a journal copied to another machine resumes there.
+RESUMABLE_CONFIG = ("output_dir", "tracking_uri")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,19 +232,17 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
                 fail_stale_trials(optuna.load_study(study_name=name, storage=storage), storage, plan, stale_after, log)
     tracker.reconcile(log)
     if stored is not None:
-        plan.mlflow_parent_run_id = stored.mlflow_parent_run_id
-        tracker.client.update_run(plan.mlflow_parent_run_id, status="RUNNING")
+        if _has_run(tracker, stored.mlflow_parent_run_id):
+            plan.mlflow_parent_run_id = stored.mlflow_parent_run_id
+            tracker.client.update_run(plan.mlflow_parent_run_id, status="RUNNING")
+        else:  # the journal travelled to another machine (or MLflow store): the trials go on under a new parent run
+            _create_parent_run(tracker, plan, url)
+            log(f"study {plan.name!r}: its MLflow parent run is not in {redact(plan.config.tracking_uri)} "
+                "(another machine or a new MLflow store); the remaining trials are logged under a new parent run "
+                "there, the finished ones stay where they were logged")
         log(f"study {plan.name!r}: continuing in {redact(url)}")
     else:
-        with_tags = {"kind": "study", "study": plan.name, "study_kind": plan.kind, "storage": redact(url)}
-        created = tracker.client.create_run(tracker.experiment_id, run_name=f"study-{plan.name}",
-                                            tags={"mlflow.runName": f"study-{plan.name}", **with_tags})
-        plan.mlflow_parent_run_id = created.info.run_id
-        RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name).log_params(
-            {**run_params(plan.shared_options()), "points": len(plan.points), "seeds": plan.seeds,
-             "n_trials": plan.n_trials, "description": plan.description,
-             **({"lr_grid": plan.lr_grid, "final_seeds": plan.final_seeds, "extend": plan.extend}
-                if plan.kind == "fair" else {})})
+        _create_parent_run(tracker, plan, url)
         log(f"study {plan.name!r}: created in {redact(url)}")
     for name in names:
         if name in existing:
@@ -333,12 +333,38 @@ def _stored_plan(study) -> StudyPlan | None:
     return StudyPlan.from_attr(value) if value else None
 
 
+def _has_run(tracker: Tracker, run_id: str | None) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        tracker.client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def _create_parent_run(tracker: Tracker, plan: StudyPlan, url: str) -> None:
+    """The study's MLflow parent run, with the settings every trial shares as its parameters."""
+    with_tags = {"kind": "study", "study": plan.name, "study_kind": plan.kind, "storage": redact(url)}
+    created = tracker.client.create_run(tracker.experiment_id, run_name=f"study-{plan.name}",
+                                        tags={"mlflow.runName": f"study-{plan.name}", **with_tags})
+    plan.mlflow_parent_run_id = created.info.run_id
+    RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name).log_params(
+        {**run_params(plan.shared_options()), "points": len(plan.points), "seeds": plan.seeds,
+         "n_trials": plan.n_trials, "description": plan.description,
+         **({"lr_grid": plan.lr_grid, "final_seeds": plan.final_seeds, "extend": plan.extend}
+            if plan.kind == "fair" else {})})
+
+
 def _check_same(stored: StudyPlan, plan: StudyPlan, url: str) -> None:
     """A resumed study must run what it was created with; otherwise its trials would not be comparable."""
     old, new = stored.to_attr(), plan.to_attr()
     for key in RESUMABLE_CHANGES:
         old.pop(key, None), new.pop(key, None)
-    old["config"].pop("output_dir", None), new["config"].pop("output_dir", None)
+    for key in RESUMABLE_CONFIG:
+        old["config"].pop(key, None), new["config"].pop(key, None)
     diffs = [k for k in new if old.get(k) != new[k] and k != "config"]
     diffs += [f"--{k.replace('_', '-')} ({old['config'].get(k)!r} -> {v!r})"
               for k, v in new["config"].items() if old["config"].get(k) != v]

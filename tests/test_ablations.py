@@ -306,6 +306,37 @@ def test_resume_retries_killed_trials_and_never_reruns_finished_ones(tmp_path):
         make_plan(tmp_path, MINI, max_steps=7)
 
 
+def test_a_journal_copied_to_another_machine_resumes_there_under_a_new_parent_run(tmp_path):
+    """The journal is the study: a new MLflow store and results folder elsewhere must not block resuming it."""
+    import shutil
+
+    import mlflow
+
+    from ablations.study import create_or_resume, resolve_plan
+    from ablations.trials import work
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    plan, storage, _ = make_plan(here, MINI, storage_url=f"journal:{here / 'journal.log'}")
+    fake = FakeRun()
+    assert work(plan, storage, max_trials=2, run_fn=fake, log=lambda *a: None) == 2
+    shutil.copy(here / "journal.log", there / "journal.log")  # what a git clone on another machine holds
+    study = parse_study(MINI, source="test", default_name="mini")
+    typed = {"model": "tiny-random", "output_dir": str(there / "results"),
+             "tracking_uri": f"sqlite:///{there / 'mlflow.db'}"}
+    url = resolve_storage_url(f"journal:{there / 'journal.log'}")
+    lines: list[str] = []
+    moved = create_or_resume(resolve_plan(study, typed, None, None), open_storage(url, create=True), url,
+                             log=lines.append)
+    assert moved.mlflow_parent_run_id and moved.mlflow_parent_run_id != plan.mlflow_parent_run_id
+    assert any("parent run is not in" in line for line in lines)
+    assert work(moved, open_storage(url, create=False), run_fn=fake, log=lambda *a: None) == 4
+    found, _ = states_by_index(open_storage(url, create=False), "mini")
+    assert found == {k: ["COMPLETE"] for k in range(6)}  # the two finished here were not run again there
+    client = mlflow.MlflowClient(f"sqlite:///{there / 'mlflow.db'}")
+    assert client.get_run(moved.mlflow_parent_run_id).info.run_name == "study-mini"
+
+
 @pytest.mark.integration
 def test_two_processes_claim_every_queued_trial_exactly_once(tmp_path):
     """The claim itself, stressed: 2 processes race for 120 queued trials on one SQLite file."""
