@@ -1,0 +1,352 @@
+"""The Findings text of a fair study, written from its shipped files alone, and a check that the README holds it.
+
+    python -m ablations.findings results/findings/fair-paper                           # print the text
+    python -m ablations.findings results/findings/fair-paper --readme results/README.md  # rewrite its block
+    python -m ablations.findings results/findings/fair-paper --readme results/README.md --check
+
+Every figure of the text is computed here, from the files a fair study's report ships:
+
+- ``items.csv.gz`` (each final run's per-item correctness): each method's test score, every gain with its
+  seed interval, item bootstrap, Holm p, TOST interval and verdict (:func:`ablations.recompute.recompute`,
+  which also checks them against ``verdict.csv``), the pairwise ordering test, the pooled per-seed SD, the
+  variance shares and the seeds the 2-point question would need;
+- ``trials.csv``: each method's tuning curve, the rate chosen on it again (the study's own rule) and
+  where it sits relative to LoRA's, and the training time per step of the final runs;
+- ``journal.log`` (the Optuna journal, which stores each final run's diagnostics): the mechanism claims
+  at the tuned rates (:func:`ablations.mechanisms.claim_rows`);
+- ``study.yaml``: the design (steps, final seeds, delta, the grid).
+
+The README keeps the text between two marker lines; ``--check`` exits 1 when the text there differs from what
+the files give now (a test runs it on the shipped study), so no figure in it can go stale or be typed by hand.
+Exit status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ablations import recompute
+from ablations.fair import CONTROL_FAMILY, LORA_FAMILY, SMOOTHING_STEPS
+from harness import stats
+from harness.errors import UserError
+
+BEGIN = "<!-- findings:{name} begin: written by `python -m ablations.findings results/findings/{name} --readme " \
+        "results/README.md` from the study's files; edit ablations/findings.py, not this text -->"
+END = "<!-- findings:{name} end -->"
+ORDER = ("lora", "moslora", "linchain")  # the LinChain paper's claimed ordering, lowest first (its Tables 1-2)
+NAMES = {"lora": "LoRA", "moslora": "MoSLoRA", "linchain": "LinChain-3"}
+CLAIM_TITLES = {"rank": "\"expanded effective rank of updates\"", "paths": "\"more optimization paths\"",
+                "convergence": "\"faster convergence\" (its Figure 2)"}
+
+
+def pts(fraction: float, signed: bool = True) -> str:
+    """A fraction as percentage points, one decimal."""
+    if fraction is None or not math.isfinite(fraction):
+        return "n/a"
+    return f"{100 * fraction:+.1f}" if signed else f"{100 * fraction:.1f}"
+
+
+def interval(low: float, high: float) -> str:
+    return f"[{pts(low)}, {pts(high)}]"
+
+
+def p_text(p: float) -> str:
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def name(spec: str) -> str:
+    return NAMES.get(spec, f"`{spec}`")
+
+
+@dataclass
+class Tuned:
+    """One method's tuning as trials.csv records it."""
+
+    spec: str
+    curve: dict[float, float]  # lr -> validation accuracy (the tuning seed's, mean if several)
+    chosen: float
+    at_edge: bool
+
+
+def read_design(folder: Path) -> dict:
+    path = folder / "study.yaml"
+    if not path.is_file():
+        raise UserError(f"{path} not found: pass a fair study's findings folder (study.yaml, verdict.csv, "
+                        "items.csv.gz, trials.csv, journal.log)")
+    design = yaml.safe_load(path.read_text())
+    if design.get("kind") != "fair":
+        raise UserError(f"{path}: kind {design.get('kind')!r}, not a fair study")
+    return design
+
+
+def tuning(folder: Path, smoothing_steps: float) -> dict[str, Tuned]:
+    """Each method's validation curve from trials.csv and the rate the study's rule picks on it."""
+    path = folder / "trials.csv"
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    trials = pd.read_csv(path)
+    done = trials[(trials["stage"] == "tune") & (trials["state"] == "COMPLETE")]
+    out = {}
+    for spec, group in done.groupby("spec", sort=False):
+        points = list(zip(group["lr"].astype(float), group["average_accuracy"].astype(float)))
+        choice = stats.smoothed_lr_choice(points, bandwidth_steps=smoothing_steps)
+        if choice is None:
+            continue
+        curve = {lr: stats.mean(g["average_accuracy"]) for lr, g in group.groupby("lr")}
+        out[spec] = Tuned(spec, dict(sorted(curve.items())), choice.lr, choice.at_edge)
+    return out
+
+
+def seconds_per_step(folder: Path, steps: int) -> dict[str, list[float]]:
+    """Training seconds per optimizer step of each method's completed final runs (trials.csv)."""
+    trials = pd.read_csv(folder / "trials.csv")
+    final = trials[(trials["stage"] == "final") & (trials["state"] == "COMPLETE")]
+    return {spec: (g["train_seconds"].astype(float) / steps).tolist() for spec, g in final.groupby("spec", sort=False)}
+
+
+def ordering(scores: dict[str, dict[int, float]], alpha: float = 0.05) -> list[tuple[str, str, stats.SeedComparison, float]]:
+    """Every pair of the claimed ordering, higher claimed minus lower, paired over seeds, Holm over the pairs."""
+    pairs = [(hi, lo) for i, lo in enumerate(ORDER) for hi in ORDER[i + 1:] if hi in scores and lo in scores]
+    comparisons = {(hi, lo): stats.seed_comparison(scores[hi], scores[lo]) for hi, lo in pairs}
+    adjusted = stats.holm({k: c.p_value for k, c in comparisons.items()})
+    return [(hi, lo, comparisons[(hi, lo)], adjusted[(hi, lo)]) for hi, lo in pairs]
+
+
+def ordering_verdict(rows, missing: list[str], alpha: float = 0.05) -> str:
+    if missing:
+        return "inconclusive: " + ", ".join(name(m) for m in missing) + " not measured yet"
+    if not rows or any(c.n_seeds < stats.MIN_PAIRS for _, _, c, _ in rows):
+        return "inconclusive (fewer than 2 paired seeds in a pair)"
+    significant = [(hi, lo, c) for hi, lo, c, p in rows if math.isfinite(p) and p < alpha]
+    if len(significant) == len(rows) and all(c.estimate > 0 for _, _, c in significant):
+        return "supported: every pair differs in the claimed direction (Holm over the pairs)"
+    against = [f"{name(lo)} above {name(hi)}" for hi, lo, c in significant if c.estimate < 0]
+    if against:
+        return "not supported at this scale: " + ", ".join(against) + " (Holm over the pairs)"
+    if significant:
+        found = ", ".join(f"{name(hi)} above {name(lo)}" for hi, lo, _ in significant)
+        return f"not supported at this scale: only {found} is detected; the other pairs show no detectable difference"
+    return "not supported at this scale: no pair shows a detectable difference (which is not equivalence)"
+
+
+def claims(folder: Path, shipped: set[tuple[str, int]]) -> list[dict]:
+    """The mechanism claims at the tuned rates, recomputed from the journal's stored diagnostics.
+
+    ``shipped``: the (method, seed) final runs items.csv.gz holds; the journal must hold the same ones."""
+    from ablations import fair, mechanisms
+    from ablations.storage import open_storage, resolve_storage_url
+    from ablations.study import load_plan
+
+    journal = folder / "journal.log"
+    if not journal.is_file():
+        raise UserError(f"{journal} not found")
+    url = resolve_storage_url(f"journal:{journal}")
+    storage = open_storage(url, create=False)
+    plan = load_plan(read_design(folder)["name"], storage, url)
+    arms = fair.method_results(plan, storage)
+    in_journal = {(arm.spec, int(seed)) for arm in arms for seed in arm.test}
+    if in_journal != shipped:
+        extra = sorted(in_journal - shipped) or sorted(shipped - in_journal)
+        where = "journal.log has final runs items.csv.gz lacks" if in_journal - shipped else \
+            "items.csv.gz has final runs journal.log lacks"
+        raise UserError(f"{folder}: {where} ({', '.join(f'{m} seed {s}' for m, s in extra)}); rewrite the report "
+                        "from the journal (--report-only) first")
+    return mechanisms.claim_rows(arms)
+
+
+def text(folder: Path) -> str:
+    """The Findings block for one fair study folder (Markdown, no trailing newline)."""
+    design = read_design(folder)
+    study = design["name"]
+    steps = int(design["run"]["max_steps"])
+    planned = int(design["final_seeds"])
+    delta = float(design["delta"]) / 100
+    per_decade = float(design["lr_grid"]["per_decade"])
+    verdict = recompute.recompute(folder)
+    shipped = pd.read_csv(folder / "verdict.csv", keep_default_na=False, na_values=[""])
+    disagree = recompute.differences(verdict, shipped)
+    if disagree:
+        raise UserError(f"{folder / 'verdict.csv'} differs from items.csv.gz ({disagree[0]}); rewrite the report "
+                        "(--report-only) first")
+    items = recompute.read_items(folder / "items.csv.gz")
+    scores = {m: recompute.seed_scores(c) for m, c in items.items()}
+    tuned = tuning(folder, SMOOTHING_STEPS)
+    for row in shipped.itertuples():
+        if row.method in tuned and not math.isclose(tuned[row.method].chosen, float(row.chosen_lr), rel_tol=1e-9):
+            raise UserError(f"trials.csv picks {tuned[row.method].chosen:g} for {row.method}, verdict.csv "
+                            f"{float(row.chosen_lr):g}; rewrite the report first")
+    methods = [m for m in verdict["method"]]
+    finished = {m: len(scores.get(m, {})) for m in methods}
+    complete = all(finished.get(m, 0) >= planned for m in ORDER) and all(m in tuned for m in ORDER)
+    lora = tuned.get("lora")
+    out = [f"### `{study}`: {', '.join(name(m) for m in ORDER)}, each at its own tuned rate", ""]
+    if complete:
+        out.append(f"**Status: complete.** Every method tuned and {planned} final seeds each.")
+    else:
+        have = "; ".join(f"{name(m)}: {'tuned' if m in tuned else 'not tuned yet'}, "
+                         f"{finished.get(m, 0)} of {planned} final seeds" for m in ORDER)
+        out.append(f"**Status: partial** ({have}). A verdict below covers only the seeds that exist; none is final.")
+    out += ["", "| method | rate chosen on validation | from LoRA's | validation at it | test, mean ± SD over seeds "
+                "| gain over LoRA, 95% over seeds | items 95% | p (Holm) | 90% (TOST) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in verdict.itertuples():
+        t = tuned.get(row.method)
+        rate = f"{t.chosen:.3g}" + (" (at the grid's edge)" if t.at_edge else "") if t else "not tuned yet"
+        offset = (f"{round(math.log10(t.chosen / lora.chosen) * per_decade):+d} grid step(s)" if t and lora and
+                  row.method != "lora" else "")
+        valid = pts(t.curve.get(t.chosen, math.nan), signed=False) + "%" if t else ""
+        n = finished.get(row.method, 0)
+        test = f"{pts(row.test_mean, False)} ± {pts(row.test_std, False)}% ({n} seeds)" if n else "no final seed yet"
+        if row.method == "lora":
+            out.append(f"| {name(row.method)} | {rate} | | {valid} | {test} | reference | | | | |")
+            continue
+        if not math.isfinite(row.gain):
+            out.append(f"| {name(row.method)} | {rate} | {offset} | {valid} | {test} | not measured | | | | "
+                       f"{row.verdict} |")
+            continue
+        out.append(f"| {name(row.method)} | {rate} | {offset} | {valid} | {test} | {pts(row.gain)} "
+                   f"{interval(row.gain_low, row.gain_high)} | {interval(row.items_low, row.items_high)} | "
+                   f"{p_text(row.p_holm)} | {interval(row.gain_low90, row.gain_high90)} | {row.verdict} |")
+    out += ["", f"Gains are in percentage points of the `arithmetic` test average; `equivalent` would need the 90% "
+                f"interval inside ±{pts(delta, False)} points (delta, fixed before the study). The seed interval "
+                "covers run-to-run variance on this test set; the item interval covers test-item noise.", ""]
+
+    pairs = ordering(scores)
+    out += ["**The ordering LinChain > MoSLoRA > LoRA** (the paper's Tables 1-2), every pair at its tuned rates: "
+            + "; ".join(f"{name(hi)} - {name(lo)} {pts(c.estimate)} {interval(c.low, c.high)} "
+                        f"(Holm p {p_text(p)}, {c.n_seeds} seeds)" for hi, lo, c, p in pairs)
+            + f". Verdict: {ordering_verdict(pairs, [m for m in ORDER if not scores.get(m)])}.", ""]
+
+    rows = [r for r in claims(folder, {(m, int(seed)) for m, by in scores.items() for seed in by}) if r.get("tested") is True or r.get("tested") == "True"]
+    out.append("**Mechanisms at the tuned rates** (diagnostics.md; each method against LoRA over the paired final "
+               "seeds, Holm over the claim tests):")
+    out.append("")
+    for key, title in CLAIM_TITLES.items():
+        found = [r for r in rows if r["claim"] == key]
+        parts = []
+        for r in found:
+            if r["verdict"] == "not measured":
+                parts.append(f"{name(r['method'])}: not measured ({r['note']})")
+                continue
+            parts.append(f"{name(r['method'])} {r['method_mean']:.3g} against {r['reference_mean']:.3g}, "
+                         f"difference {r['difference']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}], "
+                         f"Holm p {p_text(r['p_holm'])}, {r['n_pairs']} pairs: **{r['verdict']}**")
+        measure = next((r["measure"] for r in found if r.get("measure")), "")
+        out.append(f"- {title}, measured as {measure or 'n/a'}: " + ("; ".join(parts) if parts else "no test") + ".")
+    out.append("")
+
+    times = seconds_per_step(folder, steps)
+    if "lora" in times:
+        base = float(pd.Series(times["lora"]).median())
+        listed = []
+        for m in ORDER:
+            if m in times:
+                med = float(pd.Series(times[m]).median())
+                listed.append(f"{name(m)} {med:.2f} s/step ({len(times[m])} runs)"
+                              + ("" if m == "lora" else f", {med / base:.2f}x LoRA"))
+        out += ["**Training-time overhead** (the paper's Table 4), the median over the final runs of training "
+                "seconds per step on this 2-core CPU in bf16: " + "; ".join(listed) + ". The runs were not "
+                "timed under controlled load, so read these as rough ratios.", ""]
+
+    differences = [[scores[m][s] - scores["lora"][s] for s in sorted(set(scores[m]) & set(scores["lora"]))]
+                   for m in methods if m != "lora" and m in scores and "lora" in scores]
+    pooled = stats.pooled_sd([[100 * d for d in ds] for ds in differences])
+    family = max(1, int((verdict["family"] == LORA_FAMILY).sum()))  # the design's Holm family, finished or not
+    if math.isfinite(pooled.sd):
+        figures = stats.power_figures(pooled.sd, planned, comparisons=family, delta=100 * delta, sd_df=pooled.df)
+        needed = figures.seeds_needed
+        shares = ", ".join(f"{name(r.method)} - LoRA: seeds {100 * r.var_seed_share:.0f}%, items "
+                           f"{100 * r.var_item_share:.0f}%" for r in verdict.itertuples()
+                           if r.method != "lora" and math.isfinite(r.var_seed_share))
+        out += [f"**Noise and what it allows.** The paired per-seed SD of a gain, pooled over the comparisons "
+                f"with LoRA, is {pooled.sd:.1f} points ({pooled.df} df, 95% {pooled.low:.1f}-{pooled.high:.1f}). "
+                f"With {planned} final seeds that gives a minimum detectable effect of {figures.mde:.1f} points "
+                f"(80% power, Holm's first step over {family}); a true gain of {100 * delta:.0f} points is found "
+                f"{100 * figures.power_at_delta:.0f}% of the time and equal methods are called equivalent "
+                f"{100 * figures.p_equivalent:.0f}% of the time; the {100 * delta:.0f}-point question needs "
+                + (f"{needed} final seeds per method" if needed else "more than 1000 seeds")
+                + f". Share of each gain's variance (the rest is their interaction): {shares}.", ""]
+    out += [limits(folder, items, steps, verdict), ""]
+    return "\n".join(out).rstrip()
+
+
+def limits(folder: Path, items, steps: int, verdict: pd.DataFrame) -> str:
+    """What the study cannot show: its scale, and the arms it did not run."""
+    import json
+
+    result = folder / "result.json"
+    config = json.loads(result.read_text()).get("config", {}) if result.is_file() else {}
+    tasks = {task: len(docs) for seeds in items.values() for tasks in seeds.values() for task, docs in tasks.items()}
+    controls = [m for m, f in zip(verdict["method"], verdict["family"]) if f == CONTROL_FAMILY]
+    scale = (f"one model (`{config.get('model', '?')}`), {steps} optimizer steps of batch {config.get('batch_size', '?')}, "
+             f"rank {config.get('rank', '?')}, one synthetic task family ({sum(tasks.values())} test items over "
+             f"{len(tasks)} tasks), one tuning seed")
+    arms = ("controls: " + ", ".join(f"`{c}`" for c in controls) if controls else
+            "no control arm (the init-only, depth and parameter-count controls are a separate study, not run yet), "
+            "so no mechanism claim here is tested against a control")
+    return (f"**Limits.** This is {scale}; {arms}. A result here says what holds at this scale, not what holds for "
+            "larger models, longer training or other tasks.")
+
+
+def block(folder: Path) -> str:
+    study = read_design(folder)["name"]
+    return "\n".join([BEGIN.format(name=study), text(folder), END.format(name=study)])
+
+
+def replace_block(readme: str, new_block: str, study: str) -> str:
+    """The README with its block for ``study`` replaced (a UserError when the markers are missing)."""
+    begin, end = BEGIN.format(name=study), END.format(name=study)
+    head, sep, rest = readme.partition(begin)
+    if not sep or end not in rest:
+        raise UserError(f"the README has no block for {study!r}: add the two lines\n{begin}\n{end}\nwhere it belongs")
+    _, _, tail = rest.partition(end)
+    return head + new_block + tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ablations.findings", description=__doc__.split("\n\n")[0],
+                                     epilog="Exit status: 0 when written (or, with --check, unchanged), 1 when "
+                                            "--check finds the README stale, 2 on bad input.")
+    parser.add_argument("folder", type=Path, help="a fair study's findings folder (study.yaml, verdict.csv, "
+                                                  "items.csv.gz, trials.csv, journal.log)")
+    parser.add_argument("--readme", type=Path, help="rewrite this file's block for the study (between its markers)")
+    parser.add_argument("--check", action="store_true", help="with --readme: change nothing, exit 1 if the block "
+                                                             "differs from what the files give")
+    args = parser.parse_args(argv)
+    try:
+        if args.check and args.readme is None:
+            raise UserError("--check needs --readme FILE")
+        new = block(args.folder)
+        if args.readme is None:
+            print(new)
+            return 0
+        if not args.readme.is_file():
+            raise UserError(f"{args.readme} not found")
+        old = args.readme.read_text()
+        updated = replace_block(old, new, read_design(args.folder)["name"])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        if updated != old:
+            print(f"{args.readme}: the findings block differs from what {args.folder} gives; run without --check "
+                  "to rewrite it", file=sys.stderr)
+            return 1
+        print(f"{args.readme}: every figure of the findings block agrees with {args.folder}")
+        return 0
+    args.readme.write_text(updated)
+    print(f"{args.readme}: findings block written from {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
