@@ -38,6 +38,7 @@ from ablations.trials import (DEFAULT_STALE_AFTER_S, StudyPlan, describe_running
 from harness import quiet
 from harness.adapters.spec import parse_spec
 from harness.fsutil import check_writable_dir
+from harness.tuned_rates import DEFAULT_LR
 from harness.tracking import RunHandle, Tracker, check_separate_stores, check_tracking_uri, resolve_tracking_uri, run_params, sqlite_path
 from harness.errors import EXIT_INTERRUPTED, UserError, cli_entry, interruption
 
@@ -143,6 +144,9 @@ def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | Non
     seeds = values.pop("seeds", None)
     values.update(typed)
     seeds = values.pop("seeds", seeds) or study.seeds
+    values.setdefault("lr", DEFAULT_LR)  # a study's trials share one rate (or tune it): never the run's table
+    if values["lr"] is None:
+        values["lr"] = DEFAULT_LR
     cfg = config_from_dict({**values, "seeds": seeds}, source=f"study {study.name!r}")
     paths = {"tracking_uri": _absolute_tracking_uri(cfg.tracking_uri), "output_dir": str(Path(cfg.output_dir).resolve())}
     if cfg.data_dir:

@@ -60,8 +60,8 @@ MAX_VALUE_CHARS = 500  # a configuration value longer than this is not a name or
 # of training, leaving ~4 minutes for the four greedy evaluations (base + 3 methods, 400 held-out
 # problems each). LoRA went from ~1% to 60% on those problems in 100 steps. On a GPU, raise --max-steps
 # and use --dropout 0.05 (LLM-Adapters' setting).
-# Why lr=2e-3: with so few steps the usual 2e-4 barely moves the adapter; 2e-3 was measured to work
-# on CPU for r=16. Per-method overrides go in the spec (linchain:lr=5e-4).
+# Why no lr: each method trains at the rate the fair study chose for it (harness/tuned_rates.py), or at
+# 2e-3 where the table has none. Per-method overrides go in the spec (linchain:lr=5e-4).
 
 
 def _opt(help: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
@@ -129,8 +129,10 @@ class RunConfig:
         "the LinChain paper's q,k,v,up,down (docs/architectures.md)",
         factory=lambda: [AUTO_TARGETS], metavar="MODULES")
     # Optimisation.
-    lr: float = _opt("peak learning rate (AdamW); 2e-3 suits the short default CPU run, "
-                     "use a per-method override such as 'linchain:lr=5e-4' to differ", 2e-3)
+    lr: float | None = _opt("peak learning rate (AdamW) for every method; default: each method's rate from the "
+                            "fair study's table (harness/tuned_rates.py: chosen on validation for the embedded "
+                            "model), 2e-3 for a method or setup it has no rate for; a spec's lr= "
+                            "('linchain:lr=5e-4') sets one method's", None)
     epochs: float = _opt("passes over the training data; used when --max-steps is not given", 1.0, metavar="N")
     max_steps: int | None = _opt(
         "optimizer steps per method and seed; wins over --epochs (giving only --epochs, on the command "
@@ -201,7 +203,7 @@ def _validate(cfg: RunConfig) -> None:
     need(cfg.rank >= 1, "rank", "must be at least 1")
     need(cfg.alpha > 0, "alpha", "must be positive")
     need(0.0 <= cfg.dropout < 1.0, "dropout", "must be in [0, 1)")
-    need(cfg.lr > 0, "lr", "must be positive")
+    need(cfg.lr is None or cfg.lr > 0, "lr", "must be positive")
     need(cfg.epochs > 0, "epochs", "must be positive")
     need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be at least 1 (or 'none')")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")

@@ -384,7 +384,8 @@ def _untuned_note(table: "pd.DataFrame", fair_methods: str) -> str:
         how = f"Every method trained at one shared learning rate ({lrs[0]:g}), not tuned for each"
     elif lrs:
         rates = ", ".join(f"{lr:g}" for lr in lrs)
-        how = f"The learning rates ({rates}) were set by hand, not each tuned under one budget"
+        how = (f"The learning rates ({rates}) differ by method but were not each tuned under one budget in this "
+               "run (the header says where each came from)")
     else:
         how = "The methods' learning rates were not each tuned"
     return (f"**Not tuned per method.** {how}: under Adam the middle matrices change how far each step moves the "

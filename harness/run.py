@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from harness import quiet
+from harness import quiet, tuned_rates
 from harness.config import RunConfig, config_from_args, config_to_dict
 from harness.errors import EXIT_INTERRUPTED, DiskFull, UserError, cli_entry, disk_full, full_disk_path, interruption
 from harness.rundir import KEPT_FILE
@@ -570,6 +570,9 @@ def _report(cfg: RunConfig, inputs: RunInputs, fingerprint: dict, outcome: RunOu
     header = {"protocol fingerprint": f"{fingerprint['hash']} (parts in result.json; "
                                       "compare runs with python -m harness.compare)",
               "precision": inputs.precision, **_data_header(cfg, inputs.overlaps, inputs.contaminated)}
+    rates = tuned_rates.header_line(cfg, {p.label: p.spec for p in inputs.plans})
+    if rates:
+        header["learning rates"] = rates
     written = write_report(run_dir, outcome.base, outcome.results, config=cfg, header=header)
     written.update(context.diagnostics.write(run_dir))
     written[RESULT_FILE] = write_result_json(run_dir, build_result(

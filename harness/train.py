@@ -40,6 +40,7 @@ import torch
 
 from harness.data.tokenize import IGNORE_INDEX
 from harness.models import ARCHITECTURES, autocast_for, resolve_precision
+from harness.tuned_rates import rate_for
 
 # Parameter groups whose gradient norms are recorded, in the order of parameter_group's rules.
 PARAMETER_GROUPS = ("cond", "middle", "B", "A", "other")
@@ -87,10 +88,10 @@ class TrainSettings:
     def from_config(cls, cfg, spec, seed: int) -> "TrainSettings":
         """The settings of the run ``cfg`` (a :class:`~harness.config.RunConfig`) for one method and seed.
 
-        ``spec`` is the method's :class:`~harness.adapters.AdapterSpec`, whose ``lr=`` option wins over
-        ``cfg.lr``; None trains at ``cfg.lr``.
+        ``spec`` is the method's :class:`~harness.adapters.AdapterSpec`; its rate is
+        :func:`harness.tuned_rates.rate_for`'s (the spec's ``lr=``, else ``cfg.lr``, else the tuned table).
         """
-        return cls(lr=getattr(spec, "lr", None) or cfg.lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        return cls(lr=rate_for(cfg, spec)[0], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                    max_steps=cfg.max_steps, epochs=cfg.epochs, warmup_ratio=cfg.warmup_ratio,
                    weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed,
                    precision=cfg.precision, length_window=LENGTH_WINDOW, selected_logits=True)

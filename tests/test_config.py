@@ -26,7 +26,8 @@ def test_defaults_are_the_embedded_offline_run():
     assert cfg.methods == ["lora", "moslora", "linchain"]
     assert cfg.train_data == "arithmetic" and cfg.tasks == ["arithmetic"]
     assert cfg.targets == ["auto"]  # the architecture's defaults: q,k,v,up,down on Llama (tests/test_architectures.py)
-    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.lr) == (16, 32.0, 0.0, 2e-3)
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (16, 32.0, 0.0)
+    assert cfg.lr is None  # each method's tuned rate (tests/test_tuned_rates.py), not one shared rate
     assert cfg.seeds == [0] and cfg.output_dir == "results" and cfg.tracking_uri is None
 
 
