@@ -18,7 +18,7 @@ LAYERS = (
     ("harness", "harness.errors", "harness.quiet", "harness.fsutil", "harness.stats", "harness.distributed"),
     ("harness.data",),
     ("harness.adapters", "harness.models"),
-    ("harness.config",),  # one RunConfig, checked against the adapters' specs and the known models
+    ("harness.config", "harness.tuned_rates"),  # one RunConfig, checked against the adapters' specs and the known models; the default rates
     ("harness.train", "harness.evaluate", "harness.contamination", "harness.fingerprint", "harness.tracking",
      "harness.export"),
     ("harness.diagnostics", "harness.report", "harness.plots", "harness.resultfile", "harness.rundir"),
