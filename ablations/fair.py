@@ -273,10 +273,15 @@ def _check_acyclic(found: dict[str, str | None], where: str) -> None:
 
 
 def family_of(spec: str, reference: str | None) -> str | None:
-    """Which Holm family a comparison is in: with LoRA (either side a LoRA) or method minus control."""
+    """Which Holm family a comparison is in: a method against a LoRA reference, or a contrast with anything else
+    (a control against its parent, ``lora:match=X`` against X, a point's own ``reference:``).
+
+    Keeping the parameter-matched LoRA out of the LoRA family means that adding controls to a study leaves the
+    family of its method-versus-LoRA verdicts, and so their Holm adjustment, as it was.
+    """
     if reference is None:
         return None
-    return LORA_FAMILY if "lora" in (spec.partition(":")[0], reference.partition(":")[0]) else CONTROL_FAMILY
+    return LORA_FAMILY if reference.partition(":")[0] == "lora" else CONTROL_FAMILY
 
 
 def check_references(points: list[dict[str, Any]], where: str) -> None:

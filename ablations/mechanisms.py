@@ -29,7 +29,7 @@ from harness.diagnostics.measures import ALL_LAYERS, TABLE_COLUMNS, Trace, nan_m
 SUPPORTED, OPPOSITE, NO_DIFFERENCE, INCONCLUSIVE, NOT_MEASURED = (
     "supported", "opposite", "no detectable difference", "inconclusive", "not measured")
 # diagnostics.csv: one row per method and final seed
-CURVE_SUMMARIES = ("mean_movement", "mean_grad_norm")
+CURVE_SUMMARIES = ("mean_movement", "mean_alignment", "mean_grad_norm")
 RUN_COLUMNS = ("method", "seed", "lr", *TABLE_COLUMNS, *CURVE_SUMMARIES)
 # claims.csv: one row per (claim, method, measure)
 CLAIM_COLUMNS = ("claim", "method", "reference", "family", "measure", "tested", "n_pairs", "method_mean",
@@ -43,7 +43,8 @@ def rows_and_traces(arm: TunedArm) -> tuple[list[dict], list[Trace]]:
         rows.append({"method": arm.spec, "spec_method": arm.spec.split(":", 1)[0], "seed": seed, "layer": ALL_LAYERS,
                      **measures})
         traces.append(Trace(arm.spec, arm.spec.split(":", 1)[0], seed, curves["losses"], curves["grad_norms"], [],
-                            curves["delta_norms"], curves["effective_ranks"], curves["movements"]))
+                            curves["delta_norms"], curves["effective_ranks"], curves["movements"],
+                            curves.get("alignments", [])))
     return rows, traces
 
 
@@ -58,6 +59,7 @@ def run_rows(results: list[TunedArm]) -> list[dict[str, Any]]:
             out.append({"method": arm.spec, "seed": seed, "lr": arm.chosen_lr,
                         **{c: measures.get(c, math.nan) for c in TABLE_COLUMNS},
                         "mean_movement": nan_mean(v for _, v in t.movements),
+                        "mean_alignment": nan_mean(v for _, v in t.alignments),
                         "mean_grad_norm": nan_mean(v for _, v in t.grad_norms)})
     return out
 
@@ -82,6 +84,8 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
             comps = comparisons.get(claim, {}).get(arm.spec, [])
             rests_on = next((i for i, c in enumerate(comps) if len(c.differences) > 0), None)
             for i, comp in enumerate(comps):
+                if len(comp.differences) == 0 and rests_on is not None:
+                    continue  # a measure no pair recorded (runs that predate it), where another one has data
                 c = stats.seed_comparison(dict(enumerate(comp.method_values)), dict(enumerate(comp.lora_values)))
                 row = {"claim": claim, "method": arm.spec, "reference": ref.spec, "family": arm.family or "",
                        "measure": comp.measure, "tested": i == rests_on, "n_pairs": c.n_seeds,

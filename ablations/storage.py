@@ -175,7 +175,7 @@ def unpack_correct(packed: dict[str, dict[str, Any]] | None) -> dict[str, dict[A
 
 
 DIAGNOSTICS_ATTR = "diagnostics"  # a final trial's mechanism measurements (pack_diagnostics)
-TRACE_FIELDS = ("losses", "grad_norms", "delta_norms", "effective_ranks", "movements")
+TRACE_FIELDS = ("losses", "grad_norms", "delta_norms", "effective_ranks", "movements", "alignments")
 SIGNIFICANT = 6  # digits kept of each stored measurement: far below any seed-to-seed difference
 
 

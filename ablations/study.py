@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "trial is that rate's outcome, kept); killed trials are always queued again")
     group.add_argument("--n-trials", type=int, default=None, metavar="N",
                        help="tuning studies: trials per method (overrides the file's n_trials; may grow on resume)")
+    group.add_argument("--import-arms", default=None, metavar="URL",
+                       help="fair studies, at creation: copy from the fair study in this other Optuna storage "
+                            "the tuning and final trials of every method both studies have (a journal:FILE or "
+                            "sqlite:///FILE), so a study that adds arms - controls beside their parents - "
+                            "does not train the shared ones again; refused unless model, data, grid, seeds, "
+                            "delta and every run option are the same; ignored once the study exists")
     group.add_argument("--max-trials", type=int, default=None, metavar="N",
                        help="run at most N trials in this process, then report (default: until the queue is empty)")
     fair = parser.add_argument_group("fair protocol (the fair study, or any grid study with --tune-lr)")
@@ -267,6 +273,67 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
     return plan
 
 
+# What may differ between a fair study and one it imports arms from: what it compares and what it is called.
+IMPORT_MAY_DIFFER = ("name", "description", "points", *RESUMABLE_CHANGES)
+
+
+def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: str, log=print) -> list[str]:
+    """Copy into ``storage`` the trials of every method ``plan`` shares with the fair study in ``source_storage``.
+
+    A study that adds arms to a finished one (the controls beside their parents) then trains only the new
+    arms, and its verdicts pair each control with its parent's own final seeds. Only where every setting
+    that decides a trial is the same (model, data, grid, extension, tuning and final seeds, delta, every run
+    option): a method's trials depend on nothing else, so the copies are what this study would have run.
+    Each copied Optuna study (``optuna.copy_study``) takes this study's name and plan; its trials keep their
+    scores, per-item verdicts, diagnostics and MLflow run ids. Nothing is done once the study exists (a
+    resumed command); the specs copied are returned.
+    """
+    import optuna
+
+    if set(plan.optuna_names()) & set(optuna.get_all_study_names(storage)):
+        log(f"study {plan.name!r} exists in {redact(url)}: --import-arms ignored (arms are imported at creation)")
+        return []
+    found = {}
+    for name in optuna.get_all_study_names(source_storage):
+        other = _stored_plan(optuna.load_study(study_name=name, storage=source_storage))
+        if other is not None and other.kind == "fair":
+            found.setdefault(other.name, other)
+    if len(found) != 1:
+        raise UserError(f"--import-arms: {redact(source_url)} holds {len(found)} fair studies "
+                        f"({', '.join(sorted(found)) or 'none'}); it must hold exactly one")
+    source = next(iter(found.values()))
+    old, new = source.to_attr(), plan.to_attr()
+    for key in IMPORT_MAY_DIFFER:
+        old.pop(key, None), new.pop(key, None)
+    for key in RESUMABLE_CONFIG:
+        old["config"].pop(key, None), new["config"].pop(key, None)
+    diffs = [k for k in new if old.get(k) != new[k] and k != "config"]
+    diffs += [f"--{k.replace('_', '-')} ({old['config'].get(k)!r} there, {v!r} here)"
+              for k, v in new["config"].items() if old["config"].get(k) != v]
+    if diffs:
+        raise UserError(f"--import-arms: study {source.name!r} in {redact(source_url)} was run with other settings "
+                        f"({', '.join(diffs)}); its trials would not be this study's")
+    shared = [spec for spec in plan.specs() if spec in source.specs()]
+    if not shared:
+        raise UserError(f"--import-arms: study {source.name!r} shares no method with {plan.name!r} "
+                        f"(it has {', '.join(source.specs())})")
+    running = [spec for spec in shared for n in (fair.tune_name(source, spec), fair.final_name(source, spec))
+               if optuna.load_study(study_name=n, storage=source_storage).get_trials(
+                   deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    if running:
+        raise UserError(f"--import-arms: study {source.name!r} has trials of {', '.join(sorted(set(running)))} "
+                        "still running; import once they have finished")
+    for spec in shared:
+        for src, dst in ((fair.tune_name(source, spec), fair.tune_name(plan, spec)),
+                         (fair.final_name(source, spec), fair.final_name(plan, spec))):
+            optuna.copy_study(from_study_name=src, from_storage=source_storage, to_storage=storage,
+                              to_study_name=dst)
+            optuna.load_study(study_name=dst, storage=storage).set_user_attr(PLAN_ATTR, plan.to_attr())
+    log(f"study {plan.name!r}: imported the trials of {', '.join(shared)} from study {source.name!r} in "
+        f"{redact(source_url)}")
+    return shared
+
+
 CREATION_WAIT_S = 60.0  # how long a study command waits for another one that is creating the same study
 
 
@@ -403,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.pop("study")
     options = {k: args.pop(k) for k in ("storage", "create_only", "report_only", "report_dir", "retry_failed", "n_trials",
                                         "max_trials", "stale_after", "tune_lr", "lr_grid", "final_seeds",
-                                        "no_wait", "delta", "planned_sd", "plan")}
+                                        "no_wait", "delta", "planned_sd", "plan", "import_arms")}
     check_study_options(options["stale_after"], options["max_trials"], options["n_trials"])
     config_file = args.pop("config", None)
     url = resolve_storage_url(options["storage"])
@@ -425,7 +492,17 @@ def main(argv: list[str] | None = None) -> int:
     plan.report_to = options["report_dir"]
     check_inputs(plan)
     check_separate_stores(url, plan.config.tracking_uri)
+    if options["import_arms"] is not None and plan.kind != "fair":
+        raise UserError(f"--import-arms: only a fair study imports arms ({plan.name!r} is a {plan.kind} study)")
+    source = None
+    if options["import_arms"] is not None:
+        source_url = resolve_storage_url(options["import_arms"])
+        if source_url == url:
+            raise UserError("--import-arms: names the study's own --storage; give the other study's storage")
+        source = (open_storage(source_url, create=False), source_url)
     storage = open_storage(url, create=True)
+    if source is not None:
+        import_arms(plan, storage, url, *source)
     plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"],
                             stale_after=options["stale_after"])
     plan.report_to = options["report_dir"]

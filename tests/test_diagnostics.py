@@ -644,3 +644,56 @@ def test_lambda_max_with_a_parameter_the_loss_does_not_curve_in():
     y = torch.ones(2, dtype=torch.float64, requires_grad=True)
     result = D.hessian_lambda_max(lambda: 0.5 * x @ h @ x + 3 * y.sum(), [x, y], tol=1e-6)
     assert result.value == pytest.approx(2.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("spec", ["lora", "moslora", "linchain:n=2"])
+def test_the_captured_full_weight_gradient_is_autograds_and_the_alignment_its_cosine(tiny_model, spec):
+    """G from the hooks equals the frozen base weight's own .grad; the recorded alignment is cos(dW step, -G)
+    computed here from the formed d_out x d_in matrices."""
+    from harness.adapters import get_adapter_model
+
+    torch.manual_seed(3)
+    model = trained_look(get_adapter_model(tiny_model[0], spec, r=4, alpha=8, targets=["q_proj", "down_proj"]), 3)
+    layers = D.adapted_layers(model)
+    for layer in layers.values():
+        layer.base_layer.weight.requires_grad_(True)  # only so autograd gives the reference; hooks need not
+    ids = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(4))
+    recorder = D.DiagnosticsRecorder(model, every=2)
+    recorder.on_step(1)  # arms the capture: step 2 is a record step
+    before = delta_weights(model)
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_" in n], lr=0.05)
+    for half in (ids[:2], ids[2:]):  # two micro-batches: G sums them, as .grad does
+        model(input_ids=half, labels=half).loss.backward()
+    reference = {name: layer.base_layer.weight.grad.detach().double().clone() for name, layer in layers.items()}
+    captured = {name: g.double().clone() for name, g in recorder._capture.grads.items()}
+    assert set(captured) == set(layers)
+    for name in layers:
+        assert torch.allclose(captured[name], reference[name], rtol=1e-4, atol=1e-6), name
+    optimizer.step()
+    recorded = recorder.on_step(2)
+    after = delta_weights(model)
+    steps = {n: (after[n] - before[n]).double() for n in layers}
+    inner = sum(float((steps[n] * -reference[n]).sum()) for n in layers)
+    norm_step = math.sqrt(sum(float((steps[n] ** 2).sum()) for n in layers))
+    norm_grad = math.sqrt(sum(float((reference[n] ** 2).sum()) for n in layers))
+    assert recorded["diag/alignment"] == pytest.approx(inner / (norm_step * norm_grad), rel=1e-4, abs=1e-6)
+    assert recorder.alignments == [(2, recorded["diag/alignment"])]
+    # SGD descends: its step has a positive cosine with -G; the hooks are gone after the record step
+    assert recorded["diag/alignment"] > 0 and recorder._capture is None
+    assert all(not layer._forward_hooks for layer in layers.values())
+
+
+def test_the_alignment_does_not_depend_on_the_step_length(tiny_model):
+    # the same gradient, steps of two lengths in the same direction: the same cosine (what a rate cannot explain)
+    from harness.adapters import get_adapter_model
+
+    model = trained_look(get_adapter_model(tiny_model[0], "lora", r=4, alpha=8, targets=["q_proj"]), 5)
+    layers = D.adapted_layers(model)
+    before = {n: tuple(x.double() for x in D.delta_factors(layer, "default")) for n, layer in layers.items()}
+    grads = {n: torch.randn(layer.base_layer.weight.shape, dtype=torch.float64) for n, layer in layers.items()}
+    values = []
+    for scale in (0.01, 0.3):
+        after = {n: (b + scale * torch.ones_like(b), a) for n, (b, a) in before.items()}
+        values.append(D.gradient_alignment(before, after, grads, layers))
+    assert values[0] == pytest.approx(values[1], rel=1e-9) and abs(values[0]) <= 1
+    assert math.isnan(D.gradient_alignment(before, before, grads, layers))  # no step: no direction

@@ -116,6 +116,27 @@ def test_claims_are_tested_against_each_methods_own_reference_with_one_holm_fami
     assert control["verdict"] == "no detectable difference" and "vs control" in control["note"]
 
 
+def test_where_the_step_direction_was_recorded_the_paths_claim_rests_on_it_not_on_step_size():
+    # LinChain moves dW twice as far per step (its rate) but follows -G no more closely than LoRA: the claim is
+    # judged on the cosine, which the rate cannot set, and the movement is shown beside it, untested
+    lora, linchain, _ = _arms()
+    cosines = {"lora": {1: 0.30, 2: 0.32, 3: 0.29, 4: 0.31, 5: 0.30, 6: 0.33},
+               "linchain": {1: 0.31, 2: 0.30, 3: 0.30, 4: 0.32, 5: 0.29, 6: 0.32}}
+    for arm in (lora, linchain):
+        for seed, (_, curves) in arm.measured.items():
+            curves["alignments"] = [(10, cosines[arm.spec][seed]), (100, cosines[arm.spec][seed])]
+    paths = pd.DataFrame(mechanisms.claim_rows([lora, linchain]))
+    paths = paths[paths["claim"] == "paths"]
+    assert list(paths["tested"]) == [True, False, False]
+    assert "cosine" in paths.iloc[0]["measure"] and "moves per step" in paths.iloc[1]["measure"]
+    diffs = [cosines["linchain"][s] - cosines["lora"][s] for s in range(1, 7)]
+    assert paths.iloc[0]["difference"] == pytest.approx(sum(diffs) / 6)
+    assert paths.iloc[0]["p"] == pytest.approx(scipy_stats.ttest_rel(
+        [cosines["linchain"][s] for s in range(1, 7)], [cosines["lora"][s] for s in range(1, 7)]).pvalue, rel=1e-9)
+    assert paths.iloc[0]["verdict"] == "no detectable difference"
+    assert paths.iloc[1]["difference"] > 0.9  # the step size differs a lot, and decides nothing here
+
+
 def test_claims_are_withheld_at_the_edge_and_inconclusive_without_pairs():
     lora, linchain, _ = _arms()
     edge = _arm("linchain", "lora", lambda s: 2.0 + 0.01 * s, lambda s: 4.0 + 0.1 * s, edge=True)

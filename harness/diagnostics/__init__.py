@@ -67,7 +67,8 @@ from harness.diagnostics.measures import (ALL_LAYERS, COLUMNS, LEVELS, MEASURES,
 from harness.diagnostics.plots import (plot_convergence, plot_grad_norms, plot_lr_vs_curvature,  # noqa: F401
                                        plot_spectra)
 from harness.diagnostics.spectra import (INTRUDER_THRESHOLD, INTRUDER_TOP_K, RECORD_EVERY,  # noqa: F401
-                                         SIMILARITY_TOP_K, BaseSpectrum, DiagnosticsRecorder, _active_adapter,
+                                         SIMILARITY_TOP_K, BaseSpectrum, DiagnosticsRecorder, GradientCapture,
+                                         _active_adapter, gradient_alignment,
                                          adapted_layers, base_spectrum, delta_factors, effective_rank,
                                          one_thread, product_svd, singular_values, stable_rank,
                                          subspace_overlap, top_left_cosines, update_intruders,
@@ -152,7 +153,7 @@ def trace_of(method: str, seed: int, train_result, recorder: DiagnosticsRecorder
                  list(getattr(train_result, "grad_norms", None) or []),
                  list(getattr(train_result, "group_grad_norms", None) or []),
                  list(recorder.delta_norms) if recorder else [], list(recorder.effective_ranks) if recorder else [],
-                 list(recorder.movements) if recorder else [])
+                 list(recorder.movements) if recorder else [], list(recorder.alignments) if recorder else [])
 
 
 @dataclass
@@ -236,6 +237,7 @@ class RunDiagnostics:
 
     def _measure(self, probe: MethodProbe, peft_model, method: str, spec_method: str, seed: int,
                  train_result) -> dict[str, float]:
+        probe.recorder.close()
         probe.recorder.record(train_result.steps)
         if self.tokenizer is not None and self.sample is None:
             self.sample = general_text_sample(self.tokenizer)

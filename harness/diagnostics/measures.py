@@ -100,3 +100,4 @@ class Trace:
     delta_norms: list = field(default_factory=list)
     effective_ranks: list = field(default_factory=list)
     movements: list = field(default_factory=list)  # (step, ||dW_step - dW_previous record||_F per step)
+    alignments: list = field(default_factory=list)  # (step, cos(that step's change of dW, -dL/dW0))

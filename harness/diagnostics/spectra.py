@@ -232,29 +232,117 @@ def update_movement(before: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     return math.sqrt(max(squares, 0.0))
 
 
+class GradientCapture:
+    """The full-weight gradient dL/dW0 of every adapted layer over one optimizer step, and dW before it.
+
+    A forward hook on each adapted layer keeps its input x; a hook on the layer's output gradient g adds
+    g^T x (summed over tokens, and over the micro-batches of gradient accumulation) - exactly what the frozen
+    base weight's ``.grad`` would be if it were trained, the direction full fine-tuning would step along, in
+    the layer's (d_out, d_in) orientation. Forward passes without gradients (evaluation) add nothing.
+    :meth:`close` removes the hooks.
+    """
+
+    def __init__(self, layers: Mapping[str, Any], adapter: str):
+        self.layers = layers
+        self.before = _factors(layers, adapter)
+        self.grads: dict[str, torch.Tensor] = {}
+        self._handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers.items()]
+
+    def _hook(self, name: str):
+        def forward(module, inputs, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            x = inputs[0].detach()
+
+            def backward(g):
+                full = g.detach().reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                self.grads[name] = self.grads[name] + full if name in self.grads else full
+
+            output.register_hook(backward)
+        return forward
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _factors(layers: Mapping[str, Any], adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    with torch.no_grad():
+        return {name: tuple(x.to(torch.float64).clone() for x in delta_factors(layer, adapter))
+                for name, layer in layers.items()}
+
+
+def gradient_alignment(before: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                       after: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                       grads: Mapping[str, torch.Tensor], layers: Mapping[str, Any]) -> float:
+    """cos(dW_after - dW_before, -G) over all layers together: how much of full fine-tuning's steepest-descent
+    direction one optimizer step of the adapter followed.
+
+    A cosine: the step's length (the learning rate) cancels, which is why it can test "more optimization
+    paths" where the step's size cannot. <b a, G> = sum(b * (G a^T)) with r-column products, ||dW_after -
+    dW_before|| from :func:`update_movement`; NaN when the step or the gradient is zero.
+    """
+    inner, grad_sq = 0.0, 0.0
+    with torch.no_grad():
+        for name, full in grads.items():
+            g = full.to(torch.float64)
+            if getattr(layers[name], "fan_in_fan_out", False):
+                g = g.T  # delta_factors gives dW in the stored weight's orientation there
+            (b1, a1), (b2, a2) = before[name], after[name]
+            inner += float((b2 * (g @ a2.T)).sum() - (b1 * (g @ a1.T)).sum())
+            grad_sq += float((g * g).sum())
+    step = update_movement({n: before[n] for n in grads}, {n: after[n] for n in grads})
+    if step == 0 or grad_sq == 0:
+        return math.nan
+    return -inner / (step * math.sqrt(grad_sq))
+
+
 class DiagnosticsRecorder:
-    """Records ||dW||_F, the mean effective rank and how far dW moved, every ``every`` steps.
+    """Records ||dW||_F, the mean effective rank, how far dW moved and along what, every ``every`` steps.
 
     Call :meth:`on_step` from training. ``movements`` holds (step, ||dW_step - dW_previous||_F / steps
     between the two records): the distance the update itself travelled per optimizer step, which is what
-    the optimizer's step sets (under Adam the gradient norm does not). ``on_step(step, loss, lr)`` has the
-    signature of :func:`harness.train.train`'s callback and returns the metrics it recorded at that step
-    (empty between records), so a caller can log them too.
+    the optimizer's step sets (under Adam the gradient norm does not). ``alignments`` holds (step, the
+    cosine between that step's change of dW and the negative full-weight gradient of its batch,
+    :func:`gradient_alignment`): a direction, which the step size does not set. ``on_step(step, loss, lr)``
+    has the signature of :func:`harness.train.train`'s callback and returns the metrics it recorded at that
+    step (empty between records), so a caller can log them too.
     """
 
-    def __init__(self, peft_model, every: int = RECORD_EVERY):
+    def __init__(self, peft_model, every: int = RECORD_EVERY, alignment: bool = True):
         self.adapter = _active_adapter(peft_model)
         self.layers = adapted_layers(peft_model)
         self.every = every
+        self.alignment = alignment
         self.delta_norms: list[tuple[int, float]] = []
         self.effective_ranks: list[tuple[int, float]] = []
         self.movements: list[tuple[int, float]] = []
+        self.alignments: list[tuple[int, float]] = []
         self._previous: tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._capture: GradientCapture | None = None
 
     def on_step(self, step: int, loss: float | None = None, lr: float | None = None) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self._capture is not None:  # the step just taken was captured: its direction against -G
+            capture, self._capture = self._capture, None
+            capture.close()
+            if capture.grads:
+                value = gradient_alignment(capture.before, _factors(self.layers, self.adapter), capture.grads,
+                                           self.layers)
+                self.alignments.append((step, value))
+                metrics["diag/alignment"] = value
+        if self.alignment and self.layers and (step + 1) % self.every == 0:  # the next step is a record step
+            self._capture = GradientCapture(self.layers, self.adapter)
         if step != 1 and step % self.every:
-            return {}
-        return self.record(step)
+            return metrics
+        return {**metrics, **self.record(step)}
+
+    def close(self) -> None:
+        """Remove any gradient hooks still armed (a run that stopped between the arming and the next step)."""
+        if self._capture is not None:
+            self._capture.close()
+            self._capture = None
 
     def record(self, step: int) -> dict[str, float]:
         """Measure now (also used once after the last step, which ``on_step`` may have skipped)."""
@@ -264,9 +352,7 @@ class DiagnosticsRecorder:
         self.delta_norms.append((step, norm))
         self.effective_ranks.append((step, rank))
         metrics = {"diag/delta_norm": norm, "diag/effective_rank": rank}
-        with torch.no_grad():
-            factors = {name: tuple(x.to(torch.float64).clone() for x in delta_factors(layer, self.adapter))
-                       for name, layer in self.layers.items()}
+        factors = _factors(self.layers, self.adapter)
         if self._previous is not None and step > self._previous[0]:
             moved = update_movement(self._previous[1], factors) / (step - self._previous[0])
             self.movements.append((step, moved))
