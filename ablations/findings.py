@@ -291,8 +291,8 @@ def limits(folder: Path, items, steps: int, verdict: pd.DataFrame) -> str:
              f"rank {config.get('rank', '?')}, one synthetic task family ({sum(tasks.values())} test items over "
              f"{len(tasks)} tasks), one tuning seed")
     arms = ("controls: " + ", ".join(f"`{c}`" for c in controls) if controls else
-            "no control arm (the init-only, depth and parameter-count controls are a separate study, not run yet), "
-            "so no mechanism claim here is tested against a control")
+            "no control arm in this study (the init-only, depth and parameter-count controls are a study of their "
+            "own), so no mechanism claim here is tested against a control")
     return (f"**Limits.** This is {scale}; {arms}. A result here says what holds at this scale, not what holds for "
             "larger models, longer training or other tasks.")
 

@@ -12,8 +12,8 @@ Per claim and method, the claim's first measure that has data is tested: a paire
 seeds, Holm-adjusted over every (claim, method) test of the same family (comparisons with LoRA; contrasts
 with a control's parent) - a family of its own, apart from the score verdicts. Verdicts: ``supported``
 (significant, in the direction the claim predicts), ``opposite`` (significant, the other way), ``no
-detectable difference``, ``inconclusive`` (fewer than 2 pairs, no spread, or withheld because a chosen rate
-sits at the edge of its grid), ``not measured``. The other measures of a claim are shown, not tested.
+detectable difference``, ``inconclusive`` (fewer than 2 pairs, no spread, or withheld: a chosen rate sits at the
+edge of its grid, or the measure is a step length and the two rates differ), ``not measured``. The other measures of a claim are shown, not tested.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from ablations.fair import CONTROL_FAMILY, LORA_FAMILY, TunedArm, withheld
 from harness import stats
-from harness.diagnostics.claims import CLAIMS, PATHS_CAVEAT, claim_comparisons, mean_sd_text
+from harness.diagnostics.claims import CLAIMS, MOVEMENT_MEASURE, PATHS_CAVEAT, claim_comparisons, mean_sd_text
 from harness.diagnostics.measures import ALL_LAYERS, TABLE_COLUMNS, Trace, nan_mean
 
 SUPPORTED, OPPOSITE, NO_DIFFERENCE, INCONCLUSIVE, NOT_MEASURED = (
@@ -64,6 +64,21 @@ def run_rows(results: list[TunedArm]) -> list[dict[str, Any]]:
     return out
 
 
+def rate_confound(measure: str, arm: TunedArm, ref: TunedArm) -> str | None:
+    """Why a measure that scales with the learning rate cannot judge two arms trained at different rates, or None.
+
+    How far dW moves per step is, under Adam, roughly the rate times a bounded factor: between arms at rates
+    a factor apart it measures the rates as much as any mechanism, so the claim resting on it is withheld
+    there (the step-direction cosine, which the rate cannot set, is what judges it where it was recorded)."""
+    if measure != MOVEMENT_MEASURE or arm.chosen_lr is None or ref.chosen_lr is None:
+        return None
+    if math.isclose(arm.chosen_lr, ref.chosen_lr, rel_tol=1e-9):
+        return None
+    return (f"withheld: the step's length scales with the learning rate, and the rates differ "
+            f"({arm.chosen_lr:.3g} against {ref.chosen_lr:.3g}, x{arm.chosen_lr / ref.chosen_lr:.2f}); the "
+            "step-direction cosine, which the rate cannot set, was not recorded for these runs")
+
+
 def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, Any]]:
     """claims.csv: each claim's measures per method against its reference, the tested one with its verdict."""
     by_spec = {r.spec: r for r in results}
@@ -94,8 +109,9 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
                        "difference": c.estimate, "low": c.low, "high": c.high, "p": c.p_value, "p_holm": math.nan,
                        "verdict": "", "note": "", "_predicted": comp.predicted}
                 if i == rests_on:
-                    if hold:
-                        row.update(verdict=INCONCLUSIVE, note=hold)
+                    confound = rate_confound(comp.measure, arm, ref)
+                    if hold or confound:
+                        row.update(verdict=INCONCLUSIVE, note=hold or confound)
                     elif c.n_seeds < stats.MIN_PAIRS:
                         row.update(verdict=INCONCLUSIVE, note=f"{c.n_seeds} pair(s) of final seeds measured")
                     elif stats.no_spread(c):

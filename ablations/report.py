@@ -415,6 +415,8 @@ def finish_parent_run(plan, storage, artifacts=(), interrupted: bool = False) ->
     if not plan.mlflow_parent_run_id:
         return
     tracker = Tracker(plan.config.tracking_uri, plan.config.experiment)
+    if not tracker.has_run(plan.mlflow_parent_run_id):  # the journal came from another machine: nothing to log to
+        return
     client = tracker.client
     for path in artifacts:
         client.log_artifact(plan.mlflow_parent_run_id, str(path), "results")

@@ -242,7 +242,7 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
                 fail_stale_trials(optuna.load_study(study_name=name, storage=storage), storage, plan, stale_after, log)
     tracker.reconcile(log)
     if stored is not None:
-        if _has_run(tracker, stored.mlflow_parent_run_id):
+        if tracker.has_run(stored.mlflow_parent_run_id):
             plan.mlflow_parent_run_id = stored.mlflow_parent_run_id
             tracker.client.update_run(plan.mlflow_parent_run_id, status="RUNNING")
         else:  # the journal travelled to another machine (or MLflow store): the trials go on under a new parent run
@@ -403,17 +403,6 @@ def _stored_plan(study) -> StudyPlan | None:
     value = study.user_attrs.get(PLAN_ATTR)
     return StudyPlan.from_attr(value) if value else None
 
-
-def _has_run(tracker: Tracker, run_id: str | None) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    if not run_id:
-        return False
-    try:
-        tracker.client.get_run(run_id)
-    except MlflowException:
-        return False
-    return True
 
 
 def _create_parent_run(tracker: Tracker, plan: StudyPlan, url: str) -> None:

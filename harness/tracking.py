@@ -443,6 +443,18 @@ class Tracker:
         else:
             _end(handle, handle._status or "FINISHED", None)
 
+    def has_run(self, run_id: str | None) -> bool:
+        """Whether this store holds the run (a study's journal may have travelled from another MLflow store)."""
+        from mlflow.exceptions import MlflowException
+
+        if not run_id:
+            return False
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
+
     def names_in_use(self, name: str) -> set[str]:
         """The names of this experiment's benchmark runs that start with ``name`` (finished or not)."""
         if "'" in name or "\\" in name:  # not expressible in MLflow's filter syntax; the folders still decide

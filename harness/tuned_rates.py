@@ -48,9 +48,9 @@ class RateTable:
 # curve (results/findings/fair-paper/verdict.csv, chosen_lr). Rewrite this table from a new verdict.csv,
 # never from test scores.
 FAIR_PAPER = RateTable(
-    study="results/findings/fair-paper", commit="7fc2200", model="smollm2-135m-instruct",
+    study="results/findings/fair-paper", commit="1f05959", model="smollm2-135m-instruct",
     max_steps=100, batch_size=16, rank=16, alpha=32.0, dropout=0.0,
-    rates={"lora": 0.0017782794100389228, "moslora": 0.001},
+    rates={"lora": 0.0017782794100389228, "moslora": 0.001, "linchain": 0.0031622776601683794},
 )
 
 

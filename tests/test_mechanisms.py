@@ -120,6 +120,7 @@ def test_where_the_step_direction_was_recorded_the_paths_claim_rests_on_it_not_o
     # LinChain moves dW twice as far per step (its rate) but follows -G no more closely than LoRA: the claim is
     # judged on the cosine, which the rate cannot set, and the movement is shown beside it, untested
     lora, linchain, _ = _arms()
+    linchain.chosen_lr = 2 * lora.chosen_lr  # a cosine is judged at any pair of rates
     cosines = {"lora": {1: 0.30, 2: 0.32, 3: 0.29, 4: 0.31, 5: 0.30, 6: 0.33},
                "linchain": {1: 0.31, 2: 0.30, 3: 0.30, 4: 0.32, 5: 0.29, 6: 0.32}}
     for arm in (lora, linchain):
@@ -135,6 +136,18 @@ def test_where_the_step_direction_was_recorded_the_paths_claim_rests_on_it_not_o
         [cosines["linchain"][s] for s in range(1, 7)], [cosines["lora"][s] for s in range(1, 7)]).pvalue, rel=1e-9)
     assert paths.iloc[0]["verdict"] == "no detectable difference"
     assert paths.iloc[1]["difference"] > 0.9  # the step size differs a lot, and decides nothing here
+
+
+def test_a_step_length_cannot_judge_arms_at_different_rates_but_the_other_claims_still_can():
+    lora, linchain, _ = _arms()
+    linchain.chosen_lr = 1.78 * lora.chosen_lr
+    claims = pd.DataFrame(mechanisms.claim_rows([lora, linchain]))
+    paths = claims[(claims["claim"] == "paths") & claims["tested"]].iloc[0]
+    assert "moves per step" in paths["measure"] and paths["verdict"] == "inconclusive"
+    assert "rates differ" in paths["note"] and "x1.78" in paths["note"]
+    rank = claims[(claims["claim"] == "rank") & claims["tested"]].iloc[0]
+    assert rank["verdict"] != "inconclusive" and "Holm over" in rank["note"]
+    assert math.isnan(paths["p_holm"])  # a withheld test takes no part in the Holm family
 
 
 def test_claims_are_withheld_at_the_edge_and_inconclusive_without_pairs():
