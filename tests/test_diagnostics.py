@@ -697,3 +697,19 @@ def test_the_alignment_does_not_depend_on_the_step_length(tiny_model):
         values.append(D.gradient_alignment(before, after, grads, layers))
     assert values[0] == pytest.approx(values[1], rel=1e-9) and abs(values[0]) <= 1
     assert math.isnan(D.gradient_alignment(before, before, grads, layers))  # no step: no direction
+
+
+def test_the_alignment_is_not_recorded_where_the_full_weight_gradients_exceed_the_budget(tiny_model, monkeypatch):
+    from harness.adapters import get_adapter_model
+    from harness.diagnostics import spectra
+
+    model = get_adapter_model(tiny_model[0], "lora", r=4, alpha=8, targets=["q_proj"])
+    layers = D.adapted_layers(model)
+    size = sum(4 * layer.get_base_layer().weight.numel() for layer in layers.values())  # fp32 G, every layer
+    assert spectra.full_gradient_bytes(layers) == size
+    monkeypatch.setattr(spectra, "ALIGNMENT_MAX_BYTES", size)
+    assert D.DiagnosticsRecorder(model, every=2).alignment
+    monkeypatch.setattr(spectra, "ALIGNMENT_MAX_BYTES", size - 1)
+    recorder = D.DiagnosticsRecorder(model, every=2)
+    recorder.on_step(1)
+    assert not recorder.alignment and recorder._capture is None  # no hooks armed: nothing held

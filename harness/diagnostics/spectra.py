@@ -298,6 +298,16 @@ def gradient_alignment(before: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     return -inner / (step * math.sqrt(grad_sq))
 
 
+# The step-direction cosine holds the full-weight gradient of every adapted layer for one step (fp32): at most
+# this much (SmolLM2-135M with q,k,v,up,down: 277 MB); a larger model is not measured, and its claim says so.
+ALIGNMENT_MAX_BYTES = 2 * 1024 ** 3
+
+
+def full_gradient_bytes(layers: Mapping[str, Any]) -> int:
+    """The bytes an fp32 copy of every adapted layer's full weight takes (what :class:`GradientCapture` holds)."""
+    return sum(4 * layer.get_base_layer().weight.numel() for layer in layers.values())
+
+
 class DiagnosticsRecorder:
     """Records ||dW||_F, the mean effective rank, how far dW moved and along what, every ``every`` steps.
 
@@ -305,7 +315,8 @@ class DiagnosticsRecorder:
     between the two records): the distance the update itself travelled per optimizer step, which is what
     the optimizer's step sets (under Adam the gradient norm does not). ``alignments`` holds (step, the
     cosine between that step's change of dW and the negative full-weight gradient of its batch,
-    :func:`gradient_alignment`): a direction, which the step size does not set. ``on_step(step, loss, lr)``
+    :func:`gradient_alignment`): a direction, which the step size does not set; recorded where the layers'
+    full-weight gradients fit in :data:`ALIGNMENT_MAX_BYTES`. ``on_step(step, loss, lr)``
     has the signature of :func:`harness.train.train`'s callback and returns the metrics it recorded at that
     step (empty between records), so a caller can log them too.
     """
@@ -314,7 +325,8 @@ class DiagnosticsRecorder:
         self.adapter = _active_adapter(peft_model)
         self.layers = adapted_layers(peft_model)
         self.every = every
-        self.alignment = alignment
+        # the captured G is one fp32 d_out x d_in matrix per adapted layer: within the budget, or not measured
+        self.alignment = alignment and full_gradient_bytes(self.layers) <= ALIGNMENT_MAX_BYTES
         self.delta_norms: list[tuple[int, float]] = []
         self.effective_ranks: list[tuple[int, float]] = []
         self.movements: list[tuple[int, float]] = []
