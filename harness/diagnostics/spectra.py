@@ -299,7 +299,7 @@ def gradient_alignment(before: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
 
 
 # The step-direction cosine holds the full-weight gradient of every adapted layer for one step (fp32): at most
-# this much (SmolLM2-135M with q,k,v,up,down: 277 MB); a larger model is not measured, and its claim says so.
+# this much (SmolLM2-135M with q,k,v,up,down: about 280 MB); a larger model is not measured, and its claim says so.
 ALIGNMENT_MAX_BYTES = 2 * 1024 ** 3
 
 
