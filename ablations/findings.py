@@ -181,66 +181,89 @@ def text(folder: Path) -> str:
     scores = {m: recompute.seed_scores(c) for m, c in items.items()}
     tuned = tuning(folder, SMOOTHING_STEPS)
     for row in shipped.itertuples():
-        if row.method in tuned and not math.isclose(tuned[row.method].chosen, float(row.chosen_lr), rel_tol=1e-9):
+        if row.method in tuned and not math.isfinite(float(row.chosen_lr)):  # tuning still running: no choice yet
+            del tuned[row.method]
+        elif row.method in tuned and not math.isclose(tuned[row.method].chosen, float(row.chosen_lr), rel_tol=1e-9):
             raise UserError(f"trials.csv picks {tuned[row.method].chosen:g} for {row.method}, verdict.csv "
                             f"{float(row.chosen_lr):g}; rewrite the report first")
     methods = [m for m in verdict["method"]]
+    reference = {r.method: (r.reference if isinstance(r.reference, str) and r.reference else None)
+                 for r in verdict.itertuples()}
     finished = {m: len(scores.get(m, {})) for m in methods}
-    complete = all(finished.get(m, 0) >= planned for m in ORDER) and all(m in tuned for m in ORDER)
-    lora = tuned.get("lora")
-    out = [f"### `{study}`: {', '.join(name(m) for m in ORDER)}, each at its own tuned rate", ""]
+    complete = all(finished.get(m, 0) >= planned and m in tuned for m in methods)
+    controls = [m for m, f in zip(verdict["method"], verdict["family"]) if f == CONTROL_FAMILY]
+    out = [f"### `{study}`: {', '.join(name(m) for m in methods)}, each at its own tuned rate", ""]
     if complete:
         out.append(f"**Status: complete.** Every method tuned and {planned} final seeds each.")
     else:
         have = "; ".join(f"{name(m)}: {'tuned' if m in tuned else 'not tuned yet'}, "
-                         f"{finished.get(m, 0)} of {planned} final seeds" for m in ORDER)
+                         f"{finished.get(m, 0)} of {planned} final seeds" for m in methods)
         out.append(f"**Status: partial** ({have}). A verdict below covers only the seeds that exist; none is final.")
-    out += ["", "| method | rate chosen on validation | from LoRA's | validation at it | test, mean ± SD over seeds "
-                "| gain over LoRA, 95% over seeds | items 95% | p (Holm) | 90% (TOST) | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["", "| method | vs | rate chosen on validation | from the reference's | validation at it | test, mean ± SD "
+                "over seeds | gain over the reference, 95% over seeds | items 95% | p (Holm) | 90% (TOST) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in verdict.itertuples():
-        t = tuned.get(row.method)
+        t, ref = tuned.get(row.method), reference.get(row.method)
         rate = f"{t.chosen:.3g}" + (" (at the grid's edge)" if t.at_edge else "") if t else "not tuned yet"
-        offset = (f"{round(math.log10(t.chosen / lora.chosen) * per_decade):+d} grid step(s)" if t and lora and
-                  row.method != "lora" else "")
+        offset = (f"{round(math.log10(t.chosen / tuned[ref].chosen) * per_decade):+d} grid step(s)"
+                  if t and ref in tuned else "")
         valid = pts(t.curve.get(t.chosen, math.nan), signed=False) + "%" if t else ""
         n = finished.get(row.method, 0)
         test = f"{pts(row.test_mean, False)} ± {pts(row.test_std, False)}% ({n} seeds)" if n else "no final seed yet"
-        if row.method == "lora":
-            out.append(f"| {name(row.method)} | {rate} | | {valid} | {test} | reference | | | | |")
+        if ref is None:
+            out.append(f"| {name(row.method)} | | {rate} | | {valid} | {test} | reference | | | | |")
             continue
         if not math.isfinite(row.gain):
-            out.append(f"| {name(row.method)} | {rate} | {offset} | {valid} | {test} | not measured | | | | "
-                       f"{row.verdict} |")
+            out.append(f"| {name(row.method)} | {name(ref)} | {rate} | {offset} | {valid} | {test} | not measured "
+                       f"| | | | {row.verdict} |")
             continue
-        out.append(f"| {name(row.method)} | {rate} | {offset} | {valid} | {test} | {pts(row.gain)} "
+        out.append(f"| {name(row.method)} | {name(ref)} | {rate} | {offset} | {valid} | {test} | {pts(row.gain)} "
                    f"{interval(row.gain_low, row.gain_high)} | {interval(row.items_low, row.items_high)} | "
                    f"{p_text(row.p_holm)} | {interval(row.gain_low90, row.gain_high90)} | {row.verdict} |")
-    out += ["", f"Gains are in percentage points of the `arithmetic` test average; `equivalent` would need the 90% "
-                f"interval inside ±{pts(delta, False)} points (delta, fixed before the study). The seed interval "
-                "covers run-to-run variance on this test set; the item interval covers test-item noise.", ""]
+    out += ["", f"Gains are in percentage points of the `arithmetic` test average, the row minus its reference (vs); "
+                f"`equivalent` would need the 90% interval inside ±{pts(delta, False)} points (delta, fixed before the "
+                "study). The seed interval covers run-to-run variance on this test set; the item interval covers "
+                "test-item noise." + (" Comparisons with LoRA and the controls' contrasts are separate Holm "
+                                      "families." if controls else ""), ""]
 
-    pairs = ordering(scores)
-    out += ["**The ordering LinChain > MoSLoRA > LoRA** (the paper's Tables 1-2), every pair at its tuned rates: "
-            + "; ".join(f"{name(hi)} - {name(lo)} {pts(c.estimate)} {interval(c.low, c.high)} "
-                        f"(Holm p {p_text(p)}, {c.n_seeds} seeds)" for hi, lo, c, p in pairs)
-            + f". Verdict: {ordering_verdict(pairs, [m for m in ORDER if not scores.get(m)])}.", ""]
+    if controls:
+        parts = []
+        for row in verdict.itertuples():
+            if row.method not in controls:
+                continue
+            if not math.isfinite(row.gain):
+                parts.append(f"{name(row.method)} - {name(reference[row.method])}: not measured yet")
+                continue
+            parts.append(f"{name(row.method)} - {name(reference[row.method])} {pts(row.gain)} "
+                         f"{interval(row.gain_low, row.gain_high)} (Holm p {p_text(row.p_holm)}, "
+                         f"{finished.get(row.method, 0)} seeds): {row.verdict}")
+        out += ["**What the controls show** (each control minus the method it controls, at their own tuned rates; "
+                "a control that scores like its parent says the part it removes or changes is not what the score "
+                "rests on, at this scale): " + "; ".join(parts) + ".", ""]
+    else:
+        pairs = ordering(scores)
+        out += ["**The ordering LinChain > MoSLoRA > LoRA** (the paper's Tables 1-2), every pair at its tuned rates: "
+                + "; ".join(f"{name(hi)} - {name(lo)} {pts(c.estimate)} {interval(c.low, c.high)} "
+                            f"(Holm p {p_text(p)}, {c.n_seeds} seeds)" for hi, lo, c, p in pairs)
+                + f". Verdict: {ordering_verdict(pairs, [m for m in ORDER if not scores.get(m)])}.", ""]
 
     rows = [r for r in claims(folder, {(m, int(seed)) for m, by in scores.items() for seed in by}) if r.get("tested") is True or r.get("tested") == "True"]
-    out.append("**Mechanisms at the tuned rates** (diagnostics.md; each method against LoRA over the paired final "
-               "seeds, Holm over the claim tests):")
+    out.append("**Mechanisms at the tuned rates** (diagnostics.md; each method against its reference over the "
+               "paired final seeds, Holm over the claim tests of each family):")
     out.append("")
     for key, title in CLAIM_TITLES.items():
         found = [r for r in rows if r["claim"] == key]
+        measure = next((r["measure"] for r in found if r.get("measure")), "")
         parts = []
         for r in found:
             if r["verdict"] == "not measured":
                 parts.append(f"{name(r['method'])}: not measured ({r['note']})")
                 continue
-            parts.append(f"{name(r['method'])} {r['method_mean']:.3g} against {r['reference_mean']:.3g}, "
+            other = f" (measured as {r['measure']})" if r.get("measure") and r["measure"] != measure else ""
+            parts.append(f"{name(r['method'])}{other} {r['method_mean']:.3g} against {r['reference_mean']:.3g}, "
                          f"difference {r['difference']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}], "
-                         f"Holm p {p_text(r['p_holm'])}, {r['n_pairs']} pairs: **{r['verdict']}**")
-        measure = next((r["measure"] for r in found if r.get("measure")), "")
+                         f"Holm p {p_text(r['p_holm'])}, {r['n_pairs']} pairs: **{r['verdict']}**"
+                         + (f" ({r['note']})" if r["verdict"] == "inconclusive" and r.get("note") else ""))
         out.append(f"- {title}, measured as {measure or 'n/a'}: " + ("; ".join(parts) if parts else "no test") + ".")
     out.append("")
 
@@ -248,7 +271,7 @@ def text(folder: Path) -> str:
     if "lora" in times:
         base = float(pd.Series(times["lora"]).median())
         listed = []
-        for m in ORDER:
+        for m in methods:
             if m in times:
                 med = float(pd.Series(times[m]).median())
                 listed.append(f"{name(m)} {med:.2f} s/step ({len(times[m])} runs)"
@@ -257,16 +280,17 @@ def text(folder: Path) -> str:
                 "seconds per step on this 2-core CPU in bf16: " + "; ".join(listed) + ". The runs were not "
                 "timed under controlled load, so read these as rough ratios.", ""]
 
-    differences = [[scores[m][s] - scores["lora"][s] for s in sorted(set(scores[m]) & set(scores["lora"]))]
-                   for m in methods if m != "lora" and m in scores and "lora" in scores]
+    with_lora = [r.method for r in verdict.itertuples() if r.family == LORA_FAMILY]
+    differences = [[scores[m][s] - scores[reference[m]][s] for s in sorted(set(scores[m]) & set(scores[reference[m]]))]
+                   for m in with_lora if m in scores and reference[m] in scores]
     pooled = stats.pooled_sd([[100 * d for d in ds] for ds in differences])
     family = max(1, int((verdict["family"] == LORA_FAMILY).sum()))  # the design's Holm family, finished or not
     if math.isfinite(pooled.sd):
         figures = stats.power_figures(pooled.sd, planned, comparisons=family, delta=100 * delta, sd_df=pooled.df)
         needed = figures.seeds_needed
-        shares = ", ".join(f"{name(r.method)} - LoRA: seeds {100 * r.var_seed_share:.0f}%, items "
+        shares = ", ".join(f"{name(r.method)} - {name(reference[r.method])}: seeds {100 * r.var_seed_share:.0f}%, items "
                            f"{100 * r.var_item_share:.0f}%" for r in verdict.itertuples()
-                           if r.method != "lora" and math.isfinite(r.var_seed_share))
+                           if reference.get(r.method) and math.isfinite(r.var_seed_share))
         out += [f"**Noise and what it allows.** The paired per-seed SD of a gain, pooled over the comparisons "
                 f"with LoRA, is {pooled.sd:.1f} points ({pooled.df} df, 95% {pooled.low:.1f}-{pooled.high:.1f}). "
                 f"With {planned} final seeds that gives a minimum detectable effect of {figures.mde:.1f} points "

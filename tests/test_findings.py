@@ -38,6 +38,25 @@ def test_the_readme_findings_block_is_what_the_shipped_files_give(copy, capsys):
     assert readme.read_text() == README.read_text()  # --check changes nothing
 
 
+def test_every_findings_block_in_the_readme_is_what_its_folder_gives(capsys):
+    blocks = re.findall(r"<!-- findings:([\w-]+) begin", README.read_text())
+    assert "fair-paper" in blocks
+    for study in blocks:
+        assert findings.main([str(ROOT / "results" / "findings" / study), "--readme", str(README), "--check"]) == 0, \
+            (study, capsys.readouterr().err)
+
+
+def test_a_study_with_controls_compares_each_with_its_parent_in_the_text():
+    folder = ROOT / "results" / "findings" / "fair-controls"
+    text = findings.text(folder)
+    verdict = pd.read_csv(folder / "verdict.csv", keep_default_na=False)
+    for row in verdict.itertuples():
+        if row.family == "vs control":
+            line = next(line for line in text.splitlines() if line.startswith(f"| {findings.name(row.method)} |"))
+            assert line.split(" | ")[1] == findings.name(row.reference)  # the vs column names its parent
+    assert "**What the controls show**" in text and "**The ordering" not in text
+
+
 def block_of(readme: Path) -> str:
     text = readme.read_text()
     return text[text.index("<!-- findings:fair-paper begin"):text.index("<!-- findings:fair-paper end -->")]
