@@ -1,0 +1,83 @@
+"""ablations.study --import-arms: a fair study that adds arms (controls beside their parents) copies the shared
+arms' trials from a finished study instead of training them again, only where every setting that decides a
+trial is the same."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ablations import fair
+from ablations.storage import open_storage, resolve_storage_url
+from harness.errors import UserError
+
+from test_fair import FAIR, ProtocolRun, fair_plan, run_all
+
+OPTIMA = {"lora": math.log10(3e-3), "moslora": math.log10(3e-3), "moslora:freeze_middle=true": math.log10(1e-2)}
+WITH_CONTROL = {**FAIR, "name": "tiny_controls",
+                "space": [*FAIR["space"], {"method": "moslora", "freeze_middle": True}]}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A finished fair study (lora, moslora) in a journal: run once for every test here."""
+    root = tmp_path_factory.mktemp("source")
+    (root / "first").mkdir()
+    plan, storage, url = fair_plan(root / "first", storage=f"journal:{root / 'first.log'}")
+    run_all(plan, storage, ProtocolRun(OPTIMA))
+    return plan, storage, url
+
+
+def _new(tmp_path, data=WITH_CONTROL, **options):
+    from ablations.study import resolve_plan
+    from ablations.studyfile import parse_study
+
+    typed = {"model": "tiny-random", "max_steps": 2, "output_dir": str(tmp_path / "second" / "results"),
+             "tracking_uri": f"sqlite:///{tmp_path / 'second.db'}", **options}
+    plan = resolve_plan(parse_study(data, source="test", default_name=data["name"]), typed, None, None)
+    url = resolve_storage_url(f"journal:{tmp_path / 'second.log'}")
+    return plan, open_storage(url, create=True), url
+
+
+def test_the_shared_arms_are_copied_and_only_the_new_arm_trains(tmp_path, source):
+    from ablations.study import create_or_resume, import_arms
+
+    first, source, source_url = source
+    (tmp_path / "second").mkdir()
+    plan, storage, url = _new(tmp_path)
+    lines = []
+    assert import_arms(plan, storage, url, source, source_url, log=lines.append) == ["lora", "moslora"]
+    assert "imported the trials of lora, moslora from study 'tiny_fair'" in lines[0]
+    plan = create_or_resume(plan, storage, url, log=lambda *a: None)
+    fake = ProtocolRun(OPTIMA)
+    run_all(plan, storage, fake)
+    assert {spec for spec, *_ in fake.calls} == {"moslora:freeze_middle=true"}  # nothing shared ran again
+    before = {a.spec: a for a in fair.method_results(first, source)}
+    after = {a.spec: a for a in fair.method_results(plan, storage)}
+    for spec in ("lora", "moslora"):
+        assert after[spec].chosen_lr == before[spec].chosen_lr and after[spec].test == before[spec].test
+    control = after["moslora:freeze_middle=true"]
+    assert control.reference == "moslora" and sorted(control.test) == sorted(before["moslora"].test)
+    rows = {r["method"]: r for r in fair.verdict_rows(plan, list(after.values()))}
+    assert rows["moslora:freeze_middle=true"]["family"] == fair.CONTROL_FAMILY
+    # a resumed command with the flag again changes nothing and says so
+    lines = []
+    assert import_arms(plan, storage, url, source, source_url, log=lines.append) == []
+    assert "--import-arms ignored" in lines[0]
+
+
+@pytest.mark.parametrize("options, data, message", [
+    ({"max_steps": 3}, WITH_CONTROL, "--max-steps (2 there, 3 here)"),
+    ({}, {**WITH_CONTROL, "final_seeds": 3}, "final_seeds"),
+    ({}, {**WITH_CONTROL, "space": [{"method": "lora", "r": 4}, {"method": "moslora", "r": 4}]}, "shares no method"),
+])
+def test_an_import_from_a_study_run_otherwise_is_refused_in_one_line(tmp_path, source, options, data, message):
+    from ablations.study import import_arms
+
+    _, source, source_url = source
+    (tmp_path / "second").mkdir()
+    plan, storage, url = _new(tmp_path, data=data, **options)
+    with pytest.raises(UserError, match="--import-arms: ") as err:
+        import_arms(plan, storage, url, source, source_url)
+    assert message in str(err.value) and "\n" not in str(err.value)
