@@ -193,13 +193,14 @@ def test_contaminated_scores_are_marked(tmp_path):
 def _results_for(cfg, rng_seed: int = 0) -> list[SystemResult]:
     """One seed-0 result per method of ``cfg``, with the settings harness.run records."""
     from harness.adapters import resolve_spec
+    from harness.tuned_rates import rate_for
 
     rng = np.random.default_rng(rng_seed)
     results = []
     for text in cfg.methods:
         spec = resolve_spec(text, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
         results.append(_system(spec.name, 0, {"add": (rng.random(50) < 0.5).astype(float)},
-                               settings=method_settings(spec, spec.lr or cfg.lr, cfg.train_on_inputs)))
+                               settings=method_settings(spec, rate_for(cfg, spec)[0], cfg.train_on_inputs)))
     return results
 
 
