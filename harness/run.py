@@ -24,7 +24,6 @@ MLflow runs KILLED (:meth:`harness.tracking.Tracker.reconcile`).
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import sys
 import tempfile
@@ -601,9 +600,7 @@ def _data_header(cfg: RunConfig, overlaps: dict, contaminated: set) -> dict[str,
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet.offline_environment()
     quiet.configure(verbose=quiet.verbose_requested(argv))
     from harness import distributed
 
