@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.quiet import offline_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = [{"method": "lora"}, {"method": "linchain", "n": [1, 2]}]
 
@@ -101,8 +103,7 @@ def main() -> None:
     parser.add_argument("--throughput-seeds", type=int, default=3, help="seeds in the throughput grid (3 trials each)")
     parser.add_argument("--throughput-model", default="tiny-random")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    offline_environment()
 
     print(f"Study machinery overhead, median per trial (first trial left out), {args.steps} steps, "
           f"{args.limit} items, batch 4\n")

@@ -7,15 +7,15 @@ at batch size 1 and at the batch size the harness picks; print items per second 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from harness.quiet import offline_environment
 
-from harness.data import resolve_data_dir
-from harness.evaluate import default_batch_size, evaluate
-from harness.models import EMBEDDED_MODEL, load_model
+offline_environment()
+
+from harness.data import resolve_data_dir  # noqa: E402  (after the environment: the libraries read it on import)
+from harness.evaluate import default_batch_size, evaluate  # noqa: E402
+from harness.models import EMBEDDED_MODEL, load_model  # noqa: E402
 
 TASKS = {"generation": "arithmetic_add_sub", "log-likelihood": "llm_adapters_boolq_mc"}
 

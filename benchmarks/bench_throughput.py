@@ -39,9 +39,9 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from harness.quiet import offline_environment  # the standard library only: nothing loads
+
+offline_environment()
 warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
 
 import torch  # noqa: E402

@@ -40,12 +40,12 @@ def load_source(source: str, tracking_uri: str | None = None) -> dict[str, Any]:
 
 
 def _from_mlflow(run_id: str, tracking_uri: str | None) -> dict[str, Any]:
-    from harness.tracking import _check_http, _mlflow, _sqlite_path, network_timeout_s, resolve_tracking_uri
+    from harness.tracking import _check_http, _mlflow, network_timeout_s, resolve_tracking_uri, sqlite_path
 
     uri = resolve_tracking_uri(tracking_uri)
     if urllib.parse.urlparse(uri).scheme.lower() in ("http", "https"):
         _check_http(uri, network_timeout_s())  # harness.run's check: a dead server costs seconds, not MLflow's retries
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None and not db.is_file():  # reading must not create an empty store
         raise UserError(f"{run_id!r} is neither a folder nor a run: there is no MLflow store at {db} "
                         "(pass --tracking-uri)")
@@ -53,13 +53,13 @@ def _from_mlflow(run_id: str, tracking_uri: str | None) -> dict[str, Any]:
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     try:
         client.get_run(run_id)
-    except Exception as err:  # noqa: BLE001 (MLflow raises its own exception types per store)
+    except Exception as err:  # MLflow raises its own exception types per store
         raise UserError(f"{run_id!r} is neither a folder nor a run in the MLflow store {uri} "
                         f"({type(err).__name__})") from err
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = client.download_artifacts(run_id, f"results/{RESULT_FILE}", tmp)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise UserError(f"MLflow run {run_id} has no results/{RESULT_FILE}: give the parent run of a "
                             "harness.run invocation") from err
         return load_result_json(Path(local), source=f"MLflow run {run_id}")

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from harness.errors import UserError, cli_entry
 from harness.evaluate import DEFAULT_TASKS, PRIMARY_FILTER, TASKS_DIR, AdapterSource, Sample, locate_adapter
+from harness.quiet import OFFLINE_ENVIRONMENT
 
 PATHS = ("harness", "merged", "lm-eval", "vllm")
 MUST_AGREE = ("merged", "lm-eval")  # in fp32, these must give the harness's answer on every item
@@ -192,8 +193,7 @@ def _lm_eval_path(which: str, base: Path, export: Path, precision: str, options:
     if which == "vllm" and rank is None:
         return PathResult(which, precision, skipped="r is above every --max-lora-rank vLLM accepts")
     command = _lm_eval_command("hf" if which == "lm-eval" else "vllm", base, export, precision, options, out, rank)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HARNESS_DATA_DIR": options["data_dir_resolved"]}
+    env = {**os.environ, **OFFLINE_ENVIRONMENT, "HARNESS_DATA_DIR": options["data_dir_resolved"]}
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work)
     seconds = time.perf_counter() - started
@@ -396,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the weight-saving bars of the base model and the export
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    quiet.offline_environment()
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: must be a positive number of items")
     if args.batch_size is not None and args.batch_size < 1:

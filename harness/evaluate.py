@@ -18,6 +18,7 @@ from harness.data.prompts import PROMPT_FORMATS
 from harness.data.records import TEST_SETS
 from harness.errors import UserError, cli_entry
 from harness.models import resolve_precision
+from harness.quiet import offline_environment
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"  # shipped inside the package (and its wheel)
 PRIMARY_FILTER = "answer"  # the filter every generation task scores with; multiple choice has "none"
@@ -223,8 +224,7 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
     ``check_precision=False`` runs bf16 even where the hardware emulates it slowly (harness.equivalence
     measures what bf16 does to the answers; nothing else should need it).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    offline_environment()
     if prompt_format not in PROMPT_FORMATS:
         raise UserError(f"unknown prompt format {prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")
     if num_beams < 1:

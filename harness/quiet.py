@@ -28,6 +28,17 @@ from typing import Sequence
 
 VERBOSE_ENV = "HARNESS_VERBOSE"
 
+# What every command runs under unless the user's environment says otherwise: no downloads (a model or
+# data set that is not on disk is a UserError naming it), no tokenizers fork warning, no MLflow telemetry.
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def offline_environment() -> None:
+    """Set :data:`OFFLINE_ENVIRONMENT` where the user's environment leaves it unset (call before the libraries load)."""
+    for key, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
 
 def verbose_requested(argv: Sequence[str] | None) -> bool:
     """Whether a command line asks for ``--verbose`` (the commands' own parsers document the flag)."""

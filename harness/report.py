@@ -130,6 +130,11 @@ def _reference_method(methods: Sequence[str]) -> str | None:
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample sd (numpy) of the values that are not None or NaN; summary.csv's numbers.
+
+    Not :func:`harness.stats.mean_sd`: that drops infinite values too, and sums in order where numpy
+    sums pairwise (from 8 values on), so the last bit of a mean or sd would change.
+    """
     arr = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if arr.size == 0:
         return float("nan"), float("nan")

@@ -24,7 +24,6 @@ MLflow runs KILLED (:meth:`harness.tracking.Tracker.reconcile`).
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import sys
 import tempfile
@@ -32,12 +31,18 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from harness import quiet, tuned_rates
 from harness.config import RunConfig, config_from_args, config_to_dict
 from harness.errors import EXIT_INTERRUPTED, DiskFull, UserError, cli_entry, disk_full, full_disk_path, interruption
 from harness.rundir import KEPT_FILE
+
+if TYPE_CHECKING:
+    from harness.diagnostics import RunDiagnostics
+    from harness.evaluate import EvalResult
+    from harness.tracking import NoTracking, RunHandle, Tracker, _NoRun
+    from harness.train import TrainResult
 
 NAN = float("nan")
 
@@ -58,8 +63,8 @@ class MethodResult:
     seed: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # what ran: harness.report.method_settings
     trainable_params: int = 0
-    training: Any = None  # harness.train.TrainResult
-    evaluation: Any = None  # harness.evaluate.EvalResult
+    training: TrainResult | None = None
+    evaluation: EvalResult | None = None
     error: str | None = None
     contaminated: set[str] = field(default_factory=set)  # tasks whose scores are marked contaminated
 
@@ -189,8 +194,8 @@ class MethodContext:
     examples: dict[int, list]  # by seed
     collate: Callable
     eval_kwargs: dict[str, Any]
-    tracker: Any  # harness.tracking.Tracker or NoTracking
-    parent: Any  # the run's MLflow run (harness.tracking.RunHandle), or None
+    tracker: Tracker | NoTracking
+    parent: RunHandle | _NoRun | None  # the run's MLflow run (NoTracking's stand-in without a store)
     run_dir: Path | None  # samples/ and adapters/ go here
     contaminated: set[str]  # marked on every result
     progress: bool
@@ -198,7 +203,7 @@ class MethodContext:
     intermediate_every: int | None  # with on_intermediate(label, seed, step, average): a study's pruning
     on_intermediate: Callable | None
     data_parallel: bool  # a torchrun job: a crash before training has finished ends the whole job
-    diagnostics: Any  # harness.diagnostics.RunDiagnostics, or None
+    diagnostics: RunDiagnostics | None
     is_main: bool
 
 
@@ -601,9 +606,7 @@ def _data_header(cfg: RunConfig, overlaps: dict, contaminated: set) -> dict[str,
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet.offline_environment()
     quiet.configure(verbose=quiet.verbose_requested(argv))
     from harness import distributed
 

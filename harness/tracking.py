@@ -98,9 +98,6 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path)
 
 
-_sqlite_path = sqlite_path  # the former name, still imported by harness.compare
-
-
 def check_separate_stores(storage_url: str, tracking_uri: str | None) -> None:
     """Refuse an Optuna storage and an MLflow store in the same file: each creates its own schema and
     migrations in it, and neither can read the other's tables (see the design notes)."""
@@ -590,7 +587,7 @@ def _end(handle: RunHandle, status: str, error: str | None) -> None:
         if error is not None:
             handle.set_tags({"error": (error.splitlines() or [""])[0]})
         handle.client.set_terminated(handle.run_id, status=status)
-    except Exception as err:  # noqa: BLE001 (best effort while already failing)
+    except Exception as err:  # best effort while already failing
         if error is None:
             raise
         print(f"warning: could not mark MLflow run {handle.name!r} {status}: {err}")

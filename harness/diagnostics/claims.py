@@ -58,12 +58,12 @@ class Comparison:
         d = self.differences
         if not d:
             return math.nan, math.nan, math.nan
-        mean = sum(d) / len(d)
+        mean = stats.mean(d)
         if len(d) < 2:
             return mean, math.nan, math.nan
         from scipy.stats import t as t_distribution  # (scipy only when a claim is answered)
 
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+        sd = stats.sample_sd(d)
         half = float(t_distribution.ppf(0.5 + stats.CONFIDENCE / 2, len(d) - 1)) * sd / math.sqrt(len(d))
         return mean, mean - half, mean + half
 
@@ -90,11 +90,10 @@ def mean_sd_text(values: Sequence[float]) -> str:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return "n/a"
-    mean = sum(finite) / len(finite)
+    mean = stats.mean(finite)
     if len(finite) < 2:
         return f"{mean:.3g}"
-    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
-    return f"{mean:.3g} ± {sd:.2g}"
+    return f"{mean:.3g} ± {stats.sample_sd(finite):.2g}"
 
 
 def _at_step(series: Sequence[tuple[int, float]], step: float) -> float:

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from harness import stats
 
 LEVELS = ("none", "basic", "full")
 ALL_LAYERS = "all"
@@ -22,8 +23,7 @@ KEYS = ("method", "spec_method", "seed", "layer")
 
 def nan_mean(values) -> float:
     """The mean of the values that are not None or NaN (NaN when none are); an infinite value makes it infinite."""
-    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return sum(finite) / len(finite) if finite else math.nan
+    return stats.mean(float(v) for v in values if v is not None and not math.isnan(float(v)))
 
 
 def root_sum_square(values) -> float:
