@@ -53,6 +53,7 @@ class StudyKind:
     fair_protocol: bool = False  # the fair protocol's options apply (--lr-grid, --final-seeds, --delta, --plan ...)
     takes_tune_lr: bool = False  # --tune-lr turns a study of this kind into a fair one over the same points
     trial_attr_columns: tuple[str, ...] = ()  # trial user attributes trials.csv adds as columns
+    axis_title_note: str = ""  # what the score plot's title adds
 
     # ---- the study file
 
@@ -167,8 +168,6 @@ class StudyKind:
     def scored_seeds(self, plan) -> list[int]:
         """The seeds each configuration's score is a mean over (the score plot's title)."""
         return plan.seeds
-
-    axis_title_note: str = ""  # what the score plot's title adds
 
     def importance_target(self):
         """Optuna's importance target (None: the single objective)."""
