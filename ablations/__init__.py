@@ -6,6 +6,8 @@ call of :func:`harness.run.run` (train, lm-eval, MLflow): the same pipeline as t
 job, not a copy of it.
 
 - :mod:`ablations.studyfile`: read and check a study file; enumerate its grid exactly;
+- :mod:`ablations.kinds`: the study kinds (grid, tpe, pareto, fair), one class each in the registry
+  ``KINDS``, with every hook in which they differ;
 - :mod:`ablations.storage`: open the Optuna storage (SQLite, journal file, PostgreSQL);
 - :mod:`ablations.trials`: the objective and the worker loop (claim a queued trial, run it,
   heartbeat, fail and re-queue trials of dead workers);

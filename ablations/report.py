@@ -63,8 +63,7 @@ def trials_frame(plan, storage) -> pd.DataFrame:
                 "lr": t.params.get("lr", plan.config.lr),
                 "split": t.user_attrs.get("split", plan.config.split),
             }
-            if plan.kind == "fair":
-                row.update({k: t.user_attrs.get(k) for k in ("stage", "lr_position", "duplicate_of")})
+            row.update({k: t.user_attrs.get(k) for k in plan.study_kind.trial_attr_columns})
             row.update({f"param_{k}": v for k, v in t.params.items() if k not in ("lr", "seed")})
             row.update({f"score_{task}": v for task, v in (t.user_attrs.get("scores") or {}).items()})
             row.update({
@@ -118,18 +117,24 @@ def _retried(trials: pd.DataFrame) -> pd.Series:
 
 
 def write_report(plan, storage) -> Path:
-    """Write every file of the study's folder; log them to the study's MLflow run; return the folder."""
-    if plan.kind == "fair":
-        return write_fair_report(plan, storage)
+    """Write every file of the study's folder; log them to the study's MLflow run; return the folder.
+
+    The kind decides which report (``StudyKind.write_report``): the summary below, or a fair study's verdict."""
+    return plan.study_kind.write_report(plan, storage)
+
+
+def write_summary_report(plan, storage) -> Path:
+    """A grid, pareto or tpe study's folder: trials.csv, summary.md and the kind's plots."""
+    kind = plan.study_kind
     folder = report_dir(plan)
     folder.mkdir(parents=True, exist_ok=True)
     trials = trials_frame(plan, storage)
     with atomic_path(folder / "trials.csv") as tmp:
         trials.to_csv(tmp, index=False)
     written = [folder / "trials.csv"]
-    points = point_table(plan, trials) if plan.kind != "tpe" else None
+    points = kind.point_table(plan, trials)
     plots = []
-    for draw in (_plot_axis, _plot_pareto, _plot_lr, _plot_importances):
+    for draw in kind.summary_plots():
         try:
             path = draw(plan, storage, trials, points, folder)
         except Exception as err:  # noqa: BLE001 (a plot that cannot be drawn must not lose the tables)
@@ -147,15 +152,14 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
     cfg = plan.config
     states = trials["state"].value_counts().to_dict() if len(trials) else {}
     lines = [f"# Study: {plan.name}", "", plan.description or "", "",
-             f"- **kind**: {plan.kind}" + (f" ({plan.n_trials} trials per method, lr in "
-                                           f"[{plan.lr['low']:g}, {plan.lr['high']:g}])" if plan.kind == "tpe" else ""),
+             f"- **kind**: {plan.kind}" + plan.study_kind.kind_note(plan),
              f"- **model**: {cfg.model}; **training data**: {cfg.train_data}; **tasks**: "
              f"{', '.join(cfg.tasks)}" + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
              f"- **training**: {training_length(cfg)}, batch {cfg.batch_size}, "
              + ", ".join(f"{name} {value}" for name, value in shared_settings(plan)),
              f"- **seeds**: {', '.join(map(str, plan.seeds))}",
              "- **trials**: " + (", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none"), ""]
-    if plan.kind in ("grid", "pareto"):
+    if not plan.study_kind.tunes_lr:
         lines += [shared_rate_warning(plan), ""]
     if points is not None:
         lines += ["Average accuracy (%) over the tasks, mean ± std over seeds.", "",
@@ -168,10 +172,7 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
         if missing:
             lines += ["", f"**Missing points** ({len(missing)} of {len(plan.grid())}; the table above is incomplete): "
                       + ", ".join(f"`{spec}` seed {seed} ({why})" for spec, seed, why in missing)]
-        if plan.kind == "pareto":
-            front = pareto_front(points)
-            lines += ["", "Pareto front (no other configuration is both more accurate and smaller): "
-                      + (", ".join(f"`{s}`" for s in front["spec"]) if len(front) else "none yet")]
+        lines += plan.study_kind.point_lines(points)
     else:
         lines += ["Best learning rate per method on the validation split (completed trials; pruned trials stopped "
                   "early). These are validation scores of the best of many trials, so they overstate what the rate "
@@ -208,7 +209,7 @@ def shared_settings(plan) -> list[tuple[str, str]]:
     """(name, value) of lr, rank and alpha: the run's value when no point overrides it, else 'per configuration'."""
     out = []
     for key, (name, field_name) in _OVERRIDES.items():
-        varies = any(key in point for point in plan.points) or (key == "lr" and plan.kind in ("tpe", "fair"))
+        varies = any(key in point for point in plan.points) or (key == "lr" and plan.study_kind.tunes_lr)
         value = getattr(plan.config, field_name)
         out.append((name, "per configuration" if varies else f"{value:g}"))
     return out
@@ -264,7 +265,7 @@ def plot_axis(plan) -> str:
 
 def _plot_axis(plan, storage, trials, points, folder: Path) -> Path | None:
     """Score against the study's axis, one series per configuration of the other options, error bars = std over seeds."""
-    if points is None or plan.kind == "pareto":
+    if points is None:
         return None
     plt = pyplot()
     x_key = plot_axis(plan)
@@ -310,9 +311,8 @@ def _plot_axis(plan, storage, trials, points, folder: Path) -> Path | None:
     ax.set_xlabel({"n": "chain length n", "r": "rank r", "init": "initialisation of the middle matrices",
                    "structure": "MTLoRA structure"}.get(x_key, x_key))
     ax.set_ylabel("average accuracy (%)")
-    seeds = plan.final_seeds if plan.kind == "fair" else plan.seeds
-    ax.set_title(f"{plan.name}: mean ± std over {len(seeds)} seed(s)" + (", each point at its own tuned lr"
-                                                                       if plan.kind == "fair" else ""))
+    seeds = plan.study_kind.scored_seeds(plan)
+    ax.set_title(f"{plan.name}: mean ± std over {len(seeds)} seed(s)" + plan.study_kind.axis_title_note)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, folder / f"score_vs_{x_key}.png", dpi=120)
@@ -323,8 +323,6 @@ def _nz(value: float) -> float:
 
 
 def _plot_pareto(plan, storage, trials, points, folder: Path) -> Path | None:
-    if plan.kind != "pareto":
-        return None
     plt = pyplot()
     done = points.dropna(subset=["mean", "trainable_params"])
     if not len(done):
@@ -347,7 +345,7 @@ def _plot_pareto(plan, storage, trials, points, folder: Path) -> Path | None:
 
 
 def _plot_lr(plan, storage, trials, points, folder: Path) -> Path | None:
-    if plan.kind != "tpe" or not len(trials):
+    if not len(trials):
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -376,8 +374,7 @@ def _plot_importances(plan, storage, trials, points, folder: Path) -> Path | Non
         complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
         if len(complete) < 2:
             continue
-        # with a target, the evaluator assumes lower is better: the accuracy is negated
-        target = (lambda t: -t.values[0]) if plan.kind == "pareto" else None
+        target = plan.study_kind.importance_target()
         try:
             with warnings.catch_warnings():  # it warns about few trials per value and about custom targets
                 warnings.simplefilter("ignore", UserWarning)

@@ -24,11 +24,12 @@ import math
 import os
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ablations import fair
+from ablations.kinds import KINDS
 from ablations.report import finish_parent_run, report_dir, write_report
 from ablations.storage import DEFAULT_STORAGE, load_existing_study, open_storage, redact, resolve_storage_url
 from ablations.space import spec_of
@@ -163,11 +164,8 @@ def resolve_plan(study: StudyFile, typed: dict[str, Any], config_file: str | Non
     plan = StudyPlan(name=study.name, kind=study.kind, config=config, seeds=list(cfg.seeds), points=study.points,
                      description=study.description, n_trials=n_trials or study.n_trials, lr=study.lr,
                      pruner=study.pruner, intermediate_every=study.intermediate_every, plot_x=study.plot_x)
-    if study.kind == "fair":
-        where = "--final-seeds" if final_seeds is not None else f"{study.source}: final_seeds"
-        plan.lr_grid, plan.extend = study.lr_grid, study.extend
-        plan.delta, plan.planned_sd = study.delta, study.planned_sd
-        plan.final_seeds = fair.final_seeds_from(study.final_seeds, plan.seeds, where)
+    plan.study_kind.complete_plan(plan, study, "--final-seeds" if final_seeds is not None
+                                  else f"{study.source}: final_seeds")
     for spec in plan.specs():  # the study's common options (rank, targets ...) with each point's own
         parse_spec(spec, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
     return plan
@@ -181,10 +179,11 @@ def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: 
     ``--tune-lr`` turns a grid study into a fair one over the same points, named ``<study>_tuned_lr``
     (its own storage entry and results folder), with the built-in fair study's grid and seeds.
     """
+    kind = KINDS[study.kind]
     if tune_lr:
-        if study.kind != "grid":
+        if not kind.takes_tune_lr:
             raise UserError(f"--tune-lr: only grid studies take it ({study.name!r} is kind {study.kind}"
-                            + ("; it tunes the rate already)" if study.kind == "fair" else ")"))
+                            + ("; it tunes the rate already)" if kind.fair_protocol else ")"))
         if any("lr" in p for p in study.points):
             raise UserError(f"--tune-lr: {study.name!r} fixes lr in its space; remove it there")
         fair.check_references(study.points, f"--tune-lr: {study.source or study.name}")
@@ -193,7 +192,7 @@ def fair_study(study: StudyFile, typed: dict[str, Any], tune_lr: bool, lr_grid: 
                                     lr_grid=protocol.lr_grid, final_seeds=protocol.final_seeds,
                                     extend=protocol.extend, intermediate_every=protocol.intermediate_every,
                                     pruner=protocol.pruner, delta=protocol.delta, planned_sd=protocol.planned_sd)
-    if study.kind != "fair":
+    if not KINDS[study.kind].fair_protocol:
         for flag, value in (("--lr-grid", lr_grid), ("--final-seeds", final_seeds), ("--delta", delta),
                             ("--planned-sd", planned_sd)):
             if value is not None:
@@ -296,7 +295,7 @@ def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: 
     found = {}
     for name in optuna.get_all_study_names(source_storage):
         other = _stored_plan(optuna.load_study(study_name=name, storage=source_storage))
-        if other is not None and other.kind == "fair":
+        if other is not None and other.study_kind.fair_protocol:
             found.setdefault(other.name, other)
     if len(found) != 1:
         raise UserError(f"--import-arms: {redact(source_url)} holds {len(found)} fair studies "
@@ -365,33 +364,9 @@ def _wait_for_plan(name: str, storage, url: str, timeout_s: float | None = None,
 
 
 def top_up(study, storage, plan: StudyPlan, retry_failed: bool = False, log=None) -> int:
-    """Queue what a resumed study still lacks: grid points with no live or finished trial, or the rest of the budget."""
-    from optuna.trial import TrialState
-
-    if plan.kind == "fair":
-        return fair.top_up(study, storage, plan, retry_failed, log=log)
-    alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-    trials = study.get_trials(deepcopy=False)
-    if plan.kind == "tpe":
-        used = sum(t.state in alive or (t.state == TrialState.FAIL and not t.user_attrs.get("killed")
-                                        and not retry_failed) for t in trials)
-        missing = max(0, (plan.n_trials or 0) - used)
-        for _ in range(missing):
-            study.enqueue_trial({}, user_attrs={"spec": study.study_name.split("/", 1)[1], "split": "validation"})
-        return missing
-    by_index = defaultdict(list)
-    for t in trials:
-        by_index[t.user_attrs.get("grid_index")].append(t)
-    queue = dict(enumerate(plan.queue(study.study_name)))
-    missing = 0
-    for k, (params, attrs) in queue.items():
-        runs = by_index.get(k, [])
-        if any(t.state in alive for t in runs):
-            continue
-        if not runs or retry_failed or all(t.user_attrs.get("killed") for t in runs):
-            study.enqueue_trial(params, user_attrs={**attrs, **({"retry_of": runs[-1].number} if runs else {})})
-            missing += 1
-    return missing
+    """Queue what a resumed study still lacks (the kind's ``top_up``: grid points with no live or finished
+    trial, the rest of a tuning budget, a fair study's next stage)."""
+    return plan.study_kind.top_up(study, storage, plan, retry_failed, log=log)
 
 
 def _count(study) -> str:
@@ -414,8 +389,7 @@ def _create_parent_run(tracker: Tracker, plan: StudyPlan, url: str) -> None:
     RunHandle(tracker.client, plan.mlflow_parent_run_id, plan.name).log_params(
         {**run_params(plan.shared_options()), "points": len(plan.points), "seeds": plan.seeds,
          "n_trials": plan.n_trials, "description": plan.description,
-         **({"lr_grid": plan.lr_grid, "final_seeds": plan.final_seeds, "extend": plan.extend}
-            if plan.kind == "fair" else {})})
+         **plan.study_kind.parent_run_params(plan)})
 
 
 def _check_same(stored: StudyPlan, plan: StudyPlan, url: str) -> None:
@@ -481,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.report_to = options["report_dir"]
     check_inputs(plan)
     check_separate_stores(url, plan.config.tracking_uri)
-    if options["import_arms"] is not None and plan.kind != "fair":
+    if options["import_arms"] is not None and not plan.study_kind.fair_protocol:
         raise UserError(f"--import-arms: only a fair study imports arms ({plan.name!r} is a {plan.kind} study)")
     source = None
     if options["import_arms"] is not None:
@@ -538,7 +512,7 @@ def design_text(plan: StudyPlan, url: str) -> str:
     """What ``--plan`` prints: the design of a fair study before any trial (nothing is created or run)."""
     import optuna
 
-    if plan.kind != "fair":
+    if not plan.study_kind.fair_protocol:
         return (f"study {plan.name!r} ({plan.kind}): {len(plan.points)} point(s) x {len(plan.seeds)} seed(s); "
                 "--plan's power figures are for fair studies (kind fair, or --tune-lr)")
     results, timing = None, None

@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from ablations import fair
+from ablations.kinds import KINDS
 from ablations.space import enumerate_points
 from harness.errors import UserError
 
@@ -51,14 +51,8 @@ from harness.errors import UserError
 # `ablations` as a namespace package, which never runs it.
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 
-KINDS = ("grid", "tpe", "pareto", "fair")
 TOP_KEYS = ("name", "description", "kind", "run", "seeds", "space", "n_trials", "lr", "pruner",
             "intermediate_every", "plot", "lr_grid", "final_seeds", "extend", "delta", "planned_sd")
-# A fair study states its whole protocol: no key falls back on a default a reader cannot see.
-FAIR_REQUIRED = ("space", "seeds", "lr_grid", "final_seeds", "extend", "delta")
-FAIR_ONLY = ("lr_grid", "final_seeds", "extend", "delta", "planned_sd")
-PRUNER_KEYS = ("n_startup_trials", "n_warmup_steps")
-LR_KEYS = ("low", "high", "log")
 # harness.run options a study may not fix: the study decides them per trial.
 STUDY_OWNED = ("methods", "run_name", "seeds")
 # Bounds checked before anything is queued: past them a study file is a typo, not an experiment, and
@@ -133,10 +127,11 @@ def parse_study(data: dict[str, Any], source: str = "study", default_name: str =
     kind = data.get("kind", "grid")
     if kind not in KINDS:
         raise fail("kind", f"must be one of {', '.join(KINDS)} (got {kind!r})")
-    for key in FAIR_REQUIRED if kind == "fair" else ():
+    this = KINDS[kind]
+    for key in this.required_keys:
         if key not in data:
-            raise fail(key, "missing: a fair study needs " + ", ".join(FAIR_REQUIRED)
-                       + " (copy ablations/studies/fair.yaml)")
+            raise fail(key, f"missing: a {kind} study needs " + ", ".join(this.required_keys)
+                       + f" (copy ablations/studies/{kind}.yaml)")
     name = str(data.get("name") or default_name)
     if not name.replace("_", "").replace("-", "").isalnum():
         raise fail("name", f"use letters, digits, '_' and '-' only (got {name!r})")
@@ -160,23 +155,11 @@ def parse_study(data: dict[str, Any], source: str = "study", default_name: str =
 
     study = StudyFile(name=name, kind=kind, description=str(data.get("description") or "").strip(), run=run,
                       seeds=list(seeds), points=points, source=source)
-    if kind == "fair":
-        _fair_protocol(study, data, fail)
-    if kind == "tpe":
-        study.n_trials = _positive_int(data.get("n_trials", 20), "n_trials", fail)
-        study.lr = _lr_range(data.get("lr"), fail)
-        study.intermediate_every = (None if data.get("intermediate_every") is None
-                                    else _positive_int(data["intermediate_every"], "intermediate_every", fail))
-        study.pruner = _pruner(data.get("pruner"), fail)
-        if any("lr" in p for p in points):
-            raise fail("space", "a tpe study tunes lr itself: remove lr from the space")
-    elif kind != "fair":
-        for key in ("n_trials", "lr", "pruner", "intermediate_every"):
-            if key in data:
-                raise fail(key, f"only tpe studies take {key} (this study is kind {kind})")
-    for key in FAIR_ONLY if kind != "fair" else ():
-        if key in data:
-            raise fail(key, f"only fair studies take {key} (this study is kind {kind}; or pass --tune-lr)")
+    this.check_file(study, data, fail)
+    for other in KINDS.values():  # the keys only another kind takes, in the registry's order
+        for key in other.only_keys if other is not this else ():
+            if key in data and key not in this.tolerated_keys:
+                raise fail(key, f"only {other.name} studies take {key} (this study is kind {kind}{other.refusal_hint})")
     plot = data.get("plot") or {}
     if not isinstance(plot, dict) or set(plot) - {"x"}:
         raise fail("plot", "must be a mapping {x: AXIS}, e.g. {x: n}")
@@ -193,42 +176,7 @@ def parse_study(data: dict[str, Any], source: str = "study", default_name: str =
 def planned_trials(study: StudyFile) -> int:
     """How many trials the study queues at most: its points times seeds (a fair study: times every rate
     the grid may grow to, plus the final seeds; a tpe study: n_trials per point)."""
-    points = len(study.points)
-    if study.kind == "fair":
-        finals = len(fair.final_seeds_from(study.final_seeds, study.seeds, "final_seeds"))
-        return points * ((len(study.lr_grid) + 2 * study.extend) * len(study.seeds) + finals)
-    if study.kind == "tpe":
-        return points * (study.n_trials or 0)
-    return points * len(study.seeds)
-
-
-def _fair_protocol(study: StudyFile, data: dict[str, Any], fail) -> None:
-    """A fair study's grid, final seeds, extensions and pruning, checked; every method is compared with lora."""
-    def check(key, parse):
-        try:
-            return parse()
-        except UserError as err:
-            raise fail(key, str(err).split(": ", 1)[-1]) from None
-
-    study.lr_grid = check("lr_grid", lambda: fair.lr_grid_from(data["lr_grid"], "lr_grid"))
-    study.final_seeds = data["final_seeds"]
-    check("final_seeds", lambda: fair.final_seeds_from(data["final_seeds"], study.seeds, "final_seeds"))
-    extend = data["extend"]
-    if not isinstance(extend, int) or isinstance(extend, bool) or extend < 0:
-        raise fail("extend", f"must be a non-negative integer: grid steps added per side at most (got {extend!r})")
-    if extend > fair.MAX_EXTEND:
-        raise fail("extend", f"at most {fair.MAX_EXTEND} grid steps per side (got {extend}); "
-                             "widen lr_grid instead")
-    study.extend = extend
-    study.delta = check("delta", lambda: fair.points_from(data["delta"], "delta"))
-    if data.get("planned_sd") is not None:
-        study.planned_sd = check("planned_sd", lambda: fair.points_from(data["planned_sd"], "planned_sd"))
-    if any("lr" in p for p in study.points):
-        raise fail("space", "a fair study tunes lr itself: remove lr from the space")
-    check("space", lambda: fair.check_references(study.points, "space"))
-    study.intermediate_every = (None if data.get("intermediate_every") is None
-                                else _positive_int(data["intermediate_every"], "intermediate_every", fail))
-    study.pruner = _pruner(data.get("pruner"), fail)
+    return KINDS[study.kind].planned_trials(study)
 
 
 def _check_run_options(run: dict[str, Any], fail) -> None:
@@ -246,36 +194,3 @@ def _check_run_options(run: dict[str, Any], fail) -> None:
         config_from_dict(run, source="run")
     except UserError as err:
         raise fail("run", str(err)) from None
-
-
-def _positive_int(value: Any, key: str, fail) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise fail(key, f"must be a positive integer (got {value!r})")
-    return value
-
-
-def _pruner(value: Any, fail) -> dict[str, int]:
-    pruner = value or {}
-    if not isinstance(pruner, dict):
-        raise fail("pruner", f"must be a mapping with keys {', '.join(PRUNER_KEYS)}")
-    for key, item in pruner.items():
-        if key not in PRUNER_KEYS:
-            raise fail(f"pruner.{key}", f"unknown key; valid keys: {', '.join(PRUNER_KEYS)}")
-        if not isinstance(item, int) or item < 0:
-            raise fail(f"pruner.{key}", f"must be a non-negative integer (got {item!r})")
-    return dict(pruner)
-
-
-def _lr_range(value: Any, fail) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise fail("lr", "a tpe study needs lr: {low: 1e-4, high: 1e-2, log: true}")
-    for key in value:
-        if key not in LR_KEYS:
-            raise fail(f"lr.{key}", f"unknown key; valid keys: {', '.join(LR_KEYS)}")
-    try:
-        low, high = float(value["low"]), float(value["high"])
-    except (KeyError, TypeError, ValueError):
-        raise fail("lr", f"needs numbers low and high (got {value!r})") from None
-    if not 0 < low < high:
-        raise fail("lr", f"needs 0 < low < high (got low={low:g}, high={high:g})")
-    return {"low": low, "high": high, "log": bool(value.get("log", True))}

@@ -28,7 +28,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ablations import fair
+from ablations.kinds import KINDS, StudyKind
 from ablations.space import spec_of
 from ablations.storage import CORRECT_ATTR, DIAGNOSTICS_ATTR, MLFLOW_RUN_ATTR, pack_correct, pack_diagnostics
 from ablations.studyfile import STUDY_OWNED
@@ -97,18 +97,19 @@ class StudyPlan:
     delta: float | None = None  # the smallest effect of interest (fraction), fixed at creation
     planned_sd: float | None = None  # the paired per-seed SD --plan assumes (fraction); None: fair.ASSUMED_SD
 
+    @property
+    def study_kind(self) -> StudyKind:
+        """The kind's hooks (ablations.kinds); ``kind`` stays the name the storage keeps."""
+        return KINDS[self.kind]
+
     # ---- the Optuna studies that hold the trials
 
     def optuna_names(self) -> list[str]:
         """One Optuna study for a grid; one per method for a tuning study (each method gets its own lr)."""
-        if self.kind == "tpe":
-            return [f"{self.name}/{spec}" for spec in self.specs()]
-        if self.kind == "fair":
-            return fair.optuna_names(self)
-        return [self.name]
+        return self.study_kind.optuna_names(self)
 
     def directions(self) -> list[str]:
-        return ["maximize", "minimize"] if self.kind == "pareto" else ["maximize"]
+        return list(self.study_kind.directions)
 
     def specs(self) -> list[str]:
         return [spec_of(p) for p in self.points]
@@ -130,34 +131,19 @@ class StudyPlan:
 
     def queue(self, optuna_name: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """The trials to queue at creation, as (fixed params, user attrs): the whole grid, or the tuning budget."""
-        if self.kind == "tpe":
-            spec = optuna_name.split("/", 1)[1]
-            return [({}, {"spec": spec, "split": "validation"}) for _ in range(self.n_trials or 0)]
-        if self.kind == "fair":
-            return fair.initial_queue(self, optuna_name)
-        return [({**point, "seed": seed}, {"grid_index": k, "spec": spec_of(point), "seed": seed})
-                for k, (point, seed) in enumerate(self.grid())]
+        return self.study_kind.initial_queue(self, optuna_name)
 
     def sampler(self):
-        import optuna
-
-        return optuna.samplers.TPESampler(n_startup_trials=min(10, max(2, (self.n_trials or 0) // 3))) \
-            if self.kind == "tpe" else optuna.samplers.RandomSampler()  # grid trials only take queued values
+        return self.study_kind.sampler(self)
 
     def pruner_(self):
-        import optuna
-
-        if self.kind not in ("tpe", "fair") or not self.intermediate_every:
-            return optuna.pruners.NopPruner()
-        return optuna.pruners.MedianPruner(n_startup_trials=self.pruner.get("n_startup_trials", 3),
-                                           n_warmup_steps=self.pruner.get("n_warmup_steps", 0))
+        return self.study_kind.pruner(self)
 
     # ---- the trial's run configuration
 
     def intermediate_every_of(self, trial) -> int | None:
         """Evaluate (and prune) every N steps: tuning trials only, never a fair study's final (test) runs."""
-        tuning = self.kind == "tpe" or (self.kind == "fair" and trial.user_attrs.get("stage") == "tune")
-        return self.intermediate_every if tuning else None
+        return self.intermediate_every if self.study_kind.is_tuning(trial) else None
 
     def trial_config(self, spec: str, seeds: list[int], number: int, lr: float | None = None,
                      split: str | None = None):
@@ -254,7 +240,7 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
             handle.log_metrics({"average_accuracy": average, "trainable_params": params, "run_seconds": run_seconds})
     if pruned:
         raise Pruned(f"trial {trial.number} pruned")
-    return (average, params) if plan.kind == "pareto" else average
+    return plan.study_kind.values(average, params)
 
 
 CURVATURE_ATTR = "lambda_max"  # seed -> harness.diagnostics.Eigenvalue as a dict, at diagnostics: full
@@ -309,17 +295,7 @@ def _sum_finite(values) -> float:
 
 def _suggest(trial, plan: StudyPlan) -> tuple[str, list[int], float | None]:
     """The trial's method spec, seeds and learning rate: queued values for a grid, TPE's choice of lr for tuning."""
-    if plan.kind == "tpe":
-        lr = trial.suggest_float("lr", plan.lr["low"], plan.lr["high"], log=plan.lr["log"])
-        return trial.user_attrs["spec"], list(plan.seeds), lr
-    if plan.kind == "fair":
-        return fair.suggest(trial, plan)
-    point, seed = plan.grid()[trial.user_attrs["grid_index"]]
-    choices = plan.choices()
-    for key in point:  # records the options as parameters (dashboard, importances); the values are the queued ones
-        trial.suggest_categorical(key, choices[key])
-    trial.suggest_categorical("seed", choices["seed"])
-    return trial.user_attrs["spec"], [seed], None
+    return plan.study_kind.suggest(trial, plan)
 
 
 def _pruning_callback(trial, plan: StudyPlan, cfg):
@@ -361,7 +337,8 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
     import optuna
     from optuna.trial import TrialState
 
-    top_up, duplicate_of = _loop_hooks(plan)
+    kind = plan.study_kind
+    top_up = kind.top_up if kind.queue_grows else None
     said_no_wait = wait is False
     wait = top_up is not None if wait is None else wait
     if poll_s is None:  # a study waiting for trials that may unlock its own looks again sooner
@@ -397,7 +374,7 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
             time.sleep(poll_s)
             continue
         study, trial = claimed
-        first = duplicate_of(study, trial) if duplicate_of is not None else None
+        first = kind.duplicate_of(study, trial)
         if first is not None:
             trial.set_user_attr("duplicate_of", first)
             trial.set_user_attr("fail_reason", f"duplicate of trial {first} (queued twice at once); not run")
@@ -406,13 +383,6 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
         run_trial(study, storage, trial, plan, tracker, parent, stale_after, run_fn, log)
         done += 1
     return done
-
-
-def _loop_hooks(plan: StudyPlan):
-    """The worker loop's hooks of the plan's kind: (top_up, duplicate_of), None where the kind has none."""
-    if plan.kind == "fair":
-        return fair.top_up, fair.duplicate_of
-    return None, None
 
 
 def pending_trials(plan: StudyPlan, storage) -> tuple[int, list[tuple[str, Any]]]:
@@ -623,11 +593,4 @@ def requeue(study, frozen, plan: StudyPlan) -> None:
     attrs = {k: v for k, v in frozen.user_attrs.items()
              if k in ("grid_index", "spec", "seed", "split", "stage", "lr", "lr_position")}
     attrs["retry_of"] = frozen.number
-    if plan.kind == "tpe":
-        params = dict(frozen.params)
-    elif plan.kind == "fair":  # from the slot, not frozen.params: a trial killed before it suggested has none
-        params = {"lr": attrs["lr"], "seed": attrs["seed"]}
-    else:
-        point, seed = plan.grid()[frozen.user_attrs["grid_index"]]
-        params = {**point, "seed": seed}
-    study.enqueue_trial(params, user_attrs=attrs)
+    study.enqueue_trial(plan.study_kind.requeue_params(plan, frozen, attrs), user_attrs=attrs)
