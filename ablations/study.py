@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -413,7 +412,7 @@ def load_plan(name: str, storage, url: str) -> StudyPlan:
 
     try:
         names = optuna.get_all_study_names(storage)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise UserError(f"cannot read storage {redact(url)!r}: {str(err).splitlines()[0][:200]}") from err
     match = next((n for n in names if n == name or n.startswith(name + "/")), None)
     study = load_existing_study(match or name, storage, url)
@@ -425,9 +424,7 @@ def load_plan(name: str, storage, url: str) -> StudyPlan:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                       ("MLFLOW_DISABLE_TELEMETRY", "true")):
-        os.environ.setdefault(key, value)
+    quiet.offline_environment()
     args = vars(build_parser().parse_args(argv))
     quiet.configure(verbose=args.pop("verbose", False))
     name = args.pop("study")

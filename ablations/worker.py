@@ -44,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                       ("MLFLOW_DISABLE_TELEMETRY", "true")):
-        os.environ.setdefault(key, value)
+    quiet.offline_environment()
     args = build_parser().parse_args(argv)
     quiet.configure(verbose=args.verbose)
     check_study_options(args.stale_after, args.max_trials)
