@@ -807,6 +807,7 @@ class Design:
     sd: float
     sd_source: str
     figures: dict[str, stats.PowerFigures]  # per Holm family with at least one comparison
+    methods_run: int | None = None  # the arms this study trains, where it imports the others (default: every point)
 
 
 def family_sizes(plan) -> dict[str, int]:
@@ -851,7 +852,7 @@ def design_lines(d: Design, plan) -> list[str]:
     """The design in words, as --plan prints it and verdict.md repeats it (with the pooled SD)."""
     n = len(plan.final_seeds)
     trials = d.tuning_trials + d.final_trials
-    lines = [f"trials: {d.tuning_trials} tuning ({len(plan.points)} method(s) x {len(plan.lr_grid)} rates x "
+    lines = [f"trials: {d.tuning_trials} tuning ({d.methods_run or len(plan.points)} method(s) x {len(plan.lr_grid)} rates x "
              f"{len(plan.seeds)} tuning seed(s); up to {d.tuning_trials_max} if every extension is needed) + "
              f"{d.final_trials} final ({n} fresh seeds per method) = {trials} to {d.tuning_trials_max + d.final_trials}"]
     if math.isfinite(d.seconds_per_trial):

@@ -275,22 +275,11 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
 IMPORT_MAY_DIFFER = ("name", "description", "points", *RESUMABLE_CHANGES)
 
 
-def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: str, log=print) -> list[str]:
-    """Copy into ``storage`` the trials of every method ``plan`` shares with the fair study in ``source_storage``.
-
-    A study that adds arms to a finished one (the controls beside their parents) then trains only the new
-    arms, and its verdicts pair each control with its parent's own final seeds. Only where every setting
-    that decides a trial is the same (model, data, grid, extension, tuning and final seeds, delta, every run
-    option): a method's trials depend on nothing else, so the copies are what this study would have run.
-    Each copied Optuna study (``optuna.copy_study``) takes this study's name and plan; its trials keep their
-    scores, per-item verdicts, diagnostics and MLflow run ids. Nothing is done once the study exists (a
-    resumed command); the specs copied are returned.
-    """
+def importable(plan: StudyPlan, source_storage, source_url: str) -> tuple[StudyPlan, list[str]]:
+    """(the fair study in ``source_storage``, the specs ``plan`` shares with it), or a one-line UserError: the
+    storage must hold exactly one fair study, run with every setting that decides a trial as ``plan`` has it."""
     import optuna
 
-    if set(plan.optuna_names()) & set(optuna.get_all_study_names(storage)):
-        log(f"study {plan.name!r} exists in {redact(url)}: --import-arms ignored (arms are imported at creation)")
-        return []
     found = {}
     for name in optuna.get_all_study_names(source_storage):
         other = _stored_plan(optuna.load_study(study_name=name, storage=source_storage))
@@ -315,6 +304,26 @@ def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: 
     if not shared:
         raise UserError(f"--import-arms: study {source.name!r} shares no method with {plan.name!r} "
                         f"(it has {', '.join(source.specs())})")
+    return source, shared
+
+
+def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: str, log=print) -> list[str]:
+    """Copy into ``storage`` the trials of every method ``plan`` shares with the fair study in ``source_storage``.
+
+    A study that adds arms to a finished one (the controls beside their parents) then trains only the new
+    arms, and its verdicts pair each control with its parent's own final seeds. Only where every setting
+    that decides a trial is the same (model, data, grid, extension, tuning and final seeds, delta, every run
+    option): a method's trials depend on nothing else, so the copies are what this study would have run.
+    Each copied Optuna study (``optuna.copy_study``) takes this study's name and plan; its trials keep their
+    scores, per-item verdicts, diagnostics and MLflow run ids. Nothing is done once the study exists (a
+    resumed command); the specs copied are returned.
+    """
+    import optuna
+
+    if set(plan.optuna_names()) & set(optuna.get_all_study_names(storage)):
+        log(f"study {plan.name!r} exists in {redact(url)}: --import-arms ignored (arms are imported at creation)")
+        return []
+    source, shared = importable(plan, source_storage, source_url)
     running = [spec for spec in shared for n in (fair.tune_name(source, spec), fair.final_name(source, spec))
                if optuna.load_study(study_name=n, storage=source_storage).get_trials(
                    deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
@@ -447,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
                         lr_grid=options["lr_grid"], final_seeds=options["final_seeds"], delta=options["delta"],
                         planned_sd=options["planned_sd"])
     if options["plan"]:
-        print(design_text(plan, url))
+        source = None
+        if options["import_arms"] is not None:
+            source_url = resolve_storage_url(options["import_arms"])
+            source = (open_storage(source_url, create=False), source_url)
+        print(design_text(plan, url, source))
         return 0
     plan.report_to = options["report_dir"]
     check_inputs(plan)
@@ -505,8 +518,12 @@ def check_inputs(plan: StudyPlan) -> None:
 
 
 
-def design_text(plan: StudyPlan, url: str) -> str:
-    """What ``--plan`` prints: the design of a fair study before any trial (nothing is created or run)."""
+def design_text(plan: StudyPlan, url: str, source: tuple[Any, str] | None = None) -> str:
+    """What ``--plan`` prints: the design of a fair study before any trial (nothing is created or run).
+
+    ``source`` (storage, url): the study ``--import-arms`` names. Before this study exists, the arms it would
+    import are not counted as trials to run, and the SD and the time per trial come from that study's runs.
+    """
     import optuna
 
     if not plan.study_kind.fair_protocol:
@@ -525,11 +542,29 @@ def design_text(plan: StudyPlan, url: str) -> str:
         if seconds is not None:
             timing = (seconds, "the median of this study's finished trials")
         results = fair.method_results(plan, storage)
+    imported: list[str] = []
+    if source is not None and results is None:
+        other, imported = importable(plan, *source)
+        results = fair.method_results(other, source[0])
+        trials = [t for n in other.optuna_names()
+                  for t in optuna.load_study(study_name=n, storage=source[0]).get_trials(deepcopy=False)]
+        seconds = fair.measured_trial_seconds(trials)
+        if seconds is not None:
+            timing = (seconds, f"the median of {other.name}'s finished trials")
     if timing is None:
         timing = _timing_from_runs(plan)
     d = fair.design(plan, results, timing)
     head = [f"fair study {plan.name!r}: {', '.join(plan.specs())}; delta {100 * (plan.delta or 0.02):.1f} points; "
             f"{plan.config.max_steps or str(plan.config.epochs) + ' epoch(s) of'} steps per trial on {plan.config.model}"]
+    if imported:  # their trials are copied, not run: count only the arms this study trains
+        share = (len(plan.points) - len(imported)) / len(plan.points)
+        d = dataclasses.replace(d, tuning_trials=round(d.tuning_trials * share),
+                                tuning_trials_max=round(d.tuning_trials_max * share),
+                                final_trials=round(d.final_trials * share),
+                                methods_run=len(plan.points) - len(imported),
+                                sd_source=d.sd_source.replace("this study's", f"{other.name}'s"))
+        head.append(f"imported from study {other.name!r} (not run again): {', '.join(imported)}; the trial counts "
+                    "and the time below are for the other arms")
     return "\n".join(head + fair.design_lines(d, plan) + ["nothing was created or run (--plan)"])
 
 

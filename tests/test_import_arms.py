@@ -15,8 +15,16 @@ from harness.errors import UserError
 from test_fair import FAIR, ProtocolRun, fair_plan, run_all
 
 OPTIMA = {"lora": math.log10(3e-3), "moslora": math.log10(3e-3), "moslora:freeze_middle=true": math.log10(1e-2)}
-WITH_CONTROL = {**FAIR, "name": "tiny_controls",
+FIRST = {**FAIR, "final_seeds": 3}  # 3 pairs: the pooled SD needs 2 degrees of freedom
+WITH_CONTROL = {**FIRST, "name": "tiny_controls",
                 "space": [*FAIR["space"], {"method": "moslora", "freeze_middle": True}]}
+
+
+class NoisyRun(ProtocolRun):
+    """The protocol's fake run with a seed-by-method effect, so the paired differences have a spread."""
+
+    def score(self, spec, lr, seed, split):
+        return super().score(spec, lr, seed, split) + 0.01 * ((seed * 7 + len(spec)) % 5)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +32,8 @@ def source(tmp_path_factory):
     """A finished fair study (lora, moslora) in a journal: run once for every test here."""
     root = tmp_path_factory.mktemp("source")
     (root / "first").mkdir()
-    plan, storage, url = fair_plan(root / "first", storage=f"journal:{root / 'first.log'}")
-    run_all(plan, storage, ProtocolRun(OPTIMA))
+    plan, storage, url = fair_plan(root / "first", data=FIRST, storage=f"journal:{root / 'first.log'}")
+    run_all(plan, storage, NoisyRun(OPTIMA))
     return plan, storage, url
 
 
@@ -69,7 +77,7 @@ def test_the_shared_arms_are_copied_and_only_the_new_arm_trains(tmp_path, source
 
 @pytest.mark.parametrize("options, data, message", [
     ({"max_steps": 3}, WITH_CONTROL, "--max-steps (2 there, 3 here)"),
-    ({}, {**WITH_CONTROL, "final_seeds": 3}, "final_seeds"),
+    ({}, {**WITH_CONTROL, "final_seeds": 4}, "final_seeds"),
     ({}, {**WITH_CONTROL, "space": [{"method": "lora", "r": 4}, {"method": "moslora", "r": 4}]}, "shares no method"),
 ])
 def test_an_import_from_a_study_run_otherwise_is_refused_in_one_line(tmp_path, source, options, data, message):
@@ -81,3 +89,17 @@ def test_an_import_from_a_study_run_otherwise_is_refused_in_one_line(tmp_path, s
     with pytest.raises(UserError, match="--import-arms: ") as err:
         import_arms(plan, storage, url, source, source_url)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_plan_counts_only_the_arms_it_would_train_and_takes_the_sd_from_the_imported_study(tmp_path, source):
+    from ablations.study import design_text
+
+    first, storage, url = source
+    (tmp_path / "second").mkdir()
+    plan, _, new_url = _new(tmp_path)
+    text = design_text(plan, new_url, (storage, url))
+    assert "imported from study 'tiny_fair' (not run again): lora, moslora" in text
+    # one arm left to train: 3 rates x 1 tuning seed (up to 5 with one extension a side) + 3 final seeds
+    assert "trials: 3 tuning (1 method(s) x 3 rates x 1 tuning seed(s); up to 5 if every extension is needed) " \
+           "+ 3 final (3 fresh seeds per method) = 6 to 8" in text
+    assert "pooled over tiny_fair's final runs" in text and "ASSUMED" not in text
