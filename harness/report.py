@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from harness import stats
+from harness.adapters.spec import REFERENCE_METHOD, reference_name
 from harness.fsutil import atomic_path, write_text_atomic
 from harness.plots import method_colour, pyplot, save_figure
 
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
     from harness.config import RunConfig
 
 BASE = "base"
-REFERENCE_METHOD = "lora"
 N_RESAMPLES = stats.N_RESAMPLES
 CONFIDENCE = stats.CONFIDENCE
 # What ran, per method: the columns of summary.csv / summary.md, in this order.
@@ -120,13 +120,6 @@ def score_line(scores: Mapping[str, float]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # Statistics
-
-
-def _reference_method(methods: Sequence[str]) -> str | None:
-    """The spec that stands for LoRA: exactly ``lora`` if present, else the first ``lora:...`` spec."""
-    if REFERENCE_METHOD in methods:
-        return REFERENCE_METHOD
-    return next((m for m in methods if m.split(":", 1)[0] == REFERENCE_METHOD), None)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -205,13 +198,14 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
     and ``_item_low``/``_item_high`` (the item noise); ``gain_vs_lora_seeds`` and
     ``gain_vs_lora_missing`` (paired seeds, seeds only one side completed), ``p_vs_lora``,
     ``p_holm`` (Holm-adjusted over the comparisons with LoRA) and ``mde_vs_lora``. ``reference`` names
-    the row that stands for LoRA (default: the method ``lora``, else the first ``lora:...``).
+    the row that stands for LoRA (default: :func:`harness.adapters.spec.reference_name` of the methods: ``lora``,
+    else the first ``lora:...``; a label such as ``lora-r18-match-...`` has no ``:`` and is not taken).
     """
     import pandas as pd
 
     methods = list(dict.fromkeys(r.method for r in results))
     tasks = _tasks(base, results)
-    reference = reference or _reference_method(methods)
+    reference = reference or reference_name(methods)
     by_method = {m: [r for r in results if r.method == m] for m in methods}
     rows = []
     systems: list[tuple[str, list[SystemResult]]] = ([(BASE, [base])] if base is not None else [])
@@ -407,7 +401,7 @@ def fair_study_methods(methods: Sequence[str]) -> str:
         options = [o.strip() for o in rest.split(",") if o.strip() and not o.strip().startswith("lr=")]
         specs.append(head.strip() + (":" + ",".join(options) if options else ""))
     specs = list(dict.fromkeys(specs))
-    if _reference_method(specs) is None:
+    if reference_name(specs) is None:
         specs.insert(0, REFERENCE_METHOD)
     return ",".join(specs)
 
