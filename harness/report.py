@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from harness import stats
-from harness.adapters.spec import REFERENCE_METHOD, reference_name
+from harness.adapters.spec import REFERENCE_METHOD, reference_name, without_options
 from harness.fsutil import atomic_path, write_text_atomic
 from harness.plots import method_colour, pyplot, save_figure
 
@@ -395,12 +395,7 @@ def _untuned_note(table: "pd.DataFrame", fair_methods: str) -> str:
 
 def fair_study_methods(methods: Sequence[str]) -> str:
     """The ``--methods`` value for the fair study: the run's specs without ``lr=`` (the study tunes it), LoRA first."""
-    specs = []
-    for spec in methods:
-        head, _, rest = spec.partition(":")
-        options = [o.strip() for o in rest.split(",") if o.strip() and not o.strip().startswith("lr=")]
-        specs.append(head.strip() + (":" + ",".join(options) if options else ""))
-    specs = list(dict.fromkeys(specs))
+    specs = list(dict.fromkeys(without_options(spec, ["lr"]) for spec in methods))
     if reference_name(specs) is None:
         specs.insert(0, REFERENCE_METHOD)
     return ",".join(specs)

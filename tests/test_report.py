@@ -268,6 +268,12 @@ def test_fair_study_methods_drops_hand_set_learning_rates_and_keeps_lora_first()
 
 
 
+def test_fair_study_methods_keeps_a_match_value_whole():
+    # match= takes the rest of the spec, commas and its own lr= included: only the outer lr= goes
+    assert fair_study_methods(["lora", "linchain:r=8,widths=8-16-8",
+                               "lora:lr=1e-3,match=linchain:r=8,widths=8-16-8,lr=1e-3"]) \
+        == "lora,linchain:r=8,widths=8-16-8,lora:match=linchain:r=8,widths=8-16-8,lr=1e-3"
+
 def test_one_reference_rule_for_the_report_and_the_diagnostics():
     from harness.adapters.spec import reference_name
 

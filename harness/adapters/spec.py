@@ -400,6 +400,20 @@ def spec_options(text: str) -> tuple[str, dict[str, str]]:
     return method, _options(method, rest, text)
 
 
+def without_options(text: str, keys: Iterable[str]) -> str:
+    """A spec's text without the named options; the others stay as written, in their order.
+
+    Read with the spec grammar (:func:`spec_options`), so ``match=`` keeps its whole spec, commas and
+    options of its own included: ``without_options("lora:r=8,lr=1e-3,match=linchain:r=8,widths=8-16-8,lr=1e-3",
+    ["lr"])`` is ``lora:r=8,match=linchain:r=8,widths=8-16-8,lr=1e-3``. An unknown method or option raises
+    :class:`UserError`, as parsing does.
+    """
+    drop = {keys} if isinstance(keys, str) else set(keys)
+    method, options = spec_options(text)
+    kept = [f"{key}={value}" for key, value in options.items() if key not in drop]
+    return method + (":" + ",".join(kept) if kept else "")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The reference: which of a run's methods stands for LoRA
 
