@@ -479,20 +479,31 @@ def shared_settings(results: Sequence[SystemResult]) -> tuple[dict[str, Any], li
     return shared, differing
 
 
+# The parts of a summary header that a run's (header_from_config) and a study's (ablations.report) share.
+
+
+def training_length(cfg: "RunConfig") -> str:
+    """'100 steps' or '1 epoch(s)': what bounds training (max_steps wins over epochs)."""
+    return f"{cfg.max_steps} steps" if cfg.max_steps is not None else f"{cfg.epochs:g} epoch(s)"
+
+
+def tasks_text(cfg: "RunConfig", split: str | None = None) -> str:
+    """The tasks a header lists: their names, the split when given, and the item limit when there is one."""
+    return (", ".join(cfg.tasks) + (f" ({split} split)" if split else "")
+            + (f" (at most {cfg.limit} items each)" if cfg.limit else ""))
+
+
 def header_from_config(cfg: "RunConfig", results: Sequence[SystemResult] = ()) -> dict[str, str]:
     """The summary.md header lines: the run's configuration, and of the methods' settings only those all share.
 
     A setting a method overrode (``lora:r=8`` in a run with ``--rank 16``) is not in the header;
     the per-method table says what each ran with.
     """
-    steps = f"{cfg.max_steps} steps" if cfg.max_steps is not None else f"{cfg.epochs:g} epoch(s)"
-    split = getattr(cfg, "split", None)
     header = {
         "model": cfg.model,
         "training data": cfg.train_data,
-        "tasks": ", ".join(cfg.tasks) + (f" ({split} split)" if split else "")
-                 + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
-        "training": f"{steps}, batch {cfg.batch_size} x {cfg.grad_accum} accumulation",
+        "tasks": tasks_text(cfg, getattr(cfg, "split", None)),
+        "training": f"{training_length(cfg)}, batch {cfg.batch_size} x {cfg.grad_accum} accumulation",
     }
     shared, differing = shared_settings(results)
     if shared:
