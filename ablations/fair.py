@@ -209,6 +209,10 @@ def reference_of(point: dict[str, Any], points: list[dict[str, Any]]) -> dict[st
     5. otherwise the ``lora`` point sharing the most of its options: plain ``lora`` in ``fair``, LoRA
        at the same rank in ``rank --tune-lr``; a space with one LoRA point compares everything with it.
 
+    Rule 5 is not :func:`harness.adapters.spec.reference_name`, the one reference of a run's report and
+    diagnostics (``lora`` itself, else the first LoRA spec): a study may hold one LoRA per rank, so the
+    reference is chosen by shared options, and a ``lora:match=`` or ``reference:`` point is never one.
+
     None for the reference itself, and where no point fits (:func:`references` says why, in one line).
     """
     by_spec = {_canonical(spec_of(p)): p for p in points}

@@ -35,7 +35,7 @@ from ablations import fair
 from harness.errors import UserError
 from ablations.fair import mean_of, std_of
 from ablations.space import spec_of
-from harness.report import atomic_path, pyplot, save_figure, write_text_atomic
+from harness.report import atomic_path, pyplot, save_figure, tasks_text, training_length, write_text_atomic
 from harness.tracking import Tracker
 
 
@@ -153,8 +153,7 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
     states = trials["state"].value_counts().to_dict() if len(trials) else {}
     lines = [f"# Study: {plan.name}", "", plan.description or "", "",
              f"- **kind**: {plan.kind}" + plan.study_kind.kind_note(plan),
-             f"- **model**: {cfg.model}; **training data**: {cfg.train_data}; **tasks**: "
-             f"{', '.join(cfg.tasks)}" + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
+             f"- **model**: {cfg.model}; **training data**: {cfg.train_data}; **tasks**: {tasks_text(cfg)}",
              f"- **training**: {training_length(cfg)}, batch {cfg.batch_size}, "
              + ", ".join(f"{name} {value}" for name, value in shared_settings(plan)),
              f"- **seeds**: {', '.join(map(str, plan.seeds))}",
@@ -196,17 +195,18 @@ def summary_markdown(plan, trials: pd.DataFrame, points: pd.DataFrame | None, pl
     return "\n".join(lines)
 
 
-def training_length(cfg) -> str:
-    """'100 steps' or '1 epoch(s)': what bounds training (max_steps wins over epochs)."""
-    return f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epoch(s)"
-
-
 # a method option that overrides a run option in the header: the spec key -> the header's name and the run field
 _OVERRIDES = {"lr": ("lr", "lr"), "r": ("rank", "rank"), "alpha": ("alpha", "alpha")}
 
 
 def shared_settings(plan) -> list[tuple[str, str]]:
-    """(name, value) of lr, rank and alpha: the run's value when no point overrides it, else 'per configuration'."""
+    """(name, value) of lr, rank and alpha: the run's value when no point overrides it, else 'per configuration'.
+
+    Not :func:`harness.report.shared_settings`, which reads the settings each method's results recorded: a
+    study's header is written from its plan, before (and while) its trials run. The header's model, tasks and
+    training length are :mod:`harness.report`'s (:func:`~harness.report.tasks_text`,
+    :func:`~harness.report.training_length`), its layout its own (one line each for setup and training).
+    """
     out = []
     for key, (name, field_name) in _OVERRIDES.items():
         varies = any(key in point for point in plan.points) or (key == "lr" and plan.study_kind.tunes_lr)

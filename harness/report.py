@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from harness import stats
+from harness.adapters.spec import REFERENCE_METHOD, reference_name, without_options
 from harness.fsutil import atomic_path, write_text_atomic
 from harness.plots import method_colour, pyplot, save_figure
 
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
     from harness.config import RunConfig
 
 BASE = "base"
-REFERENCE_METHOD = "lora"
 N_RESAMPLES = stats.N_RESAMPLES
 CONFIDENCE = stats.CONFIDENCE
 # What ran, per method: the columns of summary.csv / summary.md, in this order.
@@ -120,13 +120,6 @@ def score_line(scores: Mapping[str, float]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # Statistics
-
-
-def _reference_method(methods: Sequence[str]) -> str | None:
-    """The spec that stands for LoRA: exactly ``lora`` if present, else the first ``lora:...`` spec."""
-    if REFERENCE_METHOD in methods:
-        return REFERENCE_METHOD
-    return next((m for m in methods if m.split(":", 1)[0] == REFERENCE_METHOD), None)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -205,13 +198,14 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
     and ``_item_low``/``_item_high`` (the item noise); ``gain_vs_lora_seeds`` and
     ``gain_vs_lora_missing`` (paired seeds, seeds only one side completed), ``p_vs_lora``,
     ``p_holm`` (Holm-adjusted over the comparisons with LoRA) and ``mde_vs_lora``. ``reference`` names
-    the row that stands for LoRA (default: the method ``lora``, else the first ``lora:...``).
+    the row that stands for LoRA (default: :func:`harness.adapters.spec.reference_name` of the methods: ``lora``,
+    else the first ``lora:...``; a label such as ``lora-r18-match-...`` has no ``:`` and is not taken).
     """
     import pandas as pd
 
     methods = list(dict.fromkeys(r.method for r in results))
     tasks = _tasks(base, results)
-    reference = reference or _reference_method(methods)
+    reference = reference or reference_name(methods)
     by_method = {m: [r for r in results if r.method == m] for m in methods}
     rows = []
     systems: list[tuple[str, list[SystemResult]]] = ([(BASE, [base])] if base is not None else [])
@@ -401,13 +395,8 @@ def _untuned_note(table: "pd.DataFrame", fair_methods: str) -> str:
 
 def fair_study_methods(methods: Sequence[str]) -> str:
     """The ``--methods`` value for the fair study: the run's specs without ``lr=`` (the study tunes it), LoRA first."""
-    specs = []
-    for spec in methods:
-        head, _, rest = spec.partition(":")
-        options = [o.strip() for o in rest.split(",") if o.strip() and not o.strip().startswith("lr=")]
-        specs.append(head.strip() + (":" + ",".join(options) if options else ""))
-    specs = list(dict.fromkeys(specs))
-    if _reference_method(specs) is None:
+    specs = list(dict.fromkeys(without_options(spec, ["lr"]) for spec in methods))
+    if reference_name(specs) is None:
         specs.insert(0, REFERENCE_METHOD)
     return ",".join(specs)
 
@@ -490,20 +479,31 @@ def shared_settings(results: Sequence[SystemResult]) -> tuple[dict[str, Any], li
     return shared, differing
 
 
+# The parts of a summary header that a run's (header_from_config) and a study's (ablations.report) share.
+
+
+def training_length(cfg: "RunConfig") -> str:
+    """'100 steps' or '1 epoch(s)': what bounds training (max_steps wins over epochs)."""
+    return f"{cfg.max_steps} steps" if cfg.max_steps is not None else f"{cfg.epochs:g} epoch(s)"
+
+
+def tasks_text(cfg: "RunConfig", split: str | None = None) -> str:
+    """The tasks a header lists: their names, the split when given, and the item limit when there is one."""
+    return (", ".join(cfg.tasks) + (f" ({split} split)" if split else "")
+            + (f" (at most {cfg.limit} items each)" if cfg.limit else ""))
+
+
 def header_from_config(cfg: "RunConfig", results: Sequence[SystemResult] = ()) -> dict[str, str]:
     """The summary.md header lines: the run's configuration, and of the methods' settings only those all share.
 
     A setting a method overrode (``lora:r=8`` in a run with ``--rank 16``) is not in the header;
     the per-method table says what each ran with.
     """
-    steps = f"{cfg.max_steps} steps" if cfg.max_steps is not None else f"{cfg.epochs:g} epoch(s)"
-    split = getattr(cfg, "split", None)
     header = {
         "model": cfg.model,
         "training data": cfg.train_data,
-        "tasks": ", ".join(cfg.tasks) + (f" ({split} split)" if split else "")
-                 + (f" (at most {cfg.limit} items each)" if cfg.limit else ""),
-        "training": f"{steps}, batch {cfg.batch_size} x {cfg.grad_accum} accumulation",
+        "tasks": tasks_text(cfg, getattr(cfg, "split", None)),
+        "training": f"{training_length(cfg)}, batch {cfg.batch_size} x {cfg.grad_accum} accumulation",
     }
     shared, differing = shared_settings(results)
     if shared:

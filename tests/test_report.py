@@ -267,6 +267,23 @@ def test_fair_study_methods_drops_hand_set_learning_rates_and_keeps_lora_first()
     assert fair_study_methods(["lora:r=8", "moslora"]) == "lora:r=8,moslora"  # already has its reference
 
 
+
+def test_fair_study_methods_keeps_a_match_value_whole():
+    # match= takes the rest of the spec, commas and its own lr= included: only the outer lr= goes
+    assert fair_study_methods(["lora", "linchain:r=8,widths=8-16-8",
+                               "lora:lr=1e-3,match=linchain:r=8,widths=8-16-8,lr=1e-3"]) \
+        == "lora,linchain:r=8,widths=8-16-8,lora:match=linchain:r=8,widths=8-16-8,lr=1e-3"
+
+def test_one_reference_rule_for_the_report_and_the_diagnostics():
+    from harness.adapters.spec import reference_name
+
+    assert reference_name(["moslora", "lora:r=8", "lora"]) == "lora"
+    assert reference_name(["moslora", "lora:r=8", "lora:r=4"]) == "lora:r=8"
+    assert reference_name(["moslora", "dora"]) is None
+    matched = "lora-r18-match-linchain-8-16-8"  # a label has no ':', so only its spec method makes it a LoRA
+    assert reference_name([matched, "linchain-8-16-8"]) is None
+    assert reference_name([matched, "linchain-8-16-8"], ["lora", "linchain"]) == matched
+
 @pytest.mark.integration
 def test_a_run_reports_what_each_method_trained_with(tmp_path):
     """The issue's case end to end: --rank 16 with lora:r=8 and a per-method lr, on tiny-random."""

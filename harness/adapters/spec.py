@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from harness.errors import UserError
 
@@ -398,3 +398,50 @@ def spec_options(text: str) -> tuple[str, dict[str, str]]:
     if method not in METHODS:
         raise UserError(f"unknown adapter method {method!r} in spec {text!r}; choose one of: {', '.join(METHODS)}")
     return method, _options(method, rest, text)
+
+
+def without_options(text: str, keys: Iterable[str]) -> str:
+    """A spec's text without the named options; the others stay as written, in their order.
+
+    Read with the spec grammar (:func:`spec_options`), so ``match=`` keeps its whole spec, commas and
+    options of its own included: ``without_options("lora:r=8,lr=1e-3,match=linchain:r=8,widths=8-16-8,lr=1e-3",
+    ["lr"])`` is ``lora:r=8,match=linchain:r=8,widths=8-16-8,lr=1e-3``. An unknown method or option raises
+    :class:`UserError`, as parsing does.
+    """
+    drop = {keys} if isinstance(keys, str) else set(keys)
+    method, options = spec_options(text)
+    kept = [f"{key}={value}" for key, value in options.items() if key not in drop]
+    return method + (":" + ",".join(kept) if kept else "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference: which of a run's methods stands for LoRA
+
+
+REFERENCE_METHOD = "lora"  # every gain and every claim is measured against the method that stands for LoRA
+
+
+def method_part(name: str) -> str:
+    """The method part of a spec text or label as written: the text before its first ':' (``lora:r=8`` ->
+    ``lora``). A label has no ':' (``lora``, ``linchain-3``, ``lora-r18-match-linchain-8-16-8``), so it is its
+    own method part."""
+    return name.split(":", 1)[0]
+
+
+def reference_name(names: Sequence[str], methods: Iterable[str] | None = None) -> str | None:
+    """Which of a run's methods stands for plain LoRA: the name ``lora`` itself if present, else the first name
+    whose method is ``lora`` (None if there is none).
+
+    ``names`` are the methods' spec texts or labels, in the run's order. ``methods`` gives each name's method,
+    in the same order; without it a name's method is its :func:`method_part`, so ``lora:r=8`` is a LoRA, and
+    so is ``lora:match=X`` (a spec text), but a label such as ``lora-r18-match-linchain-8-16-8`` is not. A
+    caller that knows each spec's method passes them (the diagnostics do: there a matched LoRA is the
+    reference when it is the only LoRA). ``methods`` is read only when no name is ``lora``, one item at a time.
+
+    The fair study's :func:`ablations.fair.reference_of` has a rule of its own: a method is compared with the
+    ``lora`` point sharing the most of its options, and a ``lora:match=`` point is never a reference.
+    """
+    if REFERENCE_METHOD in names:
+        return REFERENCE_METHOD
+    methods = map(method_part, names) if methods is None else methods
+    return next((name for name, method in zip(names, methods) if method == REFERENCE_METHOD), None)

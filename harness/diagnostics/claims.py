@@ -17,16 +17,15 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from harness import stats
+from harness.adapters.spec import reference_name
 from harness.diagnostics.convergence import smoothed, steps_to_loss
 from harness.diagnostics.measures import ALL_LAYERS, Trace, nan_mean
 
 
 def reference_label(rows: Sequence[dict]) -> str | None:
-    """The method that stands for LoRA: the label ``lora`` if present, else the first plain-LoRA method."""
-    labels = list(dict.fromkeys(r["method"] for r in rows))
-    if "lora" in labels:
-        return "lora"
-    return next((r["method"] for r in rows if r["spec_method"] == "lora"), None)
+    """The method that stands for LoRA: the label ``lora`` if present, else the first method whose spec is a
+    LoRA (by its ``spec_method``, so a matched LoRA counts): :func:`harness.adapters.spec.reference_name`."""
+    return reference_name([r["method"] for r in rows], (r["spec_method"] for r in rows))
 
 
 # ----------------------------------------------------------------------------------------------------------
