@@ -394,9 +394,13 @@ def _untuned_note(table: "pd.DataFrame", fair_methods: str) -> str:
 
 
 def fair_study_methods(methods: Sequence[str]) -> str:
-    """The ``--methods`` value for the fair study: the run's specs without ``lr=`` (the study tunes it), LoRA first."""
+    """The ``--methods`` value for the fair study: the run's specs without ``lr=`` (the study tunes it), LoRA first.
+
+    The fair study needs a LoRA point without ``match=`` as its reference (a matched LoRA is compared with what
+    it matches), so plain ``lora`` is added unless such a point is there."""
     specs = list(dict.fromkeys(without_options(spec, ["lr"]) for spec in methods))
-    if reference_name(specs) is None:
+    plain = [spec for spec in specs if "match=" not in spec]
+    if reference_name(plain) is None:
         specs.insert(0, REFERENCE_METHOD)
     return ",".join(specs)
 

@@ -265,6 +265,8 @@ def test_fair_study_methods_drops_hand_set_learning_rates_and_keeps_lora_first()
         "lora,linchain:r=8,widths=8-16-8,condlora"
     assert fair_study_methods(["moslora", "linchain"]) == "lora,moslora,linchain"
     assert fair_study_methods(["lora:r=8", "moslora"]) == "lora:r=8,moslora"  # already has its reference
+    # a matched LoRA is compared with what it matches, never the reference: plain lora is added
+    assert fair_study_methods(["linchain", "lora:match=linchain"]) == "lora,linchain,lora:match=linchain"
 
 
 
