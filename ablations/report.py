@@ -615,8 +615,10 @@ def verdict_markdown(plan, results, rows: pd.DataFrame, trials: pd.DataFrame, pl
     if notes:
         lines += ["", "Notes on the references (grid extensions, rates at the edge, failed or missing seeds):", "",
                   *notes]
-    lines += ["", "Not measured here: how far the chosen rate and the gain would move if a method were re-tuned "
-              "with another tuning seed (that needs a second tuning pass per method)."]
+    lines += ["", "The intervals do not cover the choice of rate, made once from the tuning seed(s) above. How far "
+              "the chosen rate and the gains move when a method is re-tuned with another tuning seed is measured "
+              "by a second study with the same protocol and another `seeds:`, compared with this one by "
+              "`python -m ablations.retune` (docs/ablations.md)."]
     if curvature:
         lines += ["", *curvature]
     lines += ["", "Files: verdict.csv (this table), trials.csv (every trial, tuning and final, with its split)"
