@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from harness import quiet, tuned_rates
 from harness.config import RunConfig, config_from_args, config_to_dict
 from harness.errors import EXIT_INTERRUPTED, DiskFull, UserError, cli_entry, disk_full, full_disk_path, interruption
+from harness.report import SystemResult, default_run_name, grad_norm_summary, method_settings, score_line, write_report
 from harness.rundir import KEPT_FILE
 
 if TYPE_CHECKING:
@@ -44,75 +45,48 @@ if TYPE_CHECKING:
     from harness.tracking import NoTracking, RunHandle, Tracker, _NoRun
     from harness.train import TrainResult
 
-NAN = float("nan")
-
 
 @dataclass
-class MethodResult:
+class MethodResult(SystemResult):
     """One evaluated system of a run: the base model (``method="base"``, no seed, no training) or one method
     trained with one seed.
 
-    It holds what training and evaluation returned (:class:`harness.train.TrainResult`,
-    :class:`harness.evaluate.EvalResult`; None where that step did not run or failed) and reads the
-    attributes of :class:`harness.report.SystemResult`, which the report, result.json and the studies
-    use, from them: ``scores`` and ``correct`` from the evaluation, the timings, ``loss_curve`` and the
-    gradient-norm summary from the training. ``error`` is set when the run failed.
+    It is a :class:`harness.report.SystemResult`, the one record the report, result.json, compare and the
+    studies read, that also keeps what training and evaluation returned (:class:`harness.train.TrainResult`,
+    :class:`harness.evaluate.EvalResult`; None where that step did not run or failed).
+    :meth:`record_training` and :meth:`record_evaluation` (or the ``training`` and ``evaluation`` arguments)
+    fill the record's fields from them: ``scores``, ``correct`` and ``outputs`` from the evaluation, the
+    timings, ``loss_curve`` and the gradient-norm summary from the training. ``error`` is set when the run failed.
     """
 
-    method: str  # the label that names it in tables, plots and MLflow
-    seed: int | None = None
-    settings: dict[str, Any] = field(default_factory=dict)  # what ran: harness.report.method_settings
-    trainable_params: int = 0
     training: TrainResult | None = None
     evaluation: EvalResult | None = None
-    error: str | None = None
-    contaminated: set[str] = field(default_factory=set)  # tasks whose scores are marked contaminated
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+    def __post_init__(self) -> None:
+        if self.training is not None:
+            self.record_training(self.training)
+        if self.evaluation is not None:
+            self.record_evaluation(self.evaluation)
 
-    @property
-    def scores(self) -> dict[str, float]:
-        return self.evaluation.leaf_scores() if self.evaluation is not None else {}
+    def record_training(self, trained: TrainResult) -> TrainResult:
+        """Keep ``trained`` and copy its loss curve, timings and gradient-norm summary into the record."""
+        self.training = trained
+        self.loss_curve = trained.losses
+        self.train_seconds = trained.train_seconds
+        self.seconds_per_step = trained.seconds_per_step
+        self.tokens_per_second = trained.tokens_per_second
+        self.peak_memory_mb = trained.peak_memory_mb
+        self.grad_norm_median = grad_norm_summary(trained)[0]
+        self.clipped_fraction = trained.clipped_fraction
+        return trained
 
-    @property
-    def correct(self) -> dict[str, dict[int, float]]:
-        return self.evaluation.correctness() if self.evaluation is not None else {}
-
-    @property
-    def outputs(self) -> dict[str, str]:
-        return self.evaluation.output_digests() if self.evaluation is not None else {}
-
-    @property
-    def loss_curve(self) -> list[tuple[int, float]]:
-        return self.training.losses if self.training is not None else []
-
-    @property
-    def train_seconds(self) -> float:
-        return self.training.train_seconds if self.training is not None else NAN
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.training.seconds_per_step if self.training is not None else NAN
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.training.tokens_per_second if self.training is not None else NAN
-
-    @property
-    def peak_memory_mb(self) -> float:
-        return self.training.peak_memory_mb if self.training is not None else NAN
-
-    @property
-    def grad_norm_median(self) -> float:
-        from harness.report import grad_norm_summary
-
-        return grad_norm_summary(self.training)[0] if self.training is not None else NAN
-
-    @property
-    def clipped_fraction(self) -> float:
-        return self.training.clipped_fraction if self.training is not None else NAN
+    def record_evaluation(self, evaluation: EvalResult) -> EvalResult:
+        """Keep ``evaluation`` and copy its leaf scores, per-item correctness and output digests into the record."""
+        self.evaluation = evaluation
+        self.scores = evaluation.leaf_scores()
+        self.correct = evaluation.correctness()
+        self.outputs = evaluation.output_digests()
+        return evaluation
 
 
 @dataclass
@@ -226,7 +200,6 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     from harness import distributed, rundir
     from harness.diagnostics import RunDiagnostics
     from harness.fingerprint import protocol_fingerprint, sha256_json
-    from harness.report import default_run_name
     from harness.tracking import NoTracking, Tracker, run_params
 
     job = distributed.context()
@@ -448,7 +421,6 @@ def _quiet(*args, **kwargs) -> None:
 
 def _evaluate_base(context: MethodContext) -> MethodResult:
     """The base model's row, evaluated once, in its own nested MLflow run."""
-    from harness.report import score_line
     from harness.tracking import log_evaluation
 
     with context.tracker.run("base", parent=context.parent, tags={"method": "base"}) as handle:
@@ -483,7 +455,6 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
     than 0 only train.
     """
     from harness.adapters import fresh_adapter_model, save_adapter, trainable_parameters
-    from harness.report import method_settings, score_line
     from harness.tracking import log_evaluation
     from harness.train import NonFiniteLoss, TrainSettings, train
 
@@ -518,10 +489,10 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
                     steps.log(s, train_loss=loss, lr=lr, **(probe.on_step(s) if probe else {}))
 
                 pruning = context.on_intermediate is not None
-                trained = result.training = train(
+                trained = result.record_training(train(
                     peft_model, context.examples[seed], context.collate, settings, progress=context.progress,
                     description=name, on_step=on_step, on_checkpoint=checkpoint if pruning else None,
-                    checkpoint_every=context.intermediate_every if pruning else None)
+                    checkpoint_every=context.intermediate_every if pruning else None))
                 for step, norm in trained.grad_norms:
                     steps.log(step, grad_norm=norm)
             h.log_metrics({"train_seconds": trained.train_seconds, "seconds_per_step": trained.seconds_per_step,
@@ -532,7 +503,7 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
                                                  seed=seed, train_result=trained), step=trained.steps)
             if context.is_main:  # the other ranks of a torchrun job only train
                 log(f"{name}: evaluating ...")
-                result.evaluation = context.suite.evaluate(peft_model, context.tokenizer, **context.eval_kwargs)
+                result.record_evaluation(context.suite.evaluate(peft_model, context.tokenizer, **context.eval_kwargs))
                 log_evaluation(h, result.evaluation, context.run_dir / "samples" / f"{name}.jsonl")
                 adapter_dir = save_adapter(peft_model, context.run_dir / "adapters" / name)
                 h.log_artifacts(adapter_dir, "adapter")
@@ -570,7 +541,6 @@ def _report(cfg: RunConfig, inputs: RunInputs, fingerprint: dict, outcome: RunOu
 
     Returns the published folder.
     """
-    from harness.report import write_report
     from harness.resultfile import RESULT_FILE, build_result, write_result_json
     from harness.tracking import log_summary
 
