@@ -73,14 +73,12 @@ def scored_documents(tasks: Sequence[str], data_dir: Path | str | None, prompt_f
     """Every leaf task's documents in ``split``, as lm-eval will score them (all of them: ``--limit`` aside).
 
     A task whose documents have no ``instruction`` field (a task not built on the harness's loaders)
-    cannot be checked and is left out; :func:`unchecked` names it.
+    cannot be checked and is left out; :func:`unchecked` names it. This is
+    :meth:`harness.evaluate.TaskSuite.documents` on a suite of its own (a run asks its own suite).
     """
-    from harness import evaluate as hevaluate
+    from harness.evaluate import TaskSuite
 
-    manager = hevaluate.task_manager(data_dir, prompt_format, split=split)
-    names = hevaluate.expand_tasks(list(tasks), manager, data_dir)
-    loaded = manager.load(hevaluate.tasks_for_split(names, manager, split))
-    return {name: [dict(d) for d in task.eval_docs] for name, task in loaded["tasks"].items()}
+    return TaskSuite(tasks, data_dir, prompt_format, split).documents()
 
 
 def unchecked(documents: Mapping[str, Sequence[Mapping]]) -> list[str]:

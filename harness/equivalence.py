@@ -116,19 +116,20 @@ def _in_process(source: AdapterSource, model_name: str, precision: str, options:
     import torch
 
     from harness.adapters.api import check_adapter_fits, export_lora, load_adapter_model
-    from harness.evaluate import default_batch_size, evaluate
+    from harness.evaluate import TaskSuite, default_batch_size
     from harness.models import load_model, storage_dtype
 
     results = []
     model, tokenizer = load_model(model_name, dtype=storage_dtype(precision))
     check_adapter_fits(model, source.folder)
     batch_size = options["batch_size"] or default_batch_size(model)
+    suite = options.get("suite") or TaskSuite(options["tasks"], options["data_dir"], options["prompt_format"])
 
     def score(which: str, m) -> PathResult:
         progress(which, precision)
         started = time.perf_counter()
-        result = evaluate(m, tokenizer, options["tasks"], options["data_dir"], options["limit"], batch_size,
-                          prompt_format=options["prompt_format"], precision=precision, check_precision=False)
+        result = suite.evaluate(m, tokenizer, limit=options["limit"], batch_size=batch_size, precision=precision,
+                                check_precision=False)
         return PathResult(which, precision, by_item(result.samples), time.perf_counter() - started)
 
     saved = None
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.adapters.api import read_adapter_folder
     from harness.adapters.spec import parse_spec
     from harness.data.files import resolve_data_dir
-    from harness.evaluate import task_data_checksums
+    from harness.evaluate import TaskSuite
 
     spec = read_adapter_folder(source.folder).spec
     if spec and parse_spec(spec).bias:
@@ -425,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     options = {"tasks": tasks, "data_dir": data_dir, "data_dir_resolved": str(resolve_data_dir(data_dir)),
                "limit": args.limit, "batch_size": args.batch_size,
                "prompt_format": args.prompt_format or run.get("prompt_format") or "alpaca"}
-    task_data_checksums(tasks, data_dir, options["prompt_format"])  # unknown tasks, bad files: one line, now
+    options["suite"] = TaskSuite(tasks, data_dir, options["prompt_format"])  # one lm-eval TaskManager for every path
+    options["suite"].checksums()  # unknown tasks, bad files: one line, now
     output_dir = Path(args.output_dir) if args.output_dir else Path("results") / "equivalence" / source.name
 
     steps = (1 + len(precisions) * (1 + len(set(paths) - {"harness"})))

@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 from harness.data.files import resolve_data_dir
 from harness.data.prompts import PROMPT_FORMATS
@@ -112,7 +113,7 @@ def task_manager(data_dir: Path | str | None = None, prompt_format: str = "alpac
     """lm-eval's TaskManager over tasks/ only, passing the data directory, prompt format and split to the loaders.
 
     The loaders build only the ``split`` asked for, so scoring the test split never needs the files
-    a validation split comes from (and the other way round).
+    a validation split comes from (and the other way round). A run builds one, through its :class:`TaskSuite`.
     """
     from lm_eval.tasks import TaskManager
 
@@ -138,55 +139,6 @@ def expand_tasks(tasks: list[str], manager, data_dir: Path | str | None = None) 
     return expanded
 
 
-def task_data_checksums(tasks: list[str], data_dir: Path | str | None, prompt_format: str,
-                        split: str = "test") -> dict[str, str]:
-    """SHA-256 of each evaluated task's documents in ``split``: its data file(s), or the generated split.
-
-    A validation split of an LLM-Adapters task also depends on the training set it is cut from
-    (``validation_data``), whose checksum is added.
-
-    Also checks the task names (an unknown task is a one-line UserError listing the known ones) and
-    reads every data file as the task will (missing, not UTF-8, malformed: one line now, not after
-    the base model's evaluation has started).
-    """
-    import hashlib
-
-    from harness.data import TRAIN_SETS, data_file, generate, records_checksum
-    from harness.data.records import TEST_KEYS, read_records
-
-    manager = task_manager(data_dir, prompt_format, split)
-    checksums: dict[str, str] = {}
-
-    def visit(name: str) -> None:
-        entry = manager.task_index.get(name)
-        if entry is None:
-            return
-        cfg = entry.cfg
-        if "group" in cfg:
-            for sub in cfg.get("task", []):
-                visit(sub if isinstance(sub, str) else sub.get("task", ""))
-            return
-        meta = cfg.get("metadata") or {}
-        if meta.get("generator"):
-            records = generate(meta["generator"], split=split, seed=int(meta.get("seed", 1234)))
-            checksums[name] = records_checksum(records)
-        elif meta.get("dataset") in TEST_SETS or meta.get("file"):
-            paths = [meta.get("file") or TEST_SETS[meta["dataset"]]]
-            if split == "validation" and meta.get("validation_data") in TRAIN_SETS:
-                paths.append(TRAIN_SETS[meta["validation_data"]])
-            digest = hashlib.sha256()
-            for i, relative in enumerate(paths):
-                path = Path(relative) if Path(relative).is_absolute() else data_file(relative, data_dir)
-                if i == 0:
-                    read_records(path, TEST_KEYS)  # what the task's loader does: a bad file fails here, in one line
-                digest.update(path.read_bytes())
-            checksums[name] = digest.hexdigest()
-
-    for name in expand_tasks(list(tasks), manager, data_dir):
-        visit(name)
-    return checksums
-
-
 def tasks_for_split(names: list[str], manager, split: str) -> list:
     """What to hand lm-eval so that it scores ``split``: the names for test, loaded tasks for validation.
 
@@ -208,11 +160,222 @@ def tasks_for_split(names: list[str], manager, split: str) -> list:
     return objects
 
 
+class TaskSuite:
+    """The tasks one run scores, and everything asked of them: one lm-eval TaskManager, built on first use.
+
+    ``TaskSuite(tasks, data_dir, prompt_format, split)`` answers
+
+    - :meth:`checksums`: each evaluated data set's SHA-256 (and the check of the names and files),
+    - :meth:`documents`: every leaf task's documents in the split (what :mod:`harness.contamination` looks up),
+    - :meth:`protocol`: each leaf task's YAML checksum, decoding and filters (what :mod:`harness.fingerprint`
+      records),
+    - :meth:`evaluate`: a model's scores (:func:`evaluate` is this on a suite of its own).
+
+    ``harness.run`` builds one per run and hands it to each of them; the module-level functions
+    (:func:`task_data_checksums`, :func:`evaluate`, ``contamination.scored_documents``,
+    ``fingerprint.task_protocol``) each build one for a caller that has none.
+    """
+
+    def __init__(self, tasks: Sequence[str], data_dir: Path | str | None = None, prompt_format: str = "alpaca",
+                 split: str = "test"):
+        self.tasks = list(tasks)
+        self.data_dir = data_dir
+        self.prompt_format = prompt_format
+        self.split = split
+        self._manager = None
+        self._names: list[str] | None = None
+
+    @property
+    def manager(self):
+        """lm-eval's TaskManager (:func:`task_manager`), built once; an unknown split is a UserError here."""
+        if self._manager is None:
+            self._manager = task_manager(self.data_dir, self.prompt_format, self.split)
+        return self._manager
+
+    def names(self) -> list[str]:
+        """The tasks and groups as asked, checked, with HellaSwag added to the commonsense groups (:func:`expand_tasks`)."""
+        if self._names is None:
+            self._names = expand_tasks(self.tasks, self.manager, self.data_dir)
+        return list(self._names)
+
+    def leaves(self) -> list[tuple[str, Any]]:
+        """Each evaluated leaf task as ``(name, task index entry)``, groups walked into, in the order asked."""
+        index = self.manager.task_index
+        found: list[tuple[str, Any]] = []
+
+        def visit(name: str) -> None:
+            entry = index.get(name)
+            if entry is None:
+                return
+            cfg = entry.cfg or {}
+            if "group" in cfg:
+                for sub in cfg.get("task", []):
+                    visit(sub if isinstance(sub, str) else sub.get("task", ""))
+                return
+            found.append((name, entry))
+
+        for name in self.names():
+            visit(name)
+        return found
+
+    def checksums(self) -> dict[str, str]:
+        """SHA-256 of each evaluated task's documents in the split: its data file(s), or the generated split.
+
+        A validation split of an LLM-Adapters task also depends on the training set it is cut from
+        (``validation_data``), whose checksum is added.
+
+        Also checks the task names (an unknown task is a one-line UserError listing the known ones) and
+        reads every data file as the task will (missing, not UTF-8, malformed: one line now, not after
+        the base model's evaluation has started).
+        """
+        import hashlib
+
+        from harness.data import TRAIN_SETS, data_file, generate, records_checksum
+        from harness.data.records import TEST_KEYS, read_records
+
+        checksums: dict[str, str] = {}
+        for name, entry in self.leaves():
+            meta = (entry.cfg or {}).get("metadata") or {}
+            if meta.get("generator"):
+                records = generate(meta["generator"], split=self.split, seed=int(meta.get("seed", 1234)))
+                checksums[name] = records_checksum(records)
+            elif meta.get("dataset") in TEST_SETS or meta.get("file"):
+                paths = [meta.get("file") or TEST_SETS[meta["dataset"]]]
+                if self.split == "validation" and meta.get("validation_data") in TRAIN_SETS:
+                    paths.append(TRAIN_SETS[meta["validation_data"]])
+                digest = hashlib.sha256()
+                for i, relative in enumerate(paths):
+                    path = Path(relative) if Path(relative).is_absolute() else data_file(relative, self.data_dir)
+                    if i == 0:
+                        read_records(path, TEST_KEYS)  # what the task's loader does: a bad file fails here, in one line
+                    digest.update(path.read_bytes())
+                checksums[name] = digest.hexdigest()
+        return checksums
+
+    def documents(self) -> dict[str, list[dict]]:
+        """Every leaf task's documents in the split, as lm-eval will score them (all of them: ``--limit`` aside)."""
+        manager = self.manager
+        loaded = manager.load(tasks_for_split(self.names(), manager, self.split))
+        return {name: [dict(d) for d in task.eval_docs] for name, task in loaded["tasks"].items()}
+
+    def protocol(self) -> dict[str, dict[str, Any]]:
+        """Per evaluated leaf task: a checksum of its YAML files (and the task folder's Python), its decoding
+        settings and its answer filters, as lm-eval will read them (the fingerprint's ``task_protocol``)."""
+        import hashlib
+
+        out: dict[str, dict[str, Any]] = {}
+        for name, entry in self.leaves():
+            path = Path(entry.yaml_path) if getattr(entry, "yaml_path", None) else None
+            if path is None or not path.is_file():
+                continue
+            merged: dict[str, Any] = {}
+            for file in reversed(task_files(path)):  # includes first, the task's own keys win
+                merged.update({k: v for k, v in _TaskLoader.load(file).items() if k != "include"})
+            files = task_files(path) + sorted(path.parent.glob("*.py"))
+            digest = hashlib.sha256()
+            for file in files:
+                digest.update(file.name.encode())
+                digest.update(file.read_bytes())
+            out[name] = {
+                "yaml_sha256": digest.hexdigest(),
+                "generation_kwargs": merged.get("generation_kwargs"),
+                "filters": [f.get("name") for f in merged.get("filter_list") or [] if isinstance(f, dict)],
+                "output_type": merged.get("output_type"),
+            }
+        return out
+
+    def evaluate(self, model, tokenizer, *, limit: int | None = None, batch_size: int | str = 1, num_beams: int = 1,
+                 log_samples: bool = True, max_batch_size: int = 64, precision: str = "fp32",
+                 check_precision: bool = True) -> EvalResult:
+        """Run lm-eval on an in-memory model: see :func:`evaluate`, which is this on a suite of its own."""
+        offline_environment()
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise UserError(f"unknown prompt format {self.prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")
+        if num_beams < 1:
+            raise UserError(f"num_beams={num_beams} must be at least 1")
+        if limit is not None and limit < 1:
+            raise UserError(f"limit={limit} must be a positive number of items")
+        import logging
+
+        import torch
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        from harness.quiet import quiet_lm_eval
+
+        quiet_lm_eval()
+
+        # lm-eval warns once per custom-loaded task that metadata can be passed; we pass it.
+        logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
+
+        manager = self.manager
+        names = tasks_for_split(self.names(), manager, self.split)
+        # lm-eval wraps every forward in its own autocast (disabled unless given a dtype): pass the training's
+        # precision through it; log-softmax over the vocabulary stays fp32
+        bf16 = (precision == "bf16" if not check_precision
+                else resolve_precision(precision, next(model.parameters()).device) == "bf16")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  max_batch_size=max_batch_size, mixed_precision_dtype=torch.bfloat16 if bf16 else None,
+                  softmax_dtype=torch.float32 if bf16 else None)
+        was_training = model.training
+        # lm-eval is told not to reseed, but it still draws from the global generators; restore them so
+        # an evaluation in the middle of training leaves the training's random stream as it was.
+        rng_state = _rng_state()
+        try:
+            output = simple_evaluate(
+                model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples,
+                gen_kwargs={"num_beams": num_beams, "do_sample": False} if num_beams > 1 else None,
+                apply_chat_template=self.prompt_format == "chat",
+                random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
+                bootstrap_iters=0, verbosity="ERROR",
+            )
+        finally:
+            model.train(was_training)
+            _set_rng_state(rng_state)
+        return _to_result(output)
+
+
+class _TaskLoader:
+    """Reads a task YAML file with lm-eval's ``!function`` tags kept as text."""
+
+    @staticmethod
+    def load(path: Path) -> dict:
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader) or {}
+
+
+def task_files(yaml_path: Path) -> list[Path]:
+    """A task's YAML file followed by the files it includes, recursively, in include order."""
+    seen: list[Path] = []
+
+    def visit(path: Path) -> None:
+        if path in seen or not path.is_file():
+            return
+        seen.append(path)
+        include = _TaskLoader.load(path).get("include")
+        for item in [include] if isinstance(include, str) else include or []:
+            visit((path.parent / item).resolve())
+
+    visit(Path(yaml_path).resolve())
+    return seen
+
+
+def task_data_checksums(tasks: list[str], data_dir: Path | str | None, prompt_format: str,
+                        split: str = "test") -> dict[str, str]:
+    """:meth:`TaskSuite.checksums` on a suite of its own: each evaluated data set's SHA-256, names and files checked."""
+    return TaskSuite(tasks, data_dir, prompt_format, split).checksums()
+
+
 def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | str | None = None,
              limit: int | None = None, batch_size: int | str = 1, num_beams: int = 1,
              prompt_format: str = "alpaca", log_samples: bool = True, max_batch_size: int = 64,
              split: str = "test", precision: str = "fp32", check_precision: bool = True) -> EvalResult:
-    """Run lm-eval on an in-memory model.
+    """Run lm-eval on an in-memory model (:meth:`TaskSuite.evaluate` on a suite of its own).
 
     ``precision`` is the training's (``fp32``, ``bf16`` or ``auto``, see
     :func:`harness.models.resolve_precision`): with bf16 the model runs under bf16 autocast, as in training.
@@ -224,51 +387,9 @@ def evaluate(model, tokenizer, tasks: list[str] | None = None, data_dir: Path | 
     ``check_precision=False`` runs bf16 even where the hardware emulates it slowly (harness.equivalence
     measures what bf16 does to the answers; nothing else should need it).
     """
-    offline_environment()
-    if prompt_format not in PROMPT_FORMATS:
-        raise UserError(f"unknown prompt format {prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")
-    if num_beams < 1:
-        raise UserError(f"num_beams={num_beams} must be at least 1")
-    if limit is not None and limit < 1:
-        raise UserError(f"limit={limit} must be a positive number of items")
-    import logging
-
-    import torch
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    from harness.quiet import quiet_lm_eval
-
-    quiet_lm_eval()
-
-    # lm-eval warns once per custom-loaded task that metadata can be passed; we pass it.
-    logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
-
-    manager = task_manager(data_dir, prompt_format, split)
-    names = tasks_for_split(expand_tasks(list(tasks or DEFAULT_TASKS), manager, data_dir), manager, split)
-    # lm-eval wraps every forward in its own autocast (disabled unless given a dtype): pass the training's
-    # precision through it; log-softmax over the vocabulary stays fp32
-    bf16 = (precision == "bf16" if not check_precision
-            else resolve_precision(precision, next(model.parameters()).device) == "bf16")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              max_batch_size=max_batch_size, mixed_precision_dtype=torch.bfloat16 if bf16 else None,
-              softmax_dtype=torch.float32 if bf16 else None)
-    was_training = model.training
-    # lm-eval is told not to reseed, but it still draws from the global generators; restore them so
-    # an evaluation in the middle of training leaves the training's random stream as it was.
-    rng_state = _rng_state()
-    try:
-        output = simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples,
-            gen_kwargs={"num_beams": num_beams, "do_sample": False} if num_beams > 1 else None,
-            apply_chat_template=prompt_format == "chat",
-            random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None,
-            bootstrap_iters=0, verbosity="ERROR",
-        )
-    finally:
-        model.train(was_training)
-        _set_rng_state(rng_state)
-    return _to_result(output)
+    return TaskSuite(tasks or DEFAULT_TASKS, data_dir, prompt_format, split).evaluate(
+        model, tokenizer, limit=limit, batch_size=batch_size, num_beams=num_beams, log_samples=log_samples,
+        max_batch_size=max_batch_size, precision=precision, check_precision=check_precision)
 
 
 def _rng_state():
@@ -464,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(args.precision, "cpu")
     output_dir = Path(args.output_dir) if args.output_dir else (Path("results") / "evaluate" / source.name
                                                                 if source else None)
-    checksums = task_data_checksums(tasks, data_dir, prompt_format, args.split)  # bad names, files: one line now
+    suite = TaskSuite(tasks, data_dir, prompt_format, args.split)
+    checksums = suite.checksums()  # bad names, files: one line now
     model, tokenizer = load_model(model_name, dtype=storage_dtype(precision))
     if source is not None:
         from harness.adapters.api import check_adapter_fits, load_adapter_model
@@ -473,8 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_adapter_model(model, source.folder)
     batch_size = args.batch_size or default_batch_size(model)
     batch_size = int(batch_size) if str(batch_size).isdigit() else batch_size
-    result = evaluate(model, tokenizer, tasks, data_dir, args.limit, batch_size, args.num_beams,
-                      prompt_format, log_samples=output_dir is not None, split=args.split, precision=precision)
+    result = suite.evaluate(model, tokenizer, limit=args.limit, batch_size=batch_size, num_beams=args.num_beams,
+                            log_samples=output_dir is not None, precision=precision)
     print(json.dumps({"scores": result.scores, "metrics": result.flat_metrics()}, indent=1))
     if output_dir is not None:
         from harness.fsutil import write_text_atomic

@@ -116,78 +116,22 @@ def tokenizer_checksum(tokenizer) -> dict[str, str]:
     }
 
 
-class _TaskLoader:
-    """Reads a task YAML file with lm-eval's ``!function`` tags kept as text."""
-
-    @staticmethod
-    def load(path: Path) -> dict:
-        import yaml
-
-        class Loader(yaml.SafeLoader):
-            pass
-
-        Loader.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader) or {}
-
-
-def task_files(yaml_path: Path) -> list[Path]:
-    """A task's YAML file followed by the files it includes, recursively, in include order."""
-    seen: list[Path] = []
-
-    def visit(path: Path) -> None:
-        if path in seen or not path.is_file():
-            return
-        seen.append(path)
-        include = _TaskLoader.load(path).get("include")
-        for item in [include] if isinstance(include, str) else include or []:
-            visit((path.parent / item).resolve())
-
-    visit(Path(yaml_path).resolve())
-    return seen
-
-
 def task_protocol(tasks: Sequence[str], data_dir, prompt_format: str) -> dict[str, dict[str, Any]]:
     """Per evaluated leaf task: a checksum of its YAML files (and the task folder's Python), its decoding
-    settings and its answer filters, as lm-eval will read them."""
-    from harness import evaluate as hevaluate
+    settings and its answer filters, as lm-eval will read them: :meth:`harness.evaluate.TaskSuite.protocol`
+    on a suite of its own."""
+    from harness.evaluate import TaskSuite
 
-    manager = hevaluate.task_manager(data_dir, prompt_format)
-    out: dict[str, dict[str, Any]] = {}
-
-    def visit(name: str) -> None:
-        entry = manager.task_index.get(name)
-        if entry is None:
-            return
-        path = Path(entry.yaml_path) if getattr(entry, "yaml_path", None) else None
-        if path is None or not path.is_file():
-            return
-        merged: dict[str, Any] = {}
-        for file in reversed(task_files(path)):  # includes first, the task's own keys win
-            merged.update({k: v for k, v in _TaskLoader.load(file).items() if k != "include"})
-        if "group" in merged and "task" in merged:
-            for sub in merged.get("task") or []:
-                visit(sub if isinstance(sub, str) else sub.get("task", ""))
-            return
-        files = task_files(path) + sorted(path.parent.glob("*.py"))
-        digest = hashlib.sha256()
-        for file in files:
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
-        out[name] = {
-            "yaml_sha256": digest.hexdigest(),
-            "generation_kwargs": merged.get("generation_kwargs"),
-            "filters": [f.get("name") for f in merged.get("filter_list") or [] if isinstance(f, dict)],
-            "output_type": merged.get("output_type"),
-        }
-
-    for name in hevaluate.expand_tasks(list(tasks), manager, data_dir):
-        visit(name)
-    return out
+    return TaskSuite(tasks, data_dir, prompt_format).protocol()
 
 
 def protocol_fingerprint(cfg, *, model, tokenizer, train_checksum: str, eval_checksums: Mapping[str, str],
-                         data_dir, world_size: int = 1, precision: str | None = None) -> dict[str, Any]:
-    """The fingerprint of a run: ``{"hash": ..., "parts": {...}}`` (see the module docstring)."""
+                         data_dir, world_size: int = 1, precision: str | None = None, suite=None) -> dict[str, Any]:
+    """The fingerprint of a run: ``{"hash": ..., "parts": {...}}`` (see the module docstring).
+
+    ``suite`` is the run's :class:`harness.evaluate.TaskSuite` (the tasks' protocol is read from it); without
+    one, one is built from ``cfg.tasks``, ``data_dir`` and ``cfg.prompt_format``.
+    """
     from harness.tracking import library_versions
 
     versions = library_versions()
@@ -211,7 +155,7 @@ def protocol_fingerprint(cfg, *, model, tokenizer, train_checksum: str, eval_che
         "split": getattr(cfg, "split", "test"),
         "limit": cfg.limit,
         "num_beams": cfg.num_beams,
-        "task_protocol": task_protocol(cfg.tasks, data_dir, cfg.prompt_format),
+        "task_protocol": suite.protocol() if suite is not None else task_protocol(cfg.tasks, data_dir, cfg.prompt_format),
         "eval_data_sha256": dict(sorted(eval_checksums.items())),
         "versions": {name: versions.get(name, "unknown") for name in PROTOCOL_LIBRARIES},
     }

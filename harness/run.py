@@ -36,83 +36,57 @@ from typing import TYPE_CHECKING, Any, Callable
 from harness import quiet, tuned_rates
 from harness.config import RunConfig, config_from_args, config_to_dict
 from harness.errors import EXIT_INTERRUPTED, DiskFull, UserError, cli_entry, disk_full, full_disk_path, interruption
+from harness.report import SystemResult, default_run_name, grad_norm_summary, method_settings, score_line, write_report
 from harness.rundir import KEPT_FILE
 
 if TYPE_CHECKING:
     from harness.diagnostics import RunDiagnostics
-    from harness.evaluate import EvalResult
+    from harness.evaluate import EvalResult, TaskSuite
     from harness.tracking import NoTracking, RunHandle, Tracker, _NoRun
     from harness.train import TrainResult
 
-NAN = float("nan")
-
 
 @dataclass
-class MethodResult:
+class MethodResult(SystemResult):
     """One evaluated system of a run: the base model (``method="base"``, no seed, no training) or one method
     trained with one seed.
 
-    It holds what training and evaluation returned (:class:`harness.train.TrainResult`,
-    :class:`harness.evaluate.EvalResult`; None where that step did not run or failed) and reads the
-    attributes of :class:`harness.report.SystemResult`, which the report, result.json and the studies
-    use, from them: ``scores`` and ``correct`` from the evaluation, the timings, ``loss_curve`` and the
-    gradient-norm summary from the training. ``error`` is set when the run failed.
+    It is a :class:`harness.report.SystemResult`, the one record the report, result.json, compare and the
+    studies read, that also keeps what training and evaluation returned (:class:`harness.train.TrainResult`,
+    :class:`harness.evaluate.EvalResult`; None where that step did not run or failed).
+    :meth:`record_training` and :meth:`record_evaluation` (or the ``training`` and ``evaluation`` arguments)
+    fill the record's fields from them: ``scores``, ``correct`` and ``outputs`` from the evaluation, the
+    timings, ``loss_curve`` and the gradient-norm summary from the training. ``error`` is set when the run failed.
     """
 
-    method: str  # the label that names it in tables, plots and MLflow
-    seed: int | None = None
-    settings: dict[str, Any] = field(default_factory=dict)  # what ran: harness.report.method_settings
-    trainable_params: int = 0
     training: TrainResult | None = None
     evaluation: EvalResult | None = None
-    error: str | None = None
-    contaminated: set[str] = field(default_factory=set)  # tasks whose scores are marked contaminated
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+    def __post_init__(self) -> None:
+        if self.training is not None:
+            self.record_training(self.training)
+        if self.evaluation is not None:
+            self.record_evaluation(self.evaluation)
 
-    @property
-    def scores(self) -> dict[str, float]:
-        return self.evaluation.leaf_scores() if self.evaluation is not None else {}
+    def record_training(self, trained: TrainResult) -> TrainResult:
+        """Keep ``trained`` and copy its loss curve, timings and gradient-norm summary into the record."""
+        self.training = trained
+        self.loss_curve = trained.losses
+        self.train_seconds = trained.train_seconds
+        self.seconds_per_step = trained.seconds_per_step
+        self.tokens_per_second = trained.tokens_per_second
+        self.peak_memory_mb = trained.peak_memory_mb
+        self.grad_norm_median = grad_norm_summary(trained)[0]
+        self.clipped_fraction = trained.clipped_fraction
+        return trained
 
-    @property
-    def correct(self) -> dict[str, dict[int, float]]:
-        return self.evaluation.correctness() if self.evaluation is not None else {}
-
-    @property
-    def outputs(self) -> dict[str, str]:
-        return self.evaluation.output_digests() if self.evaluation is not None else {}
-
-    @property
-    def loss_curve(self) -> list[tuple[int, float]]:
-        return self.training.losses if self.training is not None else []
-
-    @property
-    def train_seconds(self) -> float:
-        return self.training.train_seconds if self.training is not None else NAN
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.training.seconds_per_step if self.training is not None else NAN
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.training.tokens_per_second if self.training is not None else NAN
-
-    @property
-    def peak_memory_mb(self) -> float:
-        return self.training.peak_memory_mb if self.training is not None else NAN
-
-    @property
-    def grad_norm_median(self) -> float:
-        from harness.report import grad_norm_summary
-
-        return grad_norm_summary(self.training)[0] if self.training is not None else NAN
-
-    @property
-    def clipped_fraction(self) -> float:
-        return self.training.clipped_fraction if self.training is not None else NAN
+    def record_evaluation(self, evaluation: EvalResult) -> EvalResult:
+        """Keep ``evaluation`` and copy its leaf scores, per-item correctness and output digests into the record."""
+        self.evaluation = evaluation
+        self.scores = evaluation.leaf_scores()
+        self.correct = evaluation.correctness()
+        self.outputs = evaluation.output_digests()
+        return evaluation
 
 
 @dataclass
@@ -174,7 +148,8 @@ class RunInputs:
     collate: Callable
     precision: str  # resolved: fp32 or bf16
     data_dir: Path
-    eval_kwargs: dict[str, Any]  # harness.evaluate.evaluate's keyword arguments: tasks, split, decoding, ...
+    suite: TaskSuite  # the tasks scored, with the run's one lm-eval TaskManager: checksums, documents, protocol, scores
+    eval_kwargs: dict[str, Any]  # TaskSuite.evaluate's keyword arguments: limit, decoding, precision
     train_checksums: dict[str, str]
     eval_checksums: dict[str, str]
     overlaps: dict  # task -> harness.contamination.Overlap
@@ -193,6 +168,7 @@ class MethodContext:
     tokenizer: Any
     examples: dict[int, list]  # by seed
     collate: Callable
+    suite: TaskSuite  # evaluates every model of the run: suite.evaluate(model, tokenizer, **eval_kwargs)
     eval_kwargs: dict[str, Any]
     tracker: Tracker | NoTracking
     parent: RunHandle | _NoRun | None  # the run's MLflow run (NoTracking's stand-in without a store)
@@ -224,7 +200,6 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     from harness import distributed, rundir
     from harness.diagnostics import RunDiagnostics
     from harness.fingerprint import protocol_fingerprint, sha256_json
-    from harness.report import default_run_name
     from harness.tracking import NoTracking, Tracker, run_params
 
     job = distributed.context()
@@ -236,7 +211,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     # 1. Everything a user can get wrong, before any training.
     inputs = _resolve_and_check(cfg, job, check_tracking=tracker is None, check_output=write_results, log=log)
     shared = dict(model=inputs.model, tokenizer=inputs.tokenizer, examples=inputs.examples, collate=inputs.collate,
-                  eval_kwargs=inputs.eval_kwargs, contaminated=inputs.contaminated, log=log,
+                  suite=inputs.suite, eval_kwargs=inputs.eval_kwargs, contaminated=inputs.contaminated, log=log,
                   intermediate_every=intermediate_every, on_intermediate=on_intermediate,
                   data_parallel=job.distributed, is_main=job.is_main)
     if not job.is_main:  # train every method in step with rank 0, which evaluates, tracks and reports for the job
@@ -248,7 +223,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
                                        train_checksum=inputs.train_checksums.get("train_data")
                                        or sha256_json(inputs.train_checksums),
                                        eval_checksums=inputs.eval_checksums, data_dir=inputs.data_dir,
-                                       world_size=job.world_size, precision=inputs.precision)
+                                       world_size=job.world_size, precision=inputs.precision, suite=inputs.suite)
     run_name = cfg.run_name or default_run_name()
     if tracker is None:  # a run of its own (not a study's trial): reconcile what killed runs left behind
         tracker = Tracker(cfg.tracking_uri, cfg.experiment)
@@ -340,7 +315,7 @@ def _resolve_and_check(cfg: RunConfig, job, *, check_tracking: bool, check_outpu
     """
     from harness import data as hdata
     from harness.adapters import validate_against_model
-    from harness.evaluate import task_data_checksums
+    from harness.evaluate import TaskSuite
     from harness.fsutil import check_writable_dir
     from harness.models import load_model, resolve_precision, storage_dtype
     from harness.tracking import check_tracking_uri
@@ -348,9 +323,10 @@ def _resolve_and_check(cfg: RunConfig, job, *, check_tracking: bool, check_outpu
     plans = plan_methods(cfg)
     precision = resolve_precision(cfg.precision, job.device)  # bf16 on hardware without it fails here
     data_dir = hdata.resolve_data_dir(cfg.data_dir)
-    eval_checksums = task_data_checksums(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)  # also rejects unknown tasks
+    suite = TaskSuite(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)  # one per run: one lm-eval TaskManager
+    eval_checksums = suite.checksums()  # also rejects unknown tasks
     records = training_records(cfg, data_dir)
-    overlaps, contaminated = check_contamination(cfg, records, data_dir, log)
+    overlaps, contaminated = check_contamination(cfg, records, data_dir, log, suite=suite)
     if check_tracking and job.is_main:
         check_tracking_uri(cfg.tracking_uri)
     if check_output and job.is_main:
@@ -361,11 +337,9 @@ def _resolve_and_check(cfg: RunConfig, job, *, check_tracking: bool, check_outpu
     plans = plan_methods(cfg, model)  # lora:match=... needs the layer shapes to choose its rank
     examples = _examples_by_seed(records, tokenizer, cfg)
     model.to(job.device)
-    eval_kwargs = dict(tasks=cfg.tasks, data_dir=data_dir, limit=cfg.limit, batch_size=cfg.eval_batch_size,
-                       num_beams=cfg.num_beams, prompt_format=cfg.prompt_format, split=cfg.split,
-                       precision=precision)
+    eval_kwargs = dict(limit=cfg.limit, batch_size=cfg.eval_batch_size, num_beams=cfg.num_beams, precision=precision)
     return RunInputs(plans=plans, model=model, tokenizer=tokenizer, examples=examples,
-                     collate=hdata.collate_for(tokenizer), precision=precision, data_dir=data_dir,
+                     collate=hdata.collate_for(tokenizer), precision=precision, data_dir=data_dir, suite=suite,
                      eval_kwargs=eval_kwargs, train_checksums=training_checksums(records),
                      eval_checksums=eval_checksums, overlaps=overlaps, contaminated=contaminated)
 
@@ -397,15 +371,19 @@ def training_checksums(records: dict[int, list[dict]]) -> dict[str, str]:
     return {f"train_data_seed{seed}": value for seed, value in sums.items()}
 
 
-def check_contamination(cfg: RunConfig, records: dict[int, list[dict]], data_dir: Path, log=print):
+def check_contamination(cfg: RunConfig, records: dict[int, list[dict]], data_dir: Path, log=print, suite=None):
     """Overlaps of every seed's training records with the documents the run will score, before any training.
 
     Returns ``(overlaps by task, contaminated tasks)``; an overlap above 1% of a test split raises
-    UserError unless ``cfg.allow_contamination`` (see :mod:`harness.contamination`).
+    UserError unless ``cfg.allow_contamination`` (see :mod:`harness.contamination`). The documents come
+    from the run's :class:`harness.evaluate.TaskSuite` (``suite``), else from one built for ``cfg``.
     """
     from harness import contamination
 
-    documents = contamination.scored_documents(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)
+    if suite is None:
+        documents = contamination.scored_documents(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)
+    else:
+        documents = suite.documents()
     for task in contamination.unchecked(documents):
         log(f"contamination: {task} not checked (its documents have no instruction field)")
     distinct = {id(r): r for r in records.values()}.values()  # a data file is one list shared by the seeds
@@ -443,13 +421,11 @@ def _quiet(*args, **kwargs) -> None:
 
 def _evaluate_base(context: MethodContext) -> MethodResult:
     """The base model's row, evaluated once, in its own nested MLflow run."""
-    from harness import evaluate as hevaluate
-    from harness.report import score_line
     from harness.tracking import log_evaluation
 
     with context.tracker.run("base", parent=context.parent, tags={"method": "base"}) as handle:
         context.log("evaluating the base model ...")
-        evaluation = hevaluate.evaluate(context.model, context.tokenizer, **context.eval_kwargs)
+        evaluation = context.suite.evaluate(context.model, context.tokenizer, **context.eval_kwargs)
         base = MethodResult(method="base", evaluation=evaluation, contaminated=set(context.contaminated))
         log_evaluation(handle, evaluation, context.run_dir / "samples" / "base.jsonl")
     context.log("base: " + score_line(base.scores))
@@ -478,9 +454,7 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
     instead: the other ranks cannot know about it and would wait for this one forever. The ranks other
     than 0 only train.
     """
-    from harness import evaluate as hevaluate
     from harness.adapters import fresh_adapter_model, save_adapter, trainable_parameters
-    from harness.report import method_settings, score_line
     from harness.tracking import log_evaluation
     from harness.train import NonFiniteLoss, TrainSettings, train
 
@@ -502,8 +476,8 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
             h.log_metrics({"trainable_params": result.trainable_params})
 
             def checkpoint(step: int) -> None:
-                quick = hevaluate.evaluate(peft_model, context.tokenizer,  # noqa: F821 (called before the del below)
-                                           **{**context.eval_kwargs, "log_samples": False})
+                quick = context.suite.evaluate(peft_model, context.tokenizer,  # noqa: F821 (called before the del below)
+                                               **{**context.eval_kwargs, "log_samples": False})
                 average = sum(quick.scores.values()) / max(len(quick.scores), 1)
                 h.log_metrics({"intermediate_average_accuracy": average}, step=step)
                 context.on_intermediate(plan.label, seed, step, average)
@@ -515,10 +489,10 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
                     steps.log(s, train_loss=loss, lr=lr, **(probe.on_step(s) if probe else {}))
 
                 pruning = context.on_intermediate is not None
-                trained = result.training = train(
+                trained = result.record_training(train(
                     peft_model, context.examples[seed], context.collate, settings, progress=context.progress,
                     description=name, on_step=on_step, on_checkpoint=checkpoint if pruning else None,
-                    checkpoint_every=context.intermediate_every if pruning else None)
+                    checkpoint_every=context.intermediate_every if pruning else None))
                 for step, norm in trained.grad_norms:
                     steps.log(step, grad_norm=norm)
             h.log_metrics({"train_seconds": trained.train_seconds, "seconds_per_step": trained.seconds_per_step,
@@ -529,7 +503,7 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
                                                  seed=seed, train_result=trained), step=trained.steps)
             if context.is_main:  # the other ranks of a torchrun job only train
                 log(f"{name}: evaluating ...")
-                result.evaluation = hevaluate.evaluate(peft_model, context.tokenizer, **context.eval_kwargs)
+                result.record_evaluation(context.suite.evaluate(peft_model, context.tokenizer, **context.eval_kwargs))
                 log_evaluation(h, result.evaluation, context.run_dir / "samples" / f"{name}.jsonl")
                 adapter_dir = save_adapter(peft_model, context.run_dir / "adapters" / name)
                 h.log_artifacts(adapter_dir, "adapter")
@@ -567,7 +541,6 @@ def _report(cfg: RunConfig, inputs: RunInputs, fingerprint: dict, outcome: RunOu
 
     Returns the published folder.
     """
-    from harness.report import write_report
     from harness.resultfile import RESULT_FILE, build_result, write_result_json
     from harness.tracking import log_summary
 

@@ -160,6 +160,27 @@ def test_an_existing_run_folder_is_never_overwritten(tmp_path):
     assert (tmp_path / "results" / "taken" / "summary.md").read_text() == "an earlier run"
 
 
+@pytest.mark.integration
+def test_one_run_builds_one_task_manager(tmp_path, monkeypatch):
+    """Checksums, contamination, the fingerprint and every evaluation share the run's TaskSuite and its one manager."""
+    from lm_eval.tasks import TaskManager
+
+    from harness.run import run
+
+    built = []
+    init = TaskManager.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskManager, "__init__", counting_init)
+    cfg = config_from_args(smoke_args(tmp_path, "--methods", "lora"))
+    outcome = run(cfg, progress=False, log=lambda *a: None)
+    assert outcome.base.scores and outcome.results[0].scores
+    assert len(built) == 1
+
+
 @pytest.mark.parametrize("args,message", [
     (["--methods", "lora,bogus"], "unknown adapter method 'bogus'"),
     (["--methods", "linchain:n=0"], "chain length n must be an integer >= 1"),

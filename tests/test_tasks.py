@@ -231,6 +231,27 @@ def test_unknown_split_is_one_line():
         task_manager(split="dev")
 
 
+def test_a_task_suite_answers_everything_from_one_manager(data_dir, monkeypatch):
+    """TaskSuite's checksums, documents and protocol are the module-level functions' answers, from one manager."""
+    from lm_eval.tasks import TaskManager
+
+    from harness.contamination import scored_documents
+    from harness.evaluate import TaskSuite, task_data_checksums
+    from harness.fingerprint import task_protocol
+
+    names = ["arithmetic", "arithmetic_mixed_ops"]
+    expected = (task_data_checksums(names, data_dir, "alpaca", "validation"),
+                scored_documents(names, data_dir, "alpaca", "validation"), task_protocol(names, data_dir, "alpaca"))
+    built = []
+    init = TaskManager.__init__
+    monkeypatch.setattr(TaskManager, "__init__", lambda self, *a, **k: (built.append(self), init(self, *a, **k))[1])
+    suite = TaskSuite(names, data_dir, "alpaca", "validation")
+    assert (suite.checksums(), suite.documents(), suite.protocol()) == expected
+    assert [name for name, _ in suite.leaves()] == ["arithmetic_add_sub", "arithmetic_add_sub_word",
+                                                    "arithmetic_mixed_ops"]
+    assert len(built) == 1
+
+
 def test_evaluate_scores_the_validation_split(tiny_model, data_dir):
     from harness.evaluate import evaluate
 
