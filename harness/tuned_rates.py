@@ -54,7 +54,7 @@ FAIR_PAPER = RateTable(
 )
 
 
-def rate_for(cfg: Any, spec: AdapterSpec, table: RateTable = FAIR_PAPER) -> tuple[float, str]:
+def rate_for(cfg: Any, spec: AdapterSpec | None, table: RateTable = FAIR_PAPER) -> tuple[float, str]:
     """(learning rate, where it came from) for one method of the run ``cfg`` (a RunConfig).
 
     The spec's ``lr=`` wins, then ``cfg.lr`` (``--lr``), then the table where the run's model and this exact
@@ -64,7 +64,7 @@ def rate_for(cfg: Any, spec: AdapterSpec, table: RateTable = FAIR_PAPER) -> tupl
         return float(spec.lr), SPEC
     if cfg.lr is not None:
         return float(cfg.lr), COMMAND_LINE
-    if cfg.model == table.model:
+    if spec is not None and cfg.model == table.model:  # no spec: the settings of no method in particular
         for method, lr in table.rates.items():
             if table.reference_spec(method).canonical() == spec.canonical():
                 return lr, TABLE
