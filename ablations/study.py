@@ -218,8 +218,11 @@ def _absolute_tracking_uri(uri: str | None) -> str:
 
 
 def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool = False,
-                     stale_after: float = DEFAULT_STALE_AFTER_S, log=print) -> StudyPlan:
-    """Create the study (schema, Optuna studies, queue, MLflow parent run) or check and continue an existing one."""
+                     stale_after: float = DEFAULT_STALE_AFTER_S, imported: bool = False, log=print) -> StudyPlan:
+    """Create the study (schema, Optuna studies, queue, MLflow parent run) or check and continue an existing one.
+
+    ``imported``: :func:`import_arms` has just copied some of its arms in; the study is being created around them.
+    """
     import optuna
 
     check_tracking_uri(plan.config.tracking_uri)
@@ -245,10 +248,12 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
             tracker.client.update_run(plan.mlflow_parent_run_id, status="RUNNING")
         else:  # the journal travelled to another machine (or MLflow store): the trials go on under a new parent run
             _create_parent_run(tracker, plan, url)
-            log(f"study {plan.name!r}: its MLflow parent run is not in {redact(plan.config.tracking_uri)} "
-                "(another machine or a new MLflow store); the remaining trials are logged under a new parent run "
-                "there, the finished ones stay where they were logged")
-        log(f"study {plan.name!r}: continuing in {redact(url)}")
+            if not imported:
+                log(f"study {plan.name!r}: its MLflow parent run is not in {redact(plan.config.tracking_uri)} "
+                    "(another machine or a new MLflow store); the remaining trials are logged under a new parent "
+                    "run there, the finished ones stay where they were logged")
+        log(f"study {plan.name!r}: " + (f"created in {redact(url)} around the imported arms" if imported
+                                        else f"continuing in {redact(url)}"))
     else:
         _create_parent_run(tracker, plan, url)
         log(f"study {plan.name!r}: created in {redact(url)}")
@@ -257,18 +262,24 @@ def create_or_resume(plan: StudyPlan, storage, url: str, *, retry_failed: bool =
             study = optuna.load_study(study_name=name, storage=storage)
             study.set_user_attr(PLAN_ATTR, plan.to_attr())  # a grown tuning budget, the same everything else
             queued = top_up(study, storage, plan, retry_failed, log=log)
-        else:
-            study = (optuna.load_study(study_name=name, storage=storage) if name == names[0]
-                     else optuna.create_study(study_name=name, storage=storage, directions=plan.directions()))
+        else:  # the first study exists already where this process claimed the creation
+            study = optuna.create_study(study_name=name, storage=storage, directions=plan.directions(),
+                                        load_if_exists=True)
             for params, attrs in plan.queue(name):
                 study.enqueue_trial(params, user_attrs=attrs)
             queued = len(plan.queue(name))
-            if name != names[0]:
+            if name != names[0] or not creating:  # a created study's first one gets its plan last, below
                 study.set_user_attr(PLAN_ATTR, plan.to_attr())
         log(f"[{name}] {queued} trial(s) queued, {_count(study)}")
     if creating:  # last: the plan on the first study tells the other study commands that the study is ready
         optuna.load_study(study_name=names[0], storage=storage).set_user_attr(PLAN_ATTR, plan.to_attr())
     return plan
+
+
+def _exists(plan: StudyPlan, storage) -> bool:
+    import optuna
+
+    return bool(set(plan.optuna_names()) & set(optuna.get_all_study_names(storage)))
 
 
 # What may differ between a fair study and one it imports arms from: what it compares and what it is called.
@@ -320,7 +331,7 @@ def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: 
     """
     import optuna
 
-    if set(plan.optuna_names()) & set(optuna.get_all_study_names(storage)):
+    if _exists(plan, storage):
         log(f"study {plan.name!r} exists in {redact(url)}: --import-arms ignored (arms are imported at creation)")
         return []
     source, shared = importable(plan, source_storage, source_url)
@@ -333,8 +344,13 @@ def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: 
     for spec in shared:
         for src, dst in ((fair.tune_name(source, spec), fair.tune_name(plan, spec)),
                          (fair.final_name(source, spec), fair.final_name(plan, spec))):
-            optuna.copy_study(from_study_name=src, from_storage=source_storage, to_storage=storage,
-                              to_study_name=dst)
+            try:
+                optuna.copy_study(from_study_name=src, from_storage=source_storage, to_storage=storage,
+                                  to_study_name=dst)
+            except optuna.exceptions.DuplicatedStudyError:
+                raise UserError(f"--import-arms: study {plan.name!r} was created in {redact(url)} by another "
+                                "command while this one imported; run the command again without --import-arms "
+                                "to continue it") from None
             optuna.load_study(study_name=dst, storage=storage).set_user_attr(PLAN_ATTR, plan.to_attr())
     log(f"study {plan.name!r}: imported the trials of {', '.join(shared)} from study {source.name!r} in "
         f"{redact(source_url)}")
@@ -467,16 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     check_separate_stores(url, plan.config.tracking_uri)
     if options["import_arms"] is not None and not plan.study_kind.fair_protocol:
         raise UserError(f"--import-arms: only a fair study imports arms ({plan.name!r} is a {plan.kind} study)")
-    source = None
+    storage = open_storage(url, create=True)
+    imported = False
     if options["import_arms"] is not None:
         source_url = resolve_storage_url(options["import_arms"])
         if source_url == url:
             raise UserError("--import-arms: names the study's own --storage; give the other study's storage")
-        source = (open_storage(source_url, create=False), source_url)
-    storage = open_storage(url, create=True)
-    if source is not None:
-        import_arms(plan, storage, url, *source)
-    plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"],
+        if _exists(plan, storage):  # a resumed command: the arms came in at creation; the source may be gone
+            print(f"study {plan.name!r} exists in {redact(url)}: --import-arms ignored (arms are imported at "
+                  "creation)")
+        else:
+            imported = bool(import_arms(plan, storage, url, open_storage(source_url, create=False), source_url))
+    plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"], imported=imported,
                             stale_after=options["stale_after"])
     plan.report_to = options["report_dir"]
     if options["create_only"]:

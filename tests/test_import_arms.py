@@ -103,3 +103,22 @@ def test_plan_counts_only_the_arms_it_would_train_and_takes_the_sd_from_the_impo
     assert "trials: 3 tuning (1 method(s) x 3 rates x 1 tuning seed(s); up to 5 if every extension is needed) " \
            "+ 3 final (3 fresh seeds per method) = 6 to 8" in text
     assert "pooled over tiny_fair's final runs" in text and "ASSUMED" not in text
+
+
+def test_a_study_whose_first_arm_is_new_is_created_around_the_imported_ones(tmp_path, source):
+    from ablations.study import create_or_resume, import_arms
+
+    first, storage_source, source_url = source
+    (tmp_path / "second").mkdir()
+    control_first = {**WITH_CONTROL, "space": [WITH_CONTROL["space"][-1], *WITH_CONTROL["space"][:-1]]}
+    plan, storage, url = _new(tmp_path, data=control_first)
+    assert plan.specs()[0] == "moslora:freeze_middle=true"
+    assert import_arms(plan, storage, url, storage_source, source_url, log=lambda *a: None) == ["lora", "moslora"]
+    lines = []
+    plan = create_or_resume(plan, storage, url, imported=True, log=lines.append)
+    assert any("created in" in line and "around the imported arms" in line for line in lines)
+    assert not any("another machine" in line for line in lines)
+    fake = ProtocolRun(OPTIMA)
+    run_all(plan, storage, fake)
+    assert {spec for spec, *_ in fake.calls} == {"moslora:freeze_middle=true"}
+    assert sorted(next(a for a in fair.method_results(plan, storage) if a.reference == "moslora").test) == [1, 2, 3]
