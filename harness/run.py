@@ -463,7 +463,7 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
     settings = TrainSettings.from_config(cfg, spec, seed)
     result = MethodResult(method=plan.label, seed=seed, settings=method_settings(spec, settings.lr, cfg.train_on_inputs),
                           contaminated=set(context.contaminated))
-    peft_model = None
+    peft_model = probe = None
     try:
         with context.tracker.run(name, parent=context.parent,
                                  tags={"method": spec.method, "label": plan.label, "seed": seed}) as h:
@@ -526,6 +526,8 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
         traceback.print_exc()
         log(f"{name}: FAILED: {result.error}; going on with the other methods")
     finally:
+        if probe is not None:  # a run that stopped mid-training (divergence, pruning, Ctrl-C) leaves no hooks armed
+            probe.recorder.close()
         del peft_model
         gc.collect()
     return result

@@ -713,3 +713,25 @@ def test_the_alignment_is_not_recorded_where_the_full_weight_gradients_exceed_th
     recorder = D.DiagnosticsRecorder(model, every=2)
     recorder.on_step(1)
     assert not recorder.alignment and recorder._capture is None  # no hooks armed: nothing held
+
+
+def test_a_capture_that_cannot_keep_the_gradient_drops_the_cosine_not_the_training(tiny_model):
+    # out of memory while keeping G (simulated): training goes on, the capture gives up for the rest of the run
+    from harness.adapters import get_adapter_model
+
+    class NoRoom(dict):
+        def __setitem__(self, key, value):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    torch.manual_seed(0)
+    model = get_adapter_model(tiny_model[0], "lora", r=4, alpha=8, targets=["q_proj"])
+    recorder = D.DiagnosticsRecorder(model, every=2)
+    recorder.on_step(1)
+    recorder._capture.grads = NoRoom()
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()  # does not raise
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)  # the step's gradient
+    metrics = recorder.on_step(2)
+    assert "diag/alignment" not in metrics and recorder.alignments == []
+    assert not recorder.alignment and "out of memory" in recorder.alignment_failed
+    assert recorder.on_step(3) == {} and recorder._capture is None  # never armed again

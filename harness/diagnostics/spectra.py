@@ -246,17 +246,25 @@ class GradientCapture:
         self.layers = layers
         self.before = _factors(layers, adapter)
         self.grads: dict[str, torch.Tensor] = {}
+        self.failed: str | None = None  # why the capture gave up (a measurement never costs a method its run)
         self._handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers.items()]
 
     def _hook(self, name: str):
         def forward(module, inputs, output):
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            if self.failed or not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                                   and output.requires_grad and inputs and isinstance(inputs[0], torch.Tensor)):
                 return
             x = inputs[0].detach()
 
             def backward(g):
-                full = g.detach().reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-                self.grads[name] = self.grads[name] + full if name in self.grads else full
+                if self.failed:
+                    return
+                try:
+                    full = g.detach().reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                    self.grads[name] = self.grads[name] + full if name in self.grads else full
+                except Exception as err:  # noqa: BLE001 (out of memory, an odd layer): drop the measurement only
+                    self.failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    self.grads.clear()
 
             output.register_hook(backward)
         return forward
@@ -333,13 +341,16 @@ class DiagnosticsRecorder:
         self.alignments: list[tuple[int, float]] = []
         self._previous: tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._capture: GradientCapture | None = None
+        self.alignment_failed: str | None = None
 
     def on_step(self, step: int, loss: float | None = None, lr: float | None = None) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self._capture is not None:  # the step just taken was captured: its direction against -G
             capture, self._capture = self._capture, None
             capture.close()
-            if capture.grads:
+            if capture.failed:  # the hooks could not keep G (memory): no cosine for the rest of this run
+                self.alignment, self.alignment_failed = False, capture.failed
+            elif capture.grads:
                 value = gradient_alignment(capture.before, _factors(self.layers, self.adapter), capture.grads,
                                            self.layers)
                 self.alignments.append((step, value))
