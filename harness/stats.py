@@ -422,8 +422,11 @@ def fair_verdict(comparison: SeedComparison, p_adjusted: float | None = None, p_
         return word, reason
     if math.isfinite(p_eq) and p_eq < alpha:
         return EQUIVALENT, f"{interval} lies inside {margin} (TOST, Holm-adjusted p = {p_eq:.2g})"
-    return INCONCLUSIVE, (f"no detectable difference (Holm-adjusted p = {p:.2g}) and no equivalence: {interval} "
-                          f"is not inside {margin} (TOST, Holm-adjusted p = {p_eq:.2g})")
+    inside = -delta < tost.low and tost.high < delta
+    why = (f"{interval} lies inside {margin}, but not after Holm's adjustment over the family's equivalence "
+           f"tests (TOST p = {tost.p_value:.2g} alone, {p_eq:.2g} adjusted)" if inside else
+           f"{interval} is not inside {margin} (TOST, Holm-adjusted p = {p_eq:.2g})")
+    return INCONCLUSIVE, f"no detectable difference (Holm-adjusted p = {p:.2g}) and no equivalence: {why}"
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,21 @@ def test_tost_is_two_one_sided_t_tests_and_the_90_interval():
     assert _st.fair_verdict(c)[0] == _st.EQUIVALENT
 
 
+def test_an_interval_inside_the_margin_that_holm_does_not_accept_says_so():
+    # the unadjusted 90% interval lies inside +-delta (TOST p < 0.05), the Holm-adjusted p does not: inconclusive,
+    # and the reason must not claim the interval is outside the margin
+    a = {0: 0.52, 1: 0.53, 2: 0.51, 3: 0.525}
+    b = {0: 0.515, 1: 0.52, 2: 0.515, 3: 0.52}
+    c = seed_comparison(a, b)
+    tost = _st.equivalence_test(c, delta=0.02)
+    assert tost.p_value < 0.05 and -0.02 < tost.low and tost.high < 0.02
+    word, reason = _st.fair_verdict(c, p_adjusted=0.9, p_equivalence_adjusted=min(1.0, 3 * tost.p_value + 0.05))
+    assert word == _st.INCONCLUSIVE
+    assert "lies inside ±2.0 points, but not after Holm's adjustment" in reason and "is not inside" not in reason
+    wide = seed_comparison({0: 0.50, 1: 0.56, 2: 0.47, 3: 0.55}, b)
+    assert "is not inside ±2.0 points" in _st.fair_verdict(wide)[1]
+
+
 def test_one_pair_and_zero_spread_verdicts():
     one = seed_comparison({0: 0.6}, {0: 0.5})
     assert _st.fair_verdict(one)[0] == _st.INCONCLUSIVE
