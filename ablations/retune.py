@@ -11,9 +11,10 @@ apart they are. For every comparison of the first study that involves a re-tuned
 as first measured and the gain with the re-tuned arm's final runs in place of the original's (each a paired
 Student-t interval over the shared final seeds, as in verdict.csv), and the shift between them.
 
-Where the re-tune chose the same rate, its final runs repeat the original's exactly (same seed, same rate,
-same hardware: training is deterministic), so the gain cannot move; the final seeds the re-tune did run are
-checked item by item against the original's and the count of identical items is reported.
+Where the re-tune chose the same rate, its final runs should repeat the original's exactly (same seed, same
+rate, same hardware: training is deterministic), so the gain should not move: the seeds the re-tune did rerun
+replace the original's in the re-tuned gain, the others are the original's runs, and the reruns are checked item
+by item (a note says so where they differ).
 
 Reads only the shipped files of each folder: study.yaml (the grid), verdict.csv (chosen rates, references),
 trials.csv (every tuning score) and items.csv.gz (every final run's per-item correctness). Writes
@@ -66,20 +67,31 @@ def read_folder(path: Path) -> Folder:
         if not file.is_file():
             raise UserError(f"{file} not found: pass a fair study's findings folder (study.yaml, verdict.csv, "
                             "trials.csv, items.csv.gz)")
-    design = yaml.safe_load(files["study.yaml"].read_text()) or {}
-    grid = design.get("lr_grid")
-    if design.get("kind") != "fair" or not isinstance(grid, dict) or "per_decade" not in grid:
+    try:
+        design = yaml.safe_load(files["study.yaml"].read_text()) or {}
+        verdict = pd.read_csv(files["verdict.csv"], keep_default_na=False, na_values=[""])
+        trials = pd.read_csv(files["trials.csv"])
+    except (yaml.YAMLError, ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise UserError(f"{path}: cannot read its study files ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]})") from None
+    grid = design.get("lr_grid") if isinstance(design, dict) else None
+    try:
+        per_decade = float(grid["per_decade"])
+    except (TypeError, KeyError, ValueError):
+        per_decade = math.nan
+    if not isinstance(design, dict) or design.get("kind") != "fair" or not (per_decade > 0):
         raise UserError(f"{files['study.yaml']}: not a fair study with lr_grid {{log10_low, log10_high, per_decade}}")
-    verdict = pd.read_csv(files["verdict.csv"], keep_default_na=False, na_values=[""])
-    trials = pd.read_csv(files["trials.csv"])
     for frame, name, needed in ((verdict, "verdict.csv", {"method", "reference", "chosen_lr"}),
                                 (trials, "trials.csv", {"spec", "seed", "lr", "stage", "state", "average_accuracy"})):
         missing = needed - set(frame.columns)
         if missing:
             raise UserError(f"{path / name}: missing column(s) {', '.join(sorted(missing))}")
     tuning = trials[(trials["stage"] == "tune") & (trials["state"] == "COMPLETE")]
-    return Folder(path, float(grid["per_decade"]), verdict, tuning[["spec", "seed", "lr", "average_accuracy"]],
-                  read_items(files["items.csv.gz"]))
+    try:
+        items = read_items(files["items.csv.gz"])
+    except (ValueError, OSError, EOFError, pd.errors.ParserError) as err:
+        raise UserError(f"{files['items.csv.gz']}: cannot read it ({type(err).__name__})") from None
+    return Folder(path, per_decade, verdict, tuning[["spec", "seed", "lr", "average_accuracy"]], items)
 
 
 def grid_steps(old: float, new: float, per_decade: float) -> int:
@@ -112,25 +124,36 @@ def compare(original: Folder, retuned: Folder) -> list[dict]:
         touched = [m for m in (r.method, reference) if m in again]
         if not reference or not touched:
             continue
-        method_scores = rescored.get(r.method, {}) if r.method in again else scores.get(r.method, {})
-        reference_scores = rescored.get(reference, {}) if reference in again else scores.get(reference, {})
-        before = stats.seed_comparison(scores.get(r.method, {}), scores.get(reference, {}))
-        after = stats.seed_comparison(method_scores, reference_scores)
         moved = {m: grid_steps(original.chosen[m], retuned.chosen[m], original.per_decade) for m in touched}
+
+        def arm(m: str) -> dict[int, float]:
+            """The arm's final scores in the re-tuned design: the re-tune's runs; at an unmoved rate the original's
+            runs for the seeds the re-tune did not rerun (the same seed and rate: the same run)."""
+            if m not in again:
+                return scores.get(m, {})
+            return {**scores.get(m, {}), **rescored.get(m, {})} if moved[m] == 0 else rescored.get(m, {})
+
+        before = stats.seed_comparison(scores.get(r.method, {}), scores.get(reference, {}))
+        after = stats.seed_comparison(arm(r.method), arm(reference))
         same = total = 0
         notes = []
         for m in touched:
             s, t = identical(original.items.get(m, {}), retuned.items.get(m, {}))
             if moved[m] == 0:
                 same, total = same + s, total + t
-                notes.append(f"`{m}`: same rate; {len(retuned.items.get(m, {}))} of its final seeds rerun, "
-                             f"{s} of {t} items identical" if t else f"`{m}`: same rate; no final seed rerun")
+                rerun = len(retuned.items.get(m, {}))
+                if not t:
+                    notes.append(f"`{m}`: same rate; no final seed rerun")
+                elif s == t:
+                    notes.append(f"`{m}`: same rate; {rerun} of its final seeds rerun, all {t} items identical")
+                else:
+                    notes.append(f"`{m}`: same rate, but NOT the same runs: {t - s} of {t} items differ in the "
+                                 f"{rerun} rerun seed(s) (training is not deterministic here); the re-tuned gain "
+                                 "uses the reruns")
             else:
                 runs = len(rescored.get(m, {}))
                 notes.append(f"`{m}`: {moved[m]:+d} grid step(s); {runs} final seed(s) at the new rate")
-        if all(v == 0 for v in moved.values()):  # the same rate: the same runs, so the same gain (checked above)
-            after = before
-        else:  # the gain as first measured, on the seeds the re-tuned arm has run (paired like for like)
+        if any(v != 0 for v in moved.values()):  # the gain as first measured, on the seeds the re-tuned arm ran
             kept = set(after.seeds)
             before = stats.seed_comparison({s: v for s, v in scores.get(r.method, {}).items() if s in kept},
                                            {s: v for s, v in scores.get(reference, {}).items() if s in kept})

@@ -85,11 +85,19 @@ def test_the_same_rate_means_the_same_runs_and_rerun_seeds_are_checked_item_by_i
     retuned = _folder(tmp_path / "again", {"lora": RATES[1]}, {"lora": {RATES[1]: 0.58}}, rerun, 9)
     row = retune.compare(retune.read_folder(original), retune.read_folder(retuned))[0]
     assert row["grid_steps_moved"] == "+0" and row["shift"] == 0.0 and row["n_seeds"] == 3
-    assert row["identical_items"] == row["compared_items"] == 40 and "40 of 40 items identical" in row["note"]
-    rerun.loc[rerun.index[0], "correct"] = 1 - rerun.loc[rerun.index[0], "correct"]  # a non-deterministic rerun shows
+    assert row["identical_items"] == row["compared_items"] == 40 and "all 40 items identical" in row["note"]
+    # a rerun that is not the same run shows: the note says so and the shift is measured from the rerun, not assumed
+    flipped = rerun.index[0]
+    rerun.loc[flipped, "correct"] = 1 - rerun.loc[flipped, "correct"]
     rerun.to_csv(retuned / "items.csv.gz", index=False, compression="gzip")
     row = retune.compare(retune.read_folder(original), retune.read_folder(retuned))[0]
-    assert row["identical_items"] == 39 and "39 of 40" in row["note"]
+    assert row["identical_items"] == 39 and "NOT the same runs: 1 of 40 items differ" in row["note"]
+    moslora, lora = _scores(first, "moslora"), _scores(first, "lora")
+    lora_rerun = {**lora, **_scores(rerun, "lora")}
+    task_items = 20
+    assert abs(lora_rerun[2] - lora[2]) == pytest.approx(1 / task_items / 2)  # one item of one of two tasks
+    expected = np.mean([moslora[s] - lora_rerun[s] for s in (1, 2, 3)]) - np.mean([moslora[s] - lora[s] for s in (1, 2, 3)])
+    assert row["shift"] == pytest.approx(expected) and row["shift"] != 0
 
 
 def test_grid_steps_count_quarter_decades():
@@ -99,6 +107,8 @@ def test_grid_steps_count_quarter_decades():
 @pytest.mark.parametrize("broken, message", [
     ("items.csv.gz", "items.csv.gz not found"),
     ("no_shared", "re-tuned none of the methods"),
+    ("yaml", "cannot read its study files"),
+    ("per_decade", "not a fair study with lr_grid"),
 ])
 def test_bad_folders_are_one_line_and_exit_2(tmp_path, capsys, broken, message):
     rng = np.random.default_rng(2)
@@ -107,6 +117,10 @@ def test_bad_folders_are_one_line_and_exit_2(tmp_path, capsys, broken, message):
     retuned = _folder(tmp_path / "again", chosen, {"lora": {RATES[1]: 0.6}}, _items(rng, {"lora": [1, 2]}), 9)
     if broken == "items.csv.gz":
         (retuned / "items.csv.gz").unlink()
+    if broken == "yaml":
+        (retuned / "study.yaml").write_text("kind: [fair\n")
+    if broken == "per_decade":
+        (retuned / "study.yaml").write_text(yaml.safe_dump({"kind": "fair", "lr_grid": {"per_decade": "four"}}))
     assert retune.main([str(original), str(retuned)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not (retuned / "retune.md").exists()
