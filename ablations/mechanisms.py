@@ -23,7 +23,7 @@ from typing import Any
 
 from ablations.fair import CONTROL_FAMILY, LORA_FAMILY, TunedArm, withheld
 from harness import stats
-from harness.diagnostics.claims import CLAIMS, MOVEMENT_MEASURE, PATHS_CAVEAT, claim_comparisons, mean_sd_text
+from harness.diagnostics.claims import CLAIMS, MOVEMENT_MEASURE, claim_comparisons, mean_sd_text, paths_caveat
 from harness.diagnostics.measures import ALL_LAYERS, TABLE_COLUMNS, Trace, nan_mean
 
 SUPPORTED, OPPOSITE, NO_DIFFERENCE, INCONCLUSIVE, NOT_MEASURED = (
@@ -176,7 +176,7 @@ def markdown(plan, results: list[TunedArm], claims: list[dict], runs: list[dict]
             continue
         lines += [f"## {title}", ""]
         if claim == "paths":
-            lines += [PATHS_CAVEAT, ""]
+            lines += [paths_caveat(any(str(r.get("measure") or "").startswith("cosine") for r in mine)), ""]
         lines += ["| method | vs | measure | n | method | reference | difference (95% CI) | p (Holm) | verdict |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in mine:

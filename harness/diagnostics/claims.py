@@ -187,16 +187,27 @@ def claim_comparisons(rows: Sequence[dict], traces: Sequence[Trace],
 ALIGNMENT_MEASURE = "cosine of each recorded step's change of dW with the negative full-weight gradient (mean)"
 MOVEMENT_MEASURE = "how far dW moves per step (mean ||dW_t - dW_t-10||_F / 10)"
 PATHS_MEASURE = "mean gradient norm reaching the adapter (before clipping)"
-PATHS_CAVEAT = ("The verdict rests on the direction of the update's steps: the cosine between one optimizer step's "
-                "change of dW and the negative gradient of the loss with respect to the full frozen weight (the "
-                "step full fine-tuning would take), every 10 steps. A cosine does not depend on the step's length, "
-                "so a method's learning rate cannot explain it; the claim predicts that the adapter follows the "
-                "full-weight descent direction more closely. How far dW moves per step is shown next: it scales "
-                "with the learning rate, so between methods at different tuned rates it measures step size as much "
-                "as anything (the verdict rests on it only where the cosine was not recorded). The gradient norm "
-                "below it is taken before clipping. Under Adam the step is the gradient divided by its running "
-                "RMS, so a larger gradient norm does not by itself mean larger or more varied steps: it is a "
-                "proxy, shown for comparison.")
+_COSINE = ("the cosine between one optimizer step's change of dW and the negative gradient of the loss with respect "
+           "to the full frozen weight (the step full fine-tuning would take), every 10 steps")
+_GRADIENT_NORM = ("The gradient norm below it is taken before clipping. Under Adam the step is the gradient divided by "
+                  "its running RMS, so a larger gradient norm does not by itself mean larger or more varied steps: it "
+                  "is a proxy, shown for comparison.")
+
+
+def paths_caveat(cosine_recorded: bool) -> str:
+    """What the "more optimization paths" verdict rests on, for runs that recorded the step-direction cosine or not."""
+    if cosine_recorded:
+        return (f"The verdict rests on the direction of the update's steps: {_COSINE}. The cosine does not depend "
+                "on the length of the step it measures; the learning rate still shapes where training is and what "
+                "the optimizer's moments hold when it is measured, so, like every verdict here, it compares each "
+                "method at its own rate. The claim predicts that the adapter follows the full-weight descent "
+                "direction more closely. How far dW moves per step is shown next: by construction it scales with "
+                "the learning rate, so between methods at different rates it measures step size as much as "
+                "anything (the verdict rests on it only for pairs without the cosine). " + _GRADIENT_NORM)
+    return (f"The direction of the update's steps ({_COSINE}), which this verdict rests on where it is recorded, "
+            "was not recorded for these runs. The verdict then rests on how far dW moves per step, which by "
+            "construction scales with the learning rate: between arms trained at different rates it is withheld "
+            "(inconclusive). " + _GRADIENT_NORM)
 
 CLAIMS = {
     "rank": "LinChain \"expands the effective rank of updates\"",
@@ -260,7 +271,7 @@ def claims_markdown(rows: Sequence[dict], traces: Sequence[Trace],
     for key, title in CLAIMS.items():
         lines += [f"### {title}", ""]
         if key == "paths":
-            lines += [PATHS_CAVEAT, ""]
+            lines += [paths_caveat(any(t.alignments for t in traces)), ""]
         lines += [f"| method | measure | method | {reference} | difference (95% CI) | verdict |", "|---|---|---|---|---|---|"]
         for method, comps in comparisons[key].items():
             rests_on = next((i for i, comp in enumerate(comps) if comp.differences), 0)

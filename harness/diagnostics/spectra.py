@@ -287,8 +287,8 @@ def gradient_alignment(before: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     """cos(dW_after - dW_before, -G) over all layers together: how much of full fine-tuning's steepest-descent
     direction one optimizer step of the adapter followed.
 
-    A cosine: the step's length (the learning rate) cancels, which is why it can test "more optimization
-    paths" where the step's size cannot. <b a, G> = sum(b * (G a^T)) with r-column products, ||dW_after -
+    A cosine: the length of this step cancels, which is why it can test "more optimization paths" where the
+    step's size cannot (the rate still shapes the trajectory the step is taken from). <b a, G> = sum(b * (G a^T)) with r-column products, ||dW_after -
     dW_before|| from :func:`update_movement`; NaN when the step or the gradient is zero.
     """
     inner, grad_sq = 0.0, 0.0
