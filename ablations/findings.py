@@ -113,6 +113,17 @@ def seconds_per_step(folder: Path, steps: int) -> dict[str, list[float]]:
     return {spec: (g["train_seconds"].astype(float) / steps).tolist() for spec, g in final.groupby("spec", sort=False)}
 
 
+def cosine_recorded(folder: Path) -> set[str]:
+    """The methods whose final runs recorded the step-direction cosine (diagnostics.csv's mean_alignment)."""
+    path = folder / "diagnostics.csv"
+    if not path.is_file():
+        return set()
+    runs = pd.read_csv(path)
+    if "mean_alignment" not in runs.columns:
+        return set()
+    return {str(m) for m, v in zip(runs["method"], runs["mean_alignment"]) if pd.notna(v)}
+
+
 def ordering(scores: dict[str, dict[int, float]], alpha: float = 0.05) -> list[tuple[str, str, stats.SeedComparison, float]]:
     """Every pair of the claimed ordering, higher claimed minus lower, paired over seeds, Holm over the pairs."""
     pairs = [(hi, lo) for i, lo in enumerate(ORDER) for hi in ORDER[i + 1:] if hi in scores and lo in scores]
@@ -242,7 +253,9 @@ def text(folder: Path) -> str:
                 "rests on, at this scale): " + "; ".join(parts) + ".", ""]
     else:
         pairs = ordering(scores)
-        out += ["**The ordering LinChain > MoSLoRA > LoRA** (the paper's Tables 1-2), every pair at its tuned rates: "
+        out += ["**The ordering LinChain > MoSLoRA > LoRA** (the paper's Tables 1-2), every pair at its tuned rates, "
+                "Holm over the three pairs of the ordering (a family of its own, so its p-values differ from the "
+                "table's): "
                 + "; ".join(f"{name(hi)} - {name(lo)} {pts(c.estimate)} {interval(c.low, c.high)} "
                             f"(Holm p {p_text(p)}, {c.n_seeds} seeds)" for hi, lo, c, p in pairs)
                 + f". Verdict: {ordering_verdict(pairs, [m for m in ORDER if not scores.get(m)])}.", ""]
@@ -270,15 +283,20 @@ def text(folder: Path) -> str:
     times = seconds_per_step(folder, steps)
     if "lora" in times:
         base = float(pd.Series(times["lora"]).median())
+        captured = cosine_recorded(folder)
+        mixed = bool(captured) and any(m in times and m not in captured for m in methods)
         listed = []
         for m in methods:
             if m in times:
                 med = float(pd.Series(times[m]).median())
-                listed.append(f"{name(m)} {med:.2f} s/step ({len(times[m])} runs)"
-                              + ("" if m == "lora" else f", {med / base:.2f}x LoRA"))
+                listed.append(f"{name(m)}{'*' if mixed and m in captured else ''} {med:.2f} s/step "
+                              f"({len(times[m])} runs)" + ("" if m == "lora" else f", {med / base:.2f}x LoRA"))
         out += ["**Training-time overhead** (the paper's Table 4), the median over the final runs of training "
                 "seconds per step on this 2-core CPU in bf16: " + "; ".join(listed) + ". The runs were not "
-                "timed under controlled load, so read these as rough ratios.", ""]
+                "timed under controlled load, so read these as rough ratios."
+                + (" The arms marked * recorded the step-direction cosine (one fp32 matmul per adapted layer on "
+                   "every tenth step), the others did not: that adds to their time for a reason that is not the "
+                   "method." if mixed else ""), ""]
 
     with_lora = [r.method for r in verdict.itertuples() if r.family == LORA_FAMILY]
     differences = [[scores[m][s] - scores[reference[m]][s] for s in sorted(set(scores[m]) & set(scores[reference[m]]))]
