@@ -32,8 +32,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from ablations import recompute
+from ablations import fair, recompute
 from ablations.fair import CONTROL_FAMILY, LORA_FAMILY, SMOOTHING_STEPS
+from ablations.storage import open_storage, resolve_storage_url
+from ablations.study import load_plan
 from harness import stats
 from harness.errors import UserError
 
@@ -153,9 +155,7 @@ def claims(folder: Path, shipped: set[tuple[str, int]]) -> list[dict]:
     """The mechanism claims at the tuned rates, recomputed from the journal's stored diagnostics.
 
     ``shipped``: the (method, seed) final runs items.csv.gz holds; the journal must hold the same ones."""
-    from ablations import fair, mechanisms
-    from ablations.storage import open_storage, resolve_storage_url
-    from ablations.study import load_plan
+    from ablations import mechanisms  # deferred: harness.diagnostics loads torch
 
     journal = folder / "journal.log"
     if not journal.is_file():

@@ -147,13 +147,13 @@ class StudyKind:
 
     def summary_plots(self) -> tuple:
         """The summary report's plots: functions (plan, storage, trials, points, folder) -> path or None."""
-        from ablations import report
+        from ablations import report  # deferred: ablations.report loads pandas
 
         return (report._plot_axis, report._plot_importances)
 
     def point_table(self, plan, trials):
         """Per configuration, the score over seeds (None: the kind's summary has no such table)."""
-        from ablations import report
+        from ablations import report  # deferred: ablations.report loads pandas
 
         return report.point_table(plan, trials)
 
@@ -191,12 +191,12 @@ class Pareto(StudyKind):
         return (average, params)
 
     def summary_plots(self) -> tuple:
-        from ablations import report
+        from ablations import report  # deferred: ablations.report loads pandas
 
         return (report._plot_pareto, report._plot_importances)
 
     def point_lines(self, points) -> list[str]:
-        from ablations import report
+        from ablations import report  # deferred: ablations.report loads pandas
 
         front = report.pareto_front(points)
         return ["", "Pareto front (no other configuration is both more accurate and smaller): "
@@ -264,7 +264,7 @@ class Tpe(StudyKind):
         return dict(frozen.params)  # the same sampled lr
 
     def summary_plots(self) -> tuple:
-        from ablations import report
+        from ablations import report  # deferred: ablations.report loads pandas
 
         return (report._plot_lr, report._plot_importances)
 
@@ -330,7 +330,7 @@ class Fair(StudyKind):
         return {"lr": attrs["lr"], "seed": attrs["seed"]}  # from the slot, not frozen.params: a trial killed before it suggested has none
 
     def write_report(self, plan, storage) -> Path:
-        from ablations import report
+        from ablations import report  # deferred: ablations.report loads pandas
 
         return report.write_fair_report(plan, storage)
 

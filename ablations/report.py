@@ -36,7 +36,8 @@ from harness.errors import UserError
 from ablations.fair import mean_of, std_of
 from ablations.space import spec_of
 from harness.report import atomic_path, pyplot, save_figure, tasks_text, training_length, write_text_atomic
-from harness.tracking import Tracker
+from harness.resultfile import _git
+from harness.tracking import Tracker, library_versions
 
 
 def report_dir(plan) -> Path:
@@ -472,9 +473,6 @@ def write_study_result(plan, results, rows: pd.DataFrame, folder: Path) -> Path:
     import json
 
     from harness.config import config_to_dict  # deferred: harness.config loads torch
-    from harness.fsutil import write_text_atomic as write
-    from harness.resultfile import _git
-    from harness.tracking import library_versions
 
     verdicts = {r["method"]: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                 for r in rows.to_dict(orient="records")}
@@ -489,7 +487,7 @@ def write_study_result(plan, results, rows: pd.DataFrame, folder: Path) -> Path:
                      "test": {str(s): v for s, v in sorted(r.test.items())}, "diverged": r.diverged,
                      "failed": r.failed, "verdict": verdicts.get(r.spec)} for r in results],
     }
-    return write(folder / "result.json", json.dumps(content, indent=1, default=str) + "\n")
+    return write_text_atomic(folder / "result.json", json.dumps(content, indent=1, default=str) + "\n")
 
 
 ITEM_COLUMNS = ("method", "seed", "task", "doc_id", "correct")

@@ -255,7 +255,7 @@ def known_curvatures(trial, plan: StudyPlan, spec: str, seeds: list[int]) -> dic
     """
     import optuna
 
-    from harness.diagnostics import Eigenvalue
+    from harness.diagnostics import Eigenvalue  # deferred: harness.diagnostics loads torch
 
     wanted, found = {str(s) for s in seeds}, {}
     for name in plan.optuna_names():

@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from harness.errors import UserError, cli_entry
+from harness.fingerprint import differing_parts
+from harness.fsutil import atomic_path, write_text_atomic
 from harness.resultfile import RESULT_FILE, load_result_json, systems_of
+from harness.tracking import _check_http, _mlflow, network_timeout_s, resolve_tracking_uri, sqlite_path
 
 
 def load_source(source: str, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -40,8 +43,6 @@ def load_source(source: str, tracking_uri: str | None = None) -> dict[str, Any]:
 
 
 def _from_mlflow(run_id: str, tracking_uri: str | None) -> dict[str, Any]:
-    from harness.tracking import _check_http, _mlflow, network_timeout_s, resolve_tracking_uri, sqlite_path
-
     uri = resolve_tracking_uri(tracking_uri)
     if urllib.parse.urlparse(uri).scheme.lower() in ("http", "https"):
         _check_http(uri, network_timeout_s())  # harness.run's check: a dead server costs seconds, not MLflow's retries
@@ -67,8 +68,7 @@ def _from_mlflow(run_id: str, tracking_uri: str | None) -> dict[str, Any]:
 
 def compare(contents: Sequence[dict[str, Any]], allow_mismatch: bool = False):
     """``(table, tasks, notes)`` for several runs' result.json contents; see the module docstring."""
-    from harness.fingerprint import differing_parts
-    from harness.report import summarize
+    from harness.report import summarize  # deferred: harness.report loads numpy and scipy
 
     if len(contents) < 2:
         raise UserError("give at least two runs to compare (results folders or MLflow run ids)")
@@ -134,7 +134,7 @@ def _run_names(contents: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def markdown(table, tasks: Sequence[str], notes: Sequence[str]) -> str:
-    from harness.report import summary_markdown
+    from harness.report import summary_markdown  # deferred: harness.report loads numpy and scipy
 
     text = summary_markdown(table, tasks, {"runs": "; ".join(notes)}, title="Comparison")
     flagged = table[table["protocol"] != "same"]
@@ -167,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     table, tasks, notes = compare(contents, allow_mismatch=args.allow_mismatch)
     text = markdown(table, tasks, notes)
     if args.output:
-        from harness.fsutil import atomic_path, write_text_atomic
-
         out = Path(args.output)
         if out.exists() and not out.is_dir():
             raise UserError(f"--output {args.output} is a file, not a folder")

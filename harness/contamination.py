@@ -26,6 +26,7 @@ from typing import Iterable, Mapping, Sequence
 
 from harness.data.keys import normalise, record_key, record_keys  # noqa: F401  (re-exported)
 from harness.errors import UserError
+from harness.evaluate import TaskSuite
 
 LIMIT = 0.01  # an overlap above 1% of a test split stops the run
 
@@ -76,8 +77,6 @@ def scored_documents(tasks: Sequence[str], data_dir: Path | str | None, prompt_f
     cannot be checked and is left out; :func:`unchecked` names it. This is
     :meth:`harness.evaluate.TaskSuite.documents` on a suite of its own (a run asks its own suite).
     """
-    from harness.evaluate import TaskSuite
-
     return TaskSuite(tasks, data_dir, prompt_format, split).documents()
 
 

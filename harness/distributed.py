@@ -19,6 +19,8 @@ from datetime import timedelta
 
 import torch
 
+from harness.errors import UserError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -59,8 +61,6 @@ def context() -> Context:
 
 
 def _timeout_minutes() -> float:
-    from harness.errors import UserError
-
     raw = os.environ.get("HARNESS_DIST_TIMEOUT_MIN", "720")
     try:
         minutes = float(raw)

@@ -40,8 +40,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import quiet
+from harness.adapters.api import check_adapter_fits, export_lora, load_adapter_model, read_adapter_folder
+from harness.adapters.spec import parse_spec
+from harness.data.files import resolve_data_dir
+from harness.data.prompts import PROMPT_FORMATS
 from harness.errors import UserError, cli_entry
-from harness.evaluate import DEFAULT_TASKS, PRIMARY_FILTER, TASKS_DIR, AdapterSource, Sample, locate_adapter
+from harness.evaluate import (DEFAULT_TASKS, PRIMARY_FILTER, TASKS_DIR, AdapterSource, Sample, TaskSuite, _sample,
+                              default_batch_size, locate_adapter)
+from harness.export import vllm_rank
+from harness.fsutil import atomic_path, write_text_atomic
+from harness.models import bf16_is_fast, load_model, storage_dtype
 from harness.quiet import OFFLINE_ENVIRONMENT
 
 PATHS = ("harness", "merged", "lm-eval", "vllm")
@@ -115,10 +124,6 @@ def _in_process(source: AdapterSource, model_name: str, precision: str, options:
     """
     import torch
 
-    from harness.adapters.api import check_adapter_fits, export_lora, load_adapter_model
-    from harness.evaluate import TaskSuite, default_batch_size
-    from harness.models import load_model, storage_dtype
-
     results = []
     model, tokenizer = load_model(model_name, dtype=storage_dtype(precision))
     check_adapter_fits(model, source.folder)
@@ -186,8 +191,6 @@ def _lm_eval_path(which: str, base: Path, export: Path, precision: str, options:
             return PathResult(which, precision, skipped="no CUDA GPU here")
         if importlib.util.find_spec("vllm") is None:
             return PathResult(which, precision, skipped="vllm is not installed (pip install vllm)")
-    from harness.export import vllm_rank
-
     progress(which, precision)
     out = work / f"{which}-{precision}"
     rank = vllm_rank(int(json.loads((export / "adapter_config.json").read_text())["r"]))
@@ -210,8 +213,6 @@ SAMPLES_FILE = re.compile(r"samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d\-.:]+\.js
 
 def read_lm_eval_samples(out: Path) -> dict[ItemKey, Sample]:
     """The per-item samples lm-eval's ``--log_samples`` wrote under ``out``, read as the harness reads its own."""
-    from harness.evaluate import _sample
-
     items: dict[ItemKey, Sample] = {}
     for path in sorted(out.rglob("samples_*.jsonl")):
         match = SAMPLES_FILE.search(path.name)
@@ -312,8 +313,6 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def write(self, output_dir: Path) -> list[Path]:
-        from harness.fsutil import atomic_path, write_text_atomic
-
         output_dir.mkdir(parents=True, exist_ok=True)
         written = [write_text_atomic(output_dir / "equivalence.md", self.markdown())]
         rows = self.rows()
@@ -346,8 +345,6 @@ DESCRIPTION = __doc__.split("\n\n", 1)[1].replace("``", "")
 
 
 def parse_args(argv):
-    from harness.data.prompts import PROMPT_FORMATS
-
     parser = argparse.ArgumentParser(prog="python -m harness.equivalence", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", metavar="ADAPTER",
@@ -371,8 +368,6 @@ def parse_args(argv):
 
 
 def _precisions(text: str) -> tuple[list[str], list[str]]:
-    from harness.models import bf16_is_fast
-
     if text == "auto":
         if bf16_is_fast("cuda" if _cuda() else "cpu"):
             return ["fp32", "bf16"], []
@@ -390,8 +385,6 @@ def _precisions(text: str) -> tuple[list[str], list[str]]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from harness import quiet
-
     quiet.configure(verbose=args.verbose)
     if not quiet.is_verbose():
         from transformers.utils import logging as hf_logging
@@ -412,10 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     model_name = args.model or source.model()
     if not model_name:
         raise UserError(f"the adapter at {source.folder} does not name its base model: pass --model")
-    from harness.adapters.api import read_adapter_folder
-    from harness.adapters.spec import parse_spec
-    from harness.data.files import resolve_data_dir
-    from harness.evaluate import TaskSuite
 
     spec = read_adapter_folder(source.folder).spec
     if spec and parse_spec(spec).bias:

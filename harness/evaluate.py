@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from harness import quiet
+from harness.adapters.api import check_adapter_fits, load_adapter_model, read_adapter_folder
+from harness.data import TRAIN_SETS, data_file, generate, records_checksum
 from harness.data.files import resolve_data_dir
 from harness.data.prompts import PROMPT_FORMATS
-from harness.data.records import TEST_SETS
+from harness.data.records import TEST_KEYS, TEST_SETS, read_records
 from harness.errors import UserError, cli_entry
-from harness.models import resolve_precision
-from harness.quiet import offline_environment
+from harness.fsutil import atomic_path, write_text_atomic
+from harness.models import DEFAULT_MODEL, PRECISIONS, load_model, resolve_precision, storage_dtype
+from harness.quiet import offline_environment, quiet_lm_eval
+from harness.tracking import git_commit, library_versions
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"  # shipped inside the package (and its wheel)
 PRIMARY_FILTER = "answer"  # the filter every generation task scores with; multiple choice has "none"
@@ -91,8 +96,6 @@ class EvalResult:
         """The per-item samples as JSON lines (``task`` and every :class:`Sample` field), written atomically."""
         import json
         from dataclasses import asdict
-
-        from harness.fsutil import atomic_path
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,9 +233,6 @@ class TaskSuite:
         """
         import hashlib
 
-        from harness.data import TRAIN_SETS, data_file, generate, records_checksum
-        from harness.data.records import TEST_KEYS, read_records
-
         checksums: dict[str, str] = {}
         for name, entry in self.leaves():
             meta = (entry.cfg or {}).get("metadata") or {}
@@ -300,8 +300,6 @@ class TaskSuite:
         import torch
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
-
-        from harness.quiet import quiet_lm_eval
 
         quiet_lm_eval()
 
@@ -483,8 +481,6 @@ class AdapterSource:
 
     def model(self) -> str | None:
         """The base model: the saving run's ``model``, else the adapter config's ``base_model_name_or_path``."""
-        from harness.adapters.api import read_adapter_folder
-
         return self.run_config.get("model") or read_adapter_folder(self.folder).config().get("base_model_name_or_path")
 
 
@@ -495,8 +491,6 @@ def locate_adapter(path: str | os.PathLike, label: str | None = None) -> Adapter
     a folder that is neither a run's nor an adapter's.
     """
     import json
-
-    from harness.adapters.api import read_adapter_folder
 
     path = Path(path)
     if (path / "adapters").is_dir() and not (path / "adapter_config.json").exists():
@@ -545,8 +539,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from harness.models import DEFAULT_MODEL, PRECISIONS, load_model, resolve_precision, storage_dtype
-
     parser = argparse.ArgumentParser(prog="python -m harness.evaluate", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
@@ -570,8 +562,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="where scores.json and samples/ go (default with --adapter: results/evaluate/<name>)")
     parser.add_argument("--verbose", action="store_true", help="show the libraries' own warnings and logs")
     args = parser.parse_args(argv)
-    from harness import quiet
-
     quiet.configure(verbose=args.verbose)
     source = locate_adapter(args.adapter, args.label) if args.adapter else None
     if args.label and not source:
@@ -589,8 +579,6 @@ def main(argv: list[str] | None = None) -> int:
     checksums = suite.checksums()  # bad names, files: one line now
     model, tokenizer = load_model(model_name, dtype=storage_dtype(precision))
     if source is not None:
-        from harness.adapters.api import check_adapter_fits, load_adapter_model
-
         check_adapter_fits(model, source.folder)
         model = load_adapter_model(model, source.folder)
     batch_size = args.batch_size or default_batch_size(model)
@@ -599,9 +587,6 @@ def main(argv: list[str] | None = None) -> int:
                             log_samples=output_dir is not None, precision=precision)
     print(json.dumps({"scores": result.scores, "metrics": result.flat_metrics()}, indent=1))
     if output_dir is not None:
-        from harness.fsutil import write_text_atomic
-        from harness.tracking import git_commit, library_versions
-
         name = source.name if source else "base"
         samples = result.write_samples(output_dir / "samples" / f"{name}.jsonl")
         record = {"model": model_name, "adapter": str(source.folder) if source else None, "tasks": tasks,

@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness import quiet
+from harness.adapters.spec import parse_spec
 from harness.errors import UserError, cli_entry
 
 # vLLM accepts only these values of --max-lora-rank, and serves adapters of r up to the value given.
@@ -58,8 +60,6 @@ def parse_args(argv):
 
 def _quiet() -> None:
     """The libraries' chatter off the console (harness.quiet), and transformers' weight-loading bar with it."""
-    from harness import quiet
-
     quiet.configure()
     if not quiet.is_verbose():
         from transformers.utils import logging as hf_logging
@@ -78,8 +78,7 @@ def _model_name(args, config: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet()
-    from harness.adapters.api import read_adapter_folder
-    from harness.adapters.spec import parse_spec
+    from harness.adapters.api import read_adapter_folder  # deferred: loads torch, after _quiet()
 
     folder = read_adapter_folder(args.adapter)
     out = Path(args.out)
@@ -102,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {message}; peft and lm-eval read it", file=sys.stderr)
     name = _model_name(args, config)
 
+    # deferred: these load torch, after _quiet()
     from harness.adapters.api import _write_atomically, check_adapter_fits, export_lora, load_adapter_model
     from harness.models import load_model
 

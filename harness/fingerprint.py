@@ -29,6 +29,9 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from harness.fsutil import write_text_atomic
+from harness.tracking import library_versions
+
 HASH_LENGTH = 12
 # Libraries whose version can change a score; the harness's own code is recorded as the git commit elsewhere.
 PROTOCOL_LIBRARIES = ("torch", "transformers", "peft", "lm_eval")
@@ -73,8 +76,7 @@ def weights_checksum(model) -> str:
 
 
 def _files_checksum(files: Sequence[Path]) -> str:
-    from harness.fsutil import write_text_atomic
-    from harness.models import cache_dir
+    from harness.models import cache_dir  # deferred: harness.models loads torch
 
     index_path = cache_dir() / "checksums.json"
     try:
@@ -120,7 +122,7 @@ def task_protocol(tasks: Sequence[str], data_dir, prompt_format: str) -> dict[st
     """Per evaluated leaf task: a checksum of its YAML files (and the task folder's Python), its decoding
     settings and its answer filters, as lm-eval will read them: :meth:`harness.evaluate.TaskSuite.protocol`
     on a suite of its own."""
-    from harness.evaluate import TaskSuite
+    from harness.evaluate import TaskSuite  # deferred: harness.evaluate loads torch
 
     return TaskSuite(tasks, data_dir, prompt_format).protocol()
 
@@ -132,8 +134,6 @@ def protocol_fingerprint(cfg, *, model, tokenizer, train_checksum: str, eval_che
     ``suite`` is the run's :class:`harness.evaluate.TaskSuite` (the tasks' protocol is read from it); without
     one, one is built from ``cfg.tasks``, ``data_dir`` and ``cfg.prompt_format``.
     """
-    from harness.tracking import library_versions
-
     versions = library_versions()
     parts: dict[str, Any] = {
         "base_model": cfg.model,

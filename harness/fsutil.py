@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from harness.errors import UserError, quote
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -57,8 +59,6 @@ def check_writable_dir(path: str | os.PathLike, option: str) -> Path:
     The write is tried, not inferred from permission bits: root ignores modes, and a read-only file
     system, a path under a file or a pseudo file system (/proc, /sys) refuse writes whatever they say.
     """
-    from harness.errors import UserError, quote
-
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -616,7 +616,7 @@ def write_report(run_dir: str | os.PathLike, base: SystemResult | None, results:
     tasks = _tasks(base, results)
     written: dict[str, Path] = {}
     if config is not None:
-        from harness.config import save_config_yaml
+        from harness.config import save_config_yaml  # deferred: harness.config loads torch
 
         written["config.yaml"] = save_config_yaml(config, run_dir / "config.yaml")
         header = {**header_from_config(config, results), **(header or {})}

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from harness.errors import UserError
+from harness.fsutil import write_text_atomic
+from harness.tracking import git_commit, library_versions
 
 RESULT_FILE = "result.json"
 FORMAT = 1
 
 
 def _git() -> dict[str, Any]:
-    from harness.tracking import git_commit
-
     commit = git_commit()
     if commit is None:
         return {"commit": None, "dirty": None}
@@ -44,7 +44,7 @@ def _git() -> dict[str, Any]:
 def _system(result) -> dict[str, Any]:
     """One entry of ``systems``: every :class:`~harness.report.SystemResult` field of ``result`` (a SystemResult,
     or a :class:`harness.run.MethodResult`, which reads the same attributes from its training and evaluation)."""
-    from harness.report import SystemResult
+    from harness.report import SystemResult  # deferred: harness.report loads numpy and scipy
 
     entry = {f.name: getattr(result, f.name) for f in dataclasses.fields(SystemResult)}
     entry["contaminated"] = sorted(entry["contaminated"] or ())  # a list in JSON (a set is not JSON)
@@ -60,8 +60,6 @@ def _system(result) -> dict[str, Any]:
 def build_result(run_name: str, config: Mapping[str, Any], fingerprint: Mapping[str, Any], base,
                  results: Sequence) -> dict[str, Any]:
     """The content of result.json for a finished run (``base`` may be None)."""
-    from harness.tracking import library_versions
-
     return {
         "format": FORMAT,
         "run_name": run_name,
@@ -75,8 +73,6 @@ def build_result(run_name: str, config: Mapping[str, Any], fingerprint: Mapping[
 
 
 def write_result_json(run_dir: str | Path, content: Mapping[str, Any]) -> Path:
-    from harness.fsutil import write_text_atomic
-
     return write_text_atomic(Path(run_dir) / RESULT_FILE, json.dumps(content, indent=1, default=str) + "\n")
 
 
@@ -142,7 +138,7 @@ def _check_shape(content: Mapping[str, Any], where: str) -> None:
 
 def systems_of(content: Mapping[str, Any]):
     """``(base, results)`` as :class:`~harness.report.SystemResult` objects from a result.json's content."""
-    from harness.report import BASE, SystemResult
+    from harness.report import BASE, SystemResult  # deferred: harness.report loads numpy and scipy
 
     known = {f.name for f in dataclasses.fields(SystemResult)}
     base, results = None, []

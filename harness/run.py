@@ -31,19 +31,25 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from harness import quiet, tuned_rates
+from harness import contamination, distributed, quiet, rundir, tuned_rates
+from harness import data as hdata
+from harness.adapters import (fresh_adapter_model, resolve_match, resolve_spec, save_adapter, trainable_parameters,
+                              validate_against_model)
 from harness.config import RunConfig, config_from_args, config_to_dict
+from harness.data import build_train_dataset, load_records, records_checksum
+from harness.diagnostics import RunDiagnostics
 from harness.errors import EXIT_INTERRUPTED, DiskFull, UserError, cli_entry, disk_full, full_disk_path, interruption
+from harness.evaluate import EvalResult, TaskSuite
+from harness.fingerprint import protocol_fingerprint, sha256_json
+from harness.fsutil import check_writable_dir
+from harness.models import resolve_precision, storage_dtype
 from harness.report import SystemResult, default_run_name, grad_norm_summary, method_settings, score_line, write_report
+from harness.resultfile import RESULT_FILE, build_result, write_result_json
 from harness.rundir import KEPT_FILE
-
-if TYPE_CHECKING:
-    from harness.diagnostics import RunDiagnostics
-    from harness.evaluate import EvalResult, TaskSuite
-    from harness.tracking import NoTracking, RunHandle, Tracker, _NoRun
-    from harness.train import TrainResult
+from harness.tracking import NoTracking, RunHandle, Tracker, _NoRun, check_tracking_uri, log_summary, run_params
+from harness.train import NonFiniteLoss, TrainResult, TrainSettings
 
 
 @dataclass
@@ -119,8 +125,6 @@ def plan_methods(cfg: RunConfig, model=None) -> list[MethodPlan]:
 
     With the base ``model``, ``lora:match=...`` specs get their rank (and their label shows it).
     """
-    from harness.adapters import resolve_match, resolve_spec
-
     specs = [resolve_spec(text, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
              for text in cfg.methods]
     if model is not None:
@@ -197,11 +201,6 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     ``known_curvature`` (seed -> :class:`harness.diagnostics.Eigenvalue`) is lambda_max at initialisation already
     measured for this run's one method (a study's earlier trial at another rate): ``diagnostics: full`` reuses it.
     """
-    from harness import distributed, rundir
-    from harness.diagnostics import RunDiagnostics
-    from harness.fingerprint import protocol_fingerprint, sha256_json
-    from harness.tracking import NoTracking, Tracker, run_params
-
     job = distributed.context()
     if job.distributed and on_intermediate is not None:
         raise UserError("ablation trials run one process each: start more study workers instead of torchrun")
@@ -313,12 +312,7 @@ def _resolve_and_check(cfg: RunConfig, job, *, check_tracking: bool, check_outpu
     Only rank 0 (``job.is_main``) checks the tracking store (it alone creates the SQLite schema and tracks)
     and the output folder.
     """
-    from harness import data as hdata
-    from harness.adapters import validate_against_model
-    from harness.evaluate import TaskSuite
-    from harness.fsutil import check_writable_dir
-    from harness.models import load_model, resolve_precision, storage_dtype
-    from harness.tracking import check_tracking_uri
+    from harness.models import load_model  # looked up per call: tests replace harness.models.load_model
 
     plans = plan_methods(cfg)
     precision = resolve_precision(cfg.precision, job.device)  # bf16 on hardware without it fails here
@@ -352,8 +346,6 @@ def training_records(cfg: RunConfig, data_dir: Path) -> dict[int, list[dict]]:
     ``--seeds 0,1,2``, and the spread over seeds includes the spread over generated training sets.
     A data file is the same for every seed (less its validation slice); it is read once.
     """
-    from harness.data import load_records
-
     generated = cfg.train_data == "arithmetic" or cfg.train_data.startswith("arithmetic:")
     if not generated:
         records = load_records(cfg.train_data, data_dir)
@@ -363,8 +355,6 @@ def training_records(cfg: RunConfig, data_dir: Path) -> dict[int, list[dict]]:
 
 def training_checksums(records: dict[int, list[dict]]) -> dict[str, str]:
     """``train_data`` when every seed trains on the same records, else ``train_data_seed<N>`` per seed."""
-    from harness.data import records_checksum
-
     sums = {seed: records_checksum(r) for seed, r in records.items()}
     if len(set(sums.values())) == 1:
         return {"train_data": next(iter(sums.values()))}
@@ -378,8 +368,6 @@ def check_contamination(cfg: RunConfig, records: dict[int, list[dict]], data_dir
     UserError unless ``cfg.allow_contamination`` (see :mod:`harness.contamination`). The documents come
     from the run's :class:`harness.evaluate.TaskSuite` (``suite``), else from one built for ``cfg``.
     """
-    from harness import contamination
-
     if suite is None:
         documents = contamination.scored_documents(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)
     else:
@@ -398,8 +386,6 @@ def check_contamination(cfg: RunConfig, records: dict[int, list[dict]], data_dir
 
 def _examples_by_seed(records: dict[int, list[dict]], tokenizer, cfg: RunConfig) -> dict[int, list]:
     """Tokenised training examples per seed; seeds sharing one list of records share its examples."""
-    from harness.data import build_train_dataset
-
     built: dict[int, list] = {}
     examples = {}
     for seed, seed_records in records.items():
@@ -421,7 +407,7 @@ def _quiet(*args, **kwargs) -> None:
 
 def _evaluate_base(context: MethodContext) -> MethodResult:
     """The base model's row, evaluated once, in its own nested MLflow run."""
-    from harness.tracking import log_evaluation
+    from harness.tracking import log_evaluation  # looked up per call: tests replace harness.tracking.log_evaluation
 
     with context.tracker.run("base", parent=context.parent, tags={"method": "base"}) as handle:
         context.log("evaluating the base model ...")
@@ -454,9 +440,9 @@ def _run_method(cfg: RunConfig, plan: MethodPlan, seed: int, context: MethodCont
     instead: the other ranks cannot know about it and would wait for this one forever. The ranks other
     than 0 only train.
     """
-    from harness.adapters import fresh_adapter_model, save_adapter, trainable_parameters
+    # looked up per call: tests replace harness.tracking.log_evaluation and harness.train.train
     from harness.tracking import log_evaluation
-    from harness.train import NonFiniteLoss, TrainSettings, train
+    from harness.train import train
 
     name = f"{plan.label}-seed{seed}"
     spec, log, diagnostics = plan.spec, context.log, context.diagnostics
@@ -543,9 +529,6 @@ def _report(cfg: RunConfig, inputs: RunInputs, fingerprint: dict, outcome: RunOu
 
     Returns the published folder.
     """
-    from harness.resultfile import RESULT_FILE, build_result, write_result_json
-    from harness.tracking import log_summary
-
     run_dir, top = context.run_dir, context.parent
     header = {"protocol fingerprint": f"{fingerprint['hash']} (parts in result.json; "
                                       "compare runs with python -m harness.compare)",
@@ -583,8 +566,6 @@ def _data_header(cfg: RunConfig, overlaps: dict, contaminated: set) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     quiet.offline_environment()
     quiet.configure(verbose=quiet.verbose_requested(argv))
-    from harness import distributed
-
     cfg = config_from_args(argv)
     started = time.perf_counter()
     try:

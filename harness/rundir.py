@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
+from harness.tracking import HOST_TAG, PID_START_TAG, PID_TAG, owner_tags, process_alive
+
 PARTIAL_SUFFIX = ".partial"
 OWNER_FILE = "owner.json"
 KEPT_FILE = "KEPT.txt"  # in a reservation kept on purpose (a full disk): never removed by clean_partials
@@ -85,8 +87,6 @@ def reserve(output_dir: str | os.PathLike, run_name: str, taken: Collection[str]
     ``taken`` (the names of earlier MLflow runs, so that an interrupted run, which leaves no folder,
     does not give its name to the next one).
     """
-    from harness.tracking import owner_tags
-
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     for i in range(1, 10_000):
@@ -117,8 +117,6 @@ def clean_partials(output_dir: str | os.PathLike, log=print) -> list[Path]:
 
     Returns the folders removed.
     """
-    from harness.tracking import HOST_TAG, PID_START_TAG, PID_TAG, process_alive
-
     root = Path(output_dir)
     removed = []
     for folder in sorted(root.glob(f".*{PARTIAL_SUFFIX}")) if root.is_dir() else []:

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from harness import distributed
 from harness.data.tokenize import IGNORE_INDEX
 from harness.models import ARCHITECTURES, autocast_for, resolve_precision
 from harness.tuned_rates import rate_for
@@ -190,8 +191,6 @@ def train(
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
-
-    from harness import distributed
 
     if not examples:
         raise ValueError("no training examples")

@@ -43,7 +43,7 @@ __all__ = ["AdapterSpec", "DEFAULT_TARGETS", "INITS", "METHODS", "STRUCTURES", "
 
 def __getattr__(name: str):
     if name in _API:
-        from harness.adapters import api
+        from harness.adapters import api  # deferred: api loads torch (see above)
 
         return getattr(api, name)
     raise AttributeError(f"module 'harness.adapters' has no attribute {name!r}")

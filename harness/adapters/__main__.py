@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default=None, help="comma-separated module names; default auto (the architecture's q,k,v,up,down: docs/architectures.md)")
     args = parser.parse_args(argv)
 
+    # deferred: these load torch, so --help and argument errors stay fast
     from harness.adapters import expected_parameters, get_adapter_model, resolve_match, resolve_spec
     from harness.adapters import trainable_parameters
     from harness.adapters.api import target_layers

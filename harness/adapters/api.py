@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness.adapters.chain import MiddleFactor
 from harness.adapters.spec import AdapterSpec, parse_spec
 from harness.errors import UserError
 from harness.fsutil import publish_mode
+from harness.models import ARCHITECTURES, architecture_of, refuse_pickled_weights
 
 CONFIG_FILE = "adapter_config.json"
 
@@ -39,7 +41,7 @@ def peft_config_for(spec: AdapterSpec, base_model_name: str | None = None, *, fa
     """
     from peft import LoraConfig
 
-    from harness.adapters.peft_layer import HarnessLoraConfig
+    from harness.adapters.peft_layer import HarnessLoraConfig  # deferred with peft: peft_layer loads it
 
     if spec.r is None:
         raise ValueError(f"{spec.label}: resolve_match(spec, model) must choose r before a peft config is built")
@@ -214,8 +216,7 @@ def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapte
     """
     from peft import PeftModel
 
-    from harness.adapters.peft_layer import HarnessLoraConfig
-    from harness.models import refuse_pickled_weights
+    from harness.adapters.peft_layer import HarnessLoraConfig  # deferred with peft: peft_layer loads it
 
     folder = read_adapter_folder(path)
     if plain and folder.plain is None:
@@ -254,8 +255,6 @@ def _lora_config(saved: dict):
 
 def is_affine(peft_model, adapter_name: str | None = None) -> bool:
     """Whether the adapter has a biased (``bias=true``) chain, so no plain LoRA can reproduce it."""
-    from harness.adapters.chain import MiddleFactor
-
     adapter = adapter_name or peft_model.active_adapter
     return any(isinstance(f, MiddleFactor) and f.has_bias
                for m in peft_model.modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, nn.ModuleDict)
@@ -329,7 +328,7 @@ def _write_plain_lora(peft_model, folder: Path, adapter_name: str | None = None)
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import save_file
 
-    from harness.adapters.peft_layer import refuse_affine
+    from harness.adapters.peft_layer import refuse_affine  # deferred with peft: peft_layer loads it
 
     adapter = adapter_name or peft_model.active_adapter
     config = peft_model.peft_config[adapter]
@@ -457,16 +456,12 @@ def resolve_targets(spec: AdapterSpec, model_or_config) -> AdapterSpec:
 
     An architecture the table does not list has no defaults: one line naming its layers.
     """
-    from harness.models import architecture_of
-
     match = resolve_targets(spec.match, model_or_config) if spec.match is not None else None
     if spec.targets is not None:
         return spec if match is spec.match else replace(spec, match=match)
     model_type, arch = architecture_of(model_or_config)
     if arch is None:
         layers = adaptable_names(model_or_config) if isinstance(model_or_config, nn.Module) else []
-        from harness.models import ARCHITECTURES
-
         known = ", ".join(sorted(ARCHITECTURES))
         listed = f"; its linear layers are: {', '.join(layers)}" if layers else ""
         raise UserError(f"no default target modules for model type {model_type!r} (defaults exist for {known}): "

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from harness.errors import UserError
+
 PROMPT_FORMATS = ("alpaca", "chat")
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -36,6 +38,4 @@ def format_prompt(record: dict, prompt_format: str = "alpaca", tokenizer=None) -
             return message
         return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
                                              add_generation_prompt=True)
-    from harness.errors import UserError
-
     raise UserError(f"unknown prompt format {prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")

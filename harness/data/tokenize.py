@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from harness.data.prompts import format_prompt
+from harness.errors import UserError
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -20,8 +21,6 @@ def build_train_dataset(records: list[dict], tokenizer, prompt_format: str, *, t
     default here: the run's defaults are :class:`harness.config.RunConfig`'s.
     """
     if cutoff_len < 2:
-        from harness.errors import UserError
-
         raise UserError(f"cutoff_len={cutoff_len} must be at least 2 tokens")
     examples = []
     for record in records:

@@ -11,6 +11,7 @@ from harness.diagnostics.curvature import HESSIAN_EXAMPLES, HESSIAN_MAX_ITER, HE
 from harness.diagnostics.measures import ALL_LAYERS, COLUMNS, TABLE_COLUMNS, Trace
 from harness.diagnostics.plots import plot_convergence, plot_grad_norms, plot_spectra
 from harness.diagnostics.spectra import SIMILARITY_TOP_K
+from harness.fsutil import atomic_path, write_text_atomic
 
 
 def _table_markdown(rows: Sequence[dict]) -> list[str]:
@@ -56,8 +57,6 @@ def write_diagnostics(run_dir: str | os.PathLike, rows: Sequence[dict], traces: 
                       learning_rates: Mapping[str, float] | None = None) -> dict[str, Path]:
     """Write diagnostics.csv, diagnostics.md, spectra.png, grad_norms.png and convergence.png, atomically."""
     import csv
-
-    from harness.fsutil import atomic_path, write_text_atomic
 
     run_dir = Path(run_dir)
     written: dict[str, Path] = {}
