@@ -54,6 +54,12 @@ class Folder:
     def chosen(self) -> dict[str, float]:
         return {r.method: float(r.chosen_lr) for r in self.verdict.itertuples() if not pd.isna(r.chosen_lr)}
 
+    def at_edge(self, method: str) -> bool:
+        """Whether the method's choice is still at the edge of its grid after the last extension."""
+        if "at_edge" not in self.verdict.columns:
+            return False
+        return any(str(v) == "True" for v in self.verdict.loc[self.verdict["method"] == method, "at_edge"])
+
     def tuning_seeds(self, method: str) -> list[int]:
         return sorted({int(s) for s in self.tuning.loc[self.tuning["spec"] == method, "seed"]})
 
@@ -152,7 +158,8 @@ def compare(original: Folder, retuned: Folder) -> list[dict]:
                                  "uses the reruns")
             else:
                 runs = len(rescored.get(m, {}))
-                notes.append(f"`{m}`: {moved[m]:+d} grid step(s); {runs} final seed(s) at the new rate")
+                notes.append(f"`{m}`: {moved[m]:+d} grid step(s); {runs} final seed(s) at the new rate"
+                             + (", a choice still at the edge of its grid" if retuned.at_edge(m) else ""))
         if any(v != 0 for v in moved.values()):  # the gain as first measured, on the seeds the re-tuned arm ran
             kept = set(after.seeds)
             before = stats.seed_comparison({s: v for s, v in scores.get(r.method, {}).items() if s in kept},
@@ -195,9 +202,12 @@ def curves(original: Folder, retuned: Folder) -> list[str]:
                 cells.append(f"{100 * values.mean():.1f}%{mark}" if len(values) else "-")
             out.append(f"| {lr:.3g} | {cells[0]} | {cells[1]} |")
         steps = grid_steps(original.chosen[method], retuned.chosen[method], original.per_decade)
+        edges = [f"{folder.path.name}'s is still at the edge of its grid after the last extension (its study "
+                 "withholds the verdicts it is part of)" for folder in (original, retuned) if folder.at_edge(method)]
         out += ["", f"Chosen (smoothed validation curve): {original.chosen[method]:.3g}, then "
                     f"{retuned.chosen[method]:.3g}: " + ("the same rate." if steps == 0 else
-                                                          f"{steps:+d} grid step(s)."), ""]
+                                                          f"{steps:+d} grid step(s).")
+                + ("".join(f" The choice of {e}." for e in edges)), ""]
     return out
 
 

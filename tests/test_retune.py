@@ -35,8 +35,8 @@ def _items(rng, methods_seeds, n=20, tasks=("a", "b")):
 def _folder(path, chosen, curves, items, tuning_seed):
     path.mkdir()
     (path / "study.yaml").write_text(yaml.safe_dump({"name": path.name, "kind": "fair", "lr_grid": GRID}))
-    pd.DataFrame([{"method": m, "reference": "" if m == "lora" else "lora", "chosen_lr": lr}
-                  for m, lr in chosen.items()]).to_csv(path / "verdict.csv", index=False)
+    pd.DataFrame([{"method": m, "reference": "" if m == "lora" else "lora", "chosen_lr": lr,
+                   "at_edge": lr == RATES[0]} for m, lr in chosen.items()]).to_csv(path / "verdict.csv", index=False)
     pd.DataFrame([{"spec": m, "seed": tuning_seed, "lr": lr, "stage": "tune", "state": "COMPLETE",
                    "average_accuracy": v} for m, curve in curves.items() for lr, v in curve.items()]
                  + [{"spec": "lora", "seed": tuning_seed, "lr": RATES[2], "stage": "tune", "state": "FAIL",
@@ -73,6 +73,7 @@ def test_a_moved_reference_rate_recomputes_every_gain_against_the_retuned_runs(t
     assert row["n_seeds"] == "3"
     text = (retuned / "retune.md").read_text()
     assert "-1 grid step(s)" in text and "(chosen)" in text and "61.0%" in text
+    assert "again's is still at the edge of its grid" in text and "still at the edge" in row["note"]
     assert "linchain - lora: re-tuned lora" in capsys.readouterr().out
 
 
