@@ -202,12 +202,13 @@ def curves(original: Folder, retuned: Folder) -> list[str]:
                 cells.append(f"{100 * values.mean():.1f}%{mark}" if len(values) else "-")
             out.append(f"| {lr:.3g} | {cells[0]} | {cells[1]} |")
         steps = grid_steps(original.chosen[method], retuned.chosen[method], original.per_decade)
-        edges = [f"{folder.path.name}'s is still at the edge of its grid after the last extension (its study "
-                 "withholds the verdicts it is part of)" for folder in (original, retuned) if folder.at_edge(method)]
+        edges = [f"In `{folder.path.name}` the choice is still at the edge of its grid after the last extension "
+                 "(that study withholds the verdicts it is part of)" for folder in (original, retuned)
+                 if folder.at_edge(method)]
         out += ["", f"Chosen (smoothed validation curve): {original.chosen[method]:.3g}, then "
                     f"{retuned.chosen[method]:.3g}: " + ("the same rate." if steps == 0 else
                                                           f"{steps:+d} grid step(s).")
-                + ("".join(f" The choice of {e}." for e in edges)), ""]
+                + "".join(f" {e}." for e in edges), ""]
     return out
 
 
@@ -220,8 +221,8 @@ def markdown(original: Folder, retuned: Folder, rows: list[dict]) -> str:
              "## The choice of rate", "", *curves(original, retuned), "## The gains", "",
              "Each gain of the first study that involves a re-tuned method, as first measured and with the "
              "re-tuned arm's final runs in its place (points; 95% Student-t interval over the paired final "
-             "seeds). Where the rate did not move the final runs are the same runs, so the gain is the same; "
-             "the re-run seeds are checked item by item.", "",
+             "seeds). Where the rate did not move, the seeds the re-tune reran replace the original's and are "
+             "checked item by item; the others are the original runs.", "",
              "| method | vs | re-tuned | rate | steps moved | gain as measured | gain re-tuned | shift | note |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:

@@ -73,7 +73,7 @@ def test_a_moved_reference_rate_recomputes_every_gain_against_the_retuned_runs(t
     assert row["n_seeds"] == "3"
     text = (retuned / "retune.md").read_text()
     assert "-1 grid step(s)" in text and "(chosen)" in text and "61.0%" in text
-    assert "again's is still at the edge of its grid" in text and "still at the edge" in row["note"]
+    assert "In `again` the choice is still at the edge of its grid" in text and "still at the edge" in row["note"]
     assert "linchain - lora: re-tuned lora" in capsys.readouterr().out
 
 
