@@ -688,7 +688,7 @@ def _plot_lr_sensitivity(plan, results, trials, folder: Path) -> Path | None:
     for edge in (plan.lr_grid[0], plan.lr_grid[-1]):
         ax.axvline(edge, color="0.7", linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate (vertical dotted: the grid's ends; dotted curve: smoothed; star: chosen)")
+    ax.set_xlabel("learning rate\n(vertical dotted: the grid's ends; dotted curve: smoothed; star: chosen)")
     ax.set_ylabel("validation accuracy (%)")
     band = f"band: lowest to highest of {len(plan.seeds)} tuning seeds" if len(plan.seeds) > 1 else "1 tuning seed"
     ax.set_title(f"{plan.name}: learning-rate sensitivity ({band})", fontsize=10)
