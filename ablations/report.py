@@ -61,7 +61,8 @@ def trials_frame(plan, storage) -> pd.DataFrame:
                 "seed": t.user_attrs.get("seed", ",".join(map(str, plan.seeds))),
                 "average_accuracy": values[0] if values else math.nan,
                 "trainable_params": t.user_attrs.get("trainable_params"),
-                "lr": t.params.get("lr", plan.config.lr),
+                # a queued trial has no params yet: its rate is the one it was queued with (fair studies)
+                "lr": t.params.get("lr", t.user_attrs.get("lr", plan.config.lr)),
                 "split": t.user_attrs.get("split", plan.config.split),
             }
             row.update({k: t.user_attrs.get(k) for k in plan.study_kind.trial_attr_columns})

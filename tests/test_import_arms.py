@@ -116,6 +116,11 @@ def test_a_study_whose_first_arm_is_new_is_created_around_the_imported_ones(tmp_
     assert import_arms(plan, storage, url, storage_source, source_url, log=lambda *a: None) == ["lora", "moslora"]
     lines = []
     plan = create_or_resume(plan, storage, url, imported=True, log=lines.append)
+    from ablations.report import trials_frame
+
+    queued = trials_frame(plan, storage)
+    queued = queued[queued["state"] == "WAITING"]
+    assert sorted(queued["lr"]) == sorted(plan.lr_grid)  # trials.csv shows the rate each was queued with
     assert any("created in" in line and "around the imported arms" in line for line in lines)
     assert not any("another machine" in line for line in lines)
     fake = ProtocolRun(OPTIMA)
