@@ -14,6 +14,7 @@ another.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +40,16 @@ class RateTable:
     alpha: float
     dropout: float
     rates: dict[str, float] = field(default_factory=dict)  # method spec as the study wrote it -> rate
+    # what targets=auto resolved to on the study's model: a run's spec matches before or after its resolution
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
     def reference_spec(self, method: str) -> AdapterSpec:
-        return parse_spec(method, r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=None)
+        return parse_spec(method, r=self.rank, alpha=self.alpha, dropout=self.dropout, targets=list(self.targets))
+
+    def key(self, spec: AdapterSpec) -> str:
+        """The spec's canonical text with its targets resolved as the study's were (auto: the table's targets)."""
+        targets = self.targets if spec.targets is None else spec.targets
+        return dataclasses.replace(spec, targets=tuple(sorted(targets))).canonical()
 
 
 # Stage 1 of the findings (issue 20): each rate is the one the fair study chose on the smoothed validation
@@ -66,7 +74,7 @@ def rate_for(cfg: Any, spec: AdapterSpec | None, table: RateTable = FAIR_PAPER) 
         return float(cfg.lr), COMMAND_LINE
     if spec is not None and cfg.model == table.model:  # no spec: the settings of no method in particular
         for method, lr in table.rates.items():
-            if table.reference_spec(method).canonical() == spec.canonical():
+            if table.key(table.reference_spec(method)) == table.key(spec):
                 return lr, TABLE
     return DEFAULT_LR, DEFAULT
 

@@ -44,6 +44,23 @@ def test_with_no_rate_given_each_tabled_method_trains_at_its_own_rate():
         == tuned_rates.DEFAULT
 
 
+def test_the_specs_a_run_trains_with_get_the_tabled_rates_after_their_targets_are_resolved():
+    # harness.run resolves targets=auto to the architecture's modules before training: make run must still get
+    # the study's rates (it fell back to 2e-3 for every method when only the unresolved spec matched)
+    from harness.models import tiny_random_model  # a Llama layout, as the study's model
+    from harness.run import plan_methods
+
+    cfg = config_from_args(["--methods", "lora,moslora,linchain,lora:targets=q_proj+v_proj"])
+    plans = plan_methods(cfg, tiny_random_model())
+    assert all(p.spec.targets is not None for p in plans)
+    rates = [tuned_rates.rate_for(cfg, p.spec) for p in plans]
+    table = tuned_rates.FAIR_PAPER.rates
+    assert rates[:3] == [(table["lora"], tuned_rates.TABLE), (table["moslora"], tuned_rates.TABLE),
+                         (table["linchain"], tuned_rates.TABLE)]
+    assert rates[3] == (tuned_rates.DEFAULT_LR, tuned_rates.DEFAULT)  # other targets: not the study's adapter
+    assert [TrainSettings.from_config(cfg, p.spec, seed=0).lr for p in plans[:3]] == [r for r, _ in rates[:3]]
+
+
 def test_lr_on_the_command_line_or_in_a_spec_wins():
     cfg = config_from_args(["--lr", "5e-4"])
     assert tuned_rates.rate_for(cfg, spec("lora", cfg)) == (5e-4, tuned_rates.COMMAND_LINE)
