@@ -300,14 +300,7 @@ def importable(plan: StudyPlan, source_storage, source_url: str) -> tuple[StudyP
         raise UserError(f"--import-arms: {redact(source_url)} holds {len(found)} fair studies "
                         f"({', '.join(sorted(found)) or 'none'}); it must hold exactly one")
     source = next(iter(found.values()))
-    old, new = source.to_attr(), plan.to_attr()
-    for key in IMPORT_MAY_DIFFER:
-        old.pop(key, None), new.pop(key, None)
-    for key in RESUMABLE_CONFIG:
-        old["config"].pop(key, None), new["config"].pop(key, None)
-    diffs = [k for k in new if old.get(k) != new[k] and k != "config"]
-    diffs += [f"--{k.replace('_', '-')} ({old['config'].get(k)!r} there, {v!r} here)"
-              for k, v in new["config"].items() if old["config"].get(k) != v]
+    diffs = _differences(source, plan, IMPORT_MAY_DIFFER, "{old!r} there, {new!r} here")
     if diffs:
         raise UserError(f"--import-arms: study {source.name!r} in {redact(source_url)} was run with other settings "
                         f"({', '.join(diffs)}); its trials would not be this study's")
@@ -416,16 +409,22 @@ def _create_parent_run(tracker: Tracker, plan: StudyPlan, url: str) -> None:
          **plan.study_kind.parent_run_params(plan)})
 
 
-def _check_same(stored: StudyPlan, plan: StudyPlan, url: str) -> None:
-    """A resumed study must run what it was created with; otherwise its trials would not be comparable."""
-    old, new = stored.to_attr(), plan.to_attr()
-    for key in RESUMABLE_CHANGES:
+def _differences(old_plan: StudyPlan, plan: StudyPlan, may_differ, change: str) -> list[str]:
+    """The settings in which ``plan`` differs from ``old_plan``, apart from ``may_differ`` and where runs go:
+    plan keys by name, run options as ``--option (change)`` with ``change`` formatted from old and new."""
+    old, new = old_plan.to_attr(), plan.to_attr()
+    for key in may_differ:
         old.pop(key, None), new.pop(key, None)
     for key in RESUMABLE_CONFIG:
         old["config"].pop(key, None), new["config"].pop(key, None)
     diffs = [k for k in new if old.get(k) != new[k] and k != "config"]
-    diffs += [f"--{k.replace('_', '-')} ({old['config'].get(k)!r} -> {v!r})"
-              for k, v in new["config"].items() if old["config"].get(k) != v]
+    return diffs + [f"--{k.replace('_', '-')} ({change.format(old=old['config'].get(k), new=v)})"
+                    for k, v in new["config"].items() if old["config"].get(k) != v]
+
+
+def _check_same(stored: StudyPlan, plan: StudyPlan, url: str) -> None:
+    """A resumed study must run what it was created with; otherwise its trials would not be comparable."""
+    diffs = _differences(stored, plan, RESUMABLE_CHANGES, "{old!r} -> {new!r}")
     if diffs:
         raise UserError(f"study {plan.name!r} already exists in {redact(url)} with other settings: {', '.join(diffs)}; "
                         "give the same options to continue it, or pass another --storage")
