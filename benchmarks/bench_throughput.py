@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_throughput                       # embedded SmolLM2-135M, the default run's settings
     python -m benchmarks.bench_throughput --model tiny-random --rounds 1 --timing-steps 2 --steps 3 --limit 4
+    python -m benchmarks.bench_throughput --model gemma3-270m --training-only --conditions bf16,bf16-logits
 
 Everything runs in one process, interleaved, so that machine noise hits every condition alike;
 a ratio is the median over rounds of the paired per-round ratios. Only ratios are meant to be
@@ -61,19 +62,22 @@ CONDITIONS = {  # name: (precision, selected logits, length window)
     "bf16": ("bf16", False, 1),
     "logits": ("fp32", True, 1),
     "new": ("bf16", True, None),
+    "bf16-logits": ("bf16", True, 1),  # what selected logits are worth in the default precision (--conditions)
 }
 
 
-def load(args):
-    """The fp32 and the bf16 base, the tokenizer, the default run's training examples and collator."""
+def load(args, precisions=("fp32", "bf16")):
+    """The base in each of ``precisions``, the tokenizer, the default run's training examples and collator."""
     cfg = RunConfig(model=args.model, max_steps=args.steps)
-    fp32, tokenizer = load_model(args.model, dtype=torch.float32)
-    bf16, _ = load_model(args.model, dtype=storage_dtype(resolve_precision("bf16", "cpu")))
+    bases = {}
+    for precision in precisions:
+        dtype = torch.float32 if precision == "fp32" else storage_dtype(resolve_precision("bf16", "cpu"))
+        bases[precision], tokenizer = load_model(args.model, dtype=dtype)
     records = hdata.load_records(cfg.train_data, hdata.resolve_data_dir(args.data_dir), seed=0)
     examples = hdata.build_train_dataset(records, tokenizer, prompt_format=cfg.prompt_format,
                                          train_on_inputs=cfg.train_on_inputs, cutoff_len=cfg.cutoff_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return cfg, {"fp32": fp32, "bf16": bf16}, tokenizer, examples, lambda batch: hdata.collate(batch, pad)
+    return cfg, bases, tokenizer, examples, lambda batch: hdata.collate(batch, pad)
 
 
 def settings_for(cfg, spec, seed, condition, steps):
@@ -87,10 +91,10 @@ def median_ratio(rates: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
 
 
-def training_throughput(args, cfg, bases, examples, collate) -> dict[str, float]:
+def training_throughput(args, cfg, bases, examples, collate, names: list[str]) -> dict[str, float]:
+    """Tokens/s of each condition in ``names``, interleaved; ratios to the first."""
     spec = resolve_spec("lora", r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
-    rates: dict[str, list[float]] = {c: [] for c in CONDITIONS}
-    names = list(CONDITIONS)
+    rates: dict[str, list[float]] = {c: [] for c in names}
     print(f"\n1. training tokens/s, LoRA, batch {cfg.batch_size}, {args.timing_steps} steps per condition and round")
     for round_ in range(args.rounds):
         for condition in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotated order
@@ -99,11 +103,11 @@ def training_throughput(args, cfg, bases, examples, collate) -> dict[str, float]
             settings = settings_for(cfg, spec, 100 + round_, condition, args.timing_steps)
             result = train(model, examples, collate, settings, progress=False)
             rates[condition].append(result.tokens_per_second)
-            print(f"  round {round_ + 1} {condition:<7} {result.tokens_per_second:8.1f} tokens/s "
+            print(f"  round {round_ + 1} {condition:<11} {result.tokens_per_second:8.1f} tokens/s "
                   f"({result.seconds_per_step:.2f} s/step, {result.tokens} tokens)", flush=True)
             del model
             gc.collect()
-    ratios = {f"train {c}/old": median_ratio(rates, c, "old") for c in names if c != "old"}
+    ratios = {f"train {c}/{names[0]}": median_ratio(rates, c, names[0]) for c in names[1:]}
     for name, value in ratios.items():
         print(f"  {name}: x{value:.2f}")
     return ratios
@@ -215,14 +219,25 @@ def main() -> None:
                         help="test items per task when timing evaluation (default: --limit)")
     parser.add_argument("--eval-batch-sizes", default="16,64", help="bf16 evaluation batch sizes to sweep")
     parser.add_argument("--training-only", action="store_true", help="measure training throughput (part 1) only")
+    parser.add_argument("--conditions", default="old,bf16,logits,new",
+                        help=f"training conditions to interleave, the first the reference of the ratios; of "
+                             f"{', '.join(CONDITIONS)} (bf16,bf16-logits: selected logits alone, in bf16). "
+                             "Parts 2 and 3 need the default")
     args = parser.parse_args()
+    names = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONDITIONS]
+    if unknown or len(names) < 2 or len(set(names)) < len(names):
+        parser.error(f"--conditions needs two or more different names of {', '.join(CONDITIONS)}; got {args.conditions!r}")
+    if not args.training_only and names != ["old", "bf16", "logits", "new"]:
+        parser.error("--conditions other than the default measure training only: add --training-only")
 
     started = time.perf_counter()
     resolve_precision("bf16", "cpu")  # fails with one line where the CPU has no fast bf16
     print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores")
-    cfg, bases, tokenizer, examples, collate = load(args)
-    train_ratios = training_throughput(args, cfg, bases, examples, collate)
+    precisions = sorted({CONDITIONS[c][0] for c in names} | (set() if args.training_only else {"fp32", "bf16"}))
+    cfg, bases, tokenizer, examples, collate = load(args, precisions)
+    train_ratios = training_throughput(args, cfg, bases, examples, collate, names)
     differences, eval_ratios = {}, {}
     if not args.training_only:
         with tempfile.TemporaryDirectory(prefix="bench-throughput-") as folder:

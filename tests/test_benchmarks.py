@@ -65,3 +65,22 @@ def test_benchmark_runs_on_the_tiny_model(script, tmp_path):
         return
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.strip(), "a benchmark that prints nothing measured nothing"
+
+
+@pytest.mark.integration
+def test_throughput_conditions_measure_selected_logits_alone_against_the_first(tmp_path):
+    """--conditions bf16,bf16-logits times only those two, interleaved, with the ratio to the first."""
+    if not bf16_is_fast("cpu"):
+        pytest.skip("measures bf16 conditions: this CPU has no fast bf16 (the refusal is tested above)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    base = [sys.executable, "-m", "benchmarks.bench_throughput", "--model", "tiny-random", "--rounds", "2",
+            "--timing-steps", "2", "--training-only"]
+    done = subprocess.run([*base, "--conditions", "bf16,bf16-logits"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = [line.split()[2] for line in done.stdout.splitlines() if line.strip().startswith("round ")]
+    assert rounds == ["bf16", "bf16-logits", "bf16-logits", "bf16"]  # both measured each round, order rotated
+    assert "train bf16-logits/bf16 x" in done.stdout.splitlines()[-1]
+    bad = subprocess.run([*base, "--conditions", "bf16,fast"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode == 2 and "--conditions needs two or more different names" in bad.stderr
