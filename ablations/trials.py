@@ -33,6 +33,7 @@ from ablations.space import spec_of
 from ablations.storage import CORRECT_ATTR, DIAGNOSTICS_ATTR, MLFLOW_RUN_ATTR, pack_correct, pack_diagnostics
 from ablations.studyfile import STUDY_OWNED
 from harness.errors import UserError, interruption
+from harness.reuse import shared_fixed_costs
 from harness.stats import mean as _mean
 from harness.tracking import HOST_TAG, PID_START_TAG, PID_TAG, RunHandle, Tracker, owner_tags, process_alive
 
@@ -328,12 +329,19 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
     make necessary (a fair study's final seeds, a grid extension; grids and tuning studies have none: their
     queue is complete at creation), then claims the next queued trial. A study that tops up can queue one
     slot twice (two workers topping up at once): the later trial is marked a duplicate when claimed, never run.
+    The worker's trials share the base model, the task suite and the base measures (:mod:`harness.reuse`).
 
     ``wait``: while nothing is queued but trials run in other workers, wait until they finish or are found
     dead (reaped, queued again and run here); a line every ``WAIT_REPORT_EVERY_S`` seconds says what it waits
     for. ``None`` is the kind's default: a study that tops up waits (another worker's result may unlock
     trials), the others do not.
     """
+    with shared_fixed_costs():
+        return _work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log,
+                     wait=wait, poll_s=poll_s)
+
+
+def _work(plan: StudyPlan, storage, *, max_trials, stale_after, run_fn, log, wait, poll_s) -> int:
     import optuna
     from optuna.trial import TrialState
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from harness import contamination, distributed, quiet, rundir, tuned_rates
+from harness import contamination, distributed, quiet, reuse, rundir, tuned_rates
 from harness import data as hdata
 from harness.adapters import (fresh_adapter_model, resolve_match, resolve_spec, save_adapter, trainable_parameters,
                               validate_against_model)
@@ -243,8 +243,10 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         f"{len(inputs.examples[cfg.seeds[0]])} training examples, tasks {', '.join(cfg.tasks)} ({cfg.split} split); "
         f"results in {staged.final if staged else run_dir}")
     # one fixed batch for the curvature probe: the first seed's training examples
+    fixed = reuse.current()
     diagnostics = RunDiagnostics(cfg.diagnostics, inputs.tokenizer, inputs.examples[cfg.seeds[0]], inputs.collate,
-                                 known_curvature=known_curvature)
+                                 known_curvature=known_curvature, base_model=inputs.model,
+                                 base=fixed.base_measures(inputs.model) if fixed is not None else None)
     outcome.diagnostics = diagnostics
     finished, kept = False, None
     try:
@@ -317,7 +319,10 @@ def _resolve_and_check(cfg: RunConfig, job, *, check_tracking: bool, check_outpu
     plans = plan_methods(cfg)
     precision = resolve_precision(cfg.precision, job.device)  # bf16 on hardware without it fails here
     data_dir = hdata.resolve_data_dir(cfg.data_dir)
-    suite = TaskSuite(cfg.tasks, data_dir, cfg.prompt_format, cfg.split)  # one per run: one lm-eval TaskManager
+    fixed = reuse.current()  # a study worker's trials share the base model, the suite and the base measures
+    # one per run (one lm-eval TaskManager), or one per study worker
+    suite = (fixed.suite(cfg.tasks, data_dir, cfg.prompt_format, cfg.split) if fixed is not None
+             else TaskSuite(cfg.tasks, data_dir, cfg.prompt_format, cfg.split))
     eval_checksums = suite.checksums()  # also rejects unknown tasks
     records = training_records(cfg, data_dir)
     overlaps, contaminated = check_contamination(cfg, records, data_dir, log, suite=suite)
@@ -325,7 +330,10 @@ def _resolve_and_check(cfg: RunConfig, job, *, check_tracking: bool, check_outpu
         check_tracking_uri(cfg.tracking_uri)
     if check_output and job.is_main:
         check_writable_dir(cfg.output_dir, "--output-dir")
-    model, tokenizer = load_model(cfg.model, dtype=storage_dtype(precision))  # a bf16 base is stored so once
+    if fixed is not None:
+        model, tokenizer = fixed.model(cfg.model, storage_dtype(precision), job.device)
+    else:
+        model, tokenizer = load_model(cfg.model, dtype=storage_dtype(precision))  # a bf16 base is stored so once
     for plan in plans:
         validate_against_model(model, plan.spec)
     plans = plan_methods(cfg, model)  # lora:match=... needs the layer shapes to choose its rank

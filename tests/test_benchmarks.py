@@ -27,6 +27,7 @@ QUICK = {
     "bench_adapters.py": ["--model", "tiny-random", "--rounds", "1"],
     "bench_eval.py": ["--model", "tiny-random", "--items", "4"],
     "bench_ablations.py": ["--models", "tiny-random", "--throughput-seeds", "1", "--limit", "2", "--steps", "1"],
+    "bench_trial_overhead.py": ["--model", "tiny-random", "--rounds", "1", "--steps", "1", "--limit", "2"],
 }
 
 

@@ -21,7 +21,8 @@ LAYERS = (
     ("harness.config", "harness.tuned_rates"),  # one RunConfig, checked against the adapters' specs and the known models; the default rates
     ("harness.train", "harness.evaluate", "harness.contamination", "harness.fingerprint", "harness.tracking",
      "harness.export"),
-    ("harness.diagnostics", "harness.report", "harness.plots", "harness.resultfile", "harness.rundir"),
+    ("harness.diagnostics", "harness.report", "harness.plots", "harness.resultfile", "harness.rundir",
+     "harness.reuse"),  # reuse: what a study worker's trials share (base model, task suite, base measures)
     ("harness.run", "harness.compare", "harness.equivalence"),
     ("ablations",),
 )

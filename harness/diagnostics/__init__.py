@@ -52,6 +52,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from harness.reuse import BaseMeasures
+
 from harness.diagnostics.claims import (CLAIMS, Comparison, claim_comparisons, claims_markdown,  # noqa: F401
                                         matched_loss_targets, reference_label)
 from harness.diagnostics.convergence import smoothed, steps_to_fraction, steps_to_loss  # noqa: F401
@@ -177,7 +179,8 @@ class RunDiagnostics:
 
     def __init__(self, level: str, tokenizer=None, examples: Sequence[dict] = (), collate=None, *,
                  record_every: int = RECORD_EVERY, hessian_examples: int = HESSIAN_EXAMPLES,
-                 known_curvature: Mapping[int, Eigenvalue] | None = None):
+                 known_curvature: Mapping[int, Eigenvalue] | None = None, base_model=None,
+                 base: BaseMeasures | None = None):
         if level not in LEVELS:
             raise ValueError(f"unknown diagnostics level {level!r}; one of {', '.join(LEVELS)}")
         self.level = level
@@ -192,9 +195,11 @@ class RunDiagnostics:
         self.failed: list[tuple[str, int]] = []
         self.problems: list[str] = []
         self.learning_rates: dict[str, float] = {}  # method -> the rate it trained at (harness.run: one, shared)
-        self.sample: GeneralTextSample | None = None
-        self._base_loss: float | None = None
-        self._base_spectra: dict[str, BaseSpectrum] = {}
+        # W0's SVD, the forgetting sample and the base model's loss on it: this run's own, or the ones a study
+        # worker's trials share (harness.reuse); measured on ``base_model`` itself where given, else with the
+        # first method's adapter disabled (which is the base model only where the method leaves W0 as it is)
+        self.base_model = base_model
+        self.base = base if base is not None else BaseMeasures()
         self._vectors: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
     @property
@@ -239,18 +244,22 @@ class RunDiagnostics:
                  train_result) -> dict[str, float]:
         probe.recorder.close()
         probe.recorder.record(train_result.steps)
-        if self.tokenizer is not None and self.sample is None:
-            self.sample = general_text_sample(self.tokenizer)
-        if self.sample is not None and self._base_loss is None:
-            with peft_model.disable_adapter():  # every method shares the base model: measure it once
-                self._base_loss = mean_token_loss(peft_model, self.sample.input_ids)
+        base = self.base
+        if self.tokenizer is not None and base.sample is None:
+            base.sample = general_text_sample(self.tokenizer)
+        if base.sample is not None and base.loss is None:  # every method shares the base model: measure it once
+            if self.base_model is not None:
+                base.loss = mean_token_loss(self.base_model, base.sample.input_ids)
+            else:
+                with peft_model.disable_adapter():
+                    base.loss = mean_token_loss(peft_model, base.sample.input_ids)
         lambda_max = probe.curvature.value if probe.curvature else float("nan")
         if probe.curvature:
             self.curvatures[(method, seed)] = probe.curvature
         vectors: dict[str, torch.Tensor] = {}
         rows = diagnose(peft_model, method=method, seed=seed, level=self.level, spec_method=spec_method,
-                        losses=train_result.losses, lambda_max=lambda_max, forgetting_sample=self.sample,
-                        base_loss=self._base_loss, base_spectra=self._base_spectra, vectors=vectors)
+                        losses=train_result.losses, lambda_max=lambda_max, forgetting_sample=base.sample,
+                        base_loss=base.loss, base_spectra=base.spectra, vectors=vectors)
         self._vectors[(method, seed)] = vectors
         self.rows.extend(rows)
         self.traces.append(trace_of(method, seed, train_result, probe.recorder, spec_method))
@@ -286,5 +295,5 @@ class RunDiagnostics:
             return {}
         self.fill_similarity()
         return write_diagnostics(run_dir, self.rows, self.traces, failed=self.failed, level=self.level,
-                                 sample=self.sample.describe() if self.sample else None, problems=self.problems,
+                                 sample=self.base.sample.describe() if self.base.sample else None, problems=self.problems,
                                  learning_rates=self.learning_rates)
