@@ -70,6 +70,7 @@ class EvalClock:
 
 def trial(args, folder: Path, seed: int, clock: EvalClock) -> dict[str, float]:
     """One trial-sized run (as a fair study's tuning trial: validation split, no base row, no results folder)."""
+    folder.mkdir(parents=True)
     cfg = config_from_args(["--model", args.model, "--methods", args.method, "--seeds", str(seed),
                             "--max-steps", str(args.steps), "--split", "validation", "--diagnostics", "basic",
                             "--output-dir", str(folder / "results"), "--tracking-uri",

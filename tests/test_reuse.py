@@ -16,9 +16,10 @@ SMOKE = ["--model", "tiny-random", "--max-steps", "3", "--limit", "4", "--batch-
          "--eval-batch-size", "8", "--tasks", "arithmetic_add_sub", "--diagnostics", "basic"]
 
 
-def config(tmp_path, *extra):
-    return config_from_args([*SMOKE, "--output-dir", str(tmp_path / "results"), "--tracking-uri",
-                             f"sqlite:///{tmp_path / 'mlflow.db'}", *extra])
+def config(folder, *extra):
+    folder.mkdir(parents=True, exist_ok=True)
+    return config_from_args([*SMOKE, "--output-dir", str(folder / "results"), "--tracking-uri",
+                             f"sqlite:///{folder / 'mlflow.db'}", *extra])
 
 
 def same(a, b) -> bool:
@@ -96,5 +97,5 @@ def test_forgetting_is_measured_against_the_unmodified_base_whatever_method_come
     alone, diagnostics = lora_forgetting("alone", "lora")
     after_pissa, _ = lora_forgetting("after", "pissa,lora")
     assert alone == after_pissa
-    base, _ = harness.models.load_model("tiny-random")
+    base, _ = harness.models.load_model("tiny-random", dtype=next(diagnostics.base_model.parameters()).dtype)
     assert diagnostics.base.loss == mean_token_loss(base, diagnostics.base.sample.input_ids)
