@@ -46,6 +46,46 @@ def test_ranks_of_the_zero_update_are_undefined_not_zero():
     assert math.isnan(D.stable_rank(torch.zeros(3, 5)))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pissa_update_is_measured_against_the_original_w0(arch, tmp_path):
+    """PiSSA moves s B0 A0 out of W0 into the adapter, so B A alone is not its update. The measured dW must be
+    (merged weight) - (original W0): zero at initialisation, and after training what merging adds to W0;
+    the same after a save and reload. W0 in the rows is the unmodified base's (layer_rows' base_model)."""
+    import copy
+
+    from harness.adapters import get_adapter_model, load_adapter_model, save_adapter
+    from harness.models import tiny_random_model
+
+    base = tiny_random_model(architecture=arch)
+    model = get_adapter_model(copy.deepcopy(base), "pissa", r=4, alpha=8)
+    layers = D.adapted_layers(model)
+
+    def measured(peft_model):
+        return {name: (lambda b, a: b @ a)(*D.delta_factors(layer, "default"))
+                for name, layer in D.adapted_layers(peft_model).items()}
+
+    assert all(torch.allclose(d, torch.zeros_like(d), atol=1e-5) for d in measured(model).values())
+    torch.manual_seed(0)
+    with torch.no_grad():  # stands in for training: any change of A and B
+        for layer in layers.values():
+            layer.lora_A["default"].weight.add_(0.1 * torch.randn_like(layer.lora_A["default"].weight))
+            layer.lora_B["default"].weight.add_(0.1 * torch.randn_like(layer.lora_B["default"].weight))
+    merged = copy.deepcopy(model).merge_and_unload()
+    for name, delta in measured(model).items():
+        short = name.removeprefix("base_model.model.")
+        expected = merged.get_submodule(short).weight - base.get_submodule(short).weight
+        assert torch.allclose(delta, expected, atol=1e-5), name
+    reloaded = load_adapter_model(copy.deepcopy(base), save_adapter(model, tmp_path / "pissa"))
+    assert all(torch.allclose(measured(reloaded)[n], d, atol=1e-6) for n, d in measured(model).items())
+    rows = D.layer_rows(model, base_model=base)
+    w0 = {n.removeprefix("base_model.model."): base.get_submodule(n.removeprefix("base_model.model.")).weight
+          for n in layers}
+    first = rows[0]
+    b, a = D.delta_factors(layers[first["layer"]], "default")
+    assert first["intruders"] == D.update_intruders(D.base_spectrum(w0[first["layer"].removeprefix(
+        "base_model.model.")]), w0[first["layer"].removeprefix("base_model.model.")], b, a)
+
+
 def test_spectrum_from_factors_equals_the_full_product():
     g = torch.Generator().manual_seed(1)
     b, a = torch.randn(40, 6, generator=g), torch.randn(6, 30, generator=g)

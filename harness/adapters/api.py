@@ -240,6 +240,7 @@ def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapte
         from safetensors.torch import load_file
 
         peft_model.__dict__.setdefault("_harness_pissa_init", {})[adapter_name] = load_file(str(init))
+        _attach_initial_factors(peft_model, adapter_name)
     return peft_model
 
 
@@ -288,6 +289,22 @@ def _keep_pissa_init(peft_model, adapter_name: str) -> None:
     state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     peft_model.__dict__.setdefault("_harness_pissa_init", {})[adapter_name] = {
         k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    _attach_initial_factors(peft_model, adapter_name)
+
+
+INITIAL_FACTORS = "_harness_initial"  # on a PiSSA layer: adapter -> (B0, A0), the factors peft took out of W0
+
+
+def _attach_initial_factors(peft_model, adapter_name: str) -> None:
+    """Give each PiSSA layer its initial (B0, A0): its base weight is W0 - s B0 A0, so the method's update to
+    W0 is s (B A - B0 A0), which the diagnostics measure (:func:`harness.diagnostics.delta_factors`)."""
+    from peft.tuners.lora import LoraLayer
+
+    init = peft_model.__dict__["_harness_pissa_init"][adapter_name]
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            b0, a0 = init[f"{name}.lora_B.weight"], init[f"{name}.lora_A.weight"]
+            module.__dict__.setdefault(INITIAL_FACTORS, {})[adapter_name] = (b0, a0)
 
 
 def _pissa_init(peft_model, adapter: str) -> dict:

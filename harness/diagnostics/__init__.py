@@ -83,14 +83,16 @@ def _fmt_spectrum(s: torch.Tensor) -> str:
 
 def layer_rows(peft_model, base_spectra: dict[str, BaseSpectrum] | None = None,
                reference_vectors: Mapping[str, torch.Tensor] | None = None,
-               vectors: dict[str, torch.Tensor] | None = None) -> list[dict]:
+               vectors: dict[str, torch.Tensor] | None = None, base_model=None) -> list[dict]:
     """One row per adapted layer: shape, delta_norm, effective_rank, stable_rank, singular_values, intruders,
     similarity_to_lora (when ``reference_vectors``, the ``vectors`` LoRA's rows of the same seed filled, is given).
 
     ``base_spectra`` caches W0's SVD by layer name across methods (they share W0): filled on first use. Given
     ``vectors``, it is filled with each layer's top left singular vectors of dW (for the similarity to LoRA).
     Everything comes from the update's factors b a = dW: its spectrum from an r x r core, the intruders from
-    :func:`top_left_cosines`; no d_out x d_in matrix is decomposed, only W0 once.
+    :func:`top_left_cosines`; no d_out x d_in matrix is decomposed, only W0 once. W0 is read from
+    ``base_model`` (the unmodified base) where given, else from the adapted layer's base layer, which is W0
+    only where the method leaves it as it is (not PiSSA).
     """
     adapter = _active_adapter(peft_model)
     base_spectra = {} if base_spectra is None else base_spectra
@@ -102,7 +104,8 @@ def layer_rows(peft_model, base_spectra: dict[str, BaseSpectrum] | None = None,
             top = left[:, :SIMILARITY_TOP_K]
             if vectors is not None:
                 vectors[name] = top
-            w0 = layer.get_base_layer().weight.detach()
+            w0 = (base_model.get_submodule(name.removeprefix("base_model.model.")) if base_model is not None
+                  else layer.get_base_layer()).weight.detach()
             if name not in base_spectra:
                 base_spectra[name] = base_spectrum(w0)
             row = {"layer": name, "shape": f"{b.shape[0]}x{a.shape[1]}", "delta_norm": float(s.pow(2).sum().sqrt()),
@@ -120,20 +123,20 @@ def diagnose(peft_model, *, method: str, seed: int, level: str = "basic", spec_m
              forgetting_sample: GeneralTextSample | None = None, base_loss: float | None = None,
              base_spectra: dict[str, BaseSpectrum] | None = None,
              reference_vectors: Mapping[str, torch.Tensor] | None = None,
-             vectors: dict[str, torch.Tensor] | None = None) -> list[dict]:
+             vectors: dict[str, torch.Tensor] | None = None, base_model=None) -> list[dict]:
     """Diagnostics rows of one trained adapter: one per adapted layer, then the layer ``all`` row.
 
     ``level`` ``none`` gives no rows; ``basic`` and ``full`` the same rows (``full`` differs by
     ``lambda_max``, which must be measured before training: pass :func:`curvature_at_init`'s value).
     ``losses`` is the training curve (steps_to_50, steps_to_90, final_loss); with ``forgetting_sample`` the
     row's ``forgetting`` is its loss after training minus ``base_loss`` (measured with the adapter disabled
-    when not given). ``base_spectra`` and ``vectors``: as in :func:`layer_rows`.
+    when not given). ``base_spectra``, ``vectors`` and ``base_model``: as in :func:`layer_rows`.
     """
     if level not in LEVELS:
         raise ValueError(f"unknown diagnostics level {level!r}; one of {', '.join(LEVELS)}")
     if level == "none":
         return []
-    rows = layer_rows(peft_model, base_spectra, reference_vectors, vectors)
+    rows = layer_rows(peft_model, base_spectra, reference_vectors, vectors, base_model=base_model)
     total = summary_row(rows)
     total.update({"lambda_max": lambda_max, "steps_to_50": steps_to_fraction(losses, 0.5),
                   "steps_to_90": steps_to_fraction(losses, 0.9),
@@ -259,7 +262,8 @@ class RunDiagnostics:
         vectors: dict[str, torch.Tensor] = {}
         rows = diagnose(peft_model, method=method, seed=seed, level=self.level, spec_method=spec_method,
                         losses=train_result.losses, lambda_max=lambda_max, forgetting_sample=base.sample,
-                        base_loss=base.loss, base_spectra=base.spectra, vectors=vectors)
+                        base_loss=base.loss, base_spectra=base.spectra, vectors=vectors,
+                        base_model=self.base_model)
         self._vectors[(method, seed)] = vectors
         self.rows.extend(rows)
         self.traces.append(trace_of(method, seed, train_result, probe.recorder, spec_method))

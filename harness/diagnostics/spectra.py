@@ -181,13 +181,19 @@ def _active_adapter(peft_model) -> str:
 
 
 def delta_factors(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, a) with b @ a = the layer's dW, read from the same weights ``get_delta_weight`` multiplies.
+    """(b, a) with b @ a = the layer's dW, read from the same weights ``get_delta_weight`` multiplies
+    (for PiSSA, whose base layer is W0 less its initial s B0 A0, the update to W0 itself: rank up to 2r).
 
     ``lora_A.weight`` is T A for the middle methods and the generated factor for CondLoRA, so this is every
     method's exact update in factored form: spectra then need an r x r SVD instead of a d_out x d_in one.
     """
     b = layer.lora_B[adapter].weight.detach() * layer.scaling[adapter]
     a = layer.lora_A[adapter].weight.detach()
+    initial = getattr(layer, "_harness_initial", {}).get(adapter)  # harness.adapters.api.INITIAL_FACTORS
+    if initial is not None:  # PiSSA: the base layer holds W0 - s B0 A0, so the update to W0 is s (B A - B0 A0)
+        b0, a0 = initial
+        b = torch.cat([b, -b0.to(b) * layer.scaling[adapter]], dim=1)
+        a = torch.cat([a, a0.to(a)], dim=0)
     return (a.T, b.T) if getattr(layer, "fan_in_fan_out", False) else (b, a)
 
 
