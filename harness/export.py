@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from harness import quiet
-from harness.adapters.spec import parse_spec
+from harness.adapters.spec import MOVES_W0, parse_spec
 from harness.errors import UserError, cli_entry
 
 # vLLM accepts only these values of --max-lora-rank, and serves adapters of r up to the value given.
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         action = "merged" if args.merged else "exported as a plain LoRA"
         raise UserError(f"an adapter trained with bias=true cannot be {action}: its chain is affine, so the update "
                         "is not a rank-r LoRA (load it with harness.adapters.load_adapter_model)")
-    # PiSSA exports through peft's conversion, which doubles the rank (harness.adapters.export_lora).
-    r = int(config["r"]) * (2 if str(config.get("init_lora_weights")).lower().startswith("pissa") else 1)
+    # PiSSA and OLoRA export through peft's conversion, which doubles the rank (harness.adapters.export_lora).
+    r = int(config["r"]) * (2 if str(config.get("init_lora_weights")).lower().startswith(MOVES_W0) else 1)
     rank = vllm_rank(r)
     if rank is None and not args.merged:
         message = (f"r={r} is above every --max-lora-rank vLLM accepts ({', '.join(map(str, VLLM_MAX_LORA_RANKS))}): "

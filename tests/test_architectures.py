@@ -27,11 +27,14 @@ R, ALPHA = 4, 8
 TOL = dict(rtol=1e-4, atol=1e-5)
 # Methods whose adapter is not a plain LoRA on the unmodified base: what export_lora says instead.
 EXPORT_REFUSES = {"dora": "has a magnitude vector (lora_magnitude_vector)"}
+# Methods that cannot apply to an architecture: what get_adapter_model says instead of building.
+BUILD_REFUSES = {("tiny-random-gpt2", "olora"): "olora cannot adapt transformer.h.0.attn.c_attn, a Conv1D layer"}
 
 
 def test_the_matrix_covers_every_method_and_architecture():
     assert {TINY_MODELS[a] for a in ARCHS} == {"llama", "qwen3", "gemma3", "mistral", "phi3", "gpt2", "gptneox"}
-    assert len(METHODS) == 8 and set(EXPORT_REFUSES) <= set(METHODS)
+    assert len(METHODS) == 9 and set(EXPORT_REFUSES) <= set(METHODS)
+    assert {m for _, m in BUILD_REFUSES} <= set(METHODS) and {a for a, _ in BUILD_REFUSES} <= set(ARCHS)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,14 @@ def test_method_on_architecture(bases, ids, arch, method, tmp_path):
     base = bases[arch]
     _, spec_arch = architecture_of(base)
     torch.manual_seed(0)
+    if (arch, method) in BUILD_REFUSES:  # one line naming the layer and the reason, before peft touches the model
+        untouched = copy.deepcopy(base)
+        with pytest.raises(UserError) as refused:
+            get_adapter_model(untouched, method, r=R, alpha=ALPHA)
+        message = str(refused.value)
+        assert "\n" not in message and BUILD_REFUSES[(arch, method)] in message
+        assert logits(untouched, ids).equal(logits(base, ids))
+        return
     model = get_adapter_model(copy.deepcopy(base), method, r=R, alpha=ALPHA)
 
     # Built on the architecture's default targets: every default names layers, and those layers are adapted.
@@ -209,6 +220,8 @@ def run_args(tmp_path, *extra):
     (["--model", "tiny-random-gptneox", "--targets", "q_proj"],
      "target module 'q_proj' not found in the model (gpt_neox); its linear layers are: dense, dense_4h_to_h, "
      "dense_h_to_4h, lm_head, query_key_value"),
+    (["--model", "tiny-random-gpt2", "--methods", "lora,olora"],
+     "olora cannot adapt transformer.h.0.attn.c_attn, a Conv1D layer"),
     (["--model", "tiny-random-gpt2", "--methods", "lora,condlora:form=authors"],
      "condlora:form=authors needs square layers, but transformer.h.0.attn.c_attn is 192x64"),
     (["--model", "tiny-random-qwen3", "--methods", "condlora:form=authors,targets=q_proj+k_proj"],

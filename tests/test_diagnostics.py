@@ -46,9 +46,9 @@ def test_ranks_of_the_zero_update_are_undefined_not_zero():
     assert math.isnan(D.stable_rank(torch.zeros(3, 5)))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_pissa_update_is_measured_against_the_original_w0(arch, tmp_path):
-    """PiSSA moves s B0 A0 out of W0 into the adapter, so B A alone is not its update. The measured dW must be
+@pytest.mark.parametrize("arch, method", [("llama", "pissa"), ("gpt2", "pissa"), ("llama", "olora")])
+def test_pissa_update_is_measured_against_the_original_w0(arch, method, tmp_path):
+    """PiSSA (and OLoRA) move s B0 A0 out of W0 into the adapter, so B A alone is not the update. The measured dW must be
     (merged weight) - (original W0): zero at initialisation, and after training what merging adds to W0;
     the same after a save and reload. W0 in the rows is the unmodified base's (layer_rows' base_model)."""
     import copy
@@ -57,7 +57,7 @@ def test_pissa_update_is_measured_against_the_original_w0(arch, tmp_path):
     from harness.models import tiny_random_model
 
     base = tiny_random_model(architecture=arch)
-    model = get_adapter_model(copy.deepcopy(base), "pissa", r=4, alpha=8)
+    model = get_adapter_model(copy.deepcopy(base), method, r=4, alpha=8)
     layers = D.adapted_layers(model)
 
     def measured(peft_model):

@@ -30,11 +30,11 @@ R, ALPHA = 8, 16
 # Every method of the registry, and the options that change what is stored (shapes, products, forms).
 SPECS = ["lora", "moslora", "linchain", "linchain:widths=8-16-4-8", "mtlora:structure=shim",
          "mtlora:structure=icfm", "mtlora:structure=dtsm", "condlora", "moslora:freeze_middle=true",
-         "lora:match=linchain:r=4,widths=4-16-4", "dora", "rslora", "pissa"]
+         "lora:match=linchain:r=4,widths=4-16-4", "dora", "rslora", "pissa", "olora"]
 BIAS = "linchain:bias=true"
 FACTOR_CLASS = {"lora": torch.nn.Linear, "moslora": MiddleFactor, "linchain": MiddleFactor, "mtlora": MiddleFactor,
                 "condlora": GeneratedFactor, "dora": torch.nn.Linear, "rslora": torch.nn.Linear,
-                "pissa": torch.nn.Linear}
+                "pissa": torch.nn.Linear, "olora": torch.nn.Linear}
 
 
 def test_the_specs_cover_every_method_of_the_registry():
@@ -159,15 +159,15 @@ def test_the_harness_reloads_the_saved_folder_as_the_method(base, ids, saved, sp
 def test_the_main_folder_is_the_plain_export_and_the_factored_form_has_no_peft_config(saved, spec):
     folder = saved[spec][0]
     plain = json.loads((folder / "adapter_config.json").read_text())
-    # PiSSA's main folder is peft's conversion to a LoRA on the unmodified base: rank 2r, alpha 2 alpha.
-    doubled = 2 if spec == "pissa" else 1
+    # PiSSA's and OLoRA's main folder is peft's conversion to a LoRA on the unmodified base: rank 2r, alpha 2 alpha.
+    doubled = 2 if spec in ("pissa", "olora") else 1
     assert plain["peft_type"] == "LORA" and "harness_spec" not in plain and plain["lora_alpha"] == ALPHA * doubled
     assert plain["r"] == (5 if "match" in spec else R) * doubled
     assert plain["use_dora"] == (spec == "dora") and plain["use_rslora"] == (spec == "rslora")  # DoRA: peft's own
     assert plain["init_lora_weights"] is True
     assert not (folder / "harness" / "adapter_config.json").exists()
     factored = json.loads((folder / "harness" / "harness_config.json").read_text())
-    peft_own = spec.startswith("lora") or spec in ("dora", "rslora", "pissa")
+    peft_own = spec.startswith("lora") or spec in ("dora", "rslora", "pissa", "olora")
     assert factored["r"] * doubled == plain["r"] and bool(factored.get("harness_spec")) == (not peft_own)
     assert not [p.name for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from harness.adapters.chain import MiddleFactor
-from harness.adapters.spec import AdapterSpec, parse_spec
+from harness.adapters.spec import MOVES_W0, AdapterSpec, parse_spec
 from harness.errors import UserError
 from harness.fsutil import publish_mode
 from harness.models import ARCHITECTURES, architecture_of, refuse_pickled_weights
@@ -30,7 +30,8 @@ def resolve_spec(spec: str | AdapterSpec, **common) -> AdapterSpec:
 
 
 # peft's own LoRA variants, each one LoraConfig option: the method name -> (the option, its value).
-PEFT_VARIANTS = {"dora": ("use_dora", True), "rslora": ("use_rslora", True), "pissa": ("init_lora_weights", "pissa")}
+PEFT_VARIANTS = {"dora": ("use_dora", True), "rslora": ("use_rslora", True), "pissa": ("init_lora_weights", "pissa"),
+                 "olora": ("init_lora_weights", "olora")}
 
 
 def peft_config_for(spec: AdapterSpec, base_model_name: str | None = None, *, fan_in_fan_out: bool = False):
@@ -82,7 +83,7 @@ def get_adapter_model(model: nn.Module, spec: str | AdapterSpec, *, adapter_name
     config = peft_config_for(spec, getattr(getattr(model, "config", None), "name_or_path", None) or None,
                              fan_in_fan_out=True in transposed)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    if spec.method == "pissa":  # peft's conversion to a plain LoRA needs the initial A and B (export_lora)
+    if spec.method in MOVES_W0:  # peft's conversion to a plain LoRA needs the initial A and B (export_lora)
         _keep_pissa_init(peft_model, adapter_name)
     return peft_model
 
@@ -275,11 +276,12 @@ def export_lora(peft_model, path: str | os.PathLike, adapter_name: str | None = 
     return _write_atomically(Path(path), lambda folder: _write_plain_lora(peft_model, folder, adapter_name))
 
 
-PISSA_INIT = "pissa_init"  # inside a PiSSA save's harness/: the initial A and B, for peft's conversion
+PISSA_INIT = "pissa_init"  # inside a PiSSA (or OLoRA) save's harness/: the initial A and B, for peft's conversion
 
 
 def _is_pissa(config) -> bool:
-    return str(getattr(config, "init_lora_weights", "")).lower().startswith("pissa")
+    """PiSSA or OLoRA (:data:`MOVES_W0`): an adapter whose initial s B0 A0 was taken out of W0."""
+    return str(getattr(config, "init_lora_weights", "")).lower().startswith(MOVES_W0)
 
 
 def _keep_pissa_init(peft_model, adapter_name: str) -> None:
@@ -310,7 +312,7 @@ def _attach_initial_factors(peft_model, adapter_name: str) -> None:
 def _pissa_init(peft_model, adapter: str) -> dict:
     init = peft_model.__dict__.get("_harness_pissa_init", {}).get(adapter)
     if init is None:
-        raise UserError(f"PiSSA adapter {adapter!r} has no record of its initial A and B, which peft's conversion to "
+        raise UserError(f"PiSSA/OLoRA adapter {adapter!r} has no record of its initial A and B, which peft's conversion to "
                         "a plain LoRA needs: build it with harness.adapters.get_adapter_model or load a harness save")
     return init
 
@@ -507,6 +509,10 @@ def validate_against_model(model: nn.Module, spec: AdapterSpec) -> None:
                 raise UserError(f"target {target!r} matches {name}, a {type(module).__name__}; only linear layers "
                                 f"can be adapted: {', '.join(linear_names)}")
     kinds = {_is_conv1d(m) for layers in found.values() for _, m in layers}
+    if spec.method == "olora" and True in kinds:
+        name = next(n for layers in found.values() for n, m in layers if _is_conv1d(m))
+        raise UserError(f"olora cannot adapt {name}, a Conv1D layer: peft's OLoRA initialisation takes the QR "
+                        "decomposition of the stored weight, which Conv1D keeps transposed; use pissa or lora")
     if len(kinds) > 1:
         raise UserError(f"targets {'+'.join(spec.targets)} mix nn.Linear and Conv1D layers, which one peft config "
                         "cannot adapt together (fan_in_fan_out differs); target one kind")

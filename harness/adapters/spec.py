@@ -25,6 +25,8 @@ dora      peft's DoRA (``use_dora``): a learned magnitude per output row on top 
 rslora    peft's rsLoRA (``use_rslora``): LoRA scaled by alpha / sqrt(r) instead of alpha / r
 pissa     peft's PiSSA (``init_lora_weights="pissa"``): A and B start at the top-r singular part of W0,
           which is taken out of the base weight (the base becomes the residual)
+olora     peft's OLoRA (``init_lora_weights="olora"``): A and B start at the first r columns of W0's
+          QR decomposition, likewise taken out of the base weight; nn.Linear layers only
 ======== ===========================================================================
 
 ``targets=auto`` (the default) means the architecture's default modules, resolved once the model is
@@ -50,9 +52,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 from harness.errors import UserError
 
-METHODS = ("lora", "moslora", "linchain", "mtlora", "condlora", "dora", "rslora", "pissa")
+METHODS = ("lora", "moslora", "linchain", "mtlora", "condlora", "dora", "rslora", "pissa", "olora")
 # peft's own LoRA variants: each is one LoraConfig option (harness.adapters.api.PEFT_VARIANTS).
-PEFT_VARIANT_METHODS = ("dora", "rslora", "pissa")
+PEFT_VARIANT_METHODS = ("dora", "rslora", "pissa", "olora")
+# Initialisations that take s B0 A0 out of W0 (the base layer then holds the residual): the update to W0 is
+# s (B A - B0 A0), exported through peft's conversion (rank 2r) and measured so by the diagnostics.
+MOVES_W0 = ("pissa", "olora")
 INITS = ("kaiming", "orthogonal", "identity")
 STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
 CONDLORA_FORMS = ("rowspace", "authors")
@@ -68,6 +73,7 @@ METHOD_OPTIONS = {
     "dora": (),
     "rslora": (),
     "pissa": (),
+    "olora": (),
 }
 # Defaults of the method options; the common options' defaults are parse_spec's keyword arguments.
 OPTION_DEFAULTS = {"n": 3, "init": "kaiming", "structure": "shim", "form": "rowspace",
