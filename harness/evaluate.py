@@ -174,7 +174,8 @@ class TaskSuite:
       records),
     - :meth:`evaluate`: a model's scores (:func:`evaluate` is this on a suite of its own).
 
-    ``harness.run`` builds one per run and hands it to each of them; the module-level functions
+    ``harness.run`` builds one per run (a study worker's trials share one, :mod:`harness.reuse`) and hands
+    it to each of them; the module-level functions
     (:func:`task_data_checksums`, :func:`evaluate`, ``contamination.scored_documents``,
     ``fingerprint.task_protocol``) each build one for a caller that has none.
     """

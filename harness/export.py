@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"an adapter trained with bias=true cannot be {action}: its chain is affine, so the update "
                         "is not a rank-r LoRA (load it with harness.adapters.load_adapter_model)")
     # PiSSA and OLoRA export through peft's conversion, which doubles the rank (harness.adapters.export_lora).
-    r = int(config["r"]) * (2 if str(config.get("init_lora_weights")).lower().startswith(MOVES_W0) else 1)
+    doubled = 2 if str(config.get("init_lora_weights")).lower().startswith(MOVES_W0) else 1
+    r, alpha = int(config["r"]) * doubled, config.get("lora_alpha")
+    alpha = alpha * doubled if alpha is not None else alpha
     rank = vllm_rank(r)
     if rank is None and not args.merged:
         message = (f"r={r} is above every --max-lora-rank vLLM accepts ({', '.join(map(str, VLLM_MAX_LORA_RANKS))}): "
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         export_lora(peft_model, out)
         vllm = f"vLLM: --enable-lora --max-lora-rank {rank}" if rank else "vLLM cannot serve it"
-        print(f"wrote {out}: a plain LoRA, r={r}, alpha={config.get('lora_alpha')}; {vllm}; "
+        print(f"wrote {out}: a plain LoRA, r={r}, alpha={alpha}; {vllm}; "
               f"lm-eval: --model hf --model_args pretrained=<{name}>,peft={out}")
     return 0
 

@@ -39,7 +39,7 @@ class FixedCosts:
     def __init__(self) -> None:
         self._models: dict[tuple, tuple[Any, Any]] = {}
         self._suites: dict[tuple, Any] = {}
-        self._measures: dict[int, BaseMeasures] = {}
+        self._measures: dict[int, tuple[Any, BaseMeasures]] = {}  # id(model) -> (model, its measures)
         self.hits = 0  # how many times a run took something already here (the tests and the benchmark read it)
 
     def model(self, name: str, dtype, device) -> tuple[Any, Any]:
@@ -66,12 +66,13 @@ class FixedCosts:
         return self._suites[key]
 
     def base_measures(self, model) -> BaseMeasures:
-        """The base measures of ``model`` (one of :meth:`model`'s, held here, so its ``id`` stays unique)."""
-        if id(model) in self._measures:
+        """The base measures of ``model`` (held here with them, so its ``id`` is never another object's)."""
+        held = self._measures.get(id(model))
+        if held is not None and held[0] is model:
             self.hits += 1
         else:
-            self._measures[id(model)] = BaseMeasures()
-        return self._measures[id(model)]
+            self._measures[id(model)] = held = (model, BaseMeasures())
+        return held[1]
 
 
 _shared: FixedCosts | None = None

@@ -155,14 +155,31 @@ def test_gpt_neox_fused_projection_is_interleaved_per_head_and_adapted_as_one_la
     layer = model.base_model.model.gpt_neox.layers[0].attention.query_key_value
     assert layer.lora_A["default"].weight.shape == (R, cfg.hidden_size)
     assert layer.lora_B["default"].weight.shape == (3 * cfg.hidden_size, R)
-    # The model's own split: view(..., heads, 3 d) then chunk(3) - so head h's q is rows [3 h d, 3 h d + d).
-    weight = neox.gpt_neox.layers[0].attention.query_key_value.weight
-    x = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-    q_model = (x @ weight.T + neox.gpt_neox.layers[0].attention.query_key_value.bias).view(1, 1, heads, 3 * d)
-    q_model = q_model.chunk(3, dim=-1)[0]
+    # The attention's own q (captured where it enters the rotary embedding, in a real forward) is, for head h,
+    # rows [3 h d, 3 h d + d) of the fused projection applied to the layer's input.
+    import transformers.models.gpt_neox.modeling_gpt_neox as neox_module
+
+    seen = {}
+    rotary = neox_module.apply_rotary_pos_emb
+
+    def capture(q, k, *args, **kwargs):
+        seen.setdefault("q", q.detach().clone())
+        return rotary(q, k, *args, **kwargs)
+
+    fused = neox.gpt_neox.layers[0].attention.query_key_value
+    inputs = {}
+    hook = fused.register_forward_pre_hook(lambda module, args: inputs.setdefault("x", args[0].detach().clone()))
+    neox_module.apply_rotary_pos_emb = capture
+    try:
+        with torch.no_grad():
+            neox(torch.tensor([[5, 6, 7]]))
+    finally:
+        neox_module.apply_rotary_pos_emb = rotary
+        hook.remove()
     rows = torch.cat([torch.arange(3 * h * d, 3 * h * d + d) for h in range(heads)])
-    q_rows = (x @ weight[rows].T + neox.gpt_neox.layers[0].attention.query_key_value.bias[rows]).view(1, 1, heads, d)
-    assert torch.allclose(q_model, q_rows)
+    with torch.no_grad():
+        q_rows = inputs["x"] @ fused.weight[rows].T + fused.bias[rows]  # (1, 3, heads * d)
+    assert torch.allclose(seen["q"], q_rows.view(1, 3, heads, d).transpose(1, 2), atol=1e-6)
     assert ARCHITECTURES["gpt_neox"].default_targets == ("query_key_value", "dense_h_to_4h", "dense_4h_to_h")
 
 

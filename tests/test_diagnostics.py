@@ -54,7 +54,7 @@ def test_pissa_update_is_measured_against_the_original_w0(arch, method, tmp_path
     import copy
 
     from harness.adapters import get_adapter_model, load_adapter_model, save_adapter
-    from harness.models import tiny_random_model
+    from harness.models import tiny_random_model, tiny_tokenizer
 
     base = tiny_random_model(architecture=arch)
     model = get_adapter_model(copy.deepcopy(base), method, r=4, alpha=8)
@@ -77,13 +77,18 @@ def test_pissa_update_is_measured_against_the_original_w0(arch, method, tmp_path
         assert torch.allclose(delta, expected, atol=1e-5), name
     reloaded = load_adapter_model(copy.deepcopy(base), save_adapter(model, tmp_path / "pissa"))
     assert all(torch.allclose(measured(reloaded)[n], d, atol=1e-6) for n, d in measured(model).items())
+    # Intruders against the unmodified W0, counted by full SVDs of W0 and the merged weight; the same whether
+    # W0 comes from the base model or is rebuilt from the layer (its residual plus s B0 A0).
     rows = D.layer_rows(model, base_model=base)
-    w0 = {n.removeprefix("base_model.model."): base.get_submodule(n.removeprefix("base_model.model.")).weight
-          for n in layers}
-    first = rows[0]
-    b, a = D.delta_factors(layers[first["layer"]], "default")
-    assert first["intruders"] == D.update_intruders(D.base_spectrum(w0[first["layer"].removeprefix(
-        "base_model.model.")]), w0[first["layer"].removeprefix("base_model.model.")], b, a)
+    assert [r["intruders"] for r in D.layer_rows(model)] == [r["intruders"] for r in rows]
+    for row in rows:
+        short = row["layer"].removeprefix("base_model.model.")
+        w0, merged_weight = base.get_submodule(short).weight, merged.get_submodule(short).weight
+        assert row["intruders"] == intruder_dimensions(w0.double(), merged_weight.double()), short
+    # Forgetting needs the base model's loss: the adapter disabled is W0 less s B0 A0, so it is refused.
+    sample = D.general_text_sample(tiny_tokenizer())
+    with pytest.raises(ValueError, match="pass base_loss measured on the base model"):
+        D.diagnose(model, method=method, seed=0, forgetting_sample=sample)
 
 
 def test_spectrum_from_factors_equals_the_full_product():

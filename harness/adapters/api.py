@@ -337,7 +337,7 @@ def _write_pissa_as_lora(peft_model, folder: Path, adapter: str) -> None:
         init_dir.mkdir()
         save_file(init, str(init_dir / "adapter_model.safetensors"))  # peft writes its config there itself
         with warnings.catch_warnings():  # peft warns that PiSSA shares the model with the initial adapter it loads
-            warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+            warnings.filterwarnings("ignore", message="(PiSSA|OLoRA) changes the base weights")
             peft_model.save_pretrained(str(folder), selected_adapters=[adapter],
                                        path_initial_model_for_weight_conversion=str(init_dir))
 

@@ -11,7 +11,7 @@ in score must come from training dynamics. These measurements make the dynamics 
 - intruder dimensions (Shuttleworth et al. 2024, arXiv 2410.21228): how many of the top k
   left singular vectors of W0 + dW have |cosine| below a threshold with every left singular
   vector of W0 (k = 10, threshold 0.5, as peft's ``reduce_intruder_dimension``), from W0's SVD
-  (once per layer per run) and dW's factors (:func:`top_left_cosines`), never an SVD of W0 + dW;
+  (once per layer per run, or per study worker) and dW's factors (:func:`top_left_cosines`), never an SVD of W0 + dW;
 - the subspace similarity of a method's dW to LoRA's dW of the same seed: Hu et al. 2021's
   normalised overlap ||U_a^T U_b||_F^2 / k of the top-k left singular vectors (the output
   space; the input spaces start equal, because every method starts from LoRA's A);
@@ -21,7 +21,7 @@ in score must come from training dynamics. These measurements make the dynamics 
 - curvature (``full`` level only): the largest eigenvalue of the training loss's Hessian with
   respect to the adapter parameters at initialisation, by Lanczos over Hessian-vector products;
 - forgetting: mean per-token cross-entropy on a fixed general-text sample, after training
-  minus before (the adapter disabled).
+  minus before (the unmodified base model).
 
 :class:`RunDiagnostics` holds what one run shares between methods (the base weights' singular
 vectors, the forgetting sample and its base loss, each method's top singular vectors for the
@@ -81,6 +81,26 @@ def _fmt_spectrum(s: torch.Tensor) -> str:
     return " ".join(f"{float(x):.4g}" for x in s)
 
 
+def moves_w0(peft_model, adapter: str) -> bool:
+    """Whether the adapter took its initial s B0 A0 out of W0 (PiSSA, OLoRA): its base layers hold the residual."""
+    return any(adapter in getattr(layer, "_harness_initial", {}) for layer in adapted_layers(peft_model).values())
+
+
+def original_weight(layer, adapter: str, base_layer=None) -> torch.Tensor:
+    """W0 of an adapted layer, as stored (Conv1D: transposed): ``base_layer``'s weight where given (the unmodified
+    base model's layer), else the adapted layer's base weight, plus the initial s B0 A0 that PiSSA and OLoRA
+    took out of it."""
+    if base_layer is not None:
+        return base_layer.weight.detach()
+    weight = layer.get_base_layer().weight.detach()
+    initial = getattr(layer, "_harness_initial", {}).get(adapter)
+    if initial is None:
+        return weight
+    b0, a0 = initial
+    moved = layer.scaling[adapter] * (b0.to(torch.float32) @ a0.to(torch.float32))
+    return (weight.to(torch.float32) + (moved.T if getattr(layer, "fan_in_fan_out", False) else moved)).to(weight.dtype)
+
+
 def layer_rows(peft_model, base_spectra: dict[str, BaseSpectrum] | None = None,
                reference_vectors: Mapping[str, torch.Tensor] | None = None,
                vectors: dict[str, torch.Tensor] | None = None, base_model=None) -> list[dict]:
@@ -91,8 +111,8 @@ def layer_rows(peft_model, base_spectra: dict[str, BaseSpectrum] | None = None,
     ``vectors``, it is filled with each layer's top left singular vectors of dW (for the similarity to LoRA).
     Everything comes from the update's factors b a = dW: its spectrum from an r x r core, the intruders from
     :func:`top_left_cosines`; no d_out x d_in matrix is decomposed, only W0 once. W0 is read from
-    ``base_model`` (the unmodified base) where given, else from the adapted layer's base layer, which is W0
-    only where the method leaves it as it is (not PiSSA).
+    ``base_model`` (the unmodified base) where given, else rebuilt from the adapted layer
+    (:func:`original_weight`).
     """
     adapter = _active_adapter(peft_model)
     base_spectra = {} if base_spectra is None else base_spectra
@@ -104,8 +124,8 @@ def layer_rows(peft_model, base_spectra: dict[str, BaseSpectrum] | None = None,
             top = left[:, :SIMILARITY_TOP_K]
             if vectors is not None:
                 vectors[name] = top
-            w0 = (base_model.get_submodule(name.removeprefix("base_model.model.")) if base_model is not None
-                  else layer.get_base_layer()).weight.detach()
+            w0 = original_weight(layer, adapter, base_model.get_submodule(name.removeprefix("base_model.model."))
+                                 if base_model is not None else None)
             if name not in base_spectra:
                 base_spectra[name] = base_spectrum(w0)
             row = {"layer": name, "shape": f"{b.shape[0]}x{a.shape[1]}", "delta_norm": float(s.pow(2).sum().sqrt()),
@@ -143,6 +163,9 @@ def diagnose(peft_model, *, method: str, seed: int, level: str = "basic", spec_m
                   "final_loss": smoothed(losses)[-1][1] if losses else float("nan")})
     if forgetting_sample is not None:
         if base_loss is None:
+            if moves_w0(peft_model, _active_adapter(peft_model)):
+                raise ValueError(f"{method}: with the adapter disabled this model is W0 less the adapter's initial "
+                                 "part (PiSSA, OLoRA), not the base model: pass base_loss measured on the base model")
             with peft_model.disable_adapter():
                 base_loss = mean_token_loss(peft_model, forgetting_sample.input_ids)
         total["forgetting"] = mean_token_loss(peft_model, forgetting_sample.input_ids) - base_loss
@@ -176,8 +199,9 @@ class MethodProbe:
 class RunDiagnostics:
     """The diagnostics of one run: :meth:`start` before each method trains, :meth:`finish` after, :meth:`write` last.
 
-    Holds what methods share: W0's SVD (:class:`BaseSpectrum`, one per layer per run), the forgetting sample and the
-    base model's loss on it, and each method's top singular vectors for the similarity to LoRA.
+    Holds what methods share: W0's SVD (:class:`BaseSpectrum`, one per layer per run or study worker), the
+    forgetting sample and the base model's loss on it, and each method's top singular vectors for the
+    similarity to LoRA.
     """
 
     def __init__(self, level: str, tokenizer=None, examples: Sequence[dict] = (), collate=None, *,

@@ -2,7 +2,7 @@
 
 Every method here updates a frozen layer by dW = s B T A of rank at most r. Everything is computed from
 the factors (b = s B, a = T A, read by :func:`delta_factors`): the spectrum from an r x r core, the intruder
-count from W0's SVD (once per layer per run) and r-column products (:func:`top_left_cosines`), the
+count from W0's SVD (once per layer per run or study worker) and r-column products (:func:`top_left_cosines`), the
 recorder's ||dW||_F and effective rank from r x r Gram matrices; no d_out x d_in matrix is decomposed but W0.
 """
 
