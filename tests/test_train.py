@@ -230,18 +230,18 @@ def test_selected_logits_give_the_same_loss_and_gradients(spec, prompt_masked):
 
 
 def test_models_outside_the_checked_families_take_the_full_path():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import OPTConfig, OPTForCausalLM
 
     from harness.models import ARCHITECTURES
 
-    # GPT-NeoX is not in harness.models.ARCHITECTURES (GPT-2 now is: tests/test_architectures.py)
-    neox = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,
-                                            intermediate_size=32, vocab_size=260, max_position_embeddings=32,
-                                            bos_token_id=0, eos_token_id=1)).eval()
-    assert neox.config.model_type not in ARCHITECTURES
-    assert selected_logits_head(neox) is None
+    # OPT is not in harness.models.ARCHITECTURES (GPT-2 and GPT-NeoX now are: tests/test_architectures.py)
+    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, ffn_dim=32,
+                                   word_embed_proj_dim=16, vocab_size=260, max_position_embeddings=32,
+                                   bos_token_id=0, eos_token_id=1, pad_token_id=2)).eval()
+    assert opt.config.model_type not in ARCHITECTURES
+    assert selected_logits_head(opt) is None
     batch = labelled_batch(prompt_masked=True)
-    assert causal_lm_loss(neox, batch, None).item() == pytest.approx(reference_loss(neox, batch).item(), rel=1e-6)
+    assert causal_lm_loss(opt, batch, None).item() == pytest.approx(reference_loss(opt, batch).item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
