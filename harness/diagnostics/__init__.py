@@ -68,6 +68,7 @@ from harness.diagnostics.measures import (ALL_LAYERS, COLUMNS, LEVELS, MEASURES,
                                           Measure, Trace, complete_row, nan_mean, summary_row)
 from harness.diagnostics.plots import (plot_convergence, plot_grad_norms, plot_lr_vs_curvature,  # noqa: F401
                                        plot_spectra)
+from harness.diagnostics.spectra import initial_factors
 from harness.diagnostics.spectra import (INTRUDER_THRESHOLD, INTRUDER_TOP_K, RECORD_EVERY,  # noqa: F401
                                          SIMILARITY_TOP_K, BaseSpectrum, DiagnosticsRecorder, GradientCapture,
                                          _active_adapter, gradient_alignment,
@@ -83,7 +84,7 @@ def _fmt_spectrum(s: torch.Tensor) -> str:
 
 def moves_w0(peft_model, adapter: str) -> bool:
     """Whether the adapter took its initial s B0 A0 out of W0 (PiSSA, OLoRA): its base layers hold the residual."""
-    return any(adapter in getattr(layer, "_harness_initial", {}) for layer in adapted_layers(peft_model).values())
+    return any(initial_factors(layer, adapter) is not None for layer in adapted_layers(peft_model).values())
 
 
 def original_weight(layer, adapter: str, base_layer=None) -> torch.Tensor:
@@ -93,7 +94,7 @@ def original_weight(layer, adapter: str, base_layer=None) -> torch.Tensor:
     if base_layer is not None:
         return base_layer.weight.detach()
     weight = layer.get_base_layer().weight.detach()
-    initial = getattr(layer, "_harness_initial", {}).get(adapter)
+    initial = initial_factors(layer, adapter)
     if initial is None:
         return weight
     b0, a0 = initial

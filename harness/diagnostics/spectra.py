@@ -180,6 +180,11 @@ def _active_adapter(peft_model) -> str:
     return active[0] if isinstance(active, (list, tuple)) else active
 
 
+def initial_factors(layer, adapter: str):
+    """(B0, A0) that PiSSA/OLoRA took out of this layer's W0 (set by harness.adapters.api), or None."""
+    return getattr(layer, "_harness_initial", {}).get(adapter)  # harness.adapters.api.INITIAL_FACTORS
+
+
 def delta_factors(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, a) with b @ a = the layer's dW, read from the same weights ``get_delta_weight`` multiplies
     (for PiSSA, whose base layer is W0 less its initial s B0 A0, the update to W0 itself: rank up to 2r).
@@ -189,7 +194,7 @@ def delta_factors(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     """
     b = layer.lora_B[adapter].weight.detach() * layer.scaling[adapter]
     a = layer.lora_A[adapter].weight.detach()
-    initial = getattr(layer, "_harness_initial", {}).get(adapter)  # harness.adapters.api.INITIAL_FACTORS
+    initial = initial_factors(layer, adapter)
     if initial is not None:  # PiSSA: the base layer holds W0 - s B0 A0, so the update to W0 is s (B A - B0 A0)
         b0, a0 = initial
         b = torch.cat([b, -b0.to(b) * layer.scaling[adapter]], dim=1)
