@@ -35,6 +35,9 @@ PRUNER_KEYS = ("n_startup_trials", "n_warmup_steps")
 FAIR_REQUIRED = ("space", "seeds", "lr_grid", "final_seeds", "extend", "delta")
 FAIR_ONLY = ("lr_grid", "final_seeds", "extend", "delta", "planned_sd")
 TPE_ONLY = ("n_trials", "lr", "pruner", "intermediate_every")
+# A fair study prunes its tuning trials as a tpe study does; its rates come from lr_grid and its trial count from
+# the grid and final_seeds, so a tpe study's n_trials and lr are refused in it (they would be read by nothing).
+FAIR_TOLERATED = ("pruner", "intermediate_every")
 
 
 class StudyKind:
@@ -48,6 +51,7 @@ class StudyKind:
     only_keys: tuple[str, ...] = ()
     refusal_hint: str = ""
     tolerated_keys: tuple[str, ...] = ()
+    reads_instead: dict[str, str] = {}  # a refused key -> what this kind reads in its place, for the message
     queue_grows: bool = False  # the worker loop calls top_up every pass and waits for other workers' trials
     tunes_lr: bool = False  # the study chooses each trial's learning rate (none shares the run's)
     fair_protocol: bool = False  # the fair protocol's options apply (--lr-grid, --final-seeds, --delta, --plan ...)
@@ -283,7 +287,8 @@ class Fair(StudyKind):
     required_keys = FAIR_REQUIRED
     only_keys = FAIR_ONLY
     refusal_hint = "; or pass --tune-lr"
-    tolerated_keys = TPE_ONLY  # it reads pruner and intermediate_every; n_trials and lr were never refused here
+    tolerated_keys = FAIR_TOLERATED
+    reads_instead = {"lr": "; its rates are lr_grid's", "n_trials": "; its trials are lr_grid's rates and final_seeds"}
     queue_grows = True
     tunes_lr = True
     fair_protocol = True

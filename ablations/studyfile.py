@@ -159,7 +159,8 @@ def parse_study(data: dict[str, Any], source: str = "study", default_name: str =
     for other in KINDS.values():  # the keys only another kind takes, in the registry's order
         for key in other.only_keys if other is not this else ():
             if key in data and key not in this.tolerated_keys:
-                raise fail(key, f"only {other.name} studies take {key} (this study is kind {kind}{other.refusal_hint})")
+                raise fail(key, f"only {other.name} studies take {key} (this study is kind {kind}{other.refusal_hint}"
+                                f"{this.reads_instead.get(key, '')})")
     plot = data.get("plot") or {}
     if not isinstance(plot, dict) or set(plot) - {"x"}:
         raise fail("plot", "must be a mapping {x: AXIS}, e.g. {x: n}")

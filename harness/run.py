@@ -158,6 +158,7 @@ class RunInputs:
     eval_checksums: dict[str, str]
     overlaps: dict  # task -> harness.contamination.Overlap
     contaminated: set[str]
+    fixed: reuse.FixedCosts | None = None  # a study worker's shared fixed costs (harness.reuse), or None
 
 
 @dataclass
@@ -243,7 +244,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         f"{len(inputs.examples[cfg.seeds[0]])} training examples, tasks {', '.join(cfg.tasks)} ({cfg.split} split); "
         f"results in {staged.final if staged else run_dir}")
     # one fixed batch for the curvature probe: the first seed's training examples
-    fixed = reuse.current()
+    fixed = inputs.fixed
     diagnostics = RunDiagnostics(cfg.diagnostics, inputs.tokenizer, inputs.examples[cfg.seeds[0]], inputs.collate,
                                  known_curvature=known_curvature, base_model=inputs.model,
                                  base=fixed.base_measures(inputs.model) if fixed is not None else None)
@@ -343,7 +344,7 @@ def _resolve_and_check(cfg: RunConfig, job, *, check_tracking: bool, check_outpu
     return RunInputs(plans=plans, model=model, tokenizer=tokenizer, examples=examples,
                      collate=hdata.collate_for(tokenizer), precision=precision, data_dir=data_dir, suite=suite,
                      eval_kwargs=eval_kwargs, train_checksums=training_checksums(records),
-                     eval_checksums=eval_checksums, overlaps=overlaps, contaminated=contaminated)
+                     eval_checksums=eval_checksums, overlaps=overlaps, contaminated=contaminated, fixed=fixed)
 
 
 def training_records(cfg: RunConfig, data_dir: Path) -> dict[int, list[dict]]:

@@ -120,6 +120,8 @@ def test_grid_extensions_continue_the_outer_steps_and_final_seeds_are_fresh():
     ({"space": [{"method": "moslora"}, {"method": "linchain"}]}, "space"),   # no lora, the reference
     ({"space": [{"method": "lora", "lr": 1e-3}]}, "space"),
     ({"extend": -1}, "extend"),
+    ({"n_trials": 20}, "n_trials"),                        # a tpe key: the grid and final_seeds set the count
+    ({"lr": {"low": 1e-4, "high": 1e-2}}, "lr"),           # a tpe key: the rates come from lr_grid
 ])
 def test_bad_fair_study_file_is_one_line_naming_the_key(change, key):
     with pytest.raises(UserError) as err:
