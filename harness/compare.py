@@ -12,7 +12,8 @@ the first run's.
 The table is :func:`harness.report.summarize`'s, the same as harness.run writes, built from the
 per-item verdicts stored in each result.json, so methods are paired on the same test items and,
 where their seeds match, on the same seeds. Labels that occur in several runs are prefixed with
-their run's name (``run-a/lora``); the reference for "gain vs LoRA" is the first LoRA row.
+their run's name (``run-a/lora``); the reference for "gain vs LoRA" is a run's own
+(:func:`harness.adapters.spec.reference_name`): the first ``lora`` row, else the first LoRA of any kind.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Sequence
 
+from harness.adapters.spec import reference_name
 from harness.errors import UserError, cli_entry
 from harness.fingerprint import differing_parts
 from harness.fsutil import atomic_path, write_text_atomic
@@ -102,7 +104,11 @@ def compare(contents: Sequence[dict[str, Any]], allow_mismatch: bool = False):
             if parts:
                 flagged.append(r.method)
             merged.append(r)
-    reference = next((r.method for r in merged if r.method.rsplit("/", 1)[-1].split("-")[0] == "lora"), None)
+    # the run's own rule (harness.adapters.spec.reference_name) on the labels without their run prefix
+    labels = list(dict.fromkeys(r.method for r in merged))
+    bare = [label.rsplit("/", 1)[-1] for label in labels]
+    chosen = reference_name(bare)
+    reference = labels[bare.index(chosen)] if chosen is not None else None
     table = summarize(base, merged, reference=reference)
     table["protocol"] = [
         "differs: " + ", ".join(mismatches[_owner(m, names, per_run)]) if m in set(flagged) else "same"

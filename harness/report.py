@@ -199,7 +199,7 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
     ``gain_vs_lora_missing`` (paired seeds, seeds only one side completed), ``p_vs_lora``,
     ``p_holm`` (Holm-adjusted over the comparisons with LoRA) and ``mde_vs_lora``. ``reference`` names
     the row that stands for LoRA (default: :func:`harness.adapters.spec.reference_name` of the methods: ``lora``,
-    else the first ``lora:...``; a label such as ``lora-r18-match-...`` has no ``:`` and is not taken).
+    else the first LoRA of any kind, ``lora-r18-match-...`` included, as the diagnostics choose).
     """
     import pandas as pd
 

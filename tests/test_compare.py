@@ -276,3 +276,39 @@ def test_command_line_is_one_line_in_a_real_process(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not a results folder" in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def _labelled(labels_and_k: dict[str, int]):
+    base = SystemResult(method="base", scores={"t": 0.1}, correct={"t": {i: float(i < 4) for i in range(40)}})
+    results = [SystemResult(method=label, seed=seed, scores={"t": (k + seed) / 40}, trainable_params=10,
+                            correct={"t": {i: float(i < k + seed) for i in range(40)}})
+               for seed in (0, 1) for label, k in labels_and_k.items()]
+    return base, results
+
+
+def test_compare_summary_and_diagnostics_take_the_same_reference():
+    """One rule everywhere: plain lora where there is one, else the first LoRA of any kind (a matched one)."""
+    from harness.diagnostics.claims import reference_label
+    from harness.report import summarize
+
+    matched = "lora-r18-match-linchain-3"
+    base, results = _labelled({"linchain-3": 24, matched: 20})
+    table = summarize(base, results).set_index("method")
+    # the gain is over the matched LoRA, the only LoRA of the run: 24 - 20 items of 40 per seed
+    assert table.loc["linchain-3", "gain_vs_lora"] == pytest.approx(4 / 40, abs=1e-12)
+    rows = [{"method": "linchain-3", "spec_method": "linchain"}, {"method": matched, "spec_method": "lora"}]
+    assert reference_label(rows) == matched
+
+    def content(name, labels_and_k):
+        b, rs = _labelled(labels_and_k)
+        return json.loads(json.dumps(build_result(name, {"methods": list(labels_and_k)}, FP, b, rs), default=str))
+
+    # run a has only a matched LoRA, run b a plain one: plain lora is the reference, wherever it stands
+    table, _, _ = hcompare.compare([content("a", {"linchain-3": 24, matched: 20}), content("b", {"lora": 22})])
+    gains = table.set_index("method")["gain_vs_lora"]
+    assert math.isnan(gains["lora"])  # the reference has no gain over itself
+    assert gains["linchain-3"] == pytest.approx(2 / 40, abs=1e-12) and gains[matched] == pytest.approx(-2 / 40, abs=1e-12)
+    # without a plain lora, compare takes the matched LoRA, as the run's own table did
+    table, _, _ = hcompare.compare([content("a", {"linchain-3": 24, matched: 20}), content("b", {"moslora": 21})])
+    gains = table.set_index("method")["gain_vs_lora"]
+    assert math.isnan(gains[matched]) and gains["moslora"] == pytest.approx(1 / 40, abs=1e-12)

@@ -282,9 +282,12 @@ def test_one_reference_rule_for_the_report_and_the_diagnostics():
     assert reference_name(["moslora", "lora:r=8", "lora"]) == "lora"
     assert reference_name(["moslora", "lora:r=8", "lora:r=4"]) == "lora:r=8"
     assert reference_name(["moslora", "dora"]) is None
-    matched = "lora-r18-match-linchain-8-16-8"  # a label has no ':', so only its spec method makes it a LoRA
-    assert reference_name([matched, "linchain-8-16-8"]) is None
-    assert reference_name([matched, "linchain-8-16-8"], ["lora", "linchain"]) == matched
+    matched = "lora-r18-match-linchain-8-16-8"  # a matched LoRA is a LoRA: the reference when it is the only one
+    assert reference_name([matched, "linchain-8-16-8"]) == matched
+    assert reference_name([matched, "linchain-8-16-8"], ["lora", "linchain"]) == matched  # as the diagnostics call it
+    assert reference_name(["linchain-3", matched, "lora"]) == "lora"  # plain LoRA first, wherever it stands
+    assert reference_name(["lora:match=linchain", "linchain"]) == "lora:match=linchain"  # spec texts the same
+    assert reference_name(["mtlora-icfm", "dora", "linchain-3-frozen"]) is None
 
 @pytest.mark.integration
 def test_a_run_reports_what_each_method_trained_with(tmp_path):

@@ -428,21 +428,22 @@ REFERENCE_METHOD = "lora"  # every gain and every claim is measured against the 
 
 
 def method_part(name: str) -> str:
-    """The method part of a spec text or label as written: the text before its first ':' (``lora:r=8`` ->
-    ``lora``). A label has no ':' (``lora``, ``linchain-3``, ``lora-r18-match-linchain-8-16-8``), so it is its
-    own method part."""
-    return name.split(":", 1)[0]
+    """The method of a spec text or a label as written: a spec text's text before its first ':'
+    (``lora:r=8`` -> ``lora``, ``lora:match=linchain`` -> ``lora``), a label's text before its first '-'
+    (``linchain-3`` -> ``linchain``, ``lora-r18-match-linchain-8-16-8`` -> ``lora``). No method's name holds
+    a '-' or a ':', so the two never disagree."""
+    return name.split(":", 1)[0].split("-", 1)[0]
 
 
 def reference_name(names: Sequence[str], methods: Iterable[str] | None = None) -> str | None:
     """Which of a run's methods stands for plain LoRA: the name ``lora`` itself if present, else the first name
-    whose method is ``lora`` (None if there is none).
+    whose method is ``lora`` (None if there is none). This is the one rule of a run's summary, its diagnostics
+    and ``harness.compare``, so all three compare with the same row.
 
     ``names`` are the methods' spec texts or labels, in the run's order. ``methods`` gives each name's method,
-    in the same order; without it a name's method is its :func:`method_part`, so ``lora:r=8`` is a LoRA, and
-    so is ``lora:match=X`` (a spec text), but a label such as ``lora-r18-match-linchain-8-16-8`` is not. A
-    caller that knows each spec's method passes them (the diagnostics do: there a matched LoRA is the
-    reference when it is the only LoRA). ``methods`` is read only when no name is ``lora``, one item at a time.
+    in the same order; without it a name's method is its :func:`method_part`. A matched LoRA is a LoRA: it is
+    the reference when it is the only LoRA of the run (``lora-r18-match-linchain-8-16-8`` beside
+    ``linchain-8-16-8``), and plain ``lora`` is preferred when both are there.
 
     The fair study's :func:`ablations.fair.reference_of` has a rule of its own: a method is compared with the
     ``lora`` point sharing the most of its options, and a ``lora:match=`` point is never a reference.
