@@ -51,21 +51,28 @@ CONDITIONS = ("before", "after")
 
 
 class EvalClock:
-    """Seconds spent inside ``TaskSuite.evaluate`` (every run's evaluation goes through it)."""
+    """Seconds spent inside ``TaskSuite.evaluate`` (every run's evaluation goes through it), while entered:
+    ``with EvalClock() as clock``; leaving puts the original method back."""
 
     def __init__(self):
         self.seconds = 0.0
         self._evaluate = TaskSuite.evaluate
-        clock = self
+
+    def __enter__(self) -> "EvalClock":
+        clock, evaluate = self, self._evaluate
 
         def timed(suite, *args, **kwargs):
             started = time.perf_counter()
             try:
-                return clock._evaluate(suite, *args, **kwargs)
+                return evaluate(suite, *args, **kwargs)
             finally:
                 clock.seconds += time.perf_counter() - started
 
         TaskSuite.evaluate = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        TaskSuite.evaluate = self._evaluate
 
 
 def trial(args, folder: Path, seed: int, clock: EvalClock) -> dict[str, float]:
@@ -103,10 +110,9 @@ def main() -> None:
     print(f"model {args.model}, method {args.method}, {args.steps} steps, "
           f"{args.limit or 'all'} validation items per task; torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, load average {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores")
-    clock = EvalClock()
     fixed = FixedCosts()
     times: dict[str, list[dict[str, float]]] = {c: [] for c in CONDITIONS}
-    with tempfile.TemporaryDirectory(prefix="bench-trial-overhead-") as folder:
+    with EvalClock() as clock, tempfile.TemporaryDirectory(prefix="bench-trial-overhead-") as folder:
         with shared_fixed_costs(fixed):  # the worker's first trial: fills the store (not counted)
             trial(args, Path(folder) / "warm-up", 0, clock)
         for round_ in range(args.rounds):

@@ -85,3 +85,19 @@ def test_throughput_conditions_measure_selected_logits_alone_against_the_first(t
     bad = subprocess.run([*base, "--conditions", "bf16,fast"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode == 2 and "--conditions needs two or more different names" in bad.stderr
+
+
+def test_the_overhead_benchmarks_evaluation_clock_puts_the_method_back(monkeypatch):
+    """EvalClock times TaskSuite.evaluate only while entered: the process's suites are plain again after it."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.bench_trial_overhead import EvalClock
+    from harness.evaluate import TaskSuite
+
+    original = TaskSuite.evaluate
+    calls = []
+    monkeypatch.setattr(TaskSuite, "evaluate", lambda suite, *a, **k: calls.append(a) or "scores")
+    replaced = TaskSuite.evaluate
+    with EvalClock() as clock:
+        assert TaskSuite.evaluate is not replaced
+        assert TaskSuite.evaluate(object(), 1) == "scores" and calls == [(1,)] and clock.seconds >= 0.0
+    assert TaskSuite.evaluate is replaced and original is not replaced

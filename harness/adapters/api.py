@@ -84,7 +84,7 @@ def get_adapter_model(model: nn.Module, spec: str | AdapterSpec, *, adapter_name
                              fan_in_fan_out=True in transposed)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if spec.method in MOVES_W0:  # peft's conversion to a plain LoRA needs the initial A and B (export_lora)
-        _keep_pissa_init(peft_model, adapter_name)
+        _keep_initial_state(peft_model, adapter_name)
     return peft_model
 
 
@@ -237,10 +237,10 @@ def load_adapter_model(base_model: nn.Module, path: str | os.PathLike, *, adapte
     peft_model = PeftModel.from_pretrained(base_model, str(where), adapter_name=adapter_name,
                                            is_trainable=is_trainable, config=config)
     init = where / PISSA_INIT / "adapter_model.safetensors"
-    if init.is_file():  # a PiSSA save: peft re-did the SVD of the base on load; keep A0, B0 for export_lora
+    if init.is_file():  # a PiSSA or OLoRA save: peft redid its init on load; keep A0, B0 for export_lora
         from safetensors.torch import load_file
 
-        peft_model.__dict__.setdefault("_harness_pissa_init", {})[adapter_name] = load_file(str(init))
+        peft_model.__dict__.setdefault(INITIAL_STATE_ATTR, {})[adapter_name] = load_file(str(init))
         _attach_initial_factors(peft_model, adapter_name)
     return peft_model
 
@@ -276,20 +276,24 @@ def export_lora(peft_model, path: str | os.PathLike, adapter_name: str | None = 
     return _write_atomically(Path(path), lambda folder: _write_plain_lora(peft_model, folder, adapter_name))
 
 
-PISSA_INIT = "pissa_init"  # inside a PiSSA (or OLoRA) save's harness/: the initial A and B, for peft's conversion
+# inside a PiSSA or OLoRA save's harness/: the initial A and B, for peft's conversion (the folder name predates OLoRA
+# and stays, so that earlier saves load)
+PISSA_INIT = "pissa_init"
+INITIAL_STATE_ATTR = "_harness_initial_state"  # on a PiSSA/OLoRA peft model: adapter -> its initial A and B (peft keys)
 
 
-def _is_pissa(config) -> bool:
+def _moves_w0(config) -> bool:
     """PiSSA or OLoRA (:data:`MOVES_W0`): an adapter whose initial s B0 A0 was taken out of W0."""
     return str(getattr(config, "init_lora_weights", "")).lower().startswith(MOVES_W0)
 
 
-def _keep_pissa_init(peft_model, adapter_name: str) -> None:
-    """Record a fresh PiSSA adapter's initial A and B (in memory): peft converts PiSSA to a plain LoRA from them."""
+def _keep_initial_state(peft_model, adapter_name: str) -> None:
+    """Record a fresh PiSSA or OLoRA adapter's initial A and B (in memory): peft converts either to a plain LoRA
+    from them."""
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-    peft_model.__dict__.setdefault("_harness_pissa_init", {})[adapter_name] = {
+    peft_model.__dict__.setdefault(INITIAL_STATE_ATTR, {})[adapter_name] = {
         k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     _attach_initial_factors(peft_model, adapter_name)
 
@@ -298,19 +302,19 @@ INITIAL_FACTORS = "_harness_initial"  # on a PiSSA layer: adapter -> (B0, A0), t
 
 
 def _attach_initial_factors(peft_model, adapter_name: str) -> None:
-    """Give each PiSSA layer its initial (B0, A0): its base weight is W0 - s B0 A0, so the method's update to
+    """Give each PiSSA/OLoRA layer its initial (B0, A0): its base weight is W0 - s B0 A0, so the method's update to
     W0 is s (B A - B0 A0), which the diagnostics measure (:func:`harness.diagnostics.delta_factors`)."""
     from peft.tuners.lora import LoraLayer
 
-    init = peft_model.__dict__["_harness_pissa_init"][adapter_name]
+    init = peft_model.__dict__[INITIAL_STATE_ATTR][adapter_name]
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             b0, a0 = init[f"{name}.lora_B.weight"], init[f"{name}.lora_A.weight"]
             module.__dict__.setdefault(INITIAL_FACTORS, {})[adapter_name] = (b0, a0)
 
 
-def _pissa_init(peft_model, adapter: str) -> dict:
-    init = peft_model.__dict__.get("_harness_pissa_init", {}).get(adapter)
+def _initial_state(peft_model, adapter: str) -> dict:
+    init = peft_model.__dict__.get(INITIAL_STATE_ATTR, {}).get(adapter)
     if init is None:
         raise UserError(f"PiSSA/OLoRA adapter {adapter!r} has no record of its initial A and B, which peft's conversion to "
                         "a plain LoRA needs: build it with harness.adapters.get_adapter_model or load a harness save")
@@ -326,12 +330,12 @@ def refuse_dora_export(peft_model, adapter: str) -> None:
                     "which no B A reproduces; load its own folder with peft (use_dora) or export it --merged")
 
 
-def _write_pissa_as_lora(peft_model, folder: Path, adapter: str) -> None:
-    """peft's own conversion of a PiSSA adapter into a LoRA on the unmodified base: rank 2r, [A; A0] and
+def _write_w0_moving_as_lora(peft_model, folder: Path, adapter: str) -> None:
+    """peft's own conversion of a PiSSA or OLoRA adapter into a LoRA on the unmodified base: rank 2r, [A; A0] and
     [B, -B0] (dW = s (B A - B0 A0), peft's ``path_initial_model_for_weight_conversion``)."""
     from safetensors.torch import save_file
 
-    init = _pissa_init(peft_model, adapter)
+    init = _initial_state(peft_model, adapter)
     with tempfile.TemporaryDirectory() as tmp:
         init_dir = Path(tmp) / PISSA_INIT
         init_dir.mkdir()
@@ -353,8 +357,8 @@ def _write_plain_lora(peft_model, folder: Path, adapter_name: str | None = None)
     config = peft_model.peft_config[adapter]
     if getattr(config, "use_dora", False):
         refuse_dora_export(peft_model, adapter)
-    if _is_pissa(config):
-        return _write_pissa_as_lora(peft_model, folder, adapter)
+    if _moves_w0(config):
+        return _write_w0_moving_as_lora(peft_model, folder, adapter)
     state = {}
     with torch.no_grad():
         for name, module in peft_model.named_modules():
@@ -397,11 +401,11 @@ def save_adapter(peft_model, path: str | os.PathLike) -> Path:
         config = peft_model.peft_config[peft_model.active_adapter]
         peft_model.save_pretrained(str(factored))
         os.replace(factored / CONFIG_FILE, factored / HARNESS_CONFIG)
-        if _is_pissa(config):
+        if _moves_w0(config):
             from safetensors.torch import save_file
 
             (factored / PISSA_INIT).mkdir()
-            save_file(_pissa_init(peft_model, peft_model.active_adapter),
+            save_file(_initial_state(peft_model, peft_model.active_adapter),
                       str(factored / PISSA_INIT / "adapter_model.safetensors"))
         if is_affine(peft_model):
             (folder / "README.md").write_text(NOT_LORA_README)
