@@ -247,7 +247,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     fixed = inputs.fixed
     diagnostics = RunDiagnostics(cfg.diagnostics, inputs.tokenizer, inputs.examples[cfg.seeds[0]], inputs.collate,
                                  known_curvature=known_curvature, base_model=inputs.model,
-                                 base=fixed.base_measures(inputs.model) if fixed is not None else None)
+                                 base=fixed.base_measures(inputs.model) if fixed is not None else None,
+                                 step_alignment=not job.distributed)  # rank 0's G would be its own batches' only
     outcome.diagnostics = diagnostics
     finished, kept = False, None
     try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ARGS = ["--model", "tiny-random", "--methods", "lora,linchain:n=2", "--run-name", "ddp", "--batch-size", "2",
-        "--max-steps", "3", "--lr", "1e-2", "--limit", "4", "--eval-batch-size", "8", "--tasks", "arithmetic_add_sub"]
+        "--max-steps", "11", "--lr", "1e-2", "--limit", "4", "--eval-batch-size", "8", "--tasks", "arithmetic_add_sub"]
 
 
 def _run(tmp_path, launcher, *extra):
@@ -67,6 +67,19 @@ def test_two_ranks_train_exactly_as_one_process_accumulating_two_micro_batches(t
         loss_ddp = runs_ddp[runs_ddp["tags.mlflow.runName"] == name]["metrics.final_train_loss"].iloc[0]
         loss_single = runs_single[runs_single["tags.mlflow.runName"] == name]["metrics.final_train_loss"].iloc[0]
         assert loss_ddp == pytest.approx(loss_single, rel=1e-5)
+
+
+@pytest.mark.integration
+def test_the_step_direction_cosine_is_withheld_under_torchrun(two_ranks_and_one, mlflow_runs_of):
+    """Rank 0 holds only its own micro-batches' full-weight gradient, not the all-reduced one the optimizer stepped
+    with: its cosine would be another quantity, so none is recorded (one process records it at step 10)."""
+    (ddp, _), (single, _) = two_ranks_and_one
+    for name in ["lora-seed0", "linchain-2-seed0"]:
+        mine = mlflow_runs_of(single)
+        assert mine[mine["tags.mlflow.runName"] == name]["metrics.diag/alignment"].notna().all()
+        theirs = mlflow_runs_of(ddp)
+        assert "metrics.diag/alignment" not in theirs or theirs[theirs["tags.mlflow.runName"] == name][
+            "metrics.diag/alignment"].isna().all()
 
 
 @pytest.mark.parametrize("raw", ["ten", "0", "-5", "inf"])

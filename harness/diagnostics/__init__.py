@@ -208,12 +208,15 @@ class RunDiagnostics:
     def __init__(self, level: str, tokenizer=None, examples: Sequence[dict] = (), collate=None, *,
                  record_every: int = RECORD_EVERY, hessian_examples: int = HESSIAN_EXAMPLES,
                  known_curvature: Mapping[int, Eigenvalue] | None = None, base_model=None,
-                 base: BaseMeasures | None = None):
+                 base: BaseMeasures | None = None, step_alignment: bool = True):
         if level not in LEVELS:
             raise ValueError(f"unknown diagnostics level {level!r}; one of {', '.join(LEVELS)}")
         self.level = level
         self.tokenizer, self.examples, self.collate = tokenizer, examples, collate
         self.record_every, self.hessian_examples = record_every, hessian_examples
+        # the step-direction cosine (DiagnosticsRecorder.alignments): off under torchrun, where this rank's
+        # captured G is its own micro-batches' gradient, not the all-reduced one the optimizer stepped with
+        self.step_alignment = step_alignment
         # seed -> lambda_max already measured for this method and seed (a study's earlier trial at another rate):
         # the curvature at initialisation does not depend on the learning rate, so it is not measured again
         self.known_curvature = dict(known_curvature or {})
@@ -236,7 +239,7 @@ class RunDiagnostics:
 
     def start(self, peft_model, seed: int) -> MethodProbe:
         """Before training: the recorder, and at level ``full`` the Hessian's lambda_max at initialisation."""
-        probe = MethodProbe(DiagnosticsRecorder(peft_model, self.record_every))
+        probe = MethodProbe(DiagnosticsRecorder(peft_model, self.record_every, alignment=self.step_alignment))
         if self.level == "full" and seed in self.known_curvature:
             probe.curvature = self.known_curvature[seed]
         elif self.level == "full" and self.examples:
