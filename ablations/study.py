@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "sqlite:///FILE), so a study that adds arms - controls beside their parents - "
                             "does not train the shared ones again; refused unless model, data, grid, seeds, "
                             "delta and every run option are the same; ignored once the study exists")
+    group.add_argument("--import-tuning-only", action="store_true",
+                       help="with --import-arms: copy only the shared arms' tuning trials, so their final seeds run "
+                            "again at the imported choice of rate (to record a diagnostic the originals lack; same "
+                            "seed, rate and hardware repeat each score, which python -m ablations.retune checks "
+                            "item by item)")
     group.add_argument("--max-trials", type=int, default=None, metavar="N",
                        help="run at most N trials in this process, then report (default: until the queue is empty)")
     fair = parser.add_argument_group("fair protocol (the fair study, or any grid study with --tune-lr)")
@@ -311,8 +316,12 @@ def importable(plan: StudyPlan, source_storage, source_url: str) -> tuple[StudyP
     return source, shared
 
 
-def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: str, log=print) -> list[str]:
+def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: str, log=print,
+                tuning_only: bool = False) -> list[str]:
     """Copy into ``storage`` the trials of every method ``plan`` shares with the fair study in ``source_storage``.
+
+    ``tuning_only``: copy only their tuning trials; their final seeds are queued as for any tuned arm and
+    run again at the copied choice (what ``--import-tuning-only`` does).
 
     A study that adds arms to a finished one (the controls beside their parents) then trains only the new
     arms, and its verdicts pair each control with its parent's own final seeds. Only where every setting
@@ -328,15 +337,15 @@ def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: 
         log(f"study {plan.name!r} exists in {redact(url)}: --import-arms ignored (arms are imported at creation)")
         return []
     source, shared = importable(plan, source_storage, source_url)
-    running = [spec for spec in shared for n in (fair.tune_name(source, spec), fair.final_name(source, spec))
-               if optuna.load_study(study_name=n, storage=source_storage).get_trials(
+    stages = (fair.tune_name,) if tuning_only else (fair.tune_name, fair.final_name)
+    running = [spec for spec in shared for stage in stages
+               if optuna.load_study(study_name=stage(source, spec), storage=source_storage).get_trials(
                    deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
     if running:
         raise UserError(f"--import-arms: study {source.name!r} has trials of {', '.join(sorted(set(running)))} "
                         "still running; import once they have finished")
     for spec in shared:
-        for src, dst in ((fair.tune_name(source, spec), fair.tune_name(plan, spec)),
-                         (fair.final_name(source, spec), fair.final_name(plan, spec))):
+        for src, dst in ((stage(source, spec), stage(plan, spec)) for stage in stages):
             try:
                 optuna.copy_study(from_study_name=src, from_storage=source_storage, to_storage=storage,
                                   to_study_name=dst)
@@ -345,8 +354,8 @@ def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: 
                                 "command while this one imported; run the command again without --import-arms "
                                 "to continue it") from None
             optuna.load_study(study_name=dst, storage=storage).set_user_attr(PLAN_ATTR, plan.to_attr())
-    log(f"study {plan.name!r}: imported the trials of {', '.join(shared)} from study {source.name!r} in "
-        f"{redact(source_url)}")
+    log(f"study {plan.name!r}: imported the {'tuning ' if tuning_only else ''}trials of {', '.join(shared)} from "
+        f"study {source.name!r} in {redact(source_url)}" + ("; their final seeds run again" if tuning_only else ""))
     return shared
 
 
@@ -454,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     name = args.pop("study")
     options = {k: args.pop(k) for k in ("storage", "create_only", "report_only", "report_dir", "retry_failed", "n_trials",
                                         "max_trials", "stale_after", "tune_lr", "lr_grid", "final_seeds",
-                                        "no_wait", "delta", "planned_sd", "plan", "import_arms")}
+                                        "no_wait", "delta", "planned_sd", "plan", "import_arms",
+                                        "import_tuning_only")}
     check_study_options(options["stale_after"], options["max_trials"], options["n_trials"])
+    if options["import_tuning_only"] and options["import_arms"] is None:
+        raise UserError("--import-tuning-only: it says what --import-arms copies; give --import-arms URL too")
     config_file = args.pop("config", None)
     url = resolve_storage_url(options["storage"])
     if options["report_only"]:
@@ -475,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         if options["import_arms"] is not None:
             source_url = resolve_storage_url(options["import_arms"])
             source = (open_storage(source_url, create=False), source_url)
-        print(design_text(plan, url, source))
+        print(design_text(plan, url, source, tuning_only=options["import_tuning_only"]))
         return 0
     plan.report_to = options["report_dir"]
     check_inputs(plan)
@@ -492,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"study {plan.name!r} exists in {redact(url)}: --import-arms ignored (arms are imported at "
                   "creation)")
         else:
-            imported = bool(import_arms(plan, storage, url, open_storage(source_url, create=False), source_url))
+            imported = bool(import_arms(plan, storage, url, open_storage(source_url, create=False), source_url,
+                                        tuning_only=options["import_tuning_only"]))
     plan = create_or_resume(plan, storage, url, retry_failed=options["retry_failed"], imported=imported,
                             stale_after=options["stale_after"])
     plan.report_to = options["report_dir"]
@@ -535,11 +548,12 @@ def check_inputs(plan: StudyPlan) -> None:
 
 
 
-def design_text(plan: StudyPlan, url: str, source: tuple[Any, str] | None = None) -> str:
+def design_text(plan: StudyPlan, url: str, source: tuple[Any, str] | None = None, tuning_only: bool = False) -> str:
     """What ``--plan`` prints: the design of a fair study before any trial (nothing is created or run).
 
     ``source`` (storage, url): the study ``--import-arms`` names. Before this study exists, the arms it would
-    import are not counted as trials to run, and the SD and the time per trial come from that study's runs.
+    import are not counted as trials to run (``tuning_only``: their tuning trials only), and the SD and the
+    time per trial come from that study's runs.
     """
     import optuna
 
@@ -577,11 +591,13 @@ def design_text(plan: StudyPlan, url: str, source: tuple[Any, str] | None = None
         share = (len(plan.points) - len(imported)) / len(plan.points)
         d = dataclasses.replace(d, tuning_trials=round(d.tuning_trials * share),
                                 tuning_trials_max=round(d.tuning_trials_max * share),
-                                final_trials=round(d.final_trials * share),
-                                methods_run=len(plan.points) - len(imported),
+                                final_trials=d.final_trials if tuning_only else round(d.final_trials * share),
+                                methods_run=len(plan.points) - len(imported),  # the arms it tunes
                                 sd_source=d.sd_source.replace("this study's", f"{other.name}'s"))
-        head.append(f"imported from study {other.name!r} (not run again): {', '.join(imported)}; the trial counts "
-                    "and the time below are for the other arms")
+        head.append(f"imported from study {other.name!r}: the tuning trials of {', '.join(imported)}, whose final "
+                    "seeds run again; the trial counts and the time below are for what runs"
+                    if tuning_only else f"imported from study {other.name!r} (not run again): {', '.join(imported)}; "
+                    "the trial counts and the time below are for the other arms")
     return "\n".join(head + fair.design_lines(d, plan) + ["nothing was created or run (--plan)"])
 
 

@@ -127,3 +127,42 @@ def test_a_study_whose_first_arm_is_new_is_created_around_the_imported_ones(tmp_
     run_all(plan, storage, fake)
     assert {spec for spec, *_ in fake.calls} == {"moslora:freeze_middle=true"}
     assert sorted(next(a for a in fair.method_results(plan, storage) if a.reference == "moslora").test) == [1, 2, 3]
+
+
+def test_a_tuning_only_import_reruns_the_shared_arms_final_seeds_at_the_copied_choice(tmp_path, source):
+    """--import-tuning-only: the shared arms are not tuned again, their final seeds run again at the imported
+    rate (the same seed and rate give the same score), and --plan counts those finals as trials to run."""
+    from ablations.study import create_or_resume, design_text, import_arms
+
+    first, source_storage, source_url = source
+    (tmp_path / "second").mkdir()
+    plan, storage, url = _new(tmp_path)
+    text = design_text(plan, url, (source_storage, source_url), tuning_only=True)
+    # the control's 3 tuning rates, and 3 final seeds for each of the 3 arms
+    assert "trials: 3 tuning (1 method(s) x 3 rates x 1 tuning seed(s); up to 5 if every extension is needed) " \
+           "+ 9 final (3 fresh seeds per method) = 12 to 14" in text
+    assert "the tuning trials of lora, moslora, whose final seeds run again" in text
+    lines = []
+    assert import_arms(plan, storage, url, source_storage, source_url, log=lines.append,
+                       tuning_only=True) == ["lora", "moslora"]
+    assert "imported the tuning trials of lora, moslora" in lines[0] and "final seeds run again" in lines[0]
+    plan = create_or_resume(plan, storage, url, imported=True, log=lambda *a: None)
+    fake = NoisyRun(OPTIMA)
+    run_all(plan, storage, fake)
+    before = {a.spec: a for a in fair.method_results(first, source_storage)}
+    after = {a.spec: a for a in fair.method_results(plan, storage)}
+    for spec in ("lora", "moslora"):
+        ran = [(seed, split) for s, seed, _, split in fake.calls if s == spec]
+        assert sorted(ran) == [(1, "test"), (2, "test"), (3, "test")]  # finals only: no tuning trial ran again
+        assert all(math.isclose(lr, before[spec].chosen_lr) for s, _, lr, _ in fake.calls if s == spec)
+        assert after[spec].chosen_lr == before[spec].chosen_lr and after[spec].test == before[spec].test
+    assert {s for s, _, _, split in fake.calls if split == "validation"} == {"moslora:freeze_middle=true"}
+
+
+def test_import_tuning_only_without_import_arms_is_one_line(tmp_path, capsys):
+    from ablations.study import main
+
+    assert main(["fair", "--import-tuning-only", "--storage", f"journal:{tmp_path / 'x.log'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--import-tuning-only: " in err and "--import-arms URL" in err
+    assert not (tmp_path / "x.log").exists()  # nothing was created
