@@ -856,7 +856,7 @@ def design_lines(d: Design, plan) -> list[str]:
     """The design in words, as --plan prints it and verdict.md repeats it (with the pooled SD)."""
     n = len(plan.final_seeds)
     trials = d.tuning_trials + d.final_trials
-    lines = [f"trials: {d.tuning_trials} tuning ({d.methods_run or len(plan.points)} method(s) x {len(plan.lr_grid)} rates x "
+    lines = [f"trials: {d.tuning_trials} tuning ({len(plan.points) if d.methods_run is None else d.methods_run} method(s) x {len(plan.lr_grid)} rates x "
              f"{len(plan.seeds)} tuning seed(s); up to {d.tuning_trials_max} if every extension is needed) + "
              f"{d.final_trials} final ({n} fresh seeds per method) = {trials} to {d.tuning_trials_max + d.final_trials}"]
     if math.isfinite(d.seconds_per_trial):

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "sqlite:///FILE), so a study that adds arms - controls beside their parents - "
                             "does not train the shared ones again; refused unless model, data, grid, seeds, "
                             "delta and every run option are the same; ignored once the study exists")
-    group.add_argument("--import-tuning-only", action="store_true",
+    group.add_argument("--import-tuning-only", action="store_true", default=False,
                        help="with --import-arms: copy only the shared arms' tuning trials, so their final seeds run "
                             "again at the imported choice of rate (to record a diagnostic the originals lack; same "
                             "seed, rate and hardware repeat each score, which python -m ablations.retune checks "

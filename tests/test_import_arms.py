@@ -142,6 +142,12 @@ def test_a_tuning_only_import_reruns_the_shared_arms_final_seeds_at_the_copied_c
     assert "trials: 3 tuning (1 method(s) x 3 rates x 1 tuning seed(s); up to 5 if every extension is needed) " \
            "+ 9 final (3 fresh seeds per method) = 12 to 14" in text
     assert "the tuning trials of lora, moslora, whose final seeds run again" in text
+    # a study that imports every arm's tuning runs only finals: 0 methods tuned, not "all of them"
+    every = {**FIRST, "name": "tiny_rerun"}
+    (tmp_path / "rerun" / "second").mkdir(parents=True)
+    rerun, _, rerun_url = _new(tmp_path / "rerun", data=every)
+    assert "trials: 0 tuning (0 method(s) x 3 rates" in design_text(rerun, rerun_url, (source_storage, source_url),
+                                                                      tuning_only=True)
     lines = []
     assert import_arms(plan, storage, url, source_storage, source_url, log=lines.append,
                        tuning_only=True) == ["lora", "moslora"]
