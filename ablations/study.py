@@ -344,6 +344,13 @@ def import_arms(plan: StudyPlan, storage, url: str, source_storage, source_url: 
     if running:
         raise UserError(f"--import-arms: study {source.name!r} has trials of {', '.join(sorted(set(running)))} "
                         "still running; import once they have finished")
+    if tuning_only:  # the finals rerun at the copied choice: every shared arm must have made it
+        unsettled = [spec for spec in shared if fair.tuning_state(source, optuna.load_study(
+            study_name=fair.tune_name(source, spec), storage=source_storage).get_trials(deepcopy=False)).best is None]
+        if unsettled:
+            raise UserError(f"--import-tuning-only: study {source.name!r} has not chosen a rate for "
+                            f"{', '.join(unsettled)} (its tuning is unfinished); finish it there first, or this study "
+                            "would tune again and could choose another rate")
     for spec in shared:
         for src, dst in ((stage(source, spec), stage(plan, spec)) for stage in stages):
             try:

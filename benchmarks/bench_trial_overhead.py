@@ -56,10 +56,11 @@ class EvalClock:
 
     def __init__(self):
         self.seconds = 0.0
-        self._evaluate = TaskSuite.evaluate
+        self._evaluate = None
 
     def __enter__(self) -> "EvalClock":
-        clock, evaluate = self, self._evaluate
+        clock, evaluate = self, TaskSuite.evaluate
+        self._evaluate = evaluate  # what is there when entered, put back on leaving
 
         def timed(suite, *args, **kwargs):
             started = time.perf_counter()

@@ -199,13 +199,14 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
     ``gain_vs_lora_missing`` (paired seeds, seeds only one side completed), ``p_vs_lora``,
     ``p_holm`` (Holm-adjusted over the comparisons with LoRA) and ``mde_vs_lora``. ``reference`` names
     the row that stands for LoRA (default: :func:`harness.adapters.spec.reference_name` of the methods: ``lora``,
-    else the first LoRA of any kind, ``lora-r18-match-...`` included, as the diagnostics choose).
+    else the first LoRA of any kind, ``lora-r18-match-...`` included, as the diagnostics choose; ``""``: no row,
+    so no gain over LoRA). The table's ``attrs["reference"]`` holds the row taken (None where there is none).
     """
     import pandas as pd
 
     methods = list(dict.fromkeys(r.method for r in results))
     tasks = _tasks(base, results)
-    reference = reference or reference_name(methods)
+    reference = reference_name(methods) if reference is None else reference or None  # "": no reference
     by_method = {m: [r for r in results if r.method == m] for m in methods}
     rows = []
     systems: list[tuple[str, list[SystemResult]]] = ([(BASE, [base])] if base is not None else [])
@@ -232,6 +233,7 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
     table = pd.DataFrame(rows)
     adjusted = stats.holm(dict(zip(table["method"], table["p_vs_lora"])))
     table.insert(table.columns.get_loc("p_vs_lora") + 1, "p_holm", [adjusted[m] for m in table["method"]])
+    table.attrs["reference"] = reference if reference in by_method else None
     return table
 
 
@@ -434,6 +436,10 @@ def summary_markdown(table: "pd.DataFrame", tasks: Sequence[str], header: Mappin
     task_columns = [f"{t} (contaminated)" if t in contaminated else t for t in tasks]
     lines += _markdown_table(["method", "seeds", *task_columns, "average", "gain vs base", "± items", "gain vs LoRA",
                               "± items", "p (Holm)", "MDE"], rows)
+    reference = table.attrs.get("reference")
+    if reference is not None and reference != REFERENCE_METHOD:  # say which row "gain vs LoRA" is against
+        why = "" if reference.rsplit("/", 1)[-1] == REFERENCE_METHOD else ", the first LoRA of the table (no plain `lora` ran)"
+        lines += ["", f"*gain vs LoRA* is against `{reference}`{why}."]
     if contaminated:
         lines += ["", f"*Contaminated*: the training data holds more than 1% of the scored items of "
                   f"{', '.join(sorted(contaminated))} (the run was allowed with --allow-contamination); those "

@@ -312,3 +312,26 @@ def test_compare_summary_and_diagnostics_take_the_same_reference():
     table, _, _ = hcompare.compare([content("a", {"linchain-3": 24, matched: 20}), content("b", {"moslora": 21})])
     gains = table.set_index("method")["gain_vs_lora"]
     assert math.isnan(gains[matched]) and gains["moslora"] == pytest.approx(1 / 40, abs=1e-12)
+
+
+def test_a_run_name_that_starts_like_a_method_never_makes_a_row_the_reference():
+    """Runs named lora-variants-a and -b with only DoRA and PiSSA: no row is a LoRA, so no gain over LoRA."""
+    def content(name):
+        b, rs = _labelled({"dora": 22, "pissa": 21})
+        return json.loads(json.dumps(build_result(name, {"methods": ["dora", "pissa"]}, FP, b, rs), default=str))
+
+    table, _, _ = hcompare.compare([content("lora-variants-a"), content("lora-variants-b")])
+    assert list(table["method"])[1:] == ["lora-variants-a/dora", "lora-variants-a/pissa", "lora-variants-b/dora",
+                                         "lora-variants-b/pissa"]
+    assert table["gain_vs_lora"].isna().all() and table.attrs["reference"] is None
+
+
+def test_the_summary_names_a_reference_that_is_not_plain_lora():
+    from harness.report import summarize, summary_markdown
+
+    matched = "lora-r18-match-linchain-3"
+    base, results = _labelled({"linchain-3": 24, matched: 20})
+    text = summary_markdown(summarize(base, results), ["t"])
+    assert f"*gain vs LoRA* is against `{matched}`, the first LoRA of the table (no plain `lora` ran)." in text
+    base, results = _labelled({"linchain-3": 24, "lora": 20})
+    assert "*gain vs LoRA* is against" not in summary_markdown(summarize(base, results), ["t"])

@@ -129,6 +129,14 @@ def test_bad_fair_study_file_is_one_line_naming_the_key(change, key):
     assert f"x.yaml': {key}:" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("key, instead", [("lr", "its rates are lr_grid's"),
+                                          ("n_trials", "its trials are lr_grid's rates and final_seeds")])
+def test_a_tpe_key_in_a_fair_study_file_says_what_the_fair_study_reads_instead(key, instead):
+    with pytest.raises(UserError) as err:
+        parse_study({**FAIR, key: {"low": 1e-4, "high": 1e-2} if key == "lr" else 20}, source="study file 'x.yaml'")
+    assert str(err.value) == f"study file 'x.yaml': {key}: only tpe studies take {key} (this study is kind fair; {instead})"
+
+
 @pytest.mark.parametrize("key", ["space", "seeds", "lr_grid", "final_seeds", "extend"])
 def test_fair_study_file_missing_a_key_names_it(key):
     with pytest.raises(UserError, match=f"{key}: missing"):

@@ -172,3 +172,20 @@ def test_import_tuning_only_without_import_arms_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--import-tuning-only: " in err and "--import-arms URL" in err
     assert not (tmp_path / "x.log").exists()  # nothing was created
+
+
+def test_a_tuning_only_import_from_a_study_that_has_not_chosen_a_rate_is_refused(tmp_path):
+    """Its finals would otherwise wait for a tuning this study redoes, and could choose another rate."""
+    from ablations.study import import_arms
+
+    (tmp_path / "first").mkdir()
+    unfinished, _, unfinished_url = fair_plan(tmp_path / "first", data=FIRST, storage=f"journal:{tmp_path / 'u.log'}")
+    source_storage = open_storage(unfinished_url, create=False)  # created, its tuning queued, nothing run
+    (tmp_path / "second").mkdir()
+    plan, storage, url = _new(tmp_path)
+    with pytest.raises(UserError) as err:
+        import_arms(plan, storage, url, source_storage, unfinished_url, tuning_only=True)
+    assert str(err.value).startswith("--import-tuning-only: study 'tiny_fair' has not chosen a rate for lora, moslora")
+    assert "\n" not in str(err.value)
+    lines = []  # a full import of the same study is what it always was: the unfinished arms come along
+    assert import_arms(plan, storage, url, source_storage, unfinished_url, log=lines.append) == ["lora", "moslora"]

@@ -432,7 +432,7 @@ def method_part(name: str) -> str:
     (``lora:r=8`` -> ``lora``, ``lora:match=linchain`` -> ``lora``), a label's text before its first '-'
     (``linchain-3`` -> ``linchain``, ``lora-r18-match-linchain-8-16-8`` -> ``lora``). No method's name holds
     a '-' or a ':', so the two never disagree."""
-    return name.split(":", 1)[0].split("-", 1)[0]
+    return name.split(":", 1)[0].split("-", 1)[0].strip().lower()  # spec parsing ignores the method's case
 
 
 def reference_name(names: Sequence[str], methods: Iterable[str] | None = None) -> str | None:
