@@ -591,3 +591,27 @@ def test_command_line_describes_a_matched_lora(capsys):
     assert main(["lora:match=linchain:r=8,widths=8-16-8", "--model", "tiny-random"]) == 0
     out = capsys.readouterr().out
     assert "lora-r10-match-linchain-8-16-8" in out and "trainable parameters  14,080" in out
+
+
+@pytest.mark.parametrize("spec", ["linchain:init=orthogonal", "moslora:init=orthogonal",
+                                  "mtlora:structure=ctcm,init=orthogonal", "linchain:init=kaiming",
+                                  "linchain:init=identity"])
+def test_every_init_builds_on_a_bf16_base_as_on_fp32(spec):
+    """A bf16 run builds its adapter on the bf16 base (torch's QR has no bf16 CPU kernel): the middle matrices
+    are the fp32 build's, rounded to bf16, and an orthogonal one is orthogonal up to that rounding."""
+    base = tiny_random_model()
+    full = adapted(base, spec)
+    half = adapted(base.to(torch.bfloat16), spec)
+    middles = {n: p for n, p in full.named_parameters() if ".middle_" in n}
+    assert middles
+    for name, p in half.named_parameters():
+        if name in middles:
+            rounded = middles[name].detach().to(torch.bfloat16).to(p.dtype)
+            if "kaiming" in spec:  # drawn in the factor's dtype: a bf16 draw, not the fp32 one rounded
+                assert p.shape == rounded.shape and torch.isfinite(p).all()
+                continue
+            assert torch.equal(p.detach(), rounded), name
+            if "orthogonal" in spec:
+                m = p.detach().double()
+                gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+                assert torch.allclose(gram, torch.eye(gram.shape[0], dtype=torch.float64), atol=3e-2), name

@@ -48,7 +48,8 @@ def init_middle_(matrices: list[torch.Tensor], init: str, product: MiddleProduct
     """Initialise the middle matrices in place.
 
     ``kaiming``: each matrix Kaiming-uniform with a = sqrt(5), the call peft uses for A (the papers' choice).
-    ``orthogonal``: each matrix (semi-)orthogonal, so a square chain keeps the signal's norm.
+    ``orthogonal``: each matrix (semi-)orthogonal, so a square chain keeps the signal's norm (drawn in fp32
+    and rounded where the matrices are bf16 or fp16, as they are while peft builds an adapter on a bf16 base).
     ``identity``: rectangular identities, except the matrices the product starts at zero (DTSM's D), so T
     starts as I and the adapter as plain LoRA (for a chain narrower than r somewhere, T starts as the
     projection on the first min(widths) coordinates).
@@ -57,8 +58,12 @@ def init_middle_(matrices: list[torch.Tensor], init: str, product: MiddleProduct
         for i, m in enumerate(matrices):
             if init == "kaiming":
                 nn.init.kaiming_uniform_(m, a=math.sqrt(5), generator=generator)
-            elif init == "orthogonal":
+            elif init == "orthogonal" and m.dtype in (torch.float32, torch.float64):
                 nn.init.orthogonal_(m, generator=generator)
+            elif init == "orthogonal":  # torch's QR has no bf16/fp16 kernel on the CPU: draw in fp32, then round
+                full = torch.empty(m.shape, dtype=torch.float32, device=m.device)
+                nn.init.orthogonal_(full, generator=generator)
+                m.copy_(full)
             elif init == "identity":
                 m.zero_()
                 if i not in product.zero_at_identity:
