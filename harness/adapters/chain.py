@@ -58,10 +58,8 @@ def init_middle_(matrices: list[torch.Tensor], init: str, product: MiddleProduct
         for i, m in enumerate(matrices):
             if init == "kaiming":
                 nn.init.kaiming_uniform_(m, a=math.sqrt(5), generator=generator)
-            elif init == "orthogonal" and m.dtype in (torch.float32, torch.float64):
-                nn.init.orthogonal_(m, generator=generator)
-            elif init == "orthogonal":  # torch's QR has no bf16/fp16 kernel on the CPU: draw in fp32, then round
-                full = torch.empty(m.shape, dtype=torch.float32, device=m.device)
+            elif init == "orthogonal":  # torch's QR has no bf16/fp16 kernel on the CPU: draw in fp32 at least
+                full = torch.empty(m.shape, dtype=torch.promote_types(m.dtype, torch.float32), device=m.device)
                 nn.init.orthogonal_(full, generator=generator)
                 m.copy_(full)
             elif init == "identity":
