@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from harness.adapters.chain import MiddleFactor
-from harness.adapters.spec import MOVES_W0, AdapterSpec, parse_spec
+from harness.adapters.spec import INITIAL_FACTORS_ATTR, MOVES_W0, AdapterSpec, parse_spec
 from harness.errors import UserError
 from harness.fsutil import publish_mode
 from harness.models import ARCHITECTURES, architecture_of, refuse_pickled_weights
@@ -298,9 +298,6 @@ def _keep_initial_state(peft_model, adapter_name: str) -> None:
     _attach_initial_factors(peft_model, adapter_name)
 
 
-INITIAL_FACTORS = "_harness_initial"  # on a PiSSA layer: adapter -> (B0, A0), the factors peft took out of W0
-
-
 def _attach_initial_factors(peft_model, adapter_name: str) -> None:
     """Give each PiSSA/OLoRA layer its initial (B0, A0): its base weight is W0 - s B0 A0, so the method's update to
     W0 is s (B A - B0 A0), which the diagnostics measure (:func:`harness.diagnostics.delta_factors`)."""
@@ -310,7 +307,7 @@ def _attach_initial_factors(peft_model, adapter_name: str) -> None:
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             b0, a0 = init[f"{name}.lora_B.weight"], init[f"{name}.lora_A.weight"]
-            module.__dict__.setdefault(INITIAL_FACTORS, {})[adapter_name] = (b0, a0)
+            module.__dict__.setdefault(INITIAL_FACTORS_ATTR, {})[adapter_name] = (b0, a0)
 
 
 def _initial_state(peft_model, adapter: str) -> dict:

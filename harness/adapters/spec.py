@@ -58,6 +58,9 @@ PEFT_VARIANT_METHODS = ("dora", "rslora", "pissa", "olora")
 # Initialisations that take s B0 A0 out of W0 (the base layer then holds the residual): the update to W0 is
 # s (B A - B0 A0), exported through peft's conversion (rank 2r) and measured so by the diagnostics.
 MOVES_W0 = ("pissa", "olora")
+# The attribute on a PiSSA/OLoRA layer that holds adapter -> (B0, A0), the factors peft took out of W0: set by
+# harness.adapters.api, read by harness.diagnostics.spectra (named here, where both can import it without torch).
+INITIAL_FACTORS_ATTR = "_harness_initial"
 INITS = ("kaiming", "orthogonal", "identity")
 STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
 CONDLORA_FORMS = ("rowspace", "authors")

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
+from harness.adapters.spec import INITIAL_FACTORS_ATTR
+
 
 INTRUDER_TOP_K = 10
 INTRUDER_THRESHOLD = 0.5
@@ -182,7 +184,7 @@ def _active_adapter(peft_model) -> str:
 
 def initial_factors(layer, adapter: str):
     """(B0, A0) that PiSSA/OLoRA took out of this layer's W0 (set by harness.adapters.api), or None."""
-    return getattr(layer, "_harness_initial", {}).get(adapter)  # harness.adapters.api.INITIAL_FACTORS
+    return getattr(layer, INITIAL_FACTORS_ATTR, {}).get(adapter)
 
 
 def delta_factors(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
