@@ -108,7 +108,7 @@ def compare(contents: Sequence[dict[str, Any]], allow_mismatch: bool = False):
     labels = list(dict.fromkeys(r.method for r in merged))
     bare = [label.rsplit("/", 1)[-1] for label in labels]
     chosen = reference_name(bare)
-    reference = labels[bare.index(chosen)] if chosen is not None else ""  # "": none (a run name is no method)
+    reference = labels[bare.index(chosen)] if chosen is not None else None  # None: no row (a run name is no method)
     table = summarize(base, merged, reference=reference)
     table["protocol"] = [
         "differs: " + ", ".join(mismatches[_owner(m, names, per_run)]) if m in set(flagged) else "same"

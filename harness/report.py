@@ -183,8 +183,11 @@ def _settings_of(runs: Sequence[SystemResult]) -> dict[str, Any]:
     return next((r.settings for r in runs if r.settings), {})
 
 
+BY_RULE = "<by rule>"  # summarize's default reference: chosen by harness.adapters.spec.reference_name
+
+
 def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resamples: int = N_RESAMPLES,
-              seed: int = 0, reference: str | None = None) -> "pd.DataFrame":
+              seed: int = 0, reference: str | None = BY_RULE) -> "pd.DataFrame":
     """The summary table: the base row, then one row per method in first-seen order.
 
     Columns: ``method``, ``seeds`` (successful runs), ``failed`` (failed runs), ``trainable_params``,
@@ -198,15 +201,16 @@ def summarize(base: SystemResult | None, results: Sequence[SystemResult], n_resa
     and ``_item_low``/``_item_high`` (the item noise); ``gain_vs_lora_seeds`` and
     ``gain_vs_lora_missing`` (paired seeds, seeds only one side completed), ``p_vs_lora``,
     ``p_holm`` (Holm-adjusted over the comparisons with LoRA) and ``mde_vs_lora``. ``reference`` names
-    the row that stands for LoRA (default: :func:`harness.adapters.spec.reference_name` of the methods: ``lora``,
-    else the first LoRA of any kind, ``lora-r18-match-...`` included, as the diagnostics choose; ``""``: no row,
-    so no gain over LoRA). The table's ``attrs["reference"]`` holds the row taken (None where there is none).
+    the row that stands for LoRA (default :data:`BY_RULE`: :func:`harness.adapters.spec.reference_name` of the
+    methods: ``lora``, else the first LoRA of any kind, ``lora-r18-match-...`` included, as the diagnostics choose;
+    None: no row, so no gain over LoRA). The table's ``attrs["reference"]`` holds the row taken (None where there is none).
     """
     import pandas as pd
 
     methods = list(dict.fromkeys(r.method for r in results))
     tasks = _tasks(base, results)
-    reference = reference_name(methods) if reference is None else reference or None  # "": no reference
+    if reference == BY_RULE:
+        reference = reference_name(methods)
     by_method = {m: [r for r in results if r.method == m] for m in methods}
     rows = []
     systems: list[tuple[str, list[SystemResult]]] = ([(BASE, [base])] if base is not None else [])
