@@ -714,8 +714,9 @@ def verdict_rows(plan, results: list[TunedArm], alpha: float = 0.05) -> list[dic
     ``verdict`` is ``reference`` for a reference point, else one of the four of
     :func:`harness.stats.fair_verdicts`: ``better``, ``worse``, ``equivalent`` or ``inconclusive``.
     Each family (comparisons with LoRA; method-minus-control contrasts) is Holm-adjusted on its own,
-    difference tests and equivalence tests separately. A comparison is withheld (``inconclusive``,
-    outside its family) when either side's chosen rate is at the edge (:func:`withheld`). The note
+    difference tests and equivalence tests separately. A comparison is withheld (``inconclusive``) when either
+    side's chosen rate is at the edge (:func:`withheld`); it stays in its family's count with p = 1, so a hold
+    never makes the others' correction milder than the design planned. The note
     says why in every case.
     """
     delta = getattr(plan, "delta", None) or stats.DELTA
@@ -730,7 +731,8 @@ def verdict_rows(plan, results: list[TunedArm], alpha: float = 0.05) -> list[dic
     verdicts: dict[str, stats.FairVerdict] = {}
     for family in (LORA_FAMILY, CONTROL_FAMILY):
         members = {k: c for k, c in comparisons.items() if by_spec[k].family == family and holds[k] is None}
-        verdicts.update(stats.fair_verdicts(members, delta=delta, alpha=alpha))
+        held = sum(1 for k in comparisons if by_spec[k].family == family and holds[k] is not None)
+        verdicts.update(stats.fair_verdicts(members, delta=delta, alpha=alpha, withheld=held))
     pooled = pooled_spread(results)
     family_sizes = {f: sum(1 for k in comparisons if by_spec[k].family == f) for f in (LORA_FAMILY, CONTROL_FAMILY)}
     rows = []

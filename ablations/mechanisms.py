@@ -10,7 +10,9 @@ alone.
 
 Per claim and method, the claim's first measure that has data is tested: a paired t-test over the final
 seeds, Holm-adjusted over every (claim, method) test of the same family (comparisons with LoRA; contrasts
-with a control's parent) - a family of its own, apart from the score verdicts. Verdicts: ``supported``
+with a control's parent) - a family of its own, apart from the score verdicts. A claim measured but not
+tested (withheld, too few pairs, no spread) stays in its family's count with p = 1: a reason found in the
+data never makes the correction of the other tests milder than the design planned. Verdicts: ``supported``
 (significant, in the direction the claim predicts), ``opposite`` (significant, the other way), ``no
 detectable difference``, ``inconclusive`` (fewer than 2 pairs, no spread, or withheld: a chosen rate sits at the
 edge of its grid, or the measure is a step length and the two rates differ), ``not measured``. The other measures of a claim are shown, not tested.
@@ -84,6 +86,7 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
     by_spec = {r.spec: r for r in results}
     rows: list[dict[str, Any]] = []
     tested: dict[int, stats.SeedComparison] = {}  # row index -> the comparison its verdict rests on
+    held: list[int] = []  # rows measured but not testable (withheld, too few pairs, no spread): in the Holm count, p = 1
     for arm in results:
         if arm.reference is None:
             continue
@@ -118,6 +121,8 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
                         row.update(verdict=INCONCLUSIVE, note="the paired differences have no spread to test against")
                     else:
                         tested[len(rows)] = c
+                    if len(rows) not in tested:
+                        held.append(len(rows))
                 rows.append(row)
             if rests_on is None:
                 unfinished = [a.spec for a in (ref, arm) if not a.test]
@@ -129,7 +134,10 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
                              "_predicted": 0})
     for family in (LORA_FAMILY, CONTROL_FAMILY):
         members = {i: c.p_value for i, c in tested.items() if rows[i]["family"] == family}
-        for i, p_holm in stats.holm(members).items():
+        counted = {**members, **{("held", i): 1.0 for i in held if rows[i]["family"] == family}}
+        for i, p_holm in stats.holm(counted).items():
+            if i not in members:
+                continue
             row = rows[i]
             row["p_holm"] = p_holm
             if math.isfinite(p_holm) and p_holm < alpha:
@@ -137,7 +145,8 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
                 row["verdict"] = SUPPORTED if agrees else OPPOSITE
             else:
                 row["verdict"] = NO_DIFFERENCE
-            row["note"] = f"Holm over the {len(members)} claim test(s) {family}"
+            row["note"] = (f"Holm over the {len(counted)} claim test(s) {family}" + (
+                f" ({len(counted) - len(members)} untested, counted with p = 1)" if len(counted) > len(members) else ""))
     for row in rows:
         row.pop("_predicted", None)
         for column in CLAIM_COLUMNS:

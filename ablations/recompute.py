@@ -85,7 +85,8 @@ def recompute(folder: Path, alpha: float = 0.05) -> pd.DataFrame:
         rows[r.method] = row
     for family in sorted({row["family"] for row in rows.values() if row["family"]}):
         members = {k: c for k, c in comparisons.items() if rows[k]["family"] == family}
-        for k, v in stats.fair_verdicts(members, delta=delta, alpha=alpha).items():
+        held = sum(1 for k, row in rows.items() if row["family"] == family and row["reference"] and k not in comparisons)
+        for k, v in stats.fair_verdicts(members, delta=delta, alpha=alpha, withheld=held).items():
             rows[k].update(verdict=v.verdict, p_holm=v.p_holm, p_equivalence_holm=v.p_equivalence_holm)
     return pd.DataFrame(list(rows.values()))
 

@@ -233,7 +233,7 @@ def holm(p_values: Mapping[str, float]) -> dict[str, float]:
     false rejection among the m comparisons) at ``alpha``. NaN p-values (comparisons that could
     not be made) stay NaN and do not count in m.
     """
-    valid = sorted(((p, k) for k, p in p_values.items() if p is not None and math.isfinite(p)))
+    valid = sorted(((p, k) for k, p in p_values.items() if p is not None and math.isfinite(p)), key=lambda pk: pk[0])
     adjusted = {k: math.nan for k in p_values}
     running = 0.0
     for rank, (p, key) in enumerate(valid):
@@ -441,7 +441,7 @@ class FairVerdict:
 
 
 def fair_verdicts(comparisons: Mapping[Hashable, SeedComparison], delta: float = DELTA,
-                  alpha: float = 0.05) -> dict[Hashable, FairVerdict]:
+                  alpha: float = 0.05, withheld: int = 0) -> dict[Hashable, FairVerdict]:
     """The four-way verdict of every comparison with the reference, Holm (1979) over the family twice.
 
     The difference p-values (:func:`difference_p_value`) are adjusted as one family, so the chance
@@ -449,10 +449,15 @@ def fair_verdicts(comparisons: Mapping[Hashable, SeedComparison], delta: float =
     the chance of any false ``equivalent`` (a true difference of delta or more called equivalent)
     stays at ``alpha`` as well. Comparisons without a test (fewer than 2 pairs) are in neither
     family; zero-spread ones are in the equivalence family with p = 0 or 1.
+
+    ``withheld``: how many further comparisons of the family were planned but may not be tested (a fair
+    study's arm whose rate is at the grid's edge). Each stays in both families with p = 1, never rejected:
+    the family is the one the design fixed, and a hold decided after the data cannot shrink the correction.
     """
     tests = {k: equivalence_test(c, delta, alpha) for k, c in comparisons.items()}
-    p_diff = holm({k: difference_p_value(c) for k, c in comparisons.items()})
-    p_eq = holm({k: (t.p_value if t is not None else math.nan) for k, t in tests.items()})
+    held = {("withheld", i): 1.0 for i in range(withheld)}
+    p_diff = holm({**{k: difference_p_value(c) for k, c in comparisons.items()}, **held})
+    p_eq = holm({**{k: (t.p_value if t is not None else math.nan) for k, t in tests.items()}, **held})
     out = {}
     for k, c in comparisons.items():
         word, reason = fair_verdict(c, p_diff[k], p_eq[k], delta, alpha)

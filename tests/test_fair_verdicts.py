@@ -91,6 +91,41 @@ def test_a_rate_at_the_edge_after_the_last_extension_withholds_the_verdict(who):
     assert math.isnan(r["p_holm"]) and math.isclose(r["gain"], np.mean(diffs))  # the numbers stay, the verdict goes
 
 
+def test_a_withheld_comparison_stays_in_its_familys_holm_count():
+    """Two planned comparisons with LoRA: one at the grid's edge (withheld), one tested. The tested one's
+    Holm-adjusted p is its raw p times 2, as over the family the design planned, not times 1."""
+    tie = [0.002, -0.003, 0.001, 0.0, -0.002, 0.003, -0.001, 0.001]
+    tested = arm("moslora", with_gain(tie))
+    edge = arm("linchain", with_gain([0.06, 0.05, 0.07, 0.06, 0.08, 0.05, 0.06, 0.07]), best=0, low=0)
+    alone = rows_of(arm("lora", LORA, reference=None), tested)["moslora"]
+    both = rows_of(arm("lora", LORA, reference=None), tested, edge)
+    n, m, sd = len(tie), np.mean(tie), np.std(tie, ddof=1)
+    se = sd / math.sqrt(n)
+    p_tost = max(sps.t.sf((m + 0.02) / se, n - 1), sps.t.cdf((m - 0.02) / se, n - 1))
+    p_diff = sps.ttest_1samp(tie, 0).pvalue
+    assert math.isclose(alone["p_equivalence_holm"], p_tost, rel_tol=1e-6)
+    assert math.isclose(both["moslora"]["p_equivalence_holm"], min(1.0, 2 * p_tost), rel_tol=1e-6)
+    assert math.isclose(both["moslora"]["p_holm"], min(1.0, 2 * p_diff), rel_tol=1e-6)
+    assert both["linchain"]["verdict"] == "inconclusive" and math.isnan(both["linchain"]["p_holm"])
+
+
+def test_a_withheld_control_counts_in_the_control_family_only():
+    diffs = [0.002, -0.003, 0.001, 0.0, -0.002, 0.003, -0.001, 0.001]
+    gain = [0.01, -0.02, 0.0, 0.015, -0.01, 0.02, 0.005, -0.005]
+    moslora = with_gain(gain)
+    arms = [arm("lora", LORA, reference=None), arm("moslora", moslora),
+            arm("moslora:freeze_middle=true", {s: moslora[s] + d for s, d in zip(sorted(LORA), diffs)},
+                reference="moslora"),
+            arm("lora:match=moslora", moslora, reference="moslora", best=2, high=2)]
+    rows = {r["method"]: r for r in verdict_rows(PLAN, arms)}
+    n, m, sd = len(diffs), np.mean(diffs), np.std(diffs, ddof=1)
+    se = sd / math.sqrt(n)
+    p_tost = max(sps.t.sf((m + 0.02) / se, n - 1), sps.t.cdf((m - 0.02) / se, n - 1))
+    assert math.isclose(rows["moslora:freeze_middle=true"]["p_equivalence_holm"], min(1.0, 2 * p_tost), rel_tol=1e-6)
+    assert "at the edge" in rows["lora:match=moslora"]["note"]
+    assert math.isclose(rows["moslora"]["p_holm"], sps.ttest_1samp(gain, 0).pvalue, rel_tol=1e-6)  # a family of one
+
+
 def test_one_pair_is_inconclusive_with_its_reason():
     r = rows_of(arm("lora", {1: 0.5}, reference=None), arm("moslora", {1: 0.6}))["moslora"]
     assert r["verdict"] == "inconclusive" and "1 seed pair" in r["note"]

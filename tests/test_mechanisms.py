@@ -106,9 +106,9 @@ def test_claims_are_tested_against_each_methods_own_reference_with_one_holm_fami
     p = scipy_stats.ttest_rel(mine, ref).pvalue
     row = paths.iloc[0]
     assert row["p"] == pytest.approx(p, rel=1e-9)
-    family = tested[tested["family"] == "vs LoRA"].dropna(subset=["p"])
-    ordered = sorted(family["p"])
-    expected = min(1.0, len(ordered) * ordered[0])
+    family = tested[tested["family"] == "vs LoRA"]  # every planned test counts, untested ones (no spread) too
+    ordered = sorted(family["p"].dropna())
+    expected = min(1.0, len(family) * ordered[0])
     assert row["p_holm"] == pytest.approx(expected, rel=1e-9) and row["verdict"] == "supported"
     assert row["difference"] == pytest.approx(sum(m - r for m, r in zip(mine, ref)) / 6)
     # the control moves dW as far as its parent: no detectable difference, and it says so plainly
@@ -348,3 +348,25 @@ def test_every_trial_stores_its_measures_and_the_frontier_spans_the_tuning_rates
         100 * lora.chosen_lr + 0.01)
     folder = write_report(plan, storage)
     assert (folder / "forgetting_frontier.png").stat().st_size > 0
+
+
+def test_a_withheld_claim_keeps_its_place_in_the_holm_count():
+    """The step length is withheld (the rates differ) and convergence has no spread, yet the family is still the
+    three planned claim tests: the tested claim's Holm p is computed here by hand over its raw p and a 1 for
+    each untested one."""
+    lora, linchain, _ = _arms()
+    linchain.chosen_lr = 1.78 * lora.chosen_lr
+    claims = pd.DataFrame(mechanisms.claim_rows([lora, linchain]))
+    tested = claims[claims["tested"]]
+    untested = int((tested["verdict"] == "inconclusive").sum())
+    raw = sorted([*tested.loc[tested["verdict"] != "inconclusive", "p"].tolist(), *[1.0] * untested])
+    m = len(raw)
+    assert m == 3 and untested == 2
+    adjusted, running = [], 0.0
+    for i, p in enumerate(raw):
+        running = max(running, min(1.0, (m - i) * p))
+        adjusted.append(running)
+    by_raw = dict(zip(raw, adjusted))
+    for row in tested[tested["verdict"] != "inconclusive"].itertuples():
+        assert row.p_holm == pytest.approx(by_raw[row.p])
+        assert "3 claim test(s)" in row.note and "2 untested" in row.note
