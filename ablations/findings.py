@@ -251,7 +251,7 @@ def text(folder: Path) -> str:
         out += ["**What the controls show** (each control minus the method it controls, at their own tuned rates; "
                 "a control that scores like its parent says the part it removes or changes is not what the score "
                 "rests on, at this scale): " + "; ".join(parts) + ".", ""]
-    else:
+    elif any(m in methods for m in ORDER[1:]):  # a study of the paper's methods (not one of the others against LoRA)
         pairs = ordering(scores)
         out += ["**The ordering LinChain > MoSLoRA > LoRA** (the paper's Tables 1-2), every pair at its tuned rates, "
                 "Holm over the three pairs of the ordering (a family of its own, so its p-values differ from the "
@@ -277,7 +277,8 @@ def text(folder: Path) -> str:
                          f"difference {r['difference']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}], "
                          f"Holm p {p_text(r['p_holm'])}, {r['n_pairs']} pairs: **{r['verdict']}**"
                          + (f" ({r['note']})" if r["verdict"] == "inconclusive" and r.get("note") else ""))
-        out.append(f"- {title}, measured as {measure or 'n/a'}: " + ("; ".join(parts) if parts else "no test") + ".")
+        out.append(f"- {title}" + (f", measured as {measure}" if measure else "") + ": "
+                   + ("; ".join(parts) if parts else "no test") + ".")
     out.append("")
 
     times = seconds_per_step(folder, steps)
