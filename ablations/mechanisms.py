@@ -134,10 +134,8 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
                              "_predicted": 0})
     for family in (LORA_FAMILY, CONTROL_FAMILY):
         members = {i: c.p_value for i, c in tested.items() if rows[i]["family"] == family}
-        counted = {**members, **{("held", i): 1.0 for i in held if rows[i]["family"] == family}}
-        for i, p_holm in stats.holm(counted).items():
-            if i not in members:
-                continue
+        untested = sum(1 for i in held if rows[i]["family"] == family)
+        for i, p_holm in stats.holm(members, untested=untested).items():
             row = rows[i]
             row["p_holm"] = p_holm
             if math.isfinite(p_holm) and p_holm < alpha:
@@ -145,8 +143,8 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
                 row["verdict"] = SUPPORTED if agrees else OPPOSITE
             else:
                 row["verdict"] = NO_DIFFERENCE
-            row["note"] = (f"Holm over the {len(counted)} claim test(s) {family}" + (
-                f" ({len(counted) - len(members)} untested, counted with p = 1)" if len(counted) > len(members) else ""))
+            row["note"] = (f"Holm over the {len(members) + untested} claim test(s) {family}" + (
+                f" ({untested} untested, counted with p = 1)" if untested else ""))
     for row in rows:
         row.pop("_predicted", None)
         for column in CLAIM_COLUMNS:

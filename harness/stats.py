@@ -226,18 +226,26 @@ def _bootstrap_p_value(resampled: np.ndarray) -> float:
     return float(min(1.0, 2 * (tail + 1) / (resampled.size + 1)))
 
 
-def holm(p_values: Mapping[str, float]) -> dict[str, float]:
+def holm(p_values: Mapping[Hashable, float], untested: int = 0) -> dict[Hashable, float]:
     """Holm-adjusted p-values, by name: the smallest p times m, the next times m - 1, ..., kept monotone.
 
     Rejecting where the adjusted value is below ``alpha`` keeps the family-wise error rate (any
     false rejection among the m comparisons) at ``alpha``. NaN p-values (comparisons that could
     not be made) stay NaN and do not count in m.
+
+    ``untested``: how many further comparisons the design planned in this family but the data did not let
+    us test (withheld, too few pairs). Each counts in m with p = 1, so it is never rejected and a hold
+    decided after seeing the data cannot make the others' correction milder. They have no key and are
+    not in the result.
     """
+    if untested < 0:
+        raise ValueError(f"untested must be 0 or more, not {untested}")
     valid = sorted(((p, k) for k, p in p_values.items() if p is not None and math.isfinite(p)), key=lambda pk: pk[0])
+    m = len(valid) + untested  # the untested sit last in the order (p = 1 is the largest a p-value can be)
     adjusted = {k: math.nan for k in p_values}
     running = 0.0
     for rank, (p, key) in enumerate(valid):
-        running = max(running, min(1.0, (len(valid) - rank) * p))
+        running = max(running, min(1.0, (m - rank) * p))
         adjusted[key] = running
     return adjusted
 
@@ -455,9 +463,8 @@ def fair_verdicts(comparisons: Mapping[Hashable, SeedComparison], delta: float =
     the family is the one the design fixed, and a hold decided after the data cannot shrink the correction.
     """
     tests = {k: equivalence_test(c, delta, alpha) for k, c in comparisons.items()}
-    held = {("withheld", i): 1.0 for i in range(withheld)}
-    p_diff = holm({**{k: difference_p_value(c) for k, c in comparisons.items()}, **held})
-    p_eq = holm({**{k: (t.p_value if t is not None else math.nan) for k, t in tests.items()}, **held})
+    p_diff = holm({k: difference_p_value(c) for k, c in comparisons.items()}, untested=withheld)
+    p_eq = holm({k: (t.p_value if t is not None else math.nan) for k, t in tests.items()}, untested=withheld)
     out = {}
     for k, c in comparisons.items():
         word, reason = fair_verdict(c, p_diff[k], p_eq[k], delta, alpha)

@@ -202,6 +202,21 @@ def test_holm_worked_example():
     assert holm({"a": 0.6, "b": 0.7})["a"] == 1.0  # capped at 1
 
 
+def test_holm_counts_untested_comparisons_in_m_with_p_one():
+    # Two tested and two untested: m = 4. Sorted 0.01 (x4) = 0.04, 0.02 (x3) = 0.06; the untested
+    # would come next with p = 1 and are not returned.
+    adjusted = holm({"a": 0.02, "b": 0.01}, untested=2)
+    assert adjusted == pytest.approx({"a": 0.06, "b": 0.04})
+    # The same as writing the untested in by hand as p = 1, whatever their keys.
+    by_hand = holm({"a": 0.02, "b": 0.01, ("held", 0): 1.0, ("held", 1): 1.0})
+    assert {k: by_hand[k] for k in ("a", "b")} == pytest.approx(adjusted)
+    # A NaN is still out of m; untested = 0 is plain Holm.
+    assert holm({"a": 0.02, "n": math.nan}, untested=1)["a"] == pytest.approx(0.04)
+    assert holm({"a": 0.02, "b": 0.01}, untested=0) == holm({"a": 0.02, "b": 0.01})
+    with pytest.raises(ValueError, match="untested"):
+        holm({"a": 0.1}, untested=-1)
+
+
 def _simulated_power(effect: float, n_seeds: int, sims: int = 20000, seed: int = 0) -> float:
     """Rejection rate of the two-sided paired t-test at 5% when the per-seed differences are N(effect, 1)."""
     diffs = np.random.default_rng(seed).normal(effect, 1.0, size=(sims, n_seeds))
