@@ -455,16 +455,20 @@ def fair_verdicts(comparisons: Mapping[Hashable, SeedComparison], delta: float =
     The difference p-values (:func:`difference_p_value`) are adjusted as one family, so the chance
     of any false ``better`` or ``worse`` stays at ``alpha``; the TOST p-values as a second family, so
     the chance of any false ``equivalent`` (a true difference of delta or more called equivalent)
-    stays at ``alpha`` as well. Comparisons without a test (fewer than 2 pairs) are in neither
-    family; zero-spread ones are in the equivalence family with p = 0 or 1.
+    stays at ``alpha`` as well. Every comparison passed in was planned, so one without a test still
+    counts in m with p = 1 and is never rejected: fewer than 2 pairs (an arm not run yet, or seeds that
+    failed) in both families, zero spread in the difference family (it is in the equivalence family with
+    p = 0 or 1). A partial study's verdicts are therefore corrected for the family the design planned.
 
     ``withheld``: how many further comparisons of the family were planned but may not be tested (a fair
     study's arm whose rate is at the grid's edge). Each stays in both families with p = 1, never rejected:
     the family is the one the design fixed, and a hold decided after the data cannot shrink the correction.
     """
     tests = {k: equivalence_test(c, delta, alpha) for k, c in comparisons.items()}
-    p_diff = holm({k: difference_p_value(c) for k, c in comparisons.items()}, untested=withheld)
-    p_eq = holm({k: (t.p_value if t is not None else math.nan) for k, t in tests.items()}, untested=withheld)
+    raw_diff = {k: difference_p_value(c) for k, c in comparisons.items()}
+    raw_eq = {k: (t.p_value if t is not None else math.nan) for k, t in tests.items()}
+    p_diff = holm(raw_diff, untested=withheld + sum(1 for p in raw_diff.values() if not math.isfinite(p)))
+    p_eq = holm(raw_eq, untested=withheld + sum(1 for p in raw_eq.values() if not math.isfinite(p)))
     out = {}
     for k, c in comparisons.items():
         word, reason = fair_verdict(c, p_diff[k], p_eq[k], delta, alpha)

@@ -109,6 +109,24 @@ def test_a_withheld_comparison_stays_in_its_familys_holm_count():
     assert both["linchain"]["verdict"] == "inconclusive" and math.isnan(both["linchain"]["p_holm"])
 
 
+def test_an_arm_not_run_yet_counts_in_its_familys_holm_count():
+    """A partial study: LoRA, one finished arm and one planned arm with no final seed (and one with a single
+    seed). Both unfinished arms count with p = 1, so the finished one's Holm p is its raw p times 3, the family
+    the design planned, and a stage stopped halfway reads no milder than the whole."""
+    diffs = [0.03, 0.01, 0.04, 0.0, 0.05, 0.02, 0.03, 0.01]
+    finished = arm("moslora", with_gain(diffs))
+    planned = arm("linchain", {}, best=None)
+    single = arm("condlora", {1: 0.6})
+    rows = rows_of(arm("lora", LORA, reference=None), finished, planned, single)
+    n, m, sd = len(diffs), np.mean(diffs), np.std(diffs, ddof=1)
+    se = sd / math.sqrt(n)
+    p_tost = max(sps.t.sf((m + 0.02) / se, n - 1), sps.t.cdf((m - 0.02) / se, n - 1))
+    assert math.isclose(rows["moslora"]["p_holm"], min(1.0, 3 * sps.ttest_1samp(diffs, 0).pvalue), rel_tol=1e-6)
+    assert math.isclose(rows["moslora"]["p_equivalence_holm"], min(1.0, 3 * p_tost), rel_tol=1e-6)
+    for spec in ("linchain", "condlora"):
+        assert rows[spec]["verdict"] == "inconclusive" and math.isnan(rows[spec]["p_holm"])
+
+
 def test_a_withheld_control_counts_in_the_control_family_only():
     diffs = [0.002, -0.003, 0.001, 0.0, -0.002, 0.003, -0.001, 0.001]
     gain = [0.01, -0.02, 0.0, 0.015, -0.01, 0.02, 0.005, -0.005]
