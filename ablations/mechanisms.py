@@ -86,7 +86,8 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
     by_spec = {r.spec: r for r in results}
     rows: list[dict[str, Any]] = []
     tested: dict[int, stats.SeedComparison] = {}  # row index -> the comparison its verdict rests on
-    held: list[int] = []  # rows measured but not testable (withheld, too few pairs, no spread): in the Holm count, p = 1
+    held: list[int] = []  # planned tests without a verdict (withheld, too few pairs, no spread, not measured yet):
+    #                       in the Holm count with p = 1
     for arm in results:
         if arm.reference is None:
             continue
@@ -124,7 +125,8 @@ def claim_rows(results: list[TunedArm], alpha: float = 0.05) -> list[dict[str, A
                     if len(rows) not in tested:
                         held.append(len(rows))
                 rows.append(row)
-            if rests_on is None:
+            if rests_on is None:  # planned but not measured (yet): one more test in the family, p = 1
+                held.append(len(rows))
                 unfinished = [a.spec for a in (ref, arm) if not a.test]
                 why = ("no final run of " + " and ".join(f"`{u}`" for u in unfinished) + " has finished yet"
                        if unfinished else "no final seed of this pair stored its diagnostics (diagnostics: none, "

@@ -370,3 +370,28 @@ def test_a_withheld_claim_keeps_its_place_in_the_holm_count():
     for row in tested[tested["verdict"] != "inconclusive"].itertuples():
         assert row.p_holm == pytest.approx(by_raw[row.p])
         assert "3 claim test(s)" in row.note and "2 untested" in row.note
+
+
+def test_an_arm_not_measured_yet_keeps_its_claims_in_the_holm_count():
+    """A partial study: LinChain measured, MoSLoRA planned with no final run yet. MoSLoRA's three claim tests
+    count in the LoRA family with p = 1, so LinChain's Holm p-values are over 3 + 3 tests, not 3."""
+    lora, linchain, _ = _arms()
+    planned = _arm("moslora", "lora", lambda s: 1.0, lambda s: 4.0, seeds=[])
+    alone = pd.DataFrame(mechanisms.claim_rows([lora, linchain]))
+    claims = pd.DataFrame(mechanisms.claim_rows([lora, linchain, planned]))
+    assert set(claims.loc[claims["method"] == "moslora", "verdict"]) == {"not measured"}
+    mine = claims[claims["tested"] & (claims["method"] == "linchain")].set_index("claim")
+    before = alone[alone["tested"] & (alone["method"] == "linchain")].set_index("claim")
+    measured = before["p"].dropna()
+    assert len(measured) >= 1
+    untested = before["verdict"] == "inconclusive"  # (no spread) counts with p = 1 as well
+    raw = sorted([*before["p"].where(~untested, 1.0).tolist(), *[1.0] * 3])
+    adjusted, running = {}, 0.0
+    for i, p in enumerate(raw):
+        running = max(running, min(1.0, (len(raw) - i) * p))
+        adjusted.setdefault(p, running)
+    for claim, p in measured.items():
+        if before.loc[claim, "verdict"] == "inconclusive":
+            continue
+        assert mine.loc[claim, "p_holm"] == pytest.approx(adjusted[p])
+        assert f"{len(raw)} claim test(s)" in mine.loc[claim, "note"]
