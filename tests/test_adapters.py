@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -98,6 +99,21 @@ def rel_err(a, b):
 def test_adapted_model_equals_base_before_training(base, ids, spec):
     model = adapted(base, spec, dropout=0.1)
     assert torch.equal(logits(model, ids), logits(base, ids))
+
+
+@pytest.mark.parametrize("spec", ["pissa", "olora"])
+def test_pissa_and_olora_start_at_the_base_function_up_to_the_base_weights_rounding(base, ids, spec):
+    """PiSSA and OLoRA move s B0 A0 out of W0, so the model starts at W0 only up to the rounding of the residual
+    W0 - s B0 A0 in the base weights' precision (LoRA starts there exactly, B = 0). In float32 that is ~1e-7 of
+    the logits; on a bf16 base it is a bf16 rounding of the logits (2 units in the last place of the largest),
+    not more: peft computes the residual in float32 and rounds it once."""
+    shift = rel_err(logits(adapted(base, spec), ids), logits(base, ids))
+    assert 0 < shift < 1e-5
+    half = copy.deepcopy(base).to(torch.bfloat16)
+    want, got = logits(half, ids).float(), logits(adapted(half, spec), ids).float()
+    top = want.abs().max().item()
+    ulp = torch.finfo(torch.bfloat16).eps * 2.0 ** math.floor(math.log2(top))
+    assert 0 < (got - want).abs().max().item() <= 2 * ulp
 
 
 @pytest.mark.parametrize("spec", SPECS)
