@@ -125,6 +125,8 @@ def test_an_arm_not_run_yet_counts_in_its_familys_holm_count():
     assert math.isclose(rows["moslora"]["p_equivalence_holm"], min(1.0, 3 * p_tost), rel_tol=1e-6)
     for spec in ("linchain", "condlora"):
         assert rows[spec]["verdict"] == "inconclusive" and math.isnan(rows[spec]["p_holm"])
+    assert "Holm over the 3 planned comparisons vs LoRA, 2 of them without a test yet" in rows["moslora"]["note"]
+    assert "planned comparisons" not in rows_of(arm("lora", LORA, reference=None), finished)["moslora"]["note"]
 
 
 def test_a_withheld_control_counts_in_the_control_family_only():
