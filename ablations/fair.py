@@ -729,12 +729,10 @@ def verdict_rows(plan, results: list[TunedArm], alpha: float = 0.05) -> list[dic
         comparisons[r.spec] = stats.seed_comparison(r.test, ref.test)
         holds[r.spec] = withheld(r, ref)
     verdicts: dict[str, stats.FairVerdict] = {}
-    untested: dict[str, int] = {}  # family -> its planned comparisons without a difference test (p = 1 in Holm)
     for family in (LORA_FAMILY, CONTROL_FAMILY):
         members = {k: c for k, c in comparisons.items() if by_spec[k].family == family and holds[k] is None}
         held = sum(1 for k in comparisons if by_spec[k].family == family and holds[k] is not None)
         verdicts.update(stats.fair_verdicts(members, delta=delta, alpha=alpha, withheld=held))
-        untested[family] = held + sum(1 for c in members.values() if not math.isfinite(stats.difference_p_value(c)))
     pooled = pooled_spread(results)
     family_sizes = {f: sum(1 for k in comparisons if by_spec[k].family == f) for f in (LORA_FAMILY, CONTROL_FAMILY)}
     rows = []
@@ -773,9 +771,9 @@ def verdict_rows(plan, results: list[TunedArm], alpha: float = 0.05) -> list[dic
                 v = verdicts[r.spec]
                 row.update(verdict=v.verdict, p_holm=v.p_holm, p_equivalence_holm=v.p_equivalence_holm)
                 notes.append(v.reason)
-                if untested[r.family] and math.isfinite(v.p_holm):
+                if v.untested and math.isfinite(v.p_holm):
                     notes.append(f"Holm over the {family_sizes[r.family]} planned comparisons {r.family}, "
-                                 f"{untested[r.family]} of them without a test yet or withheld (counted with p = 1)")
+                                 f"{v.untested} of them without a test yet or withheld (counted with p = 1)")
             if c.missing and c.seeds:
                 notes.append("compared on the seeds both have: " + ",".join(map(str, c.seeds)))
         row["note"] = "; ".join(filter(None, [*notes, _note(r)]))

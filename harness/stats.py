@@ -446,6 +446,7 @@ class FairVerdict:
     p_holm: float  # the difference test's Holm-adjusted p-value (NaN where there is no test)
     p_equivalence_holm: float  # the TOST p-value, Holm-adjusted over the same family
     equivalence: EquivalenceTest | None
+    untested: int = 0  # the planned comparisons of its difference family counted with p = 1 (no test, or withheld)
 
 
 def fair_verdicts(comparisons: Mapping[Hashable, SeedComparison], delta: float = DELTA,
@@ -467,12 +468,13 @@ def fair_verdicts(comparisons: Mapping[Hashable, SeedComparison], delta: float =
     tests = {k: equivalence_test(c, delta, alpha) for k, c in comparisons.items()}
     raw_diff = {k: difference_p_value(c) for k, c in comparisons.items()}
     raw_eq = {k: (t.p_value if t is not None else math.nan) for k, t in tests.items()}
-    p_diff = holm(raw_diff, untested=withheld + sum(1 for p in raw_diff.values() if not math.isfinite(p)))
+    untested = withheld + sum(1 for p in raw_diff.values() if not math.isfinite(p))
+    p_diff = holm(raw_diff, untested=untested)
     p_eq = holm(raw_eq, untested=withheld + sum(1 for p in raw_eq.values() if not math.isfinite(p)))
     out = {}
     for k, c in comparisons.items():
         word, reason = fair_verdict(c, p_diff[k], p_eq[k], delta, alpha)
-        out[k] = FairVerdict(word, reason, p_diff[k], p_eq[k], tests[k])
+        out[k] = FairVerdict(word, reason, p_diff[k], p_eq[k], tests[k], untested)
     return out
 
 
