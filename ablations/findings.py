@@ -174,14 +174,41 @@ def claims(folder: Path, shipped: set[tuple[str, int]]) -> list[dict]:
     return mechanisms.claim_rows(arms)
 
 
-def text(folder: Path) -> str:
-    """The Findings block for one fair study folder (Markdown, no trailing newline)."""
+@dataclass
+class Study:
+    """What a fair study's shipped files give, checked against each other (verdict.csv against items.csv.gz,
+    trials.csv's choices against verdict.csv)."""
+
+    folder: Path
+    design: dict
+    verdict: pd.DataFrame  # recomputed from items.csv.gz
+    items: dict
+    scores: dict[str, dict[int, float]]  # method -> seed -> test average
+    tuned: dict[str, Tuned]
+    reference: dict[str, str | None]
+    finished: dict[str, int]  # method -> final seeds finished
+    complete: bool
+
+    @property
+    def name(self) -> str:
+        return self.design["name"]
+
+    @property
+    def steps(self) -> int:
+        return int(self.design["run"]["max_steps"])
+
+    @property
+    def planned(self) -> int:
+        return int(self.design["final_seeds"])
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.verdict["method"])
+
+
+def read_study(folder: Path) -> Study:
     design = read_design(folder)
-    study = design["name"]
-    steps = int(design["run"]["max_steps"])
     planned = int(design["final_seeds"])
-    delta = float(design["delta"]) / 100
-    per_decade = float(design["lr_grid"]["per_decade"])
     verdict = recompute.recompute(folder)
     shipped = pd.read_csv(folder / "verdict.csv", keep_default_na=False, na_values=[""])
     disagree = recompute.differences(verdict, shipped)
@@ -197,11 +224,22 @@ def text(folder: Path) -> str:
         elif row.method in tuned and not math.isclose(tuned[row.method].chosen, float(row.chosen_lr), rel_tol=1e-9):
             raise UserError(f"trials.csv picks {tuned[row.method].chosen:g} for {row.method}, verdict.csv "
                             f"{float(row.chosen_lr):g}; rewrite the report first")
-    methods = [m for m in verdict["method"]]
+    methods = list(verdict["method"])
     reference = {r.method: (r.reference if isinstance(r.reference, str) and r.reference else None)
                  for r in verdict.itertuples()}
     finished = {m: len(scores.get(m, {})) for m in methods}
     complete = all(finished.get(m, 0) >= planned and m in tuned for m in methods)
+    return Study(folder, design, verdict, items, scores, tuned, reference, finished, complete)
+
+
+def text(folder: Path) -> str:
+    """The Findings block for one fair study folder (Markdown, no trailing newline)."""
+    s = read_study(folder)
+    design, study, steps, planned = s.design, s.name, s.steps, s.planned
+    delta = float(design["delta"]) / 100
+    per_decade = float(design["lr_grid"]["per_decade"])
+    verdict, items, scores, tuned = s.verdict, s.items, s.scores, s.tuned
+    methods, reference, finished, complete = s.methods, s.reference, s.finished, s.complete
     controls = [m for m, f in zip(verdict["method"], verdict["family"]) if f == CONTROL_FAMILY]
     out = [f"### `{study}`: {', '.join(name(m) for m in methods)}, each at its own tuned rate", ""]
     if complete:
@@ -299,13 +337,9 @@ def text(folder: Path) -> str:
                    "every tenth step), the others did not: that adds to their time for a reason that is not the "
                    "method." if mixed else ""), ""]
 
-    with_lora = [r.method for r in verdict.itertuples() if r.family == LORA_FAMILY]
-    differences = [[scores[m][s] - scores[reference[m]][s] for s in sorted(set(scores[m]) & set(scores[reference[m]]))]
-                   for m in with_lora if m in scores and reference[m] in scores]
-    pooled = stats.pooled_sd([[100 * d for d in ds] for ds in differences])
-    family = max(1, int((verdict["family"] == LORA_FAMILY).sum()))  # the design's Holm family, finished or not
-    if math.isfinite(pooled.sd):
-        figures = stats.power_figures(pooled.sd, planned, comparisons=family, delta=100 * delta, sd_df=pooled.df)
+    pooled, figures = noise(s)
+    family = figures.comparisons if figures else 0
+    if figures:
         needed = figures.seeds_needed
         shares = ", ".join(f"{name(r.method)} - {name(reference[r.method])}: seeds {100 * r.var_seed_share:.0f}%, items "
                            f"{100 * r.var_item_share:.0f}%" for r in verdict.itertuples()
@@ -320,6 +354,22 @@ def text(folder: Path) -> str:
                 + f". Share of each gain's variance (the rest is their interaction): {shares}.", ""]
     out += [limits(folder, items, steps, verdict), ""]
     return "\n".join(out).rstrip()
+
+
+def noise(s: Study) -> tuple[stats.PooledSD, stats.PowerFigures | None]:
+    """The paired per-seed SD of a gain pooled over the study's comparisons with LoRA (in points), and the design's
+    power figures from it: its planned final seeds, Holm over its planned LoRA family (finished or not)."""
+    with_lora = [r.method for r in s.verdict.itertuples() if r.family == LORA_FAMILY]
+    ref = s.reference
+    differences = [[100 * (s.scores[m][seed] - s.scores[ref[m]][seed])
+                    for seed in sorted(set(s.scores[m]) & set(s.scores[ref[m]]))]
+                   for m in with_lora if m in s.scores and ref[m] in s.scores]
+    pooled = stats.pooled_sd(differences)
+    if not math.isfinite(pooled.sd):
+        return pooled, None
+    family = max(1, len(with_lora))
+    delta = float(s.design["delta"])
+    return pooled, stats.power_figures(pooled.sd, s.planned, comparisons=family, delta=delta, sd_df=pooled.df)
 
 
 def limits(folder: Path, items, steps: int, verdict: pd.DataFrame) -> str:
