@@ -3,6 +3,8 @@
     python -m ablations.findings results/findings/fair-paper                           # print the text
     python -m ablations.findings results/findings/fair-paper --readme results/README.md  # rewrite its block
     python -m ablations.findings results/findings/fair-paper --readme results/README.md --check
+    python -m ablations.findings --brief results/findings/fair-paper results/findings/fair-controls \\
+        results/findings/fair-rest --readme results/README.md     # the answer across studies, claim by claim
 
 Every figure of the text is computed here, from the files a fair study's report ships:
 
@@ -372,22 +374,198 @@ def noise(s: Study) -> tuple[stats.PooledSD, stats.PowerFigures | None]:
     return pooled, stats.power_figures(pooled.sd, s.planned, comparisons=family, delta=delta, sd_df=pooled.df)
 
 
-def limits(folder: Path, items, steps: int, verdict: pd.DataFrame) -> str:
-    """What the study cannot show: its scale, and the arms it did not run."""
+def scale(folder: Path, items, steps: int) -> str:
+    """The study's scale in words: model, steps, batch, rank, test items."""
     import json
 
     result = folder / "result.json"
     config = json.loads(result.read_text()).get("config", {}) if result.is_file() else {}
     tasks = {task: len(docs) for seeds in items.values() for tasks in seeds.values() for task, docs in tasks.items()}
+    return (f"one model (`{config.get('model', '?')}`), {steps} optimizer steps of batch {config.get('batch_size', '?')}, "
+            f"rank {config.get('rank', '?')}, one synthetic task family ({sum(tasks.values())} test items over "
+            f"{len(tasks)} tasks), one tuning seed")
+
+
+def limits(folder: Path, items, steps: int, verdict: pd.DataFrame) -> str:
+    """What the study cannot show: its scale, and the arms it did not run."""
     controls = [m for m, f in zip(verdict["method"], verdict["family"]) if f == CONTROL_FAMILY]
-    scale = (f"one model (`{config.get('model', '?')}`), {steps} optimizer steps of batch {config.get('batch_size', '?')}, "
-             f"rank {config.get('rank', '?')}, one synthetic task family ({sum(tasks.values())} test items over "
-             f"{len(tasks)} tasks), one tuning seed")
     arms = ("controls: " + ", ".join(f"`{c}`" for c in controls) if controls else
             "no control arm in this study (the init-only, depth and parameter-count controls are a study of their "
             "own), so no mechanism claim here is tested against a control")
-    return (f"**Limits.** This is {scale}; {arms}. A result here says what holds at this scale, not what holds for "
-            "larger models, longer training or other tasks.")
+    return (f"**Limits.** This is {scale(folder, items, steps)}; {arms}. A result here says what holds at this "
+            "scale, not what holds for larger models, longer training or other tasks.")
+
+
+def shipped_runs(s: Study) -> set[tuple[str, int]]:
+    return {(m, int(seed)) for m, by in s.scores.items() for seed in by}
+
+
+def verdict_label(row: dict) -> str:
+    """A mechanism claim's verdict, with why when it was withheld."""
+    note = str(row.get("note") or "")
+    if row["verdict"] == "inconclusive" and note.startswith("withheld"):
+        if "rates differ" in note:
+            return "withheld (the rates differ; no step-direction cosine)"
+        if "edge" in note:
+            return "withheld (a rate at the grid's edge)"
+        return "withheld"
+    return row["verdict"]
+
+
+def tally(verdicts: list[tuple[str, str]]) -> str:
+    """``[(method, verdict), ...]`` as "**v** for all N" or "**v**: a, b; **w**: c"."""
+    groups: dict[str, list[str]] = {}
+    for method, verdict in verdicts:
+        groups.setdefault(verdict, []).append(method)
+    if not groups:
+        return "not measured yet"
+    if len(groups) == 1:
+        (verdict, methods), = groups.items()
+        return f"**{verdict}** for " + (f"all {len(methods)}" if len(methods) > 1 else name(methods[0]))
+    return "; ".join(f"**{v}**: {', '.join(name(m) for m in ms)}" for v, ms in groups.items())
+
+
+def brief(folders: list[Path]) -> str:
+    """The answer across several fair studies, claim by claim (Markdown, no trailing newline).
+
+    A (method, reference) pair that several studies hold (an imported arm) is read from the first folder that
+    holds it; every figure comes from the same functions as each study's own block."""
+    studies = [read_study(f) for f in folders]
+    pairs, controls, seen = [], [], set()
+    for s in studies:
+        for r in s.verdict.itertuples():
+            ref = s.reference.get(r.method)
+            if ref and (r.method, ref) not in seen:
+                seen.add((r.method, ref))
+                (controls if r.family == CONTROL_FAMILY else pairs).append((s, r))
+
+    def gain(s: Study, r) -> str:
+        if not math.isfinite(r.gain):
+            return f"{name(r.method)} not measured yet"
+        return f"{name(r.method)} {pts(r.gain)} {interval(r.gain_low, r.gain_high)}"
+
+    rows = []
+    paper = next((s for s in studies if all(m in s.methods for m in ORDER)), None)
+    if paper is not None:
+        ordered = ordering(paper.scores)
+        rows.append(("LinChain > MoSLoRA > LoRA (the LinChain paper's Tables 1-2)",
+                     "test accuracy at each method's tuned rate, every pair; Holm over the 3 pairs",
+                     ordering_verdict(ordered, [m for m in ORDER if not paper.scores.get(m)]).replace(
+                         "not supported at this scale", "**not supported at this scale**", 1),
+                     "; ".join(f"{name(hi)} - {name(lo)} {pts(c.estimate)} {interval(c.low, c.high)}"
+                               for hi, lo, c, _ in ordered)))
+    def score_verdict(r) -> str:
+        return r.verdict if math.isfinite(r.gain) else "not measured yet"
+
+    rows.append(("a method beats LoRA", "gain in test accuracy over LoRA, each at its tuned rate; Holm within "
+                 "each study's family", tally([(r.method, score_verdict(r)) for _, r in pairs]),
+                 "; ".join(gain(s, r) for s, r in pairs)))
+
+    claimed: dict[str, list[dict]] = {key: [] for key in CLAIM_TITLES}
+    done: set[tuple[str, str]] = set()
+    for s in studies:
+        for row in claims(s.folder, shipped_runs(s)):
+            key = (row["claim"], row["method"])
+            if row["family"] != LORA_FAMILY or not (row.get("tested") is True or row.get("tested") == "True") \
+                    or key in done or row["claim"] not in claimed:
+                continue
+            done.add(key)
+            claimed[row["claim"]].append(row)
+    for key, title in CLAIM_TITLES.items():
+        found = claimed[key]
+        measure = next((r["measure"] for r in found if r.get("measure")), "")
+        figures = "; ".join(f"{name(r['method'])} {r['difference']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}]"
+                            for r in found if r["verdict"] != "not measured")
+        rows.append((title, (measure + " (method - LoRA)") if measure else "", tally(
+            [(r["method"], verdict_label(r)) for r in found]), figures))
+
+    ratios: dict[str, tuple[float, bool]] = {}
+    for s in studies:
+        times = seconds_per_step(s.folder, s.steps)
+        if "lora" not in times:
+            continue
+        base = float(pd.Series(times["lora"]).median())
+        captured = cosine_recorded(s.folder)
+        for m in s.methods:
+            if m != "lora" and m in times and m not in ratios:
+                ratios[m] = (float(pd.Series(times[m]).median()) / base, m in captured)
+    if ratios:
+        low, high = min(v for v, _ in ratios.values()), max(v for v, _ in ratios.values())
+        marked = any(c for _, c in ratios.values())
+        rows.append(("training-time overhead (the LinChain paper's Table 4)",
+                     "median s/step of the final runs over LoRA's, this 2-core CPU, bf16, load not controlled",
+                     f"{low:.2f}x to {high:.2f}x LoRA",
+                     "; ".join(f"{name(m)}{'*' if c else ''} {v:.2f}x" for m, (v, c) in ratios.items())
+                     + (" (* also recorded the step-direction cosine, which adds time)" if marked else "")))
+    if controls:
+        rows.append(("what the controls show", "each control minus the method it controls, both at tuned rates",
+                     tally([(r.method, score_verdict(r)) for _, r in controls]), "; ".join(
+                         f"{gain(s, r)} vs {name(s.reference[r.method])}" for s, r in controls)))
+
+    offsets = []
+    for s, r in pairs + controls:
+        t, lora = s.tuned.get(r.method), s.tuned.get("lora")
+        if t and lora:
+            steps = round(math.log10(t.chosen / lora.chosen) * float(s.design["lr_grid"]["per_decade"]))
+            offsets.append((r.method, steps, t.at_edge))
+    if offsets:
+        lora_rate = next(s.tuned["lora"].chosen for s in studies if "lora" in s.tuned)
+        rows.append(("where each method's best rate sits", f"grid steps (quarter decades) from LoRA's chosen "
+                     f"{lora_rate:.3g}, chosen on validation", f"{min(o for _, o, _ in offsets):+d} to "
+                     f"{max(o for _, o, _ in offsets):+d} steps",
+                     "; ".join(f"{name(m)} {o:+d}" + (" (at the grid's edge)" if edge else "")
+                               for m, o, edge in offsets)))
+
+    spreads, designs, pooled_pairs = [], [], set()
+    for s in studies:
+        mine = {(r.method, s.reference[r.method]) for r in s.verdict.itertuples() if r.family == LORA_FAMILY}
+        pooled, figures = noise(s)
+        if figures and not mine <= pooled_pairs:  # a study whose LoRA comparisons are all imported adds nothing new
+            pooled_pairs |= mine
+            designs.append(figures)
+            spreads.append(f"`{s.name}` {pooled.sd:.1f} points ({pooled.df} df): MDE {figures.mde:.1f} with "
+                           f"{s.planned} seeds over {figures.comparisons} comparison(s), "
+                           + (f"{figures.seeds_needed} seeds" if figures.seeds_needed else "more than 1000 seeds")
+                           + f" for the {figures.delta:.0f}-point question")
+    if spreads:
+        mdes = [f.mde for f in designs]
+        needed = [f.seeds_needed for f in designs]
+        rows.append(("how many seeds the question needs", "paired per-seed SD of a gain over LoRA, pooled per "
+                     "study; 80% power at Holm's first step",
+                     f"MDE {min(mdes):.1f}" + (f"-{max(mdes):.1f}" if max(mdes) > min(mdes) + 0.05 else "")
+                     + f" points with the seeds run; a {designs[0].delta:.0f}-point gain needs "
+                     + (f"{min(needed)}" + (f"-{max(needed)}" if max(needed) > min(needed) else "") + " seeds per method"
+                        if all(needed) else "more than 1000 seeds"), "; ".join(spreads)))
+
+    names = ", ".join(f"`{s.name}`" for s in studies)
+    partial = [s for s in studies if not s.complete]
+    out = ["### In brief: the answer at this scale, claim by claim", ""]
+    out.append(f"From {names}; each study's block below has every figure with its p-values, and its folder the "
+               "files they come from. Gains and differences are the method minus LoRA, 95% intervals over the "
+               "paired final seeds (the runs' variance on this test set), not adjusted for multiplicity; the verdicts are "
+               "corrected for them (Holm, within each study's family). A pair that several studies hold "
+               "(imported arms) is counted once.")
+    if partial:
+        out.append("")
+        out.append("**Provisional:** " + ", ".join(f"`{s.name}`" for s in partial) + " still running; rows that "
+                   "name its methods will change.")
+    out += ["", "| claim | measured as | verdict at this scale | figures |", "|---|---|---|---|"]
+    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    out += ["", f"**At this scale** means {scale(studies[0].folder, studies[0].items, studies[0].steps)} per "
+            "method. Verdict words: `inconclusive`: the interval neither excludes 0 nor "
+            "sits inside ±delta; **no detectable difference** is not equivalence; **opposite**: a significant "
+            "difference in the direction the claim does not predict."]
+    return "\n".join(out)
+
+
+BRIEF_BEGIN = "<!-- findings:brief begin: written by `python -m ablations.findings --brief {folders} --readme " \
+              "results/README.md` from the studies' files; edit ablations/findings.py, not this text -->"
+BRIEF_END = "<!-- findings:brief end -->"
+
+
+def brief_block(folders: list[Path]) -> str:
+    named = " ".join(f"results/findings/{f.name}" for f in folders)  # as the study blocks' markers name them
+    return "\n".join([BRIEF_BEGIN.format(folders=named), brief(folders), BRIEF_END])
 
 
 def block(folder: Path) -> str:
@@ -396,10 +574,12 @@ def block(folder: Path) -> str:
 
 
 def replace_block(readme: str, new_block: str, study: str) -> str:
-    """The README with its block for ``study`` replaced (a UserError when the markers are missing)."""
-    begin, end = BEGIN.format(name=study), END.format(name=study)
-    head, sep, rest = readme.partition(begin)
+    """The README with its block for ``study`` (a study's name, or ``brief``) replaced: from the line that opens with
+    its begin marker to its end marker (a UserError when they are missing)."""
+    opening, end = f"<!-- findings:{study} begin", END.format(name=study)
+    head, sep, rest = readme.partition(opening)
     if not sep or end not in rest:
+        begin = new_block.splitlines()[0]
         raise UserError(f"the README has no block for {study!r}: add the two lines\n{begin}\n{end}\nwhere it belongs")
     _, _, tail = rest.partition(end)
     return head + new_block + tail
@@ -409,8 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ablations.findings", description=__doc__.split("\n\n")[0],
                                      epilog="Exit status: 0 when written (or, with --check, unchanged), 1 when "
                                             "--check finds the README stale, 2 on bad input.")
-    parser.add_argument("folder", type=Path, help="a fair study's findings folder (study.yaml, verdict.csv, "
-                                                  "items.csv.gz, trials.csv, journal.log)")
+    parser.add_argument("folder", type=Path, nargs="+", help="a fair study's findings folder (study.yaml, "
+                        "verdict.csv, items.csv.gz, trials.csv, journal.log); several with --brief")
+    parser.add_argument("--brief", action="store_true", help="write the summary across the folders given, claim by "
+                                                             "claim (its own block, `findings:brief`)")
     parser.add_argument("--readme", type=Path, help="rewrite this file's block for the study (between its markers)")
     parser.add_argument("--check", action="store_true", help="with --readme: change nothing, exit 1 if the block "
                                                              "differs from what the files give")
@@ -418,26 +600,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.check and args.readme is None:
             raise UserError("--check needs --readme FILE")
-        new = block(args.folder)
+        if len(args.folder) > 1 and not args.brief:
+            raise UserError(f"{len(args.folder)} folders given: one study's block takes one folder (several need "
+                            "--brief)")
+        new = brief_block(args.folder) if args.brief else block(args.folder[0])
         if args.readme is None:
             print(new)
             return 0
         if not args.readme.is_file():
             raise UserError(f"{args.readme} not found")
         old = args.readme.read_text()
-        updated = replace_block(old, new, read_design(args.folder)["name"])
+        study = "brief" if args.brief else read_design(args.folder[0])["name"]
+        updated = replace_block(old, new, study)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    what = " ".join(str(f) for f in args.folder)
     if args.check:
         if updated != old:
-            print(f"{args.readme}: the findings block differs from what {args.folder} gives; run without --check "
+            print(f"{args.readme}: the findings block differs from what {what} gives; run without --check "
                   "to rewrite it", file=sys.stderr)
             return 1
-        print(f"{args.readme}: every figure of the findings block agrees with {args.folder}")
+        print(f"{args.readme}: every figure of the findings block agrees with {what}")
         return 0
     args.readme.write_text(updated)
-    print(f"{args.readme}: findings block written from {args.folder}")
+    print(f"{args.readme}: findings block written from {what}")
     return 0
 
 

@@ -40,8 +40,10 @@ def test_the_readme_findings_block_is_what_the_shipped_files_give(copy, capsys):
 
 def test_every_findings_block_in_the_readme_is_what_its_folder_gives(capsys):
     blocks = re.findall(r"<!-- findings:([\w-]+) begin", README.read_text())
-    assert "fair-paper" in blocks
+    assert "fair-paper" in blocks and "brief" in blocks
     for study in blocks:
+        if study == "brief":  # the summary across studies: its own test below
+            continue
         assert findings.main([str(ROOT / "results" / "findings" / study), "--readme", str(README), "--check"]) == 0, \
             (study, capsys.readouterr().err)
 
@@ -143,3 +145,80 @@ def test_the_rate_is_chosen_again_from_trials_csv_by_the_studys_rule(tmp_path):
     tuned = findings.tuning(tmp_path, 0.5)
     assert tuned["lora"].chosen == 1.78e-3 and not tuned["lora"].at_edge  # neither the failed nor the test row counts
     assert tuned["moslora"].chosen == 1e-3 and tuned["moslora"].at_edge
+
+
+BRIEF_FOLDERS = re.compile(r"<!-- findings:brief begin: written by `python -m ablations.findings --brief ([^`]+?) --readme")
+
+
+def brief_folders() -> list[Path]:
+    return [ROOT / f for f in BRIEF_FOLDERS.search(README.read_text()).group(1).split()]
+
+
+def test_the_readme_brief_is_what_the_studies_named_in_its_marker_give(capsys):
+    folders = brief_folders()
+    assert [f.name for f in folders][:1] == ["fair-paper"] and all(f.is_dir() for f in folders)
+    argv = ["--brief", *map(str, folders), "--readme", str(README), "--check"]
+    assert findings.main(argv) == 0, capsys.readouterr().err
+
+
+def brief_rows() -> dict[str, list[str]]:
+    """The brief's table as {claim: cells}, split on the unescaped pipes only."""
+    text = README.read_text()
+    block = text[text.index("<!-- findings:brief begin"):text.index("<!-- findings:brief end -->")]
+    rows = {}
+    for line in block.splitlines():
+        if line.startswith("| ") and not line.startswith("| claim |"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_the_brief_table_has_four_cells_a_row_even_where_a_measure_holds_pipes():
+    rows = brief_rows()
+    assert rows and all(len(cells) == 4 for cells in rows.values()), rows
+    paths = next(cells for claim, cells in rows.items() if "optimization paths" in claim)
+    assert "\\|\\|dW" in paths[1]  # the norm bars are escaped, not read as cell borders
+
+
+def test_the_briefs_gains_over_lora_are_t_intervals_recomputed_here_each_pair_once():
+    rows = brief_rows()
+    beats = rows["a method beats LoRA"]
+    expected_methods = []
+    for folder in brief_folders():
+        items = pd.read_csv(folder / "items.csv.gz")
+        score = items.groupby(["method", "seed", "task"])["correct"].mean().groupby(["method", "seed"]).mean()
+        verdict = pd.read_csv(folder / "verdict.csv", keep_default_na=False)
+        for row in verdict.itertuples():
+            if row.family != "vs LoRA" or row.method in expected_methods:
+                continue
+            expected_methods.append(row.method)
+            if row.method not in score.index.get_level_values(0):
+                assert f"{findings.name(row.method)} not measured yet" in beats[3]
+                continue
+            mine, lora = score[row.method], score["lora"]
+            seeds = sorted(set(mine.index) & set(lora.index))
+            d = 100 * np.array([mine[s] - lora[s] for s in seeds])
+            half = sps.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+            expected = f"{findings.name(row.method)} {d.mean():+.1f} [{d.mean() - half:+.1f}, {d.mean() + half:+.1f}]"
+            assert expected in beats[3], (expected, beats[3])
+    # an arm imported into a later study (LoRA's comparisons with MoSLoRA, LinChain-3) is listed once
+    listed = [part.split(" ")[0] for part in beats[3].split("; ")]
+    assert len(listed) == len(set(listed)) == len(expected_methods)
+
+
+def test_tally_groups_methods_by_verdict():
+    assert findings.tally([("moslora", "inconclusive"), ("linchain", "inconclusive")]) == "**inconclusive** for all 2"
+    assert findings.tally([("moslora", "opposite")]) == "**opposite** for MoSLoRA"
+    assert findings.tally([("moslora", "opposite"), ("condlora", "not measured"), ("linchain", "opposite")]) == \
+        "**opposite**: MoSLoRA, LinChain-3; **not measured**: `condlora`"
+    assert findings.tally([]) == "not measured yet"
+
+
+def test_several_folders_need_brief_and_a_missing_brief_block_is_one_line(copy, tmp_path, capsys):
+    folder, readme = copy
+    assert findings.main([str(folder), str(folder)]) == 2
+    assert "several need --brief" in capsys.readouterr().err
+    bare = tmp_path / "bare.md"
+    bare.write_text("# no markers\n")
+    assert findings.main(["--brief", str(folder), "--readme", str(bare)]) == 2
+    assert "has no block for 'brief'" in capsys.readouterr().err
