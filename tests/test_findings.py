@@ -222,3 +222,23 @@ def test_several_folders_need_brief_and_a_missing_brief_block_is_one_line(copy, 
     bare.write_text("# no markers\n")
     assert findings.main(["--brief", str(folder), "--readme", str(bare)]) == 2
     assert "has no block for 'brief'" in capsys.readouterr().err
+
+
+def test_the_top_readmes_abridged_table_is_fair_papers_verdict():
+    """The table under "What an answer looks like" in the top README is typed, so it is checked: every figure in it
+    is fair-paper's verdict.csv, rounded as verdict.md rounds it."""
+    top = (ROOT / "README.md").read_text()
+    verdict = pd.read_csv(STUDY / "verdict.csv", keep_default_na=False, na_values=[""]).set_index("method")
+    rows = {line.split("|")[1].strip().strip("`"): [c.strip() for c in line.split("|")[2:-1]]
+            for line in top[top.index("What an answer looks like"):top.index("Where to go next")].splitlines()
+            if line.startswith("| `")}
+    assert set(rows) == set(verdict.index), rows
+    for method, (lr, test, gain, p, word) in rows.items():
+        row = verdict.loc[method]
+        assert lr == f"{row.chosen_lr:.3g}"
+        assert test == f"{100 * row.test_mean:.1f} ± {100 * row.test_std:.1f}"
+        if method == "lora":
+            assert word == "reference"
+            continue
+        assert gain == f"{100 * row.gain:+.1f} [{100 * row.gain_low:+.1f}, {100 * row.gain_high:+.1f}]"
+        assert p == f"{row.p_holm:.3g}" and word == row.verdict
