@@ -242,3 +242,16 @@ def test_the_top_readmes_abridged_table_is_fair_papers_verdict():
             continue
         assert gain == f"{100 * row.gain:+.1f} [{100 * row.gain_low:+.1f}, {100 * row.gain_high:+.1f}]"
         assert p == f"{row.p_holm:.3g}" and word == row.verdict
+
+
+def test_every_interval_typed_in_a_fair_studys_readme_is_one_the_generated_files_hold():
+    """A study folder's README is written by hand around its generated files; a gain typed there with its interval
+    must be one that verdict.md, diagnostics.md, retune.md or the generated Findings blocks print, verbatim."""
+    interval = re.compile(r"[+-]?\d+(?:\.\d+)? \[[+-]?\d+(?:\.\d+)?, [+-]?\d+(?:\.\d+)?\]")
+    findings_dir = ROOT / "results" / "findings"
+    generated = README.read_text() + "".join(p.read_text() for p in findings_dir.glob("fair-*/*.md")
+                                             if p.name != "README.md")
+    typed = {p.parent.name: interval.findall(p.read_text()) for p in findings_dir.glob("fair-*/README.md")}
+    assert sum(map(len, typed.values())) >= 5  # the pattern finds the intervals the READMEs do quote
+    stale = {study: [i for i in found if i not in generated] for study, found in typed.items()}
+    assert not any(stale.values()), stale
