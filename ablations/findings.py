@@ -403,7 +403,7 @@ def shipped_runs(s: Study) -> set[tuple[str, int]]:
 def verdict_label(row: dict) -> str:
     """A mechanism claim's verdict, with why when it was withheld."""
     note = str(row.get("note") or "")
-    if row["verdict"] == "inconclusive" and note.startswith("withheld"):
+    if row["verdict"] == "inconclusive" and "withheld:" in note:  # fair.withheld's and the step length's reasons
         if "rates differ" in note:
             return "withheld (the rates differ; no step-direction cosine)"
         if "edge" in note:
@@ -454,11 +454,14 @@ def brief(folders: list[Path]) -> str:
                          "not supported at this scale", "**not supported at this scale**", 1),
                      "; ".join(f"{name(hi)} - {name(lo)} {pts(c.estimate)} {interval(c.low, c.high)}"
                                for hi, lo, c, _ in ordered)))
-    def score_verdict(r) -> str:
-        return r.verdict if math.isfinite(r.gain) else "not measured yet"
+    def score_verdict(s: Study, r) -> str:
+        if not math.isfinite(r.gain):
+            return "not measured yet"
+        edge = [m for m in (r.method, s.reference[r.method]) if m in s.tuned and s.tuned[m].at_edge]
+        return "withheld (a rate at the grid's edge)" if edge and r.verdict == "inconclusive" else r.verdict
 
     rows.append(("a method beats LoRA", "gain in test accuracy over LoRA, each at its tuned rate; Holm within "
-                 "each study's family", tally([(r.method, score_verdict(r)) for _, r in pairs]),
+                 "each study's family", tally([(r.method, score_verdict(s, r)) for s, r in pairs]),
                  "; ".join(gain(s, r) for s, r in pairs)))
 
     claimed: dict[str, list[dict]] = {key: [] for key in CLAIM_TITLES}
@@ -499,7 +502,7 @@ def brief(folders: list[Path]) -> str:
                      + (" (* also recorded the step-direction cosine, which adds time)" if marked else "")))
     if controls:
         rows.append(("what the controls show", "each control minus the method it controls, both at tuned rates",
-                     tally([(r.method, score_verdict(r)) for _, r in controls]), "; ".join(
+                     tally([(r.method, score_verdict(s, r)) for s, r in controls]), "; ".join(
                          f"{gain(s, r)} vs {name(s.reference[r.method])}" for s, r in controls)))
 
     offsets = []
