@@ -444,6 +444,13 @@ def brief(folders: list[Path]) -> str:
             return f"{name(r.method)} not measured yet"
         return f"{name(r.method)} {pts(r.gain)} {interval(r.gain_low, r.gain_high)}"
 
+    def score_verdict(s: Study, r) -> str:
+        """A score verdict, or why it was withheld (fair.withheld: a chosen rate at the grid's edge)."""
+        if not math.isfinite(r.gain):
+            return "not measured yet"
+        edge = [m for m in (r.method, s.reference[r.method]) if m in s.tuned and s.tuned[m].at_edge]
+        return "withheld (a rate at the grid's edge)" if edge and r.verdict == "inconclusive" else r.verdict
+
     rows = []
     paper = next((s for s in studies if all(m in s.methods for m in ORDER)), None)
     if paper is not None:
@@ -454,11 +461,6 @@ def brief(folders: list[Path]) -> str:
                          "not supported at this scale", "**not supported at this scale**", 1),
                      "; ".join(f"{name(hi)} - {name(lo)} {pts(c.estimate)} {interval(c.low, c.high)}"
                                for hi, lo, c, _ in ordered)))
-    def score_verdict(s: Study, r) -> str:
-        if not math.isfinite(r.gain):
-            return "not measured yet"
-        edge = [m for m in (r.method, s.reference[r.method]) if m in s.tuned and s.tuned[m].at_edge]
-        return "withheld (a rate at the grid's edge)" if edge and r.verdict == "inconclusive" else r.verdict
 
     rows.append(("a method beats LoRA", "gain in test accuracy over LoRA, each at its tuned rate; Holm within "
                  "each study's family", tally([(r.method, score_verdict(s, r)) for s, r in pairs]),
@@ -545,8 +547,8 @@ def brief(folders: list[Path]) -> str:
     out = ["### In brief: the answer at this scale, claim by claim", ""]
     out.append(f"From {names}; each study's block below has every figure with its p-values, and its folder the "
                "files they come from. Gains and differences are the method minus LoRA, 95% intervals over the "
-               "paired final seeds (the runs' variance on this test set), not adjusted for multiplicity; the verdicts are "
-               "corrected for them (Holm, within each study's family). A pair that several studies hold "
+               "paired final seeds (the runs' variance on this test set), not adjusted for multiplicity; the "
+               "verdicts are corrected for them (Holm, within each study's family). A pair that several studies hold "
                "(imported arms) is counted once.")
     if partial:
         out.append("")

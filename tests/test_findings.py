@@ -255,3 +255,15 @@ def test_every_interval_typed_in_a_fair_studys_readme_is_one_the_generated_files
     assert sum(map(len, typed.values())) >= 5  # the pattern finds the intervals the READMEs do quote
     stale = {study: [i for i in found if i not in generated] for study, found in typed.items()}
     assert not any(stale.values()), stale
+
+
+def test_the_brief_names_every_withheld_score_verdict_as_withheld():
+    rows = brief_rows()
+    verdicts = " ".join(rows["a method beats LoRA"][2:3] + rows.get("what the controls show", ["", "", ""])[2:3])
+    held = [row.method for folder in brief_folders()
+            for row in pd.read_csv(folder / "verdict.csv", keep_default_na=False).itertuples()
+            if "withheld:" in row.note]
+    assert held  # the shipped studies do hold withheld comparisons (condlora, lora:match=linchain)
+    withheld_part = " ".join(part.split("**")[0] for part in verdicts.split("**withheld (a rate at the grid's edge)**:")[1:])
+    for method in held:
+        assert findings.name(method) in withheld_part, (method, verdicts)
