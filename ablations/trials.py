@@ -35,7 +35,8 @@ from ablations.studyfile import STUDY_OWNED
 from harness.errors import UserError, interruption
 from harness.reuse import shared_fixed_costs
 from harness.stats import mean as _mean
-from harness.tracking import HOST_TAG, PID_START_TAG, PID_TAG, RunHandle, Tracker, owner_tags, process_alive
+from harness.tracking import (HOST_TAG, PID_START_TAG, PID_TAG, RunHandle, Tracker, git_commit, library_versions, machine,
+                              owner_tags, process_alive)
 
 if TYPE_CHECKING:
     from harness.config import RunConfig
@@ -230,6 +231,9 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
             params = outcome.results[0].trainable_params
             trial.set_user_attr("trainable_params", params)
             trial.set_user_attr("run_seconds", run_seconds)
+            # what trained it: a repeat of this trial that differs can be traced to the code, libraries or machine
+            trial.set_user_attr("provenance", {"commit": git_commit() or "unknown", "versions": library_versions(),
+                                               "machine": machine()})
             trial.set_user_attr("train_seconds", _sum_finite(r.train_seconds for r in outcome.results))
             trial.set_user_attr("scores", {t: _mean(r.scores[t] for r in results) for t in results[0].scores})
             if final:  # per-item correctness: the verdict's item bootstrap and variance components read it

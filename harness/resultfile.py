@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 from harness.errors import UserError
 from harness.fsutil import write_text_atomic
-from harness.tracking import git_commit, library_versions
+from harness.tracking import git_commit, library_versions, machine
 
 RESULT_FILE = "result.json"
 FORMAT = 1
@@ -66,6 +66,7 @@ def build_result(run_name: str, config: Mapping[str, Any], fingerprint: Mapping[
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git": _git(),
         "versions": library_versions(),
+        "machine": machine(),
         "config": dict(config),
         "fingerprint": dict(fingerprint),
         "systems": [_system(r) for r in ([base] if base is not None else []) + list(results)],

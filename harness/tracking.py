@@ -258,6 +258,39 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+# CPU features that change which GEMM kernels torch's CPU backend picks (and so the last bits of a bf16 run)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def machine() -> dict[str, Any]:
+    """The hardware a result was computed on: CPU model, the CPU features that select torch's kernels, cores and
+    torch's threads, and the CUDA device if one is used. Two runs of one seed repeat bit for bit only on the same
+    kernels, so a repeat that differs can be traced to the machine (or ruled out) from this record."""
+    cpu, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu == "unknown":
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        import platform
+
+        cpu = platform.processor() or platform.machine() or "unknown"
+    found: dict[str, Any] = {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+                             "cores": os.cpu_count()}
+    try:
+        import torch
+
+        found["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            found["cuda_device"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return found
+
+
 def git_commit(folder: str | os.PathLike | None = None) -> str | None:
     """The current commit of the repository holding ``folder`` (default: this package), ``+dirty`` if modified."""
     folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
@@ -275,6 +308,7 @@ def run_params(config: Mapping[str, Any], data_checksums: Mapping[str, str] | No
     """The params of a parent run: the resolved config, library versions, git commit and data checksums."""
     params: dict[str, Any] = dict(config)
     params["versions"] = library_versions()
+    params["machine"] = machine()
     params["git_commit"] = git_commit() or "unknown"
     if data_checksums:
         params["data_checksum"] = dict(data_checksums)

@@ -266,8 +266,14 @@ def test_journal_storage_runs_the_grid_and_a_worker_joins_it(tmp_path):
     joined = load_plan("mini", open_storage(url, create=False), url)  # what a worker sees
     assert joined.points == plan.points and joined.mlflow_parent_run_id == plan.mlflow_parent_run_id
     assert work(joined, storage, run_fn=FakeRun(), log=lambda *a: None) == 6
-    found, _ = states_by_index(storage, "mini")
+    found, trials = states_by_index(storage, "mini")
     assert found == {k: ["COMPLETE"] for k in range(6)}
+    # every finished trial says what trained it, so a repeat that differs can be traced
+    from harness.tracking import library_versions, machine
+
+    for t in trials:
+        made = t.user_attrs["provenance"]
+        assert made["versions"] == library_versions() and made["machine"] == machine() and made["commit"]
 
 
 @pytest.mark.integration

@@ -170,3 +170,19 @@ def test_params_are_flattened_and_cut_to_the_limit():
     flat = flatten_params({"a": {"b": 1, "c": None}, "l": [1, 2], "long": "x" * 10_000})
     assert flat["a.b"] == "1" and flat["a.c"] == "None" and flat["l"] == "1,2"
     assert len(flat["long"]) == MAX_PARAM_VALUE_LENGTH and flat["long"].endswith("cut]")
+
+
+def test_machine_names_this_cpu_and_the_kernel_features_it_has():
+    from pathlib import Path
+
+    from harness.tracking import CPU_FLAGS, machine
+
+    found = machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():  # Linux: read the same file independently
+        lines = info.read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
+        assert found["cpu"] == model
+        assert found["cpu_flags"] == [f for f in CPU_FLAGS if f in flags]
+    assert found["cores"] == os.cpu_count() and found["torch_threads"] >= 1
