@@ -154,7 +154,8 @@ def compare(original: Folder, retuned: Folder) -> list[dict]:
                     notes.append(f"`{m}`: same rate; {rerun} of its final seeds rerun, all {t} items identical")
                 else:
                     notes.append(f"`{m}`: same rate, but NOT the same runs: {t - s} of {t} items differ in the "
-                                 f"{rerun} rerun seed(s) (training is not deterministic here); the re-tuned gain "
+                                 f"{rerun} rerun seed(s) (another code version, library, machine or process state trained them); "
+                                 "the re-tuned gain "
                                  "uses the reruns")
             else:
                 runs = len(rescored.get(m, {}))
