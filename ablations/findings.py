@@ -117,6 +117,11 @@ def seconds_per_step(folder: Path, steps: int) -> dict[str, list[float]]:
     return {spec: (g["train_seconds"].astype(float) / steps).tolist() for spec, g in final.groupby("spec", sort=False)}
 
 
+def median_seconds_per_step(folder: Path, steps: int) -> dict[str, tuple[float, int]]:
+    """Each method's median training seconds per step over its completed final runs, and how many runs."""
+    return {m: (float(pd.Series(t).median()), len(t)) for m, t in seconds_per_step(folder, steps).items()}
+
+
 def cosine_recorded(folder: Path) -> set[str]:
     """The methods whose final runs recorded the step-direction cosine (diagnostics.csv's mean_alignment)."""
     path = folder / "diagnostics.csv"
@@ -300,7 +305,7 @@ def text(folder: Path) -> str:
                             f"(Holm p {p_text(p)}, {c.n_seeds} seeds)" for hi, lo, c, p in pairs)
                 + f". Verdict: {ordering_verdict(pairs, [m for m in ORDER if not scores.get(m)])}.", ""]
 
-    rows = [r for r in claims(folder, {(m, int(seed)) for m, by in scores.items() for seed in by}) if r.get("tested") is True or r.get("tested") == "True"]
+    rows = [r for r in claims(folder, shipped_runs(s)) if r.get("tested") is True or r.get("tested") == "True"]
     out.append("**Mechanisms at the tuned rates** (diagnostics.md; each method against its reference over the "
                "paired final seeds, Holm over the claim tests of each family):")
     out.append("")
@@ -321,17 +326,17 @@ def text(folder: Path) -> str:
                    + ("; ".join(parts) if parts else "no test") + ".")
     out.append("")
 
-    times = seconds_per_step(folder, steps)
+    times = median_seconds_per_step(folder, steps)
     if "lora" in times:
-        base = float(pd.Series(times["lora"]).median())
+        base = times["lora"][0]
         captured = cosine_recorded(folder)
         mixed = bool(captured) and any(m in times and m not in captured for m in methods)
         listed = []
         for m in methods:
             if m in times:
-                med = float(pd.Series(times[m]).median())
+                med, runs = times[m]
                 listed.append(f"{name(m)}{'*' if mixed and m in captured else ''} {med:.2f} s/step "
-                              f"({len(times[m])} runs)" + ("" if m == "lora" else f", {med / base:.2f}x LoRA"))
+                              f"({runs} runs)" + ("" if m == "lora" else f", {med / base:.2f}x LoRA"))
         out += ["**Training-time overhead** (the paper's Table 4), the median over the final runs of training "
                 "seconds per step on this 2-core CPU in bf16: " + "; ".join(listed) + ". The runs were not "
                 "timed under controlled load, so read these as rough ratios."
@@ -486,14 +491,13 @@ def brief(folders: list[Path]) -> str:
 
     ratios: dict[str, tuple[float, bool]] = {}
     for s in studies:
-        times = seconds_per_step(s.folder, s.steps)
+        times = median_seconds_per_step(s.folder, s.steps)
         if "lora" not in times:
             continue
-        base = float(pd.Series(times["lora"]).median())
         captured = cosine_recorded(s.folder)
         for m in s.methods:
             if m != "lora" and m in times and m not in ratios:
-                ratios[m] = (float(pd.Series(times[m]).median()) / base, m in captured)
+                ratios[m] = (times[m][0] / times["lora"][0], m in captured)
     if ratios:
         low, high = min(v for v, _ in ratios.values()), max(v for v, _ in ratios.values())
         marked = any(c for _, c in ratios.values())
