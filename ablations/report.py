@@ -37,7 +37,7 @@ from ablations.fair import mean_of, std_of
 from ablations.space import spec_of
 from harness.report import atomic_path, pyplot, save_figure, tasks_text, training_length, write_text_atomic
 from harness.resultfile import _git
-from harness.tracking import Tracker, library_versions
+from harness.tracking import Tracker, library_versions, machine_label
 
 
 def report_dir(plan) -> Path:
@@ -74,6 +74,9 @@ def trials_frame(plan, storage) -> pd.DataFrame:
                 "fail_reason": t.user_attrs.get("fail_reason", ""), "retry_of": t.user_attrs.get("retry_of"),
                 "started": t.datetime_start, "finished": t.datetime_complete,
             })
+            made = t.user_attrs.get("provenance") or {}  # trials that predate the record have none
+            row.update({"commit": made.get("commit"), "machine": machine_label(made.get("machine")),
+                        "protocol": (made.get("protocol") or {}).get("hash")})
             rows.append(row)
     return pd.DataFrame(rows)
 

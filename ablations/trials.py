@@ -20,6 +20,7 @@ they either finish or, their worker dead, are reaped and run here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import socket
 import threading
@@ -35,8 +36,8 @@ from ablations.studyfile import STUDY_OWNED
 from harness.errors import UserError, interruption
 from harness.reuse import shared_fixed_costs
 from harness.stats import mean as _mean
-from harness.tracking import (HOST_TAG, PID_START_TAG, PID_TAG, RunHandle, Tracker, git_commit, library_versions, machine,
-                              owner_tags, process_alive)
+from harness.tracking import (HOST_TAG, PID_START_TAG, PID_TAG, RunHandle, Tracker, library_versions, loaded_commit,
+                              machine, owner_tags, process_alive)
 
 if TYPE_CHECKING:
     from harness.config import RunConfig
@@ -231,9 +232,9 @@ def objective(trial, plan: StudyPlan, tracker, parent, run_fn: Callable | None =
             params = outcome.results[0].trainable_params
             trial.set_user_attr("trainable_params", params)
             trial.set_user_attr("run_seconds", run_seconds)
-            # what trained it: a repeat of this trial that differs can be traced to the code, libraries or machine
-            trial.set_user_attr("provenance", {"commit": git_commit() or "unknown", "versions": library_versions(),
-                                               "machine": machine()})
+            # what trained it: a repeat of this trial that differs can be traced to the code, libraries, machine,
+            # base weights or data
+            trial.set_user_attr("provenance", provenance(getattr(outcome, "fingerprint", None)))
             trial.set_user_attr("train_seconds", _sum_finite(r.train_seconds for r in outcome.results))
             trial.set_user_attr("scores", {t: _mean(r.scores[t] for r in results) for t in results[0].scores})
             if final:  # per-item correctness: the verdict's item bootstrap and variance components read it
@@ -278,6 +279,29 @@ def known_curvatures(trial, plan: StudyPlan, spec: str, seeds: list[int]) -> dic
                 if seed in wanted and seed not in found and math.isfinite(value.get("value", math.nan)):
                     found[seed] = Eigenvalue(**value)
     return {int(s): v for s, v in found.items()}
+
+
+@functools.cache
+def worker_provenance() -> dict[str, Any]:
+    """What this process trains with: the commit of the code it loaded, the library versions and the machine.
+    Read once (a worker reads it when it starts): a commit made while a long-lived worker runs does not relabel
+    the code the worker had loaded, and the machine does not change under a process."""
+    return {"commit": loaded_commit() or "unknown", "versions": library_versions(), "machine": machine()}
+
+
+# The parts of a run's protocol fingerprint that name its inputs: the base weights and the data it read
+_INPUT_PARTS = ("base_weights", "train_data_sha256", "eval_data_sha256")
+
+
+def provenance(fingerprint: dict | None) -> dict[str, Any]:
+    """A trial's ``provenance`` attribute: :func:`worker_provenance`, and from the run's protocol fingerprint its
+    hash and the checksums of the base weights and the data (the rest of the fingerprint is the configuration,
+    which the study stores once)."""
+    found = dict(worker_provenance())
+    if fingerprint:
+        parts = fingerprint.get("parts", {})
+        found["protocol"] = {"hash": fingerprint.get("hash"), **{k: parts[k] for k in _INPUT_PARTS if k in parts}}
+    return found
 
 
 def _measured(outcome) -> tuple[dict, Any] | None:
@@ -340,6 +364,7 @@ def work(plan: StudyPlan, storage, *, max_trials: int | None = None, stale_after
     for. ``None`` is the kind's default: a study that tops up waits (another worker's result may unlock
     trials), the others do not.
     """
+    worker_provenance()  # now, before a trial gives time to commit code this process has not loaded
     with shared_fixed_costs():
         return _work(plan, storage, max_trials=max_trials, stale_after=stale_after, run_fn=run_fn, log=log,
                      wait=wait, poll_s=poll_s)

@@ -28,14 +28,14 @@ from typing import Any, Mapping, Sequence
 
 from harness.errors import UserError
 from harness.fsutil import write_text_atomic
-from harness.tracking import git_commit, library_versions, machine
+from harness.tracking import library_versions, loaded_commit, machine
 
 RESULT_FILE = "result.json"
 FORMAT = 1
 
 
 def _git() -> dict[str, Any]:
-    commit = git_commit()
+    commit = loaded_commit()  # the code this process loaded, not a commit made since
     if commit is None:
         return {"commit": None, "dirty": None}
     return {"commit": commit.removesuffix("+dirty"), "dirty": commit.endswith("+dirty")}

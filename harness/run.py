@@ -48,7 +48,8 @@ from harness.models import resolve_precision, storage_dtype
 from harness.report import SystemResult, default_run_name, grad_norm_summary, method_settings, score_line, write_report
 from harness.resultfile import RESULT_FILE, build_result, write_result_json
 from harness.rundir import KEPT_FILE
-from harness.tracking import NoTracking, RunHandle, Tracker, _NoRun, check_tracking_uri, log_summary, run_params
+from harness.tracking import (NoTracking, RunHandle, Tracker, _NoRun, check_tracking_uri, loaded_commit, log_summary,
+                              run_params)
 from harness.train import NonFiniteLoss, TrainResult, TrainSettings
 
 
@@ -106,6 +107,7 @@ class RunOutcome:
     contamination: dict = field(default_factory=dict)  # task -> harness.contamination.Overlap of the scored split
     contaminated: set = field(default_factory=set)  # tasks whose scores are marked: overlap above the limit
     diagnostics: object = None  # harness.diagnostics.RunDiagnostics: its rows and traces (a study's trial reads them)
+    fingerprint: dict | None = None  # harness.fingerprint.protocol_fingerprint of the run (a study's trial records it)
 
     @property
     def failed(self) -> list:
@@ -202,6 +204,7 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
     ``known_curvature`` (seed -> :class:`harness.diagnostics.Eigenvalue`) is lambda_max at initialisation already
     measured for this run's one method (a study's earlier trial at another rate): ``diagnostics: full`` reuses it.
     """
+    loaded_commit()  # the commit of the code this process runs, read before a long run gives time to commit another
     job = distributed.context()
     if job.distributed and on_intermediate is not None:
         raise UserError("ablation trials run one process each: start more study workers instead of torchrun")
@@ -238,7 +241,8 @@ def run(cfg: RunConfig, *, parent=None, tracker=None, write_results: bool = True
         raise DiskFull(f"the disk is full under {cfg.output_dir}: the run did not start and wrote nothing there; "
                        "free some space and run it again") from err
     run_dir = staged.path if staged else Path(tempfile.mkdtemp(prefix="run-"))
-    outcome = RunOutcome(run_dir=run_dir, base=None, contamination=inputs.overlaps, contaminated=inputs.contaminated)
+    outcome = RunOutcome(run_dir=run_dir, base=None, contamination=inputs.overlaps, contaminated=inputs.contaminated,
+                         fingerprint=fingerprint)
     where = f"{job.device}, {inputs.precision}" + (f", {job.world_size} ranks" if job.distributed else "")
     log(f"run {run_dir.name}: {len(inputs.plans)} method(s) x {len(cfg.seeds)} seed(s) on {cfg.model} ({where}), "
         f"{len(inputs.examples[cfg.seeds[0]])} training examples, tasks {', '.join(cfg.tasks)} ({cfg.split} split); "

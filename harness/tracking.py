@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -263,26 +264,32 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_t
 
 
 def machine() -> dict[str, Any]:
-    """The hardware a result was computed on: CPU model, the CPU features that select torch's kernels, cores and
-    torch's threads, and the CUDA device if one is used. Two runs of one seed repeat bit for bit only on the same
-    kernels, so a repeat that differs can be traced to the machine (or ruled out) from this record."""
-    cpu, flags = "unknown", set()
+    """The hardware a result was computed on: CPU model (with its family, model and stepping numbers, which a
+    hypervisor's generic name such as "AMD EPYC" hides), its cache size, the CPU features that select torch's
+    kernels and the kernel level torch chose from them, cores and torch's threads, and the CUDA device if one is
+    used. Two runs of one seed repeat bit for bit only on the same kernels, so a repeat that differs can be traced
+    to the machine (or ruled out) from this record."""
+    cpu, flags, ids = "unknown", set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu == "unknown":
+            key = key.strip()
+            if key == "model name" and cpu == "unknown":
                 cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
+            elif key == "flags" and not flags:
                 flags = set(value.split())
+            elif key in _CPU_IDS and _CPU_IDS[key] not in ids:
+                ids[_CPU_IDS[key]] = value.strip()
     except OSError:
         import platform
 
         cpu = platform.processor() or platform.machine() or "unknown"
-    found: dict[str, Any] = {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+    found: dict[str, Any] = {"cpu": cpu, **ids, "cpu_flags": [f for f in CPU_FLAGS if f in flags],
                              "cores": os.cpu_count()}
     try:
         import torch
 
+        found["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         found["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             found["cuda_device"] = torch.cuda.get_device_name(0)
@@ -291,17 +298,50 @@ def machine() -> dict[str, Any]:
     return found
 
 
+def machine_label(found: Mapping[str, Any] | None) -> str | None:
+    """One line for a :func:`machine` record (a table's cell): "AMD EPYC (family 25 model 17 stepping 1, 1024 KB
+    cache), AVX512 kernels, 2 cores, 2 threads", the parts it has; None for none."""
+    if not found:
+        return None
+    ids = " ".join(f"{word} {found[key]}" for word, key in (("family", "cpu_family"), ("model", "cpu_model"),
+                                                            ("stepping", "cpu_stepping")) if key in found)
+    detail = ", ".join(x for x in (ids, f"{found['cpu_cache']} cache" if "cpu_cache" in found else "") if x)
+    parts = [str(found.get("cpu", "unknown")) + (f" ({detail})" if detail else "")]
+    if "cuda_device" in found:
+        parts.append(str(found["cuda_device"]))
+    if "torch_cpu_capability" in found:
+        parts.append(f"{found['torch_cpu_capability']} kernels")
+    elif found.get("cpu_flags"):
+        parts.append("+".join(found["cpu_flags"]))
+    parts += [f"{found[k]} {w}" for k, w in (("cores", "cores"), ("torch_threads", "threads")) if k in found]
+    return ", ".join(parts)
+
+
+# /proc/cpuinfo's keys that tell one CPU generation from another under a generic model name
+_CPU_IDS = {"cpu family": "cpu_family", "model": "cpu_model", "stepping": "cpu_stepping", "cache size": "cpu_cache"}
+# What does not change what runs: a study writes its journal and reports into results/ while it runs
+_NOT_CODE = (":(top,exclude)results", ":(top,exclude,glob)**/*.md")
+
+
 def git_commit(folder: str | os.PathLike | None = None) -> str | None:
-    """The current commit of the repository holding ``folder`` (default: this package), ``+dirty`` if modified."""
+    """The current commit of the repository holding ``folder`` (default: this package), ``+dirty`` if a tracked
+    file that can change a result is modified (results/ and Markdown files do not count)."""
     folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", *_NOT_CODE],
+                               cwd=folder, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}+dirty" if dirty else commit or None
+
+
+@functools.cache
+def loaded_commit() -> str | None:
+    """The commit of the code this process runs, read once at the first call: a long-lived process (a study's
+    worker) calls it when it starts, so a commit made while it runs does not relabel the code it had loaded."""
+    return git_commit()
 
 
 def run_params(config: Mapping[str, Any], data_checksums: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -309,7 +349,7 @@ def run_params(config: Mapping[str, Any], data_checksums: Mapping[str, str] | No
     params: dict[str, Any] = dict(config)
     params["versions"] = library_versions()
     params["machine"] = machine()
-    params["git_commit"] = git_commit() or "unknown"
+    params["git_commit"] = loaded_commit() or "unknown"
     if data_checksums:
         params["data_checksum"] = dict(data_checksums)
     return flatten_params(params)

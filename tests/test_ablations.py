@@ -190,7 +190,12 @@ class FakeRun:
             else:
                 result.scores = {"task": (len(spec) % 7) / 10 + seed / 100}
             results.append(result)
-        return RunOutcome(run_dir=Path("."), base=None, results=results)
+        return RunOutcome(run_dir=Path("."), base=None, results=results, fingerprint=FAKE_FINGERPRINT)
+
+
+# what harness.run hands a trial: the configuration's parts and the checksums of what it read
+FAKE_FINGERPRINT = {"hash": "0123456789ab", "parts": {"base_weights": "w" * 64, "train_data_sha256": "t" * 64,
+                                                      "eval_data_sha256": {"task": "e" * 64}, "cutoff_len": 256}}
 
 
 def make_plan(tmp_path, data, storage_url=None, **overrides):
@@ -274,6 +279,29 @@ def test_journal_storage_runs_the_grid_and_a_worker_joins_it(tmp_path):
     for t in trials:
         made = t.user_attrs["provenance"]
         assert made["versions"] == library_versions() and made["machine"] == machine() and made["commit"]
+        parts = FAKE_FINGERPRINT["parts"]  # the inputs' checksums; the configuration is the study's, stored once
+        assert made["protocol"] == {"hash": "0123456789ab", "base_weights": parts["base_weights"],
+                                    "train_data_sha256": parts["train_data_sha256"],
+                                    "eval_data_sha256": parts["eval_data_sha256"]}
+
+
+@pytest.mark.integration
+def test_trials_record_the_commit_the_worker_loaded_not_one_made_while_it_runs(tmp_path, monkeypatch):
+    import harness.tracking
+    from ablations.trials import work, worker_provenance
+
+    heads = iter(["a" * 40] + ["b" * 40] * 20)  # HEAD moves after the worker started: someone committed
+    monkeypatch.setattr(harness.tracking, "git_commit", lambda folder=None: next(heads))
+    harness.tracking.loaded_commit.cache_clear()
+    worker_provenance.cache_clear()
+    try:
+        plan, storage, _ = make_plan(tmp_path, MINI)
+        assert work(plan, storage, run_fn=FakeRun(), log=lambda *a: None) == 6
+        _, trials = states_by_index(storage, "mini")
+        assert [t.user_attrs["provenance"]["commit"] for t in trials] == ["a" * 40] * 6
+    finally:  # the next test reads this process's own commit again
+        harness.tracking.loaded_commit.cache_clear()
+        worker_provenance.cache_clear()
 
 
 @pytest.mark.integration

@@ -139,6 +139,9 @@ def test_allowed_contamination_is_recorded_and_marked(tmp_path, data_dir, mlflow
     parent = runs[runs["tags.mlflow.runName"] == "dirty"].iloc[0]
     assert parent["metrics.contamination/llm_adapters_gsm8k"] == pytest.approx(expected)
     assert parent["params.split"] == "test" and parent["params.allow_contamination"] == "True"
+    # the run hands its protocol fingerprint to its caller (a study's trial records it): the one result.json has
+    written = json.loads((outcome.run_dir / "result.json").read_text())["fingerprint"]
+    assert outcome.fingerprint == written and outcome.fingerprint["parts"]["train_data_sha256"]
 
 
 # ----------------------------------------------------------------------------- each seed's training data

@@ -185,4 +185,68 @@ def test_machine_names_this_cpu_and_the_kernel_features_it_has():
         flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
         assert found["cpu"] == model
         assert found["cpu_flags"] == [f for f in CPU_FLAGS if f in flags]
+        # a hypervisor's generic name ("AMD EPYC") hides the generation: its numbers and cache tell it
+        first = {}
+        for line in lines:
+            key, _, value = line.partition(":")
+            first.setdefault(key.strip(), value.strip())
+        for key, name in (("cpu family", "cpu_family"), ("model", "cpu_model"), ("stepping", "cpu_stepping"),
+                          ("cache size", "cpu_cache")):
+            assert found.get(name) == first.get(key)
+    import torch
+
+    assert found["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert found["cores"] == os.cpu_count() and found["torch_threads"] >= 1
+
+
+def test_machine_label_is_one_line_with_what_the_record_has():
+    from harness.tracking import machine_label
+
+    full = {"cpu": "AMD EPYC", "cpu_family": "25", "cpu_model": "17", "cpu_stepping": "1", "cpu_cache": "1024 KB",
+            "cpu_flags": ["avx2"], "cores": 2, "torch_cpu_capability": "AVX512", "torch_threads": 2}
+    assert machine_label(full) == ("AMD EPYC (family 25 model 17 stepping 1, 1024 KB cache), AVX512 kernels, "
+                                   "2 cores, 2 threads")
+    # an older record (no ids, no kernel level): its flags stand in
+    assert machine_label({"cpu": "X", "cpu_flags": ["avx2", "avx512f"], "cores": 4}) == "X, avx2+avx512f, 4 cores"
+    assert machine_label(None) is None and machine_label({}) is None
+
+
+def test_a_commit_is_dirty_only_where_code_changed(tmp_path):
+    import subprocess
+
+    from harness.tracking import git_commit
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "results" / "study").mkdir(parents=True)
+    files = {"pkg/code.py": "x = 1\n", "results/study/journal.log": "{}\n", "README.md": "# r\n",
+             "pkg/notes.md": "n\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = git("rev-parse", "HEAD")
+    # a study writing its journal and a README edited beside it do not change what runs
+    for name in ("results/study/journal.log", "README.md", "pkg/notes.md"):
+        (tmp_path / name).write_text("changed\n")
+    (tmp_path / "pkg" / "new.py").write_text("untracked\n")
+    assert git_commit(tmp_path / "pkg") == head
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path / "pkg") == head + "+dirty"
+    assert git_commit(tmp_path / "results") == head + "+dirty"  # wherever in the repository it is asked
+
+
+def test_loaded_commit_is_read_once_per_process(monkeypatch):
+    import harness.tracking
+
+    heads = iter(["a" * 40, "b" * 40])
+    monkeypatch.setattr(harness.tracking, "git_commit", lambda folder=None: next(heads))
+    harness.tracking.loaded_commit.cache_clear()
+    try:
+        assert harness.tracking.loaded_commit() == "a" * 40
+        assert harness.tracking.loaded_commit() == "a" * 40  # a commit made since does not relabel the code
+    finally:
+        harness.tracking.loaded_commit.cache_clear()
