@@ -241,6 +241,14 @@ def test_nan_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path):
 
     table = pd.read_csv(folder / "trials.csv")
     assert len(table) == 6 and set(table["state"]) == {"COMPLETE", "FAIL"}
+    # each finished trial says in the table what ran it: the commit, the machine in one line, the protocol
+    from ablations.trials import worker_provenance
+    from harness.tracking import machine_label
+
+    done = table[table["state"] == "COMPLETE"]
+    made = worker_provenance()
+    assert (done["commit"] == made["commit"]).all() and (done["protocol"] == "0123456789ab").all()
+    assert (done["machine"] == machine_label(made["machine"])).all()
 
 
 def test_a_grid_summary_warns_of_its_shared_rate_and_says_what_varies(tmp_path):
