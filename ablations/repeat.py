@@ -1,0 +1,216 @@
+"""Did a fair study's final runs repeat, and do its verdicts hold on the rerun?
+
+    python -m ablations.repeat results/findings/fair-paper results/findings/fair-paths
+
+A second fair study that reruns the first one's final runs - the same methods at the same chosen rates and
+final seeds, its tuning trials imported with ``--import-tuning-only`` so that nothing is chosen again - is
+either a repeat (the same code, libraries and kernels: training is deterministic, so every item is scored the
+same) or a replication (new runs of the same design, which differ within the seed-to-seed noise). This says
+which, run by run: each (method, seed)'s test score in both, how many test items were scored differently, when
+each ran, and where the trials recorded it, on which machine and commit. Per method: how many runs repeated,
+both means, and the mean paired difference (rerun minus original, a 95% Student-t interval over the seeds; a
+replication's should cover 0). Per comparison: the gain and the verdict in each study, each from its own
+verdict.csv.
+
+Reads only the shipped files of each folder (study.yaml, verdict.csv, trials.csv, items.csv.gz). Writes
+repeat.md and repeat.csv into the rerun's folder (or --out). Exit 0, or 2 with one line on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ablations.recompute import seed_scores
+from ablations.retune import Folder, identical, read_folder
+from harness import stats
+from harness.errors import UserError
+
+RUN_COLUMNS = ("method", "seed", "lr", "original_score", "rerun_score", "difference", "differing_items",
+               "compared_items", "original_started", "rerun_started", "rerun_machine", "rerun_commit")
+
+
+def final_trials(folder: Folder) -> dict[tuple[str, int], dict]:
+    """(method, seed) -> the completed final trial's row of trials.csv (when it started; machine and commit where
+    the trial recorded them)."""
+    trials = pd.read_csv(folder.path / "trials.csv")
+    if "stage" not in trials.columns:
+        return {}
+    done = trials[(trials["stage"] == "final") & (trials["state"] == "COMPLETE")]
+    return {(str(r["spec"]), int(r["seed"])): r.to_dict() for _, r in done.iterrows()}
+
+
+def _cell(row: dict | None, column: str) -> str:
+    value = (row or {}).get(column)
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def compare_runs(original: Folder, rerun: Folder) -> list[dict]:
+    """One row per final run both studies hold at the same method, rate and seed."""
+    common = [m for m in rerun.chosen if m in original.chosen]
+    if not common:
+        raise UserError(f"{rerun.path} holds none of the methods of {original.path}")
+    moved = [m for m in common if not math.isclose(original.chosen[m], rerun.chosen[m], rel_tol=1e-9)]
+    if moved:
+        raise UserError(f"{rerun.path} chose other rates for {', '.join(moved)}: its runs are not reruns of "
+                        f"{original.path}'s (python -m ablations.retune compares a re-tune)")
+    before, after = final_trials(original), final_trials(rerun)
+    rows = []
+    for method in common:
+        scores, rescored = seed_scores(original.items.get(method, {})), seed_scores(rerun.items.get(method, {}))
+        for seed in sorted(set(scores) & set(rescored)):
+            same, total = identical({seed: original.items[method][seed]}, {seed: rerun.items[method][seed]})
+            trial = after.get((method, seed))
+            rows.append({"method": method, "seed": seed, "lr": rerun.chosen[method], "original_score": scores[seed],
+                         "rerun_score": rescored[seed], "difference": rescored[seed] - scores[seed],
+                         "differing_items": total - same, "compared_items": total,
+                         "original_started": _cell(before.get((method, seed)), "started"),
+                         "rerun_started": _cell(trial, "started"), "rerun_machine": _cell(trial, "machine"),
+                         "rerun_commit": _cell(trial, "commit")})
+    if not rows:
+        raise UserError(f"{rerun.path} has no final run at a seed {original.path} also ran")
+    return rows
+
+
+def per_method(runs: list[dict]) -> list[dict]:
+    """Per method: runs, exact repeats, both means, the mean paired difference with its interval, the SD of the
+    differences (the repeat's own noise, to set against the seed-to-seed SD of a score)."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        c = stats.seed_comparison({r["seed"]: r["rerun_score"] for r in mine},
+                                  {r["seed"]: r["original_score"] for r in mine})
+        originals = [r["original_score"] for r in mine]
+        out.append({"method": method, "runs": len(mine), "repeated": sum(r["differing_items"] == 0 for r in mine),
+                    "original_mean": float(np.mean(originals)), "original_sd": _sd(originals),
+                    "rerun_mean": float(np.mean([r["rerun_score"] for r in mine])),
+                    "difference": c.estimate, "low": c.low, "high": c.high,
+                    "difference_sd": _sd([r["difference"] for r in mine]),
+                    "differing_items": sum(r["differing_items"] for r in mine),
+                    "compared_items": sum(r["compared_items"] for r in mine)})
+    return out
+
+
+def _sd(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def gains(original: Folder, rerun: Folder) -> list[dict]:
+    """Each comparison of the rerun with its gain and verdict there and in the original (their verdict.csv)."""
+    def rows_of(folder: Folder) -> dict[tuple[str, str], dict]:
+        found = {}
+        for r in folder.verdict.to_dict(orient="records"):
+            if isinstance(r.get("reference"), str) and r["reference"]:
+                found[(r["method"], r["reference"])] = r
+        return found
+
+    before, after = rows_of(original), rows_of(rerun)
+    out = []
+    for key, r in after.items():
+        o = before.get(key, {})
+        out.append({"method": key[0], "reference": key[1],
+                    **{f"original_{k}": o.get(k, math.nan) for k in ("gain", "gain_low", "gain_high", "verdict")},
+                    **{f"rerun_{k}": r.get(k, math.nan) for k in ("gain", "gain_low", "gain_high", "verdict")}})
+    return out
+
+
+def _pts(value, signed: bool = True) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def _interval(low, high) -> str:
+    return f"[{_pts(low)}, {_pts(high)}]"
+
+
+def summary(runs: list[dict]) -> str:
+    """The answer in one sentence: a repeat, a replication, or a mix."""
+    repeated = sum(r["differing_items"] == 0 for r in runs)
+    if repeated == len(runs):
+        return (f"**A repeat**: all {len(runs)} reruns scored every test item as the original runs did.")
+    if repeated == 0:
+        return (f"**A replication, not a repeat**: none of the {len(runs)} reruns scored every test item as its "
+                "original did; each is a new run of the same design (seed, rate, data, code path), trained on other "
+                "kernels or another state.")
+    return (f"**A partial repeat**: {repeated} of {len(runs)} reruns scored every test item as the original "
+            f"did; the other {len(runs) - repeated} differ (when each ran is in the table of runs).")
+
+
+def markdown(original: Folder, rerun: Folder, runs: list[dict], methods: list[dict], compared: list[dict]) -> str:
+    a, b = original.path.name, rerun.path.name
+    lines = [f"# Repeated: {b} against {a}", "",
+             f"`{b}` reran `{a}`'s final runs: the same methods, at the rates `{a}` chose on validation, with the "
+             "same final seeds. Written by `python -m ablations.repeat` from both folders' files.", "",
+             summary(runs), "", "## Per method", "",
+             "Means are of the test average over the seeds both ran; the difference is rerun minus original, "
+             "paired by seed, with a 95% Student-t interval over those seeds (points). A replication's difference "
+             "should cover 0; its SD is the rerun's own noise, to set against the seed-to-seed SD of the original's "
+             "scores.", "",
+             "| method | rate | runs | repeated item for item | items that differ | original, mean ± SD | rerun, mean "
+             "| difference, 95% | SD of the differences |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in methods:
+        lines.append(f"| `{m['method']}` | {rerun.chosen[m['method']]:.3g} | {m['runs']} | {m['repeated']} | "
+                     f"{m['differing_items']} of {m['compared_items']} | {_pts(m['original_mean'], False)} ± "
+                     f"{_pts(m['original_sd'], False)} | {_pts(m['rerun_mean'], False)} | {_pts(m['difference'])} "
+                     f"{_interval(m['low'], m['high'])} | {_pts(m['difference_sd'], False)} |")
+    if compared:
+        lines += ["", "## The comparisons", "",
+                  "Each study's gain over the reference (points, 95% Student-t interval over its paired final seeds) "
+                  "and verdict, as its verdict.csv has them: the rerun's are what the same design gave on new runs.",
+                  "", f"| method | vs | gain in `{a}` | verdict in `{a}` | gain in `{b}` | verdict in `{b}` |",
+                  "|---|---|---:|---|---:|---|"]
+        for c in compared:
+            lines.append(f"| `{c['method']}` | `{c['reference']}` | {_pts(c['original_gain'])} "
+                         f"{_interval(c['original_gain_low'], c['original_gain_high'])} | {c['original_verdict']} | "
+                         f"{_pts(c['rerun_gain'])} {_interval(c['rerun_gain_low'], c['rerun_gain_high'])} | "
+                         f"{c['rerun_verdict']} |")
+    lines += ["", "## Every run", "",
+              "Scores in percent; the machine and commit are the rerun trial's record (trials before that record "
+              "existed have none).", "",
+              "| method | seed | original | rerun | difference | items that differ | original started | rerun started "
+              "| rerun's machine | rerun's commit |", "|---|---:|---:|---:|---:|---:|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| `{r['method']}` | {r['seed']} | {_pts(r['original_score'], False)} | "
+                     f"{_pts(r['rerun_score'], False)} | {_pts(r['difference'])} | {r['differing_items']} of "
+                     f"{r['compared_items']} | {r['original_started'][:16]} | {r['rerun_started'][:16]} | "
+                     f"{r['rerun_machine'] or 'not recorded'} | {r['rerun_commit'][:12] or 'not recorded'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ablations.repeat", description=__doc__.split("\n\n")[0],
+                                     epilog="Exit status: 0 when written, 2 on bad input.")
+    parser.add_argument("original", type=Path, help="the fair study's findings folder")
+    parser.add_argument("rerun", type=Path, help="the findings folder of a study that reran its final runs")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="where repeat.md and repeat.csv go (default: the rerun's folder)")
+    args = parser.parse_args(argv)
+    try:
+        original, rerun = read_folder(args.original), read_folder(args.rerun)
+        runs = compare_runs(original, rerun)
+        out = args.out or args.rerun
+        if not out.is_dir():
+            raise UserError(f"--out: {out} is not a folder")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    methods = per_method(runs)
+    pd.DataFrame(runs, columns=list(RUN_COLUMNS)).to_csv(out / "repeat.csv", index=False)
+    (out / "repeat.md").write_text(markdown(original, rerun, runs, methods, gains(original, rerun)))
+    for m in methods:
+        print(f"{m['method']}: {m['repeated']} of {m['runs']} run(s) repeated item for item; mean "
+              f"{_pts(m['original_mean'], False)} -> {_pts(m['rerun_mean'], False)}, difference "
+              f"{_pts(m['difference'])} {_interval(m['low'], m['high'])}")
+    print(f"written {out / 'repeat.md'} and {out / 'repeat.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
