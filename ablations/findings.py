@@ -430,6 +430,65 @@ def tally(verdicts: list[tuple[str, str]]) -> str:
     return "; ".join(f"**{v}**: {', '.join(name(m) for m in ms)}" for v, ms in groups.items())
 
 
+def measured_as(found: list[dict]) -> str:
+    """The "measured as" cell of a claim: its one measure, or each measure with the methods it judged."""
+    by: dict[str, list[str]] = {}
+    for r in found:
+        if r.get("measure"):
+            by.setdefault(r["measure"], []).append(r["method"])
+    if not by:
+        return ""
+    if len(by) == 1:
+        return next(iter(by)) + " (method - LoRA)"
+    return "; ".join(f"{m} for {', '.join(name(x) for x in methods)}" for m, methods in by.items()) + " (method - LoRA)"
+
+
+REPEAT_FILE = "repeat.csv"  # written by python -m ablations.repeat into a study that reran another's final runs
+
+
+def replication_rows(studies: list[Study], pairs: list) -> list[tuple[str, str, str, str]]:
+    """One row per study that reran an earlier study's final runs (it holds repeat.csv): how many runs repeated
+    item for item, and each of its gains over LoRA with its verdict beside the original's."""
+    out = []
+    first = {(r.method, s.reference[r.method]): (s, r) for s, r in pairs}
+    for s in studies:
+        path = s.folder / REPEAT_FILE
+        if not path.is_file():
+            continue
+        runs = pd.read_csv(path)
+        same = int((runs["differing_items"] == 0).sum())
+        pairs_here = [(r, first.get((r.method, s.reference[r.method]))) for r in s.verdict.itertuples()
+                      if s.reference.get(r.method) and r.family == LORA_FAMILY]
+        pairs_here = [(r, o) for r, o in pairs_here if o is not None and o[0] is not s]
+        if not pairs_here:
+            continue
+        original = pairs_here[0][1][0]
+        verdicts, figures, changed = [], [], []
+        for r, (o_study, o) in pairs_here:
+            now, then = score_verdict_of(s, r), score_verdict_of(o_study, o)
+            verdicts.append((r.method, now if now == then else f"{then} -> {now}"))
+            figures.append(f"{name(r.method)} {pts(r.gain)} {interval(r.gain_low, r.gain_high)} (was {pts(o.gain)} "
+                           f"{interval(o.gain_low, o.gain_high)})")
+            changed += [r.method] if now != then else []
+        word = "**the same verdicts**" if not changed else "**verdicts changed**"
+        out.append((f"the verdicts hold on new runs (`{s.name}` reran `{original.name}`)",
+                    f"`{original.name}`'s final runs trained again at the same seeds and rates; items scored "
+                    "differently; each gain over LoRA on the new runs",
+                    f"{word}: " + "; ".join(f"{name(m)} {v}" for m, v in verdicts),
+                    f"{same} of {len(runs)} runs repeated item for item ({int(runs['differing_items'].sum())} of "
+                    f"{int(runs['compared_items'].sum())} items differ); "
+                    + "; ".join(figures)))
+    return out
+
+
+def score_verdict_of(s: Study, r) -> str:
+    """A score verdict, or why it was withheld (fair.withheld: a chosen rate at the grid's edge)."""
+    if not math.isfinite(r.gain):
+        return "not measured yet"
+    edge = [m for m in (r.method, s.reference[r.method]) if m in s.tuned and s.tuned[m].at_edge]
+    return "withheld (a rate at the grid's edge)" if edge and r.verdict == "inconclusive" else r.verdict
+
+
 def brief(folders: list[Path]) -> str:
     """The answer across several fair studies, claim by claim (Markdown, no trailing newline).
 
@@ -449,12 +508,7 @@ def brief(folders: list[Path]) -> str:
             return f"{name(r.method)} not measured yet"
         return f"{name(r.method)} {pts(r.gain)} {interval(r.gain_low, r.gain_high)}"
 
-    def score_verdict(s: Study, r) -> str:
-        """A score verdict, or why it was withheld (fair.withheld: a chosen rate at the grid's edge)."""
-        if not math.isfinite(r.gain):
-            return "not measured yet"
-        edge = [m for m in (r.method, s.reference[r.method]) if m in s.tuned and s.tuned[m].at_edge]
-        return "withheld (a rate at the grid's edge)" if edge and r.verdict == "inconclusive" else r.verdict
+    score_verdict = score_verdict_of
 
     rows = []
     paper = next((s for s in studies if all(m in s.methods for m in ORDER)), None)
@@ -471,23 +525,27 @@ def brief(folders: list[Path]) -> str:
                  "each study's family", tally([(r.method, score_verdict(s, r)) for s, r in pairs]),
                  "; ".join(gain(s, r) for s, r in pairs)))
 
-    claimed: dict[str, list[dict]] = {key: [] for key in CLAIM_TITLES}
-    done: set[tuple[str, str]] = set()
+    # Each (claim, method) from the first study whose test of it decided something (a rerun that recorded the
+    # step-direction cosine decides the paths claim its original withheld), else from the first that tested it.
+    candidates: dict[tuple[str, str], list[tuple[Study, dict]]] = {}
     for s in studies:
         for row in claims(s.folder, shipped_runs(s)):
-            key = (row["claim"], row["method"])
-            if row["family"] != LORA_FAMILY or not (row.get("tested") is True or row.get("tested") == "True") \
-                    or key in done or row["claim"] not in claimed:
-                continue
-            done.add(key)
-            claimed[row["claim"]].append(row)
+            if row["family"] == LORA_FAMILY and (row.get("tested") is True or row.get("tested") == "True") \
+                    and row["claim"] in CLAIM_TITLES:
+                candidates.setdefault((row["claim"], row["method"]), []).append((s, row))
+    claimed: dict[str, list[tuple[Study, dict]]] = {key: [] for key in CLAIM_TITLES}
+    for (claim, _), found in candidates.items():
+        decided = [(s, r) for s, r in found if r["verdict"] != "not measured" and "withheld:" not in str(r.get("note"))]
+        claimed[claim].append((decided or found)[0])
     for key, title in CLAIM_TITLES.items():
         found = claimed[key]
-        measure = next((r["measure"] for r in found if r.get("measure")), "")
         figures = "; ".join(f"{name(r['method'])} {r['difference']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}]"
-                            for r in found if r["verdict"] != "not measured")
-        rows.append((title, (measure + " (method - LoRA)") if measure else "", tally(
-            [(r["method"], verdict_label(r)) for r in found]), figures))
+                            + (f" (`{s.name}`)" if s is not studies[0] and r["method"] in studies[0].methods else "")
+                            for s, r in found if r["verdict"] != "not measured")
+        rows.append((title, measured_as([r for _, r in found]), tally(
+            [(r["method"], verdict_label(r)) for _, r in found]), figures))
+
+    rows += replication_rows(studies, pairs)
 
     ratios: dict[str, tuple[float, bool]] = {}
     for s in studies:
@@ -547,13 +605,16 @@ def brief(folders: list[Path]) -> str:
                         if all(needed) else "more than 1000 seeds"), "; ".join(spreads)))
 
     names = ", ".join(f"`{s.name}`" for s in studies)
+    reruns = [s for s in studies if (s.folder / REPEAT_FILE).is_file()]
     partial = [s for s in studies if not s.complete]
     out = ["### In brief: the answer at this scale, claim by claim", ""]
     out.append(f"From {names}; each study's block below has every figure with its p-values, and its folder the "
                "files they come from. Gains and differences are the method minus LoRA, 95% intervals over the "
                "paired final seeds (the runs' variance on this test set), not adjusted for multiplicity; the "
                "verdicts are corrected for them (Holm, within each study's family). A pair that several studies hold "
-               "(imported arms) is counted once.")
+               "(imported arms) is counted once" + ("; " + ", ".join(f"`{s.name}`" for s in reruns) + " reran "
+               "another study's final runs, and adds only what those runs did not measure (the step-direction cosine) "
+               "and a row of its own on whether the verdicts hold." if reruns else "."))
     if partial:
         out.append("")
         out.append("**Provisional:** " + ", ".join(f"`{s.name}`" for s in partial) + " still running; rows that "
