@@ -133,6 +133,58 @@ def cosine_recorded(folder: Path) -> set[str]:
     return {str(m) for m, v in zip(runs["method"], runs["mean_alignment"]) if pd.notna(v)}
 
 
+def kernel_groups(folder: Path) -> list[dict[str, dict[int, float]]]:
+    """The study's arms grouped by how their runs computed the frozen base model: each group is {method: {seed:
+    first_loss}} for arms whose first training step's loss (diagnostics.csv's first_loss) agrees at every seed they
+    share. Every method here starts from a zero update, so that loss is the base model's loss on the seed's first
+    batch: the same whatever the method, unless the kernels that computed it differ (another machine or CPU).
+    Empty when the runs predate the column."""
+    path = folder / "diagnostics.csv"
+    if not path.is_file():
+        return []
+    runs = pd.read_csv(path)
+    if "first_loss" not in runs.columns:
+        return []
+    runs = runs.dropna(subset=["first_loss"])
+    groups: list[dict[str, dict[int, float]]] = []
+    for method, mine in runs.groupby("method", sort=False):
+        losses = {int(seed): float(v) for seed, v in zip(mine["seed"], mine["first_loss"])}
+        for group in groups:
+            other = next(iter(group.values()))
+            shared = set(losses) & set(other)
+            if shared and all(math.isclose(losses[k], other[k], rel_tol=KERNEL_TOLERANCE) for k in shared):
+                group[str(method)] = losses
+                break
+        else:
+            groups.append({str(method): losses})
+    return groups
+
+
+# Stored measurements keep 6 significant digits (ablations.storage.SIGNIFICANT); runs computed alike agree in all of
+# them, while other bf16 kernels move the base model's loss by 1e-4 to 1e-2 relative.
+KERNEL_TOLERANCE = 1e-5
+
+
+def kernels_text(groups: list[dict[str, dict[int, float]]]) -> str:
+    """A study block's paragraph on whether its pairs were computed alike ("" without the measurement)."""
+    what = ("The first training step's loss (before any update; every method here starts from a zero update, so it "
+            "is the frozen base model's loss on the seed's first batch)")
+    if not groups:
+        return ""
+    if len(groups) == 1:
+        return (f"**Kernels.** {what} is the same in every arm at each seed: all final runs computed the base model "
+                "alike.")
+    listed = " against ".join("{" + ", ".join(name(m) for m in g) + "}" for g in groups)
+    seed = min(set.intersection(*(set(next(iter(g.values()))) for g in groups)) or {None}, key=lambda k: (k is None, k))
+    example = (f" (seed {seed}: " + " against ".join(f"{next(iter(g.values()))[seed]:.6g}" for g in groups) + ")"
+               if seed is not None else "")
+    return (f"**Kernels.** {what} differs between the arms {listed}{example}: the base model's forward was computed "
+            "with different kernels, so these runs ran on different machines or CPUs, and every pair across the "
+            "groups differs by that as well as by its method. The noise it adds is inside the intervals over seeds; "
+            "a shift it might cause is not. Rerunning one group's final runs on the other's kernels measures it "
+            "(`python -m ablations.repeat`).")
+
+
 def ordering(scores: dict[str, dict[int, float]], alpha: float = 0.05) -> list[tuple[str, str, stats.SeedComparison, float]]:
     """Every pair of the claimed ordering, higher claimed minus lower, paired over seeds, Holm over the pairs."""
     pairs = [(hi, lo) for i, lo in enumerate(ORDER) for hi in ORDER[i + 1:] if hi in scores and lo in scores]
@@ -359,6 +411,9 @@ def text(folder: Path) -> str:
                 f"{100 * figures.p_equivalent:.0f}% of the time; the {100 * delta:.0f}-point question needs "
                 + (f"{needed} final seeds per method" if needed else "more than 1000 seeds")
                 + f". Share of each gain's variance (the rest is their interaction): {shares}.", ""]
+    kernels = kernels_text(kernel_groups(folder))
+    if kernels:
+        out += [kernels, ""]
     out += [limits(folder, items, steps, verdict), ""]
     return "\n".join(out).rstrip()
 
@@ -481,6 +536,30 @@ def replication_rows(studies: list[Study], pairs: list) -> list[tuple[str, str, 
     return out
 
 
+def kernel_rows(studies: list[Study]) -> list[tuple[str, str, str, str]]:
+    """One row: for each study that measured it, whether its arms computed the base model alike (kernel_groups)."""
+    found = [(s, kernel_groups(s.folder)) for s in studies]
+    found = [(s, g) for s, g in found if g]
+    if not found:
+        return []
+    verdicts, figures = [], []
+    for s, groups in found:
+        if len(groups) == 1:
+            verdicts.append(f"`{s.name}` alike")
+            continue
+        verdicts.append(f"`{s.name}` **{len(groups)} kernel groups**: "
+                        + " against ".join("{" + ", ".join(name(m) for m in g) + "}" for g in groups))
+        shared = set.intersection(*(set(next(iter(g.values()))) for g in groups))
+        if shared:
+            seed = min(shared)
+            figures.append(f"`{s.name}` seed {seed}: " + " against ".join(
+                f"{next(iter(g.values()))[seed]:.6g}" for g in groups))
+    return [("each pair computed on the same kernels (a check of the design, not a claim)",
+             "the first training step's loss per seed, across arms: the frozen base model's loss on the seed's first "
+             "batch (every method starts from a zero update), which only other kernels (another machine) change",
+             "; ".join(verdicts), "; ".join(figures) or "every arm agrees at every seed")]
+
+
 def score_verdict_of(s: Study, r) -> str:
     """A score verdict, or why it was withheld (fair.withheld: a chosen rate at the grid's edge)."""
     if not math.isfinite(r.gain):
@@ -546,6 +625,8 @@ def brief(folders: list[Path]) -> str:
             [(r["method"], verdict_label(r)) for _, r in found]), figures))
 
     rows += replication_rows(studies, pairs)
+
+    rows += kernel_rows(studies)
 
     ratios: dict[str, tuple[float, bool]] = {}
     for s in studies:

@@ -32,7 +32,10 @@ SUPPORTED, OPPOSITE, NO_DIFFERENCE, INCONCLUSIVE, NOT_MEASURED = (
     "supported", "opposite", "no detectable difference", "inconclusive", "not measured")
 # diagnostics.csv: one row per method and final seed
 CURVE_SUMMARIES = ("mean_movement", "mean_alignment", "mean_grad_norm")
-RUN_COLUMNS = ("method", "seed", "lr", *TABLE_COLUMNS, *CURVE_SUMMARIES)
+# first_loss: the loss of the first training step, before any update. Every method here starts from a zero update,
+# so it is the frozen base model's loss on the seed's first batch: equal across arms computed with the same kernels,
+# it tells runs of another machine (findings.kernels reads it).
+RUN_COLUMNS = ("method", "seed", "lr", *TABLE_COLUMNS, *CURVE_SUMMARIES, "first_loss")
 # claims.csv: one row per (claim, method, measure)
 CLAIM_COLUMNS = ("claim", "method", "reference", "family", "measure", "tested", "n_pairs", "method_mean",
                  "reference_mean", "difference", "low", "high", "p", "p_holm", "verdict", "note")
@@ -62,7 +65,8 @@ def run_rows(results: list[TunedArm]) -> list[dict[str, Any]]:
                         **{c: measures.get(c, math.nan) for c in TABLE_COLUMNS},
                         "mean_movement": nan_mean(v for _, v in t.movements),
                         "mean_alignment": nan_mean(v for _, v in t.alignments),
-                        "mean_grad_norm": nan_mean(v for _, v in t.grad_norms)})
+                        "mean_grad_norm": nan_mean(v for _, v in t.grad_norms),
+                        "first_loss": next((v for step, v in t.losses if step == 1), math.nan)})
     return out
 
 
