@@ -174,7 +174,7 @@ def kernels_text(groups: list[dict[str, dict[int, float]]]) -> str:
     if len(groups) == 1:
         return (f"**Kernels.** {what} is the same in every arm at each seed: all final runs computed the base model "
                 "alike.")
-    listed = " against ".join("{" + ", ".join(name(m) for m in g) + "}" for g in groups)
+    listed = " and ".join("{" + ", ".join(name(m) for m in g) + "}" for g in groups)
     seed = min(set.intersection(*(set(next(iter(g.values()))) for g in groups)) or {None}, key=lambda k: (k is None, k))
     example = (f" (seed {seed}: " + " against ".join(f"{next(iter(g.values()))[seed]:.6g}" for g in groups) + ")"
                if seed is not None else "")

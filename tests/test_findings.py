@@ -17,7 +17,7 @@ from ablations import findings
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "results" / "findings" / "fair-paper"
 README = ROOT / "results" / "README.md"
-SHIPPED = ("study.yaml", "verdict.csv", "items.csv.gz", "trials.csv", "journal.log", "result.json")
+SHIPPED = ("study.yaml", "verdict.csv", "items.csv.gz", "trials.csv", "journal.log", "result.json", "diagnostics.csv")
 
 
 @pytest.fixture
@@ -267,3 +267,64 @@ def test_the_brief_names_every_withheld_score_verdict_as_withheld():
     withheld_part = " ".join(part.split("**")[0] for part in verdicts.split("**withheld (a rate at the grid's edge)**:")[1:])
     for method in held:
         assert findings.name(method) in withheld_part, (method, verdicts)
+
+
+def _diagnostics(folder: Path, losses: dict[str, dict[int, float]]) -> Path:
+    folder.mkdir(exist_ok=True)
+    pd.DataFrame([{"method": m, "seed": seed, "first_loss": v} for m, by in losses.items() for seed, v in by.items()]
+                 ).to_csv(folder / "diagnostics.csv", index=False)
+    return folder
+
+
+def test_arms_whose_base_forward_differs_fall_in_kernel_groups(tmp_path):
+    """The first step's loss is the base model's loss on the seed's first batch: arms computed alike agree at every
+    seed (to the 6 stored digits), arms of another machine differ at every seed by far more."""
+    alike = {1: 0.766461, 2: 1.38258, 3: 1.21432}
+    other = {1: 0.776233, 2: 1.38908, 3: 1.21508}
+    folder = _diagnostics(tmp_path / "one", {"lora": alike, "moslora": dict(alike), "linchain": {1: 0.766461}})
+    groups = findings.kernel_groups(folder)
+    assert [sorted(g) for g in groups] == [["linchain", "lora", "moslora"]]
+    assert "is the same in every arm at each seed" in findings.kernels_text(groups)
+    folder = _diagnostics(tmp_path / "two", {"lora": alike, "mtlora:structure=shim": other, "condlora": dict(other),
+                                             "moslora": dict(alike)})
+    groups = findings.kernel_groups(folder)
+    assert [list(g) for g in groups] == [["lora", "moslora"], ["mtlora:structure=shim", "condlora"]]
+    text = findings.kernels_text(groups)
+    assert "differs between the arms {LoRA, MoSLoRA} and {`mtlora:structure=shim`, `condlora`}" in text
+    assert "(seed 1: 0.766461 against 0.776233)" in text and "ablations.repeat" in text
+    # one seed that disagrees is enough: the arm was not computed alike
+    folder = _diagnostics(tmp_path / "three", {"lora": alike, "moslora": {**alike, 3: 1.21508}})
+    assert len(findings.kernel_groups(folder)) == 2
+    # runs that predate the measurement say nothing
+    (tmp_path / "old").mkdir()
+    pd.DataFrame([{"method": "lora", "seed": 1}]).to_csv(tmp_path / "old" / "diagnostics.csv", index=False)
+    assert findings.kernel_groups(tmp_path / "old") == [] and findings.kernels_text([]) == ""
+
+
+def test_each_shipped_runs_first_loss_is_the_journals_first_step():
+    """diagnostics.csv's first_loss is read back from the loss curve each final trial stored in the journal."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from ablations.storage import DIAGNOSTICS_ATTR
+
+    for folder in brief_folders():
+        runs = pd.read_csv(folder / "diagnostics.csv")
+        if "first_loss" not in runs.columns:
+            continue
+        storage = JournalStorage(JournalFileBackend(str(folder / "journal.log")))
+        stored = {}
+        for summary in optuna.get_all_study_summaries(storage):
+            if not summary.study_name.endswith("/final"):
+                continue
+            for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials:
+                packed = t.user_attrs.get(DIAGNOSTICS_ATTR)
+                if t.state.name == "COMPLETE" and packed:
+                    steps = {int(step): value for step, value in packed["trace"]["losses"]}
+                    stored[(t.user_attrs["spec"], int(t.user_attrs["seed"]))] = steps[1]
+        checked = 0
+        for r in runs.itertuples():
+            if (r.method, int(r.seed)) in stored:
+                assert r.first_loss == pytest.approx(stored[(r.method, int(r.seed))], rel=1e-12)
+                checked += 1
+        assert checked >= 8, folder
