@@ -26,13 +26,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ablations.findings import KERNEL_TOLERANCE
 from ablations.recompute import seed_scores
 from ablations.retune import Folder, identical, read_folder
 from harness import stats
 from harness.errors import UserError
 
 RUN_COLUMNS = ("method", "seed", "lr", "original_score", "rerun_score", "difference", "differing_items",
-               "compared_items", "original_started", "rerun_started", "rerun_machine", "rerun_commit")
+               "compared_items", "original_first_loss", "rerun_first_loss", "original_started", "rerun_started",
+               "rerun_machine", "rerun_commit")
 
 
 def final_trials(folder: Folder) -> dict[tuple[str, int], dict]:
@@ -43,6 +45,17 @@ def final_trials(folder: Folder) -> dict[tuple[str, int], dict]:
         return {}
     done = trials[(trials["stage"] == "final") & (trials["state"] == "COMPLETE")]
     return {(str(r["spec"]), int(r["seed"])): r.to_dict() for _, r in done.iterrows()}
+
+
+def first_losses(folder: Folder) -> dict[tuple[str, int], float]:
+    """(method, seed) -> the final run's first-step loss (diagnostics.csv's first_loss: the frozen base model's loss on
+    the seed's first batch, which only the kernels change), where the report recorded it."""
+    path = folder.path / "diagnostics.csv"
+    runs = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if "first_loss" not in runs.columns:
+        return {}
+    return {(str(m), int(s)): float(v) for m, s, v in zip(runs["method"], runs["seed"], runs["first_loss"])
+            if pd.notna(v)}
 
 
 def _cell(row: dict | None, column: str) -> str:
@@ -60,6 +73,7 @@ def compare_runs(original: Folder, rerun: Folder) -> list[dict]:
         raise UserError(f"{rerun.path} chose other rates for {', '.join(moved)}: its runs are not reruns of "
                         f"{original.path}'s (python -m ablations.retune compares a re-tune)")
     before, after = final_trials(original), final_trials(rerun)
+    loss_before, loss_after = first_losses(original), first_losses(rerun)
     rows = []
     for method in common:
         scores, rescored = seed_scores(original.items.get(method, {})), seed_scores(rerun.items.get(method, {}))
@@ -69,6 +83,8 @@ def compare_runs(original: Folder, rerun: Folder) -> list[dict]:
             rows.append({"method": method, "seed": seed, "lr": rerun.chosen[method], "original_score": scores[seed],
                          "rerun_score": rescored[seed], "difference": rescored[seed] - scores[seed],
                          "differing_items": total - same, "compared_items": total,
+                         "original_first_loss": loss_before.get((method, seed), math.nan),
+                         "rerun_first_loss": loss_after.get((method, seed), math.nan),
                          "original_started": _cell(before.get((method, seed)), "started"),
                          "rerun_started": _cell(trial, "started"), "rerun_machine": _cell(trial, "machine"),
                          "rerun_commit": _cell(trial, "commit")})
@@ -129,6 +145,25 @@ def _interval(low, high) -> str:
     return f"[{_pts(low)}, {_pts(high)}]"
 
 
+def _loss(value: float) -> str:
+    return f"{value:.6g}" if math.isfinite(value) else "n/a"
+
+
+def kernels_sentence(runs: list[dict]) -> str:
+    """Whether the reruns computed the base model as the originals did, from the first-step losses."""
+    pairs = [(r["original_first_loss"], r["rerun_first_loss"]) for r in runs
+             if math.isfinite(r["original_first_loss"]) and math.isfinite(r["rerun_first_loss"])]
+    if not pairs:
+        return ""
+    other = sum(not math.isclose(a, b, rel_tol=KERNEL_TOLERANCE) for a, b in pairs)
+    if other == 0:
+        return (f"The first-step loss (the frozen base model's loss on the seed's first batch) is the same in all "
+                f"{len(pairs)} pairs: the reruns computed the base model on the same kernels.")
+    return (f"The first-step loss (the frozen base model's loss on the seed's first batch) differs in {other} of "
+            f"{len(pairs)} pairs: those reruns computed the base model on other kernels (another machine or CPU), so "
+            "the runs differ from their first step.")
+
+
 def summary(runs: list[dict]) -> str:
     """The answer in one sentence: a repeat, a replication, or a mix."""
     repeated = sum(r["differing_items"] == 0 for r in runs)
@@ -147,7 +182,7 @@ def markdown(original: Folder, rerun: Folder, runs: list[dict], methods: list[di
     lines = [f"# Repeated: {b} against {a}", "",
              f"`{b}` reran `{a}`'s final runs: the same methods, at the rates `{a}` chose on validation, with the "
              "same final seeds. Written by `python -m ablations.repeat` from both folders' files.", "",
-             summary(runs), "", "## Per method", "",
+             " ".join(x for x in (summary(runs), kernels_sentence(runs)) if x), "", "## Per method", "",
              "Means are of the test average over the seeds both ran; the difference is rerun minus original, "
              "paired by seed, with a 95% Student-t interval over those seeds (points). A replication's difference "
              "should cover 0; its SD is the rerun's own noise, to set against the seed-to-seed SD of the original's "
@@ -172,14 +207,18 @@ def markdown(original: Folder, rerun: Folder, runs: list[dict], methods: list[di
                          f"{_pts(c['rerun_gain'])} {_interval(c['rerun_gain_low'], c['rerun_gain_high'])} | "
                          f"{c['rerun_verdict']} |")
     lines += ["", "## Every run", "",
-              "Scores in percent; the machine and commit are the rerun trial's record (trials before that record "
-              "existed have none).", "",
-              "| method | seed | original | rerun | difference | items that differ | original started | rerun started "
-              "| rerun's machine | rerun's commit |", "|---|---:|---:|---:|---:|---:|---|---|---|---|"]
+              "Scores in percent. The first-step loss is the loss before any update: every method here starts from a "
+              "zero update, so it is the frozen base model's loss on the seed's first batch, which only the kernels "
+              "that compute it change; where the two differ, the rerun ran on other kernels (another machine or CPU). "
+              "The machine and commit are the rerun trial's record (trials before that record existed have none).", "",
+              "| method | seed | original | rerun | difference | items that differ | first-step loss, original -> "
+              "rerun | original started | rerun started | rerun's machine | rerun's commit |",
+              "|---|---:|---:|---:|---:|---:|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| `{r['method']}` | {r['seed']} | {_pts(r['original_score'], False)} | "
                      f"{_pts(r['rerun_score'], False)} | {_pts(r['difference'])} | {r['differing_items']} of "
-                     f"{r['compared_items']} | {r['original_started'][:16]} | {r['rerun_started'][:16]} | "
+                     f"{r['compared_items']} | {_loss(r['original_first_loss'])} -> {_loss(r['rerun_first_loss'])} | "
+                     f"{r['original_started'][:16]} | {r['rerun_started'][:16]} | "
                      f"{r['rerun_machine'] or 'not recorded'} | {r['rerun_commit'][:12] or 'not recorded'} |")
     return "\n".join(lines) + "\n"
 

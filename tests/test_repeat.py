@@ -41,6 +41,11 @@ def _pair(tmp_path, flips: dict[tuple[str, int], int]):
     curves = {"lora": {RATES[1]: 0.6}, "moslora": {RATES[2]: 0.6}}
     original = _folder(tmp_path / "orig", chosen, curves, first, 0)
     rerun = _folder(tmp_path / "again", chosen, curves, again, 0)
+    # the base model's first-step loss per seed: the rerun's LoRA computed it on other kernels, its MoSLoRA alike
+    base = {1: 0.766461, 2: 1.38258, 3: 1.21432, 4: 0.703355}
+    for folder, lora_losses in ((original, base), (rerun, {k: v * 1.01 for k, v in base.items()})):
+        pd.DataFrame([{"method": m, "seed": k, "first_loss": v} for m, by in (("lora", lora_losses), ("moslora", base))
+                      for k, v in by.items()]).to_csv(folder / "diagnostics.csv", index=False)
     _with_finals(original, {"lora": [1, 2, 3, 4], "moslora": [1, 2, 3, 4]}, "2026-12-04")
     _with_finals(rerun, {"lora": [1, 2, 3, 4], "moslora": [1, 2, 3, 4]}, "2026-12-06", machine="CPU X, AVX512 kernels")
     return original, rerun, first, again
@@ -83,6 +88,8 @@ def test_runs_that_differ_are_counted_item_by_item_and_the_difference_has_its_t_
         assert m["repeated"] == 2 and m["runs"] == 4
     text = (rerun / "repeat.md").read_text()
     assert "**A partial repeat**: 4 of 8 reruns" in text
+    assert "differs in 4 of 8 pairs" in text and "| 0.766461 -> 0.774126 |" in text
+    assert row["original_first_loss"] == 0.766461 and row["rerun_first_loss"] == pytest.approx(0.766461 * 1.01)
     assert "| `moslora` | `lora` |" in text  # the comparisons, each with both studies' verdicts
 
 
