@@ -6,6 +6,7 @@ option would otherwise surface only when someone needs the figures.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import runpy
 import subprocess
@@ -29,7 +30,29 @@ QUICK = {
     "bench_eval.py": ["--model", "tiny-random", "--items", "4"],
     "bench_ablations.py": ["--models", "tiny-random", "--throughput-seeds", "1", "--limit", "2", "--steps", "1"],
     "bench_trial_overhead.py": ["--model", "tiny-random", "--rounds", "1", "--steps", "1", "--limit", "2"],
+    "bench_kernels.py": ["--model", "tiny-random", "--seeds", "1", "--steps", "3", "--batch-size", "2"],
 }
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_kernel_probe_gives_the_first_step_loss_a_real_run_records(tmp_path, grad_accum):
+    """bench_kernels stops harness.run at its first loss: the value must be what a full run records as step 1's
+    loss (the same data, batch order and precision), for two seeds that see different first batches."""
+    from benchmarks.bench_kernels import first_step_losses
+    from harness.config import RunConfig
+    from harness.run import run
+
+    cfg = RunConfig(methods=["lora"], model="tiny-random", max_steps=3, batch_size=2, grad_accum=grad_accum, limit=1,
+                    tasks=["arithmetic_add_sub"], diagnostics="none", output_dir=str(tmp_path / "r"),
+                    tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    probed = first_step_losses(cfg, [1, 2])
+    for seed in (1, 2):
+        outcome = run(dataclasses.replace(cfg, seeds=[seed]), write_results=False, evaluate_base=False,
+                      progress=False, log=lambda *a, **k: None)
+        step, loss = outcome.results[0].loss_curve[0]
+        assert step == 1 and probed[seed] == pytest.approx(loss, rel=1e-6)
+    assert probed[1] != probed[2]
 
 
 def test_every_benchmark_has_a_quick_check():
