@@ -26,28 +26,28 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ablations.findings import KERNEL_TOLERANCE
 from harness.errors import UserError
 from harness.quiet import offline_environment
 
 
-class _FirstLoss(Exception):
-    """Raised inside the first training step once its loss is known: the probe needs nothing after it."""
-
-
 def first_step_losses(cfg, seeds: list[int]) -> dict[int, float]:
     """Each seed's first training-step loss under ``cfg`` (one method), computed by harness.run's own training path
-    (the same data, batch order, precision, attention and loss) and stopped there."""
+    (the same data, batch order, precision, attention and loss) and stopped there, as a pruned trial stops."""
     import harness.train
-    from harness.run import run
+    from harness.run import Pruned, run
+
+    class FirstLoss(Pruned):
+        """Raised inside the first training step once its loss is known: nothing after it is needed."""
 
     seen: list[float] = []
     loss_fn = harness.train.causal_lm_loss
 
     def first(*args, **kwargs):
         loss = loss_fn(*args, **kwargs)
-        seen.append(float(loss))
+        seen.append(float(loss.detach()))
         if len(seen) == cfg.grad_accum:  # the step's loss is the mean over its micro-batches
-            raise _FirstLoss
+            raise FirstLoss("stopped at the first training step's loss")
         return loss
 
     found = {}
@@ -55,8 +55,11 @@ def first_step_losses(cfg, seeds: list[int]) -> dict[int, float]:
     try:
         for seed in seeds:
             seen.clear()
-            run(dataclasses.replace(cfg, seeds=[seed]), write_results=False, evaluate_base=False, progress=False,
-                log=lambda *a, **k: None)
+            try:
+                run(dataclasses.replace(cfg, seeds=[seed]), write_results=False, evaluate_base=False, progress=False,
+                    log=lambda *a, **k: None)
+            except FirstLoss:
+                pass
             found[seed] = sum(seen) / len(seen) if len(seen) == cfg.grad_accum else math.nan
     finally:
         harness.train.causal_lm_loss = loss_fn
@@ -84,10 +87,10 @@ def study_config(folder: Path):
     name = (yaml.safe_load(design.read_text()) or {}).get("name")
     url = resolve_storage_url(f"journal:{journal}")
     plan = load_plan(name, open_storage(url, create=False), url)
-    recorded: dict[int, set[float]] = {}
-    for seed, value in zip(frame["seed"], frame["first_loss"]):
+    recorded: dict[int, dict[str, float]] = {}
+    for method, seed, value in zip(frame["method"], frame["seed"], frame["first_loss"]):
         if pd.notna(value):
-            recorded.setdefault(int(seed), set()).add(float(value))
+            recorded.setdefault(int(seed), {})[str(method)] = float(value)
     return plan.trial_config("lora", [min(recorded or {0: None})], 0), recorded
 
 
@@ -105,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", help="without --study (default: auto)")
     args = parser.parse_args(argv)
     offline_environment()
+    from harness import quiet
     from harness.config import RunConfig
+
+    quiet.configure()
     from harness.tracking import machine, machine_label
 
     try:
@@ -128,20 +134,24 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     print(f"this machine: {machine_label(machine())}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}"
           f" ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')}")
-    verdicts = []
+    alike: dict[str, bool] = {}  # method -> whether every seed checked agrees with its runs
     for seed, loss in found.items():
         line = f"seed {seed}: first-step loss {loss:.6g}"
-        if seed in recorded:
-            theirs = sorted(recorded[seed])
-            same = any(math.isclose(loss, v, rel_tol=1e-5) for v in theirs)
-            verdicts.append(same)
-            line += (f"; {args.study.name}'s runs: " + ", ".join(f"{v:.6g}" for v in theirs)
-                     + (" -> the same kernels" if same else " -> other kernels"))
+        theirs = recorded.get(seed, {})
+        if theirs:
+            same = {m: math.isclose(loss, v, rel_tol=KERNEL_TOLERANCE) for m, v in theirs.items()}
+            for m, agrees in same.items():
+                alike[m] = alike.get(m, True) and agrees
+            line += "; " + "; ".join(f"{m}'s run {v:.6g} ({'the same kernels' if same[m] else 'other kernels'})"
+                                     for m, v in theirs.items())
         print(line)
-    if verdicts:
-        print(f"{args.study.name}: " + ("this machine computes the base model as its runs did; they repeat here"
-                                        if all(verdicts) else "this machine's kernels differ from its runs' (on the "
-                                        "seeds checked): a rerun here is a replication, not a repeat"))
+    if alike:
+        repeat = [m for m, ok in alike.items() if ok]
+        other = [m for m, ok in alike.items() if not ok]
+        print(f"{args.study.name}: " + "; ".join(part for part in (
+            f"the runs of {', '.join(repeat)} repeat on this machine" if repeat else "",
+            f"the runs of {', '.join(other)} were computed on other kernels: a rerun here is a replication, not a "
+            "repeat" if other else "") if part))
     return 0
 
 
