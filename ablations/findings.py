@@ -30,6 +30,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import yaml
@@ -133,56 +134,99 @@ def cosine_recorded(folder: Path) -> set[str]:
     return {str(m) for m, v in zip(runs["method"], runs["mean_alignment"]) if pd.notna(v)}
 
 
-def kernel_groups(folder: Path) -> list[dict[str, dict[int, float]]]:
-    """The study's arms grouped by how their runs computed the frozen base model: each group is {method: {seed:
-    first_loss}} for arms whose first training step's loss (diagnostics.csv's first_loss) agrees at every seed they
-    share. Every method here starts from a zero update, so that loss is the base model's loss on the seed's first
-    batch: the same whatever the method, unless the kernels that computed it differ (another machine or CPU).
-    Empty when the runs predate the column."""
+# Methods whose adapted model computes exactly the base model's forward before the first step: their update starts at
+# zero (B = 0) and is added to the base layer's output. Not DoRA (it recomputes the weight through its magnitude),
+# PiSSA or OLoRA (they move W0), nor an arm with a trainable bias (moslora/linchain bias=true).
+# Claim verdicts that decide something (a test ran on enough pairs): a withheld or too-small one does not
+DECIDED = ("supported", "opposite", "no detectable difference")
+BASE_AT_START = ("lora", "rslora", "moslora", "linchain", "mtlora", "condlora")
+
+
+def starts_at_base(spec: str) -> bool:
+    """Whether ``spec``'s first training-step loss is the frozen base model's loss on the batch (BASE_AT_START)."""
+    method, _, options = str(spec).partition(":")
+    return method in BASE_AT_START and "bias=true" not in options.replace(" ", "").lower()
+
+
+class KernelCheck(NamedTuple):
+    """A study's arms grouped by how their runs computed the frozen base model (kernel_groups)."""
+
+    groups: list[dict[str, dict[int, float]]]  # {method: {seed: first_loss}} per group, arms agreeing at shared seeds
+    unchecked: list[str]  # arms sharing no seed with the others, or whose first loss is not the base model's
+
+
+def kernel_groups(folder: Path) -> KernelCheck:
+    """The study's arms grouped by their first training step's loss (diagnostics.csv's first_loss). For a method that
+    starts from a zero update (starts_at_base) that loss is the frozen base model's loss on the seed's first batch:
+    the same whatever the method, unless it was computed differently (another CPU, other kernel settings, other
+    libraries or inputs). An arm joins a group when its loss agrees with the group's at every seed they share (and
+    they share one); an arm that shares no seed with an arm, or that does not start at the base model, is unchecked.
+    No groups when the runs predate the column."""
     path = folder / "diagnostics.csv"
     if not path.is_file():
-        return []
+        return KernelCheck([], [])
     runs = pd.read_csv(path)
     if "first_loss" not in runs.columns:
-        return []
+        return KernelCheck([], [])
     runs = runs.dropna(subset=["first_loss"])
     groups: list[dict[str, dict[int, float]]] = []
+    unchecked: list[str] = []
     for method, mine in runs.groupby("method", sort=False):
+        if not starts_at_base(str(method)):
+            unchecked.append(str(method))
+            continue
         losses = {int(seed): float(v) for seed, v in zip(mine["seed"], mine["first_loss"])}
         for group in groups:
-            other = next(iter(group.values()))
-            shared = set(losses) & set(other)
-            if shared and all(math.isclose(losses[k], other[k], rel_tol=KERNEL_TOLERANCE) for k in shared):
+            known = {k: v for member in group.values() for k, v in member.items()}
+            shared = set(losses) & set(known)
+            if shared and all(math.isclose(losses[k], known[k], rel_tol=KERNEL_TOLERANCE) for k in shared):
                 group[str(method)] = losses
                 break
         else:
             groups.append({str(method): losses})
-    return groups
+    seeds_of = [{k for member in g.values() for k in member} for g in groups]
+    alone = [i for i, seeds in enumerate(seeds_of) if len(groups) > 1
+             and not any(seeds & other for j, other in enumerate(seeds_of) if j != i)]
+    if alone and len(alone) == len(groups):  # nothing overlaps: the largest group stands, the others are unchecked
+        alone.remove(max(alone, key=lambda i: (len(groups[i]), len(seeds_of[i]))))
+    unchecked += [m for i in alone for m in groups[i]]
+    return KernelCheck([g for i, g in enumerate(groups) if i not in alone], unchecked)
 
 
-# Stored measurements keep 6 significant digits (ablations.storage.SIGNIFICANT); runs computed alike agree in all of
-# them, while other bf16 kernels move the base model's loss by 1e-4 to 1e-2 relative.
+# Stored measurements keep 6 significant digits (ablations.storage.SIGNIFICANT): runs computed alike agree in all of
+# them. Other kernels moved the base model's loss by 3.5e-5 relative (oneDNN without AVX512_BF16, seed 1) to 1.3e-2
+# here (docs/benchmarks.md, bench_kernels).
 KERNEL_TOLERANCE = 1e-5
 
 
-def kernels_text(groups: list[dict[str, dict[int, float]]]) -> str:
-    """A study block's paragraph on whether its pairs were computed alike ("" without the measurement)."""
-    what = ("The first training step's loss (before any update; every method here starts from a zero update, so it "
-            "is the frozen base model's loss on the seed's first batch)")
+def _example(groups: list[dict[str, dict[int, float]]]) -> str:
+    """" (seed 1: 0.766461 against 0.776233)": the lowest seed every group measured, or ""."""
+    shared = set.intersection(*({k for m in g.values() for k in m} for g in groups))
+    if not shared:
+        return ""
+    seed = min(shared)
+    values = [next(m[seed] for m in g.values() if seed in m) for g in groups]
+    return f" (seed {seed}: " + " against ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def kernels_text(check: KernelCheck) -> str:
+    """A study block's paragraph on whether its pairs computed the base model alike ("" without the measurement)."""
+    what = ("The first training step's loss (before any update; these methods start from a zero update, so it is "
+            "the frozen base model's loss on the seed's first batch)")
+    groups, unchecked = check
     if not groups:
         return ""
+    left = (" Not checked: " + ", ".join(name(m) for m in unchecked) + " (no seed shared with another arm, or a "
+            "method whose first loss is not the base model's)." if unchecked else "")
     if len(groups) == 1:
-        return (f"**Kernels.** {what} is the same in every arm at each seed: all final runs computed the base model "
-                "alike.")
+        return (f"**Kernels.** {what} is the same in every arm checked at each seed: those final runs computed the "
+                f"base model alike.{left}")
     listed = " and ".join("{" + ", ".join(name(m) for m in g) + "}" for g in groups)
-    seed = min(set.intersection(*(set(next(iter(g.values()))) for g in groups)) or {None}, key=lambda k: (k is None, k))
-    example = (f" (seed {seed}: " + " against ".join(f"{next(iter(g.values()))[seed]:.6g}" for g in groups) + ")"
-               if seed is not None else "")
-    return (f"**Kernels.** {what} differs between the arms {listed}{example}: the base model's forward was computed "
-            "with different kernels, so these runs ran on different machines or CPUs, and every pair across the "
-            "groups differs by that as well as by its method. The noise it adds is inside the intervals over seeds; "
-            "a shift it might cause is not. Rerunning one group's final runs on the other's kernels measures it "
-            "(`python -m ablations.repeat`).")
+    return (f"**Kernels.** {what} differs between the arms {listed}{_example(groups)}: the base model's forward was "
+            "computed differently (another CPU, other kernel settings, other libraries or inputs), so every pair "
+            "across the groups differs by that as well as by its method. The noise it adds is inside the intervals "
+            "over seeds; a shift it might cause is not. Rerunning one group's final runs as the other's were computed "
+            f"measures it (`python -m ablations.repeat`).{left}")
 
 
 def ordering(scores: dict[str, dict[int, float]], alpha: float = 0.05) -> list[tuple[str, str, stats.SeedComparison, float]]:
@@ -485,6 +529,10 @@ def tally(verdicts: list[tuple[str, str]]) -> str:
     return "; ".join(f"**{v}**: {', '.join(name(m) for m in ms)}" for v, ms in groups.items())
 
 
+def _count(value) -> int:
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0
+
+
 def measured_as(found: list[dict]) -> str:
     """The "measured as" cell of a claim: its one measure, or each measure with the methods it judged."""
     by: dict[str, list[str]] = {}
@@ -501,63 +549,66 @@ def measured_as(found: list[dict]) -> str:
 REPEAT_FILE = "repeat.csv"  # written by python -m ablations.repeat into a study that reran another's final runs
 
 
-def replication_rows(studies: list[Study], pairs: list) -> list[tuple[str, str, str, str]]:
-    """One row per study that reran an earlier study's final runs (it holds repeat.csv): how many runs repeated
-    item for item, and each of its gains over LoRA with its verdict beside the original's."""
+def replication_rows(studies: list[Study]) -> list[tuple[str, str, str, str]]:
+    """One row per study that reran another study's final runs (it holds repeat.csv, which names the original): how
+    many runs repeated item for item, and each of its gains over LoRA with its verdict beside the original's."""
     out = []
-    first = {(r.method, s.reference[r.method]): (s, r) for s, r in pairs}
+    by_name = {s.name: s for s in studies}
     for s in studies:
         path = s.folder / REPEAT_FILE
         if not path.is_file():
             continue
-        runs = pd.read_csv(path)
-        same = int((runs["differing_items"] == 0).sum())
-        pairs_here = [(r, first.get((r.method, s.reference[r.method]))) for r in s.verdict.itertuples()
-                      if s.reference.get(r.method) and r.family == LORA_FAMILY]
-        pairs_here = [(r, o) for r, o in pairs_here if o is not None and o[0] is not s]
-        if not pairs_here:
-            continue
-        original = pairs_here[0][1][0]
-        verdicts, figures, changed = [], [], []
-        for r, (o_study, o) in pairs_here:
-            now, then = score_verdict_of(s, r), score_verdict_of(o_study, o)
+        runs = pd.read_csv(path, dtype={"original": str})
+        named = sorted(set(runs["original"].dropna())) if "original" in runs.columns else []
+        original = by_name.get(named[0]) if len(named) == 1 else None
+        if original is None:
+            raise UserError(f"{path}: names {', '.join(named) or 'no'} original study; pass its folder to --brief "
+                            "too (write repeat.csv again with python -m ablations.repeat)")
+        same = int(((runs["differing_items"] == 0) & (runs["compared_items"] > 0)).sum())
+        verdicts, figures = [], []
+        for r in s.verdict.itertuples():
+            ref = s.reference.get(r.method)
+            mine = original.verdict[(original.verdict["method"] == r.method) & (original.verdict["family"] == r.family)]
+            if not ref or r.family != LORA_FAMILY or mine.empty:
+                continue
+            o = next(mine.itertuples())
+            now, then = score_verdict_of(s, r), score_verdict_of(original, o)
             verdicts.append((r.method, now if now == then else f"{then} -> {now}"))
             figures.append(f"{name(r.method)} {pts(r.gain)} {interval(r.gain_low, r.gain_high)} (was {pts(o.gain)} "
                            f"{interval(o.gain_low, o.gain_high)})")
-            changed += [r.method] if now != then else []
-        word = "**the same verdicts**" if not changed else "**verdicts changed**"
+        changed = any("->" in v for _, v in verdicts)
         out.append((f"the verdicts hold on new runs (`{s.name}` reran `{original.name}`)",
                     f"`{original.name}`'s final runs trained again at the same seeds and rates; items scored "
                     "differently; each gain over LoRA on the new runs",
-                    f"{word}: " + "; ".join(f"{name(m)} {v}" for m, v in verdicts),
+                    ("**verdicts changed**" if changed else "**the same verdicts**") + ": "
+                    + "; ".join(f"{name(m)} {v}" for m, v in verdicts),
                     f"{same} of {len(runs)} runs repeated item for item ({int(runs['differing_items'].sum())} of "
-                    f"{int(runs['compared_items'].sum())} items differ); "
-                    + "; ".join(figures)))
+                    f"{int(runs['compared_items'].sum())} items differ); " + "; ".join(figures)))
     return out
 
 
 def kernel_rows(studies: list[Study]) -> list[tuple[str, str, str, str]]:
     """One row: for each study that measured it, whether its arms computed the base model alike (kernel_groups)."""
     found = [(s, kernel_groups(s.folder)) for s in studies]
-    found = [(s, g) for s, g in found if g]
+    found = [(s, c) for s, c in found if c.groups]
     if not found:
         return []
     verdicts, figures = [], []
-    for s, groups in found:
-        if len(groups) == 1:
+    for s, check in found:
+        if len(check.groups) == 1:
             verdicts.append(f"`{s.name}` alike")
-            continue
-        verdicts.append(f"`{s.name}` **{len(groups)} kernel groups**: "
-                        + " against ".join("{" + ", ".join(name(m) for m in g) + "}" for g in groups))
-        shared = set.intersection(*(set(next(iter(g.values()))) for g in groups))
-        if shared:
-            seed = min(shared)
-            figures.append(f"`{s.name}` seed {seed}: " + " against ".join(
-                f"{next(iter(g.values()))[seed]:.6g}" for g in groups))
-    return [("each pair computed on the same kernels (a check of the design, not a claim)",
+        else:
+            verdicts.append(f"`{s.name}` **{len(check.groups)} groups**: "
+                            + " and ".join("{" + ", ".join(name(m) for m in g) + "}" for g in check.groups))
+            if _example(check.groups):
+                figures.append(f"`{s.name}`{_example(check.groups)}")
+        if check.unchecked:
+            verdicts[-1] += " (not checked: " + ", ".join(name(m) for m in check.unchecked) + ")"
+    return [("each pair's base model computed alike (a check of the design, not a claim)",
              "the first training step's loss per seed, across arms: the frozen base model's loss on the seed's first "
-             "batch (every method starts from a zero update), which only other kernels (another machine) change",
-             "; ".join(verdicts), "; ".join(figures) or "every arm agrees at every seed")]
+             "batch (these methods start from a zero update), which another CPU, other kernel settings, libraries or "
+             "inputs change", "; ".join(verdicts),
+             "; ".join(figures) if figures else "every arm checked agrees at every seed")]
 
 
 def score_verdict_of(s: Study, r) -> str:
@@ -614,7 +665,7 @@ def brief(folders: list[Path]) -> str:
                 candidates.setdefault((row["claim"], row["method"]), []).append((s, row))
     claimed: dict[str, list[tuple[Study, dict]]] = {key: [] for key in CLAIM_TITLES}
     for (claim, _), found in candidates.items():
-        decided = [(s, r) for s, r in found if r["verdict"] != "not measured" and "withheld:" not in str(r.get("note"))]
+        decided = [(s, r) for s, r in found if r["verdict"] in DECIDED and _count(r.get("n_pairs")) >= stats.MIN_PAIRS]
         claimed[claim].append((decided or found)[0])
     for key, title in CLAIM_TITLES.items():
         found = claimed[key]
@@ -624,7 +675,7 @@ def brief(folders: list[Path]) -> str:
         rows.append((title, measured_as([r for _, r in found]), tally(
             [(r["method"], verdict_label(r)) for _, r in found]), figures))
 
-    rows += replication_rows(studies, pairs)
+    rows += replication_rows(studies)
 
     rows += kernel_rows(studies)
 
@@ -694,8 +745,8 @@ def brief(folders: list[Path]) -> str:
                "paired final seeds (the runs' variance on this test set), not adjusted for multiplicity; the "
                "verdicts are corrected for them (Holm, within each study's family). A pair that several studies hold "
                "(imported arms) is counted once" + ("; " + ", ".join(f"`{s.name}`" for s in reruns) + " reran "
-               "another study's final runs, and adds only what those runs did not measure (the step-direction cosine) "
-               "and a row of its own on whether the verdicts hold." if reruns else "."))
+               "another study's final runs: it adds what those runs did not measure (the step-direction cosine), its own "
+               "kernel check and a row on whether the verdicts hold." if reruns else "."))
     if partial:
         out.append("")
         out.append("**Provisional:** " + ", ".join(f"`{s.name}`" for s in partial) + " still running; rows that "

@@ -12,7 +12,8 @@ both means, and the mean paired difference (rerun minus original, a 95% Student-
 replication's should cover 0). Per comparison: the gain and the verdict in each study, each from its own
 verdict.csv.
 
-Reads only the shipped files of each folder (study.yaml, verdict.csv, trials.csv, items.csv.gz). Writes
+Reads only the shipped files of each folder (study.yaml, verdict.csv, trials.csv, items.csv.gz and, where the
+report wrote it, diagnostics.csv's first-step losses). Writes
 repeat.md and repeat.csv into the rerun's folder (or --out). Exit 0, or 2 with one line on bad input.
 """
 
@@ -26,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ablations.findings import KERNEL_TOLERANCE
+from ablations.findings import KERNEL_TOLERANCE, starts_at_base
 from ablations.recompute import seed_scores
 from ablations.retune import Folder, identical, read_folder
 from harness import stats
 from harness.errors import UserError
 
-RUN_COLUMNS = ("method", "seed", "lr", "original_score", "rerun_score", "difference", "differing_items",
+RUN_COLUMNS = ("original", "method", "seed", "lr", "original_score", "rerun_score", "difference", "differing_items",
                "compared_items", "original_first_loss", "rerun_first_loss", "original_started", "rerun_started",
                "rerun_machine", "rerun_commit")
 
@@ -40,20 +41,24 @@ RUN_COLUMNS = ("method", "seed", "lr", "original_score", "rerun_score", "differe
 def final_trials(folder: Folder) -> dict[tuple[str, int], dict]:
     """(method, seed) -> the completed final trial's row of trials.csv (when it started; machine and commit where
     the trial recorded them)."""
-    trials = pd.read_csv(folder.path / "trials.csv")
+    trials = pd.read_csv(folder.path / "trials.csv", dtype={"commit": str, "machine": str, "protocol": str})
     if "stage" not in trials.columns:
         return {}
-    done = trials[(trials["stage"] == "final") & (trials["state"] == "COMPLETE")]
-    return {(str(r["spec"]), int(r["seed"])): r.to_dict() for _, r in done.iterrows()}
+    done = trials[(trials["stage"] == "final") & (trials["state"] == "COMPLETE") & trials["seed"].notna()]
+    return {(str(r["spec"]), int(float(r["seed"]))): r.to_dict() for _, r in done.iterrows()}
 
 
 def first_losses(folder: Folder) -> dict[tuple[str, int], float]:
     """(method, seed) -> the final run's first-step loss (diagnostics.csv's first_loss: the frozen base model's loss on
     the seed's first batch, which only the kernels change), where the report recorded it."""
     path = folder.path / "diagnostics.csv"
-    runs = pd.read_csv(path) if path.is_file() else pd.DataFrame()
-    if "first_loss" not in runs.columns:
+    try:
+        runs = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise UserError(f"{path}: cannot read it ({type(err).__name__})") from None
+    if not {"method", "seed", "first_loss"} <= set(runs.columns):
         return {}
+    runs = runs.dropna(subset=["seed"])
     return {(str(m), int(s)): float(v) for m, s, v in zip(runs["method"], runs["seed"], runs["first_loss"])
             if pd.notna(v)}
 
@@ -80,7 +85,7 @@ def compare_runs(original: Folder, rerun: Folder) -> list[dict]:
         for seed in sorted(set(scores) & set(rescored)):
             same, total = identical({seed: original.items[method][seed]}, {seed: rerun.items[method][seed]})
             trial = after.get((method, seed))
-            rows.append({"method": method, "seed": seed, "lr": rerun.chosen[method], "original_score": scores[seed],
+            rows.append({"original": original.path.name, "method": method, "seed": seed, "lr": rerun.chosen[method], "original_score": scores[seed],
                          "rerun_score": rescored[seed], "difference": rescored[seed] - scores[seed],
                          "differing_items": total - same, "compared_items": total,
                          "original_first_loss": loss_before.get((method, seed), math.nan),
@@ -102,7 +107,7 @@ def per_method(runs: list[dict]) -> list[dict]:
         c = stats.seed_comparison({r["seed"]: r["rerun_score"] for r in mine},
                                   {r["seed"]: r["original_score"] for r in mine})
         originals = [r["original_score"] for r in mine]
-        out.append({"method": method, "runs": len(mine), "repeated": sum(r["differing_items"] == 0 for r in mine),
+        out.append({"method": method, "runs": len(mine), "repeated": sum(_repeated(r) for r in mine),
                     "original_mean": float(np.mean(originals)), "original_sd": _sd(originals),
                     "rerun_mean": float(np.mean([r["rerun_score"] for r in mine])),
                     "difference": c.estimate, "low": c.low, "high": c.high,
@@ -110,6 +115,11 @@ def per_method(runs: list[dict]) -> list[dict]:
                     "differing_items": sum(r["differing_items"] for r in mine),
                     "compared_items": sum(r["compared_items"] for r in mine)})
     return out
+
+
+def _repeated(run: dict) -> bool:
+    """Every item compared was scored the same (and there was one to compare)."""
+    return run["compared_items"] > 0 and run["differing_items"] == 0
 
 
 def _sd(values: list[float]) -> float:
@@ -141,6 +151,10 @@ def _pts(value, signed: bool = True) -> str:
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
 
 
+def _word(value) -> str:
+    return value if isinstance(value, str) and value else "n/a"
+
+
 def _interval(low, high) -> str:
     return f"[{_pts(low)}, {_pts(high)}]"
 
@@ -151,28 +165,27 @@ def _loss(value: float) -> str:
 
 def kernels_sentence(runs: list[dict]) -> str:
     """Whether the reruns computed the base model as the originals did, from the first-step losses."""
-    pairs = [(r["original_first_loss"], r["rerun_first_loss"]) for r in runs
+    pairs = [(r["original_first_loss"], r["rerun_first_loss"]) for r in runs if starts_at_base(r["method"])
              if math.isfinite(r["original_first_loss"]) and math.isfinite(r["rerun_first_loss"])]
     if not pairs:
         return ""
     other = sum(not math.isclose(a, b, rel_tol=KERNEL_TOLERANCE) for a, b in pairs)
     if other == 0:
         return (f"The first-step loss (the frozen base model's loss on the seed's first batch) is the same in all "
-                f"{len(pairs)} pairs: the reruns computed the base model on the same kernels.")
+                f"{len(pairs)} pairs: the reruns computed the base model's forward as the originals did.")
     return (f"The first-step loss (the frozen base model's loss on the seed's first batch) differs in {other} of "
-            f"{len(pairs)} pairs: those reruns computed the base model on other kernels (another machine or CPU), so "
-            "the runs differ from their first step.")
+            f"{len(pairs)} pairs: those reruns computed the base model differently (another CPU, other kernel "
+            "settings, other libraries or inputs), so they differ from their first step.")
 
 
 def summary(runs: list[dict]) -> str:
     """The answer in one sentence: a repeat, a replication, or a mix."""
-    repeated = sum(r["differing_items"] == 0 for r in runs)
+    repeated = sum(_repeated(r) for r in runs)
     if repeated == len(runs):
         return (f"**A repeat**: all {len(runs)} reruns scored every test item as the original runs did.")
     if repeated == 0:
         return (f"**A replication, not a repeat**: none of the {len(runs)} reruns scored every test item as its "
-                "original did; each is a new run of the same design (seed, rate, data, code path), trained on other "
-                "kernels or another state.")
+                "original did; each is a new run of the same design (seed, rate, data, code path).")
     return (f"**A partial repeat**: {repeated} of {len(runs)} reruns scored every test item as the original "
             f"did; the other {len(runs) - repeated} differ (when each ran is in the table of runs).")
 
@@ -203,9 +216,9 @@ def markdown(original: Folder, rerun: Folder, runs: list[dict], methods: list[di
                   "|---|---|---:|---|---:|---|"]
         for c in compared:
             lines.append(f"| `{c['method']}` | `{c['reference']}` | {_pts(c['original_gain'])} "
-                         f"{_interval(c['original_gain_low'], c['original_gain_high'])} | {c['original_verdict']} | "
+                         f"{_interval(c['original_gain_low'], c['original_gain_high'])} | {_word(c['original_verdict'])} | "
                          f"{_pts(c['rerun_gain'])} {_interval(c['rerun_gain_low'], c['rerun_gain_high'])} | "
-                         f"{c['rerun_verdict']} |")
+                         f"{_word(c['rerun_verdict'])} |")
     lines += ["", "## Every run", "",
               "Scores in percent. The first-step loss is the loss before any update: every method here starts from a "
               "zero update, so it is the frozen base model's loss on the seed's first batch, which only the kernels "

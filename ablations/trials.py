@@ -284,8 +284,12 @@ def known_curvatures(trial, plan: StudyPlan, spec: str, seeds: list[int]) -> dic
 @functools.cache
 def worker_provenance() -> dict[str, Any]:
     """What this process trains with: the commit of the code it loaded, the library versions and the machine.
-    Read once (a worker reads it when it starts): a commit made while a long-lived worker runs does not relabel
-    the code the worker had loaded, and the machine does not change under a process."""
+    Read once (a worker reads it when it starts, after importing the training code): a commit made while a
+    long-lived worker runs does not relabel the code the worker had loaded, and the machine does not change under a
+    process. A module first imported later (a method's own code, on its first trial) is read from the tree as it is
+    then; a commit in between is not seen."""
+    import harness.run  # noqa: F401 (the pipeline and the adapters it imports load now, with the commit read below)
+
     return {"commit": loaded_commit() or "unknown", "versions": library_versions(), "machine": machine()}
 
 

@@ -4,8 +4,8 @@ Every method here starts from a zero update, so a run's first-step loss is the f
 seed's first batch: the same for every method and learning rate, changed only by the kernels that compute it (the
 CPU's instruction set, the bf16 kernels oneDNN picks for it, a GPU). A fair study's diagnostics.csv records it for
 every final run (``first_loss``). Compare before resuming or repeating a study on this machine: where the losses
-agree, its runs repeat bit for bit here; where they differ, a rerun is a replication (a new run of the same design,
-which differs within seed noise), as ``python -m ablations.repeat`` then shows.
+differ, a rerun here is a replication (a new run of the same design, which differs within seed noise), as ``python
+-m ablations.repeat`` then shows; where they agree, a repeat is likely (only the forward is checked here).
 
 Each seed costs one model load and one forward pass (the run stops at its first loss). Usage::
 
@@ -13,7 +13,7 @@ Each seed costs one model load and one forward pass (the run stops at its first 
     python -m benchmarks.bench_kernels --model tiny-random --seeds 1 --steps 3       # no study: print the losses
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python -m benchmarks.bench_kernels --study ...    # another oneDNN kernel level
 
-Measures, does not assert; exit 0, or 2 with one line on bad input.
+Measures, does not assert; exit 0, 1 when a seed could not be measured, 2 with one line on bad input.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ablations.findings import KERNEL_TOLERANCE
+from ablations.findings import KERNEL_TOLERANCE, starts_at_base
 from harness.errors import UserError
 from harness.quiet import offline_environment
 
@@ -96,7 +96,7 @@ def study_config(folder: Path):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit status: 0 when measured, 2 on bad input.")
+                                     epilog="Exit status: 0 when measured, 1 when a seed could not be measured, 2 on bad input.")
     parser.add_argument("--study", type=Path, default=None, metavar="FOLDER",
                         help="a fair study's findings folder: its run options, and its runs' first-step losses to "
                              "compare with")
@@ -134,24 +134,32 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     print(f"this machine: {machine_label(machine())}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}"
           f" ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')}")
+    missing = [seed for seed, loss in found.items() if not math.isfinite(loss)]
     alike: dict[str, bool] = {}  # method -> whether every seed checked agrees with its runs
     for seed, loss in found.items():
+        if seed in missing:
+            print(f"seed {seed}: not measured (the run failed before its first loss: run harness.run with these "
+                  "options to see why)")
+            continue
         line = f"seed {seed}: first-step loss {loss:.6g}"
-        theirs = recorded.get(seed, {})
+        theirs = {m: v for m, v in recorded.get(seed, {}).items() if starts_at_base(m)}
         if theirs:
             same = {m: math.isclose(loss, v, rel_tol=KERNEL_TOLERANCE) for m, v in theirs.items()}
             for m, agrees in same.items():
                 alike[m] = alike.get(m, True) and agrees
-            line += "; " + "; ".join(f"{m}'s run {v:.6g} ({'the same kernels' if same[m] else 'other kernels'})"
+            line += "; " + "; ".join(f"{m}'s run {v:.6g} ({'computed alike' if same[m] else 'computed differently'})"
                                      for m, v in theirs.items())
         print(line)
     if alike:
         repeat = [m for m, ok in alike.items() if ok]
         other = [m for m, ok in alike.items() if not ok]
         print(f"{args.study.name}: " + "; ".join(part for part in (
-            f"the runs of {', '.join(repeat)} repeat on this machine" if repeat else "",
-            f"the runs of {', '.join(other)} were computed on other kernels: a rerun here is a replication, not a "
-            "repeat" if other else "") if part))
+            f"the runs of {', '.join(repeat)} computed the base model as this machine does (consistent with a "
+            "repeat here; the backward and optimizer kernels are not checked)" if repeat else "",
+            f"the runs of {', '.join(other)} computed it differently (another CPU, other kernel settings, libraries "
+            "or inputs): a rerun here is a replication, not a repeat" if other else "") if part))
+    if missing:
+        return 1
     return 0
 
 

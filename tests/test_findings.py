@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from scipy import stats as sps
 
 from ablations import findings
@@ -278,27 +279,65 @@ def _diagnostics(folder: Path, losses: dict[str, dict[int, float]]) -> Path:
 
 def test_arms_whose_base_forward_differs_fall_in_kernel_groups(tmp_path):
     """The first step's loss is the base model's loss on the seed's first batch: arms computed alike agree at every
-    seed (to the 6 stored digits), arms of another machine differ at every seed by far more."""
+    seed (to the 6 stored digits), arms computed on another CPU differ at every seed by far more."""
     alike = {1: 0.766461, 2: 1.38258, 3: 1.21432}
     other = {1: 0.776233, 2: 1.38908, 3: 1.21508}
     folder = _diagnostics(tmp_path / "one", {"lora": alike, "moslora": dict(alike), "linchain": {1: 0.766461}})
-    groups = findings.kernel_groups(folder)
-    assert [sorted(g) for g in groups] == [["linchain", "lora", "moslora"]]
-    assert "is the same in every arm at each seed" in findings.kernels_text(groups)
+    check = findings.kernel_groups(folder)
+    assert [sorted(g) for g in check.groups] == [["linchain", "lora", "moslora"]] and check.unchecked == []
+    assert "is the same in every arm checked at each seed" in findings.kernels_text(check)
     folder = _diagnostics(tmp_path / "two", {"lora": alike, "mtlora:structure=shim": other, "condlora": dict(other),
                                              "moslora": dict(alike)})
-    groups = findings.kernel_groups(folder)
-    assert [list(g) for g in groups] == [["lora", "moslora"], ["mtlora:structure=shim", "condlora"]]
-    text = findings.kernels_text(groups)
+    check = findings.kernel_groups(folder)
+    assert [list(g) for g in check.groups] == [["lora", "moslora"], ["mtlora:structure=shim", "condlora"]]
+    text = findings.kernels_text(check)
     assert "differs between the arms {LoRA, MoSLoRA} and {`mtlora:structure=shim`, `condlora`}" in text
     assert "(seed 1: 0.766461 against 0.776233)" in text and "ablations.repeat" in text
     # one seed that disagrees is enough: the arm was not computed alike
     folder = _diagnostics(tmp_path / "three", {"lora": alike, "moslora": {**alike, 3: 1.21508}})
-    assert len(findings.kernel_groups(folder)) == 2
+    assert len(findings.kernel_groups(folder).groups) == 2
+    # an arm that shares no seed with the others, and one whose first loss is not the base model's (PiSSA moves W0,
+    # DoRA recomputes the weight), are not checked: neither is evidence of other kernels
+    folder = _diagnostics(tmp_path / "four", {"lora": alike, "moslora": {7: 0.5}, "pissa": other, "dora": other})
+    check = findings.kernel_groups(folder)
+    assert [list(g) for g in check.groups] == [["lora"]] and sorted(check.unchecked) == ["dora", "moslora", "pissa"]
+    assert "Not checked: `pissa`, `dora`, MoSLoRA (" in findings.kernels_text(check)
+    assert not findings.starts_at_base("moslora:bias=true") and findings.starts_at_base("linchain:init=orthogonal")
     # runs that predate the measurement say nothing
     (tmp_path / "old").mkdir()
     pd.DataFrame([{"method": "lora", "seed": 1}]).to_csv(tmp_path / "old" / "diagnostics.csv", index=False)
-    assert findings.kernel_groups(tmp_path / "old") == [] and findings.kernels_text([]) == ""
+    assert findings.kernel_groups(tmp_path / "old").groups == [] and findings.kernels_text(
+        findings.kernel_groups(tmp_path / "old")) == ""
+
+
+def test_a_rerun_study_adds_a_row_on_whether_the_verdicts_hold(tmp_path):
+    """A study that reran another's final runs holds repeat.csv (ablations.repeat), which names the original: the brief
+    gets one row with how many runs repeated and each gain beside the original's."""
+    from ablations import repeat
+
+    folders = {}
+    for label in ("orig", "rerun"):
+        folder = tmp_path / label
+        folder.mkdir()
+        for name in SHIPPED:
+            shutil.copy(STUDY / name, folder / name)
+        design = yaml.safe_load((folder / "study.yaml").read_text())
+        (folder / "study.yaml").write_text(yaml.safe_dump({**design, "name": label}))
+        folders[label] = folder
+    assert repeat.main([str(folders["orig"]), str(folders["rerun"])]) == 0
+    runs = pd.read_csv(folders["rerun"] / "repeat.csv")
+    studies = [findings.read_study(folders["orig"]), findings.read_study(folders["rerun"])]
+    (row,) = findings.replication_rows(studies)
+    assert row[0] == "the verdicts hold on new runs (`rerun` reran `orig`)"
+    assert row[2].startswith("**the same verdicts**: MoSLoRA inconclusive")
+    assert row[3].startswith(f"{len(runs)} of {len(runs)} runs repeated item for item (0 of "
+                             f"{runs['compared_items'].sum()} items differ)")
+    verdict = pd.read_csv(STUDY / "verdict.csv").set_index("method")
+    gain = verdict.loc["moslora"]
+    shown = f"{100 * gain.gain:+.1f} [{100 * gain.gain_low:+.1f}, {100 * gain.gain_high:+.1f}]"
+    assert f"MoSLoRA {shown} (was {shown})" in row[3]
+    with pytest.raises(findings.UserError, match="names orig original study"):
+        findings.replication_rows(studies[1:])
 
 
 def test_each_shipped_runs_first_loss_is_the_journals_first_step():
