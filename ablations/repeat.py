@@ -29,7 +29,7 @@ import pandas as pd
 
 from ablations.findings import KERNEL_TOLERANCE, starts_at_base
 from ablations.recompute import seed_scores
-from ablations.retune import Folder, identical, read_folder
+from ablations.retune import Folder, compare, identical, read_folder
 from harness import stats
 from harness.errors import UserError
 
@@ -145,6 +145,40 @@ def gains(original: Folder, rerun: Folder) -> list[dict]:
     return out
 
 
+def substituted(importer: Folder, rerun: Folder) -> list[dict]:
+    """Each comparison of a study that imported the original's runs (``--import-arms``) that involves a method the
+    rerun holds, as shipped and with the rerun's runs in place of the imported ones (the same method, rate and seeds;
+    ablations.retune's substitution at an unmoved rate), and whether each pair computed the base model alike before
+    and after (first-step losses at the shared seeds)."""
+    losses = {"importer": first_losses(importer), "rerun": first_losses(rerun)}
+    out = []
+    for row in compare(importer, rerun):
+        method, reference = row["method"], row["reference"]
+        if any(step != "+0" for step in row["grid_steps_moved"].split("; ")):
+            continue  # another rate: not the same runs (never for a rerun, which imports the tuning)
+        replaced = set(row["retuned"].split(", "))
+
+        def alike(after: bool) -> bool | None:
+            side = {m: losses["rerun" if after and m in replaced else "importer"] for m in (method, reference)}
+            seeds = {s for (m, s) in side[method] if m == method} & {s for (m, s) in side[reference] if m == reference}
+            if not seeds or not (starts_at_base(method) and starts_at_base(reference)):
+                return None
+            return all(math.isclose(side[method][(method, k)], side[reference][(reference, k)], rel_tol=KERNEL_TOLERANCE)
+                       for k in seeds)
+
+        out.append({"study": importer.path.name, "method": method, "reference": reference,
+                    "replaced": ", ".join(sorted(replaced)), "n_seeds": row["n_seeds"],
+                    "shipped_gain": row["original_gain"], "shipped_low": row["original_low"],
+                    "shipped_high": row["original_high"], "shipped_alike": alike(False),
+                    "rerun_gain": row["retuned_gain"], "rerun_low": row["retuned_low"], "rerun_high": row["retuned_high"],
+                    "rerun_alike": alike(True)})
+    return out
+
+
+def _alike(value: bool | None) -> str:
+    return {True: "alike", False: "**differently**", None: "not checked"}[value]
+
+
 def _pts(value, signed: bool = True) -> str:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return "n/a"
@@ -190,7 +224,8 @@ def summary(runs: list[dict]) -> str:
             f"did; the other {len(runs) - repeated} differ (when each ran is in the table of runs).")
 
 
-def markdown(original: Folder, rerun: Folder, runs: list[dict], methods: list[dict], compared: list[dict]) -> str:
+def markdown(original: Folder, rerun: Folder, runs: list[dict], methods: list[dict], compared: list[dict],
+             others: list[dict] | None = None) -> str:
     a, b = original.path.name, rerun.path.name
     lines = [f"# Repeated: {b} against {a}", "",
              f"`{b}` reran `{a}`'s final runs: the same methods, at the rates `{a}` chose on validation, with the "
@@ -219,6 +254,20 @@ def markdown(original: Folder, rerun: Folder, runs: list[dict], methods: list[di
                          f"{_interval(c['original_gain_low'], c['original_gain_high'])} | {_word(c['original_verdict'])} | "
                          f"{_pts(c['rerun_gain'])} {_interval(c['rerun_gain_low'], c['rerun_gain_high'])} | "
                          f"{_word(c['rerun_verdict'])} |")
+    if others:
+        lines += ["", "## The studies that imported these runs, with the reruns in place", "",
+                  "Each comparison of a study that imported the original's runs and involves a method rerun here: its "
+                  "gain as shipped, and with the reruns in place of the imported runs (points, 95% Student-t interval "
+                  "over the paired seeds; no multiplicity correction, so read the intervals, not verdicts). Base model "
+                  "says whether the two arms of each pair computed the base model alike (their first-step losses at "
+                  "every shared seed): a pair computed differently carries that difference as well as its method's.",
+                  "", "| study | method | vs | rerun arm(s) | seeds | gain as shipped | base model | gain with the "
+                  "reruns | base model |", "|---|---|---|---|---:|---:|---|---:|---|"]
+        for o in others:
+            lines.append(f"| `{o['study']}` | `{o['method']}` | `{o['reference']}` | {o['replaced']} | {o['n_seeds']} | "
+                         f"{_pts(o['shipped_gain'])} {_interval(o['shipped_low'], o['shipped_high'])} | "
+                         f"{_alike(o['shipped_alike'])} | {_pts(o['rerun_gain'])} "
+                         f"{_interval(o['rerun_low'], o['rerun_high'])} | {_alike(o['rerun_alike'])} |")
     lines += ["", "## Every run", "",
               "Scores in percent. The first-step loss is the loss before any update: every method here starts from a "
               "zero update, so it is the frozen base model's loss on the seed's first batch, which only the kernels "
@@ -241,12 +290,16 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Exit status: 0 when written, 2 on bad input.")
     parser.add_argument("original", type=Path, help="the fair study's findings folder")
     parser.add_argument("rerun", type=Path, help="the findings folder of a study that reran its final runs")
+    parser.add_argument("--also", type=Path, nargs="+", default=[], metavar="STUDY",
+                        help="findings folders of studies that imported the original's runs (--import-arms): their "
+                             "comparisons again, with the reruns in place of the imported runs")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="where repeat.md and repeat.csv go (default: the rerun's folder)")
     args = parser.parse_args(argv)
     try:
         original, rerun = read_folder(args.original), read_folder(args.rerun)
         runs = compare_runs(original, rerun)
+        others = [row for folder in args.also for row in substituted(read_folder(folder), rerun)]
         out = args.out or args.rerun
         if not out.is_dir():
             raise UserError(f"--out: {out} is not a folder")
@@ -255,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     methods = per_method(runs)
     pd.DataFrame(runs, columns=list(RUN_COLUMNS)).to_csv(out / "repeat.csv", index=False)
-    (out / "repeat.md").write_text(markdown(original, rerun, runs, methods, gains(original, rerun)))
+    (out / "repeat.md").write_text(markdown(original, rerun, runs, methods, gains(original, rerun), others))
+    if others:
+        pd.DataFrame(others).to_csv(out / "repeat_others.csv", index=False)
     for m in methods:
         print(f"{m['method']}: {m['repeated']} of {m['runs']} run(s) repeated item for item; mean "
               f"{_pts(m['original_mean'], False)} -> {_pts(m['rerun_mean'], False)}, difference "

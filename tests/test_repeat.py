@@ -112,3 +112,38 @@ def test_no_shared_seed_is_one_line(tmp_path, capsys):
     assert repeat.main([str(original), str(rerun)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no final run at a seed" in err
+
+
+def test_a_study_that_imported_the_runs_is_recomputed_with_the_reruns_in_place(tmp_path, capsys):
+    """--also: a later study paired its new arm with the original's imported LoRA runs, computed on other kernels;
+    with the reruns (computed as the new arm was) in place, its gain is the arm minus the reruns, seed by seed."""
+    rng = np.random.default_rng(5)
+    original_items = _items(rng, {"lora": [1, 2, 3, 4]})
+    rerun_items = _items(rng, {"lora": [1, 2, 3, 4]})
+    arm_items = _items(rng, {"mtlora:structure=shim": [1, 2, 3, 4]})
+    old_kernels, new_kernels = {1: 0.766461, 2: 1.38258, 3: 1.21432, 4: 0.703355}, {1: 0.776233, 2: 1.38908,
+                                                                                      3: 1.21508, 4: 0.703664}
+    chosen, curves = {"lora": RATES[1]}, {"lora": {RATES[1]: 0.6}}
+    original = _folder(tmp_path / "orig", chosen, curves, original_items, 0)
+    rerun = _folder(tmp_path / "again", chosen, curves, rerun_items, 0)
+    later = _folder(tmp_path / "later", {**chosen, "mtlora:structure=shim": RATES[2]},
+                    {**curves, "mtlora:structure=shim": {RATES[2]: 0.6}}, pd.concat([original_items, arm_items]), 0)
+    for folder, losses in ((original, {"lora": old_kernels}), (rerun, {"lora": new_kernels}),
+                           (later, {"lora": old_kernels, "mtlora:structure=shim": new_kernels})):
+        pd.DataFrame([{"method": m, "seed": k, "first_loss": v} for m, by in losses.items() for k, v in by.items()]
+                     ).to_csv(folder / "diagnostics.csv", index=False)
+    assert repeat.main([str(original), str(rerun), "--also", str(later)]) == 0
+    (row,) = pd.read_csv(rerun / "repeat_others.csv").to_dict(orient="records")
+    assert (row["study"], row["method"], row["reference"], row["replaced"]) == ("later", "mtlora:structure=shim",
+                                                                                  "lora", "lora")
+    assert row["shipped_alike"] is False or row["shipped_alike"] == 0
+    assert row["rerun_alike"] is True or row["rerun_alike"] == 1
+    arm, before, after = (_scores(arm_items, "mtlora:structure=shim"), _scores(original_items, "lora"),
+                          _scores(rerun_items, "lora"))
+    for prefix, ref in (("shipped", before), ("rerun", after)):
+        diffs = np.array([arm[k] - ref[k] for k in (1, 2, 3, 4)])
+        half = sps.t.ppf(0.975, 3) * diffs.std(ddof=1) / 2
+        assert row[f"{prefix}_gain"] == pytest.approx(diffs.mean())
+        assert (row[f"{prefix}_low"], row[f"{prefix}_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    text = (rerun / "repeat.md").read_text()
+    assert "| `later` | `mtlora:structure=shim` | `lora` | lora | 4 |" in text and "**differently**" in text
