@@ -746,7 +746,8 @@ def brief(folders: list[Path]) -> str:
                "verdicts are corrected for them (Holm, within each study's family). A pair that several studies hold "
                "(imported arms) is counted once" + ("; " + ", ".join(f"`{s.name}`" for s in reruns) + " reran "
                "another study's final runs: it adds what those runs did not measure (the step-direction cosine), its own "
-               "kernel check and a row on whether the verdicts hold." if reruns else "."))
+               "kernel check and a row on whether the verdicts hold (its figures are in its folder's verdict.md, "
+               "diagnostics.md and repeat.md, not in a block below)." if reruns else "."))
     if partial:
         out.append("")
         out.append("**Provisional:** " + ", ".join(f"`{s.name}`" for s in partial) + " still running; rows that "

@@ -13,7 +13,8 @@ replication's should cover 0). Per comparison: the gain and the verdict in each 
 verdict.csv.
 
 Reads only the shipped files of each folder (study.yaml, verdict.csv, trials.csv, items.csv.gz and, where the
-report wrote it, diagnostics.csv's first-step losses). Writes
+report wrote it, diagnostics.csv's first-step losses). With ``--also STUDY ...`` (studies that imported the
+original's runs), their comparisons are recomputed with the reruns in place (repeat_others.csv). Writes
 repeat.md and repeat.csv into the rerun's folder (or --out). Exit 0, or 2 with one line on bad input.
 """
 
@@ -145,33 +146,45 @@ def gains(original: Folder, rerun: Folder) -> list[dict]:
     return out
 
 
-def substituted(importer: Folder, rerun: Folder) -> list[dict]:
+def substituted(importer: Folder, rerun: Folder, original: Folder) -> list[dict]:
     """Each comparison of a study that imported the original's runs (``--import-arms``) that involves a method the
-    rerun holds, as shipped and with the rerun's runs in place of the imported ones (the same method, rate and seeds;
+    rerun reran, as shipped and with the rerun's runs in place of the imported ones (the same method, rate and seeds;
     ablations.retune's substitution at an unmoved rate), and whether each pair computed the base model alike before
-    and after (first-step losses at the shared seeds)."""
+    and after (first-step losses at the shared seeds). A method is replaced only where the importer's runs of it are
+    the original's (item for item) and the rerun has runs of it; the others keep the importer's own runs."""
     losses = {"importer": first_losses(importer), "rerun": first_losses(rerun)}
+    ran = {m: set(c) for m, c in rerun.items.items()}
+    imported = set()
+    for m in set(importer.items) & set(original.items) & set(ran):
+        same, total = identical(importer.items[m], original.items[m])
+        if total and same == total:
+            imported.add(m)
     out = []
     for row in compare(importer, rerun):
         method, reference = row["method"], row["reference"]
         if any(step != "+0" for step in row["grid_steps_moved"].split("; ")):
             continue  # another rate: not the same runs (never for a rerun, which imports the tuning)
-        replaced = set(row["retuned"].split(", "))
+        replaced = [m for m in row["retuned"].split(", ") if m in imported]
+        if not replaced:
+            continue
+        after = {m: {**{k: v for (x, k), v in losses["importer"].items() if x == m},
+                     **({k: v for (x, k), v in losses["rerun"].items() if x == m} if m in replaced else {})}
+                 for m in (method, reference)}
+        before = {m: {k: v for (x, k), v in losses["importer"].items() if x == m} for m in (method, reference)}
 
-        def alike(after: bool) -> bool | None:
-            side = {m: losses["rerun" if after and m in replaced else "importer"] for m in (method, reference)}
-            seeds = {s for (m, s) in side[method] if m == method} & {s for (m, s) in side[reference] if m == reference}
+        def alike(side: dict[str, dict[int, float]]) -> bool | None:
+            seeds = set(side[method]) & set(side[reference])
             if not seeds or not (starts_at_base(method) and starts_at_base(reference)):
                 return None
-            return all(math.isclose(side[method][(method, k)], side[reference][(reference, k)], rel_tol=KERNEL_TOLERANCE)
-                       for k in seeds)
+            return all(math.isclose(side[method][k], side[reference][k], rel_tol=KERNEL_TOLERANCE) for k in seeds)
 
+        kept = set(importer.items.get(method, {})) & set(importer.items.get(reference, {}))
         out.append({"study": importer.path.name, "method": method, "reference": reference,
-                    "replaced": ", ".join(sorted(replaced)), "n_seeds": row["n_seeds"],
-                    "shipped_gain": row["original_gain"], "shipped_low": row["original_low"],
-                    "shipped_high": row["original_high"], "shipped_alike": alike(False),
-                    "rerun_gain": row["retuned_gain"], "rerun_low": row["retuned_low"], "rerun_high": row["retuned_high"],
-                    "rerun_alike": alike(True)})
+                    "replaced": ", ".join(f"{m} ({len(ran[m] & kept)} of {len(kept)} seeds)" for m in replaced),
+                    "n_seeds": row["n_seeds"], "shipped_gain": row["original_gain"],
+                    "shipped_low": row["original_low"], "shipped_high": row["original_high"],
+                    "shipped_alike": alike(before), "rerun_gain": row["retuned_gain"], "rerun_low": row["retuned_low"],
+                    "rerun_high": row["retuned_high"], "rerun_alike": alike(after)})
     return out
 
 
@@ -299,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         original, rerun = read_folder(args.original), read_folder(args.rerun)
         runs = compare_runs(original, rerun)
-        others = [row for folder in args.also for row in substituted(read_folder(folder), rerun)]
+        others = [row for folder in args.also for row in substituted(read_folder(folder), rerun, original)]
         out = args.out or args.rerun
         if not out.is_dir():
             raise UserError(f"--out: {out} is not a folder")
@@ -311,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "repeat.md").write_text(markdown(original, rerun, runs, methods, gains(original, rerun), others))
     if others:
         pd.DataFrame(others).to_csv(out / "repeat_others.csv", index=False)
+    else:
+        (out / "repeat_others.csv").unlink(missing_ok=True)  # a stale one from an earlier --also
     for m in methods:
         print(f"{m['method']}: {m['repeated']} of {m['runs']} run(s) repeated item for item; mean "
               f"{_pts(m['original_mean'], False)} -> {_pts(m['rerun_mean'], False)}, difference "

@@ -135,7 +135,7 @@ def test_a_study_that_imported_the_runs_is_recomputed_with_the_reruns_in_place(t
     assert repeat.main([str(original), str(rerun), "--also", str(later)]) == 0
     (row,) = pd.read_csv(rerun / "repeat_others.csv").to_dict(orient="records")
     assert (row["study"], row["method"], row["reference"], row["replaced"]) == ("later", "mtlora:structure=shim",
-                                                                                  "lora", "lora")
+                                                                                  "lora", "lora (4 of 4 seeds)")
     assert row["shipped_alike"] is False or row["shipped_alike"] == 0
     assert row["rerun_alike"] is True or row["rerun_alike"] == 1
     arm, before, after = (_scores(arm_items, "mtlora:structure=shim"), _scores(original_items, "lora"),
@@ -146,4 +146,16 @@ def test_a_study_that_imported_the_runs_is_recomputed_with_the_reruns_in_place(t
         assert row[f"{prefix}_gain"] == pytest.approx(diffs.mean())
         assert (row[f"{prefix}_low"], row[f"{prefix}_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
     text = (rerun / "repeat.md").read_text()
-    assert "| `later` | `mtlora:structure=shim` | `lora` | lora | 4 |" in text and "**differently**" in text
+    assert "| `later` | `mtlora:structure=shim` | `lora` | lora (4 of 4 seeds) | 4 |" in text and "**differently**" in text
+    # a partial rerun: half the pairs still span two CPUs, and the check says so
+    half = rerun_items[rerun_items["seed"] <= 2]
+    half.to_csv(rerun / "items.csv.gz", index=False, compression="gzip")
+    pd.DataFrame([{"method": "lora", "seed": k, "first_loss": v} for k, v in new_kernels.items() if k <= 2]
+                 ).to_csv(rerun / "diagnostics.csv", index=False)
+    assert repeat.main([str(original), str(rerun), "--also", str(later)]) == 0
+    (row,) = pd.read_csv(rerun / "repeat_others.csv").to_dict(orient="records")
+    assert row["replaced"] == "lora (2 of 4 seeds)" and not row["rerun_alike"]
+    # the importer trained its own LoRA (not the original's runs): nothing is replaced, no row
+    pd.concat([rerun_items, arm_items]).to_csv(later / "items.csv.gz", index=False, compression="gzip")
+    assert repeat.main([str(original), str(rerun), "--also", str(later)]) == 0
+    assert not (rerun / "repeat_others.csv").exists()
